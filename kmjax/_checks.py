@@ -1,0 +1,37 @@
+"""Argument checks shared by the public functions: clear errors before anything is traced."""
+
+from __future__ import annotations
+
+import numpy as np
+
+import jax
+import jax.numpy as jnp
+
+
+def _is_tracer(x) -> bool:
+    return isinstance(x, jax.core.Tracer)
+
+
+def check_images(images) -> None:
+    """Images are (N, H, W, C) with at least one image."""
+    shape = np.shape(images)
+    if len(shape) != 4:
+        hint = " (add a channel axis: images[..., None])" if len(shape) == 3 else ""
+        raise ValueError(f"images must have shape (N, H, W, C), got shape {shape}{hint}")
+    if shape[0] == 0:
+        raise ValueError("images is empty: got 0 images")
+
+
+def check_matrix(x, name: str = "x") -> None:
+    """A (N, D) array of N >= 1 finite values (finiteness checked only on concrete arrays)."""
+    shape = np.shape(x)
+    if len(shape) != 2:
+        raise ValueError(f"{name} must be a 2-D array (N, D), got shape {shape}")
+    if shape[0] == 0 or shape[1] == 0:
+        raise ValueError(f"{name} is empty: shape {shape}")
+    if _is_tracer(x):
+        return
+    xp = jnp if isinstance(x, jax.Array) else np  # count on the array's own device
+    bad = int((~xp.isfinite(x)).sum())
+    if bad:
+        raise ValueError(f"{name} contains {bad} NaN or Inf values; clean or drop those rows first")

@@ -1,0 +1,203 @@
+"""Experiment configuration: a TOML file with one table per stage, validated against a schema.
+
+Every key has a default (the authors' settings, see the README), so a config only states what
+it changes. An unknown or misspelled key, or a value of the wrong type, is an error that names
+the key and lists what is valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Config", "ConfigError", "load_config", "parse_config", "apply_overrides", "to_dict"]
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message says which key and why."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train_batches: list = field(default_factory=lambda: [1, 2, 3, 4, 5])  # data_batch_N to train on
+    n_train: int = 0  # use only the first n_train training images (0: all)
+    n_test: int = 0  # evaluate on the first n_test test images (0: all; -1: no test set)
+
+
+@dataclass(frozen=True)
+class PatchesConfig:
+    size: int = 6  # receptive field w, in pixels
+    sampling: str = "random"  # "random": num windows cycling through the images; "grid": every window at stride
+    num: int = 400_000  # random patches
+    stride: int = 1  # for sampling = "grid"
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    normalize: str = "patch"  # "patch": per-patch mean/contrast; "dimension": the blog's std + ptp/20; "none"
+    eps_norm: float = 10.0  # per-patch normalization eps (0-255 pixels)
+    whiten: bool = True
+    eps_zca: float = 0.1
+
+
+@dataclass(frozen=True)
+class KMeansConfig:
+    k: int = 1600
+    init: str = "randn"  # "randn" (authors'), "k-means++", "random"
+    max_iter: int = 50
+    tol: float = -1.0  # relative objective decrease to stop at; negative: always run max_iter
+    empty: str = "zero"  # "zero" (authors') or "reseed"
+    spherical: bool = False  # OMP-1 / gain-shape dictionary
+    chunk_size: int = 0  # points per distance product (0: automatic)
+
+
+@dataclass(frozen=True)
+class FeaturesConfig:
+    enabled: bool = True  # false: stop after the dictionary (the blog post's filters-only run)
+    encoder: str = "triangle"  # "triangle", "hard", "soft_threshold"
+    alpha: float = 0.25  # soft threshold
+    stride: int = 1
+    grid: int = 2  # pooling regions per side
+    pool: str = "sum"  # "sum" or "max"
+    memory_mb: float = 512.0  # budget for one batch's dense feature map
+
+
+@dataclass(frozen=True)
+class ClassifierConfig:
+    loss: str = "svm"  # "svm" (one-vs-all L2-SVM) or "logistic"
+    C: float = 100.0
+    C_grid: list = field(default_factory=list)  # if given, choose C on a held-out part of the training set
+    val_fraction: float = 0.1  # held-out share used to choose C
+    max_iter: int = 1000
+    tol: float = 1e-3  # gradient-norm stop
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str = "experiment"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    patches: PatchesConfig = field(default_factory=PatchesConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    kmeans: KMeansConfig = field(default_factory=KMeansConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+
+
+_CHOICES = {
+    ("patches", "sampling"): ("random", "grid"),
+    ("preprocess", "normalize"): ("patch", "dimension", "none"),
+    ("kmeans", "init"): ("randn", "k-means++", "random"),
+    ("kmeans", "empty"): ("zero", "reseed"),
+    ("features", "encoder"): ("triangle", "hard", "soft_threshold"),
+    ("features", "pool"): ("sum", "max"),
+    ("classifier", "loss"): ("svm", "logistic"),
+}
+_POSITIVE = {("patches", "size"), ("patches", "num"), ("patches", "stride"), ("kmeans", "k"),
+             ("kmeans", "max_iter"), ("features", "stride"), ("features", "grid"),
+             ("features", "memory_mb"), ("classifier", "C"), ("classifier", "max_iter")}
+
+
+def _check_type(where: str, value, default):
+    expected = type(default)
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected is bool or isinstance(value, bool):
+        if type(value) is not expected:
+            raise ConfigError(f"{where} must be {expected.__name__}, got {value!r}")
+        return value
+    if not isinstance(value, expected):
+        raise ConfigError(f"{where} must be {expected.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _build(cls, values: dict, prefix: str):
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    defaults = cls()
+    out = {}
+    for key, value in values.items():
+        where = f"{prefix}{key}"
+        if key not in fields:
+            raise ConfigError(f"unknown key {where!r}; valid keys here: {', '.join(fields)}")
+        default = getattr(defaults, key)
+        if dataclasses.is_dataclass(default):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where} must be a table [{key}], got {value!r}")
+            out[key] = _build(type(default), value, f"{where}.")
+        else:
+            out[key] = _check_type(where, value, default)
+    return cls(**out)
+
+
+def _validate(cfg: Config) -> None:
+    for (section, key), choices in _CHOICES.items():
+        value = getattr(getattr(cfg, section), key)
+        if value not in choices:
+            raise ConfigError(f"{section}.{key} = {value!r} is not one of {choices}")
+    for section, key in _POSITIVE:
+        value = getattr(getattr(cfg, section), key)
+        if not value > 0:
+            raise ConfigError(f"{section}.{key} must be > 0, got {value!r}")
+    batches = cfg.data.train_batches
+    if not batches or any(not isinstance(b, int) or not 1 <= b <= 5 for b in batches):
+        raise ConfigError(f"data.train_batches must be a non-empty list of batch numbers 1..5, got {batches!r}")
+    if any(not isinstance(c, (int, float)) or not c > 0 for c in cfg.classifier.C_grid):
+        raise ConfigError(f"classifier.C_grid must be a list of numbers > 0, got {cfg.classifier.C_grid!r}")
+    if not 0 < cfg.classifier.val_fraction < 1:
+        raise ConfigError(f"classifier.val_fraction must be in (0, 1), got {cfg.classifier.val_fraction!r}")
+    if cfg.data.n_train < 0 or cfg.data.n_test < -1:
+        raise ConfigError("data.n_train must be >= 0 and data.n_test >= -1")
+    if cfg.preprocess.eps_norm < 0 or cfg.preprocess.eps_zca < 0:
+        raise ConfigError("preprocess.eps_norm and preprocess.eps_zca must be >= 0")
+
+
+def parse_config(values: dict) -> Config:
+    """A validated ``Config`` from a dict shaped like the TOML file."""
+    cfg = _build(Config, values, "")
+    _validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    """The full resolved config, every default filled in (round-trips through ``parse_config``)."""
+    return dataclasses.asdict(cfg)
+
+
+def _parse_value(text: str):
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text  # a bare word is a string: --set features.encoder=hard
+
+
+def apply_overrides(values: dict, overrides: list[str]) -> dict:
+    """Apply ``section.key=value`` overrides (values in TOML syntax) to a config dict."""
+    values = {k: (dict(v) if isinstance(v, dict) else v) for k, v in values.items()}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        path, text = item.split("=", 1)
+        *tables, key = path.strip().split(".")
+        node = values
+        for t in tables:
+            node = node.setdefault(t, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {t!r} is not a table")
+        node[key] = _parse_value(text.strip())
+    return values
+
+
+def load_config(path, overrides: list[str] = ()) -> Config:
+    """Read, override and validate a TOML config file."""
+    path = Path(path)
+    try:
+        values = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    values.setdefault("name", path.stem)
+    return parse_config(apply_overrides(values, list(overrides)))

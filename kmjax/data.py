@@ -1,0 +1,378 @@
+"""CIFAR-10: find it, check it, download it, load it.
+
+This is the impure shell of kmjax (files, environment, network); it uses numpy only.
+
+The data comes in the official "python version" layout: a folder ``cifar-10-batches-py/``
+holding ``data_batch_1`` .. ``data_batch_5`` (10,000 training images each), ``test_batch``
+(10,000 test images) and ``batches.meta``. Each batch is a pickled dict with ``data``
+(uint8, shape (n, 3072): per image 1024 red, then 1024 green, then 1024 blue values, each
+a row-major 32x32 plane) and ``labels`` (n ints in 0..9).
+
+Throughout, the *data dir* is the folder that CONTAINS ``cifar-10-batches-py/``.
+
+Note: batches are pickles, and unpickling runs code chosen by the file's author. Only load
+files from the official archive (``download_cifar10`` checks its MD5) or a source you trust.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pathlib
+import pickle
+import shutil
+import sys
+import tarfile
+import tempfile
+import urllib.error
+import urllib.request
+from typing import NamedTuple, Sequence
+
+import numpy as np
+
+__all__ = [
+    "ARCHIVE_MD5",
+    "ARCHIVE_URL",
+    "BATCHES_FOLDER",
+    "CLASS_NAMES",
+    "Cifar10",
+    "DataError",
+    "download_cifar10",
+    "load_cifar10",
+    "resolve_data_dir",
+]
+
+CLASS_NAMES: tuple[str, ...] = (
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+)
+ARCHIVE_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+ARCHIVE_MD5 = "c58f30108f718f92721af3b95e74349a"
+BATCHES_FOLDER = "cifar-10-batches-py"
+ENV_VAR = "KMJAX_DATA_DIR"
+
+_IMAGE_SHAPE_CHW = (3, 32, 32)
+_PIXELS_PER_IMAGE = 3 * 32 * 32  # 3072
+_NUM_TRAIN_BATCHES = 5
+_SPLITS = ("train", "test")
+
+
+class DataError(Exception):
+    """A problem with the CIFAR-10 files; the message names the file and how to fix it."""
+
+
+class Cifar10(NamedTuple):
+    """One split of CIFAR-10.
+
+    images: uint8 array (N, 32, 32, 3), height-width-channel, RGB, values 0..255.
+    labels: int32 array (N,), class indices 0..9.
+    class_names: the 10 class names, indexed by label.
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+    class_names: tuple[str, ...]
+
+
+# --------------------------------------------------------------------------------------
+# Locating the data
+# --------------------------------------------------------------------------------------
+
+
+def _cache_dir() -> pathlib.Path:
+    # XDG says to ignore XDG_CACHE_HOME unless it is an absolute path.
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    base = pathlib.Path(xdg) if xdg and os.path.isabs(xdg) else pathlib.Path.home() / ".cache"
+    return base / "kmjax"
+
+
+def _resolve(data_dir) -> tuple[pathlib.Path, str]:
+    """Return (data dir, where it came from: "argument", "env" or "cache")."""
+    if data_dir is not None:
+        path, source = pathlib.Path(data_dir).expanduser(), "argument"
+    elif os.environ.get(ENV_VAR):  # an empty variable counts as unset
+        path, source = pathlib.Path(os.environ[ENV_VAR]).expanduser(), "env"
+    else:
+        path, source = _cache_dir(), "cache"
+    # Accept being pointed at the batches folder itself: use the folder that contains it.
+    if path.name == BATCHES_FOLDER and not (path / BATCHES_FOLDER).is_dir():
+        path = path.parent
+    return path, source
+
+
+def resolve_data_dir(data_dir=None) -> pathlib.Path:
+    """The folder that contains (or will contain) ``cifar-10-batches-py/``.
+
+    Order: the ``data_dir`` argument, else the ``KMJAX_DATA_DIR`` environment variable,
+    else the cache folder ``$XDG_CACHE_HOME/kmjax`` (default ``~/.cache/kmjax``).
+    A path to the ``cifar-10-batches-py`` folder itself is accepted; its parent is returned.
+    Nothing is created or checked here.
+    """
+    return _resolve(data_dir)[0]
+
+
+# --------------------------------------------------------------------------------------
+# Reading and validating batch files
+# --------------------------------------------------------------------------------------
+
+
+def _unpickle(path: pathlib.Path, fix: str):
+    if not path.is_file():
+        raise DataError(f"CIFAR-10 file {path} is missing; {fix}")
+    try:
+        with open(path, "rb") as f:
+            # encoding="bytes" reads the official Python-2 pickles; their str keys become bytes.
+            return pickle.load(f, encoding="bytes")
+    except OSError as e:  # permissions, I/O errors: not the file's content
+        raise DataError(f"could not read CIFAR-10 file {path}: {e}") from e
+    except Exception as e:  # a damaged pickle can raise almost anything
+        raise DataError(
+            f"CIFAR-10 file {path} is truncated or corrupt ({type(e).__name__}: {e}); {fix}"
+        ) from e
+
+
+def _get(d: dict, key: str, path: pathlib.Path, fix: str):
+    """d[key], accepting both b"key" (official files read with encoding="bytes") and "key"."""
+    for k in (key.encode(), key):
+        if k in d:
+            return d[k]
+    found = ", ".join(repr(k) for k in d) or "none"
+    raise DataError(f"CIFAR-10 file {path} has no {key!r} entry (keys found: {found}); {fix}")
+
+
+def _as_ints_in_range(value, lo: int, hi: int, dtype) -> np.ndarray | None:
+    """``value`` as an array of ``dtype`` if it holds only whole numbers in lo..hi, else None."""
+    try:
+        a = np.asarray(value)
+    except (ValueError, TypeError):  # e.g. ragged nested lists
+        return None
+    if a.size == 0:
+        return a.astype(dtype)
+    if a.dtype.kind not in "iuf":
+        return None
+    if a.dtype.kind == "f" and not (np.all(np.isfinite(a)) and np.all(a == np.round(a))):
+        return None
+    if a.min() < lo or a.max() > hi:
+        return None
+    return a.astype(dtype)
+
+
+def _read_batch(path: pathlib.Path, fix: str) -> tuple[np.ndarray, np.ndarray]:
+    """Read one batch file: (data uint8 (n, 3072), labels int32 (n,))."""
+    d = _unpickle(path, fix)
+    if not isinstance(d, dict):
+        raise DataError(
+            f"CIFAR-10 file {path} holds a {type(d).__name__}, not a dict of data and labels; {fix}"
+        )
+    raw_data = _get(d, "data", path, fix)
+    raw_labels = _get(d, "labels", path, fix)
+
+    data = _as_ints_in_range(raw_data, 0, 255, np.uint8)
+    if data is None:
+        raise DataError(f"CIFAR-10 file {path}: 'data' is not whole numbers in 0..255; {fix}")
+    if data.ndim != 2 or data.shape[1] != _PIXELS_PER_IMAGE:
+        raise DataError(
+            f"CIFAR-10 file {path}: 'data' has shape {data.shape}, "
+            f"expected (n, {_PIXELS_PER_IMAGE}); {fix}"
+        )
+    n = data.shape[0]
+
+    labels = _as_ints_in_range(raw_labels, 0, len(CLASS_NAMES) - 1, np.int32)
+    if labels is None or labels.ndim != 1:
+        raise DataError(
+            f"CIFAR-10 file {path}: 'labels' is not a list of class indices in 0..9; {fix}"
+        )
+    if len(labels) != n:
+        raise DataError(
+            f"CIFAR-10 file {path} has {n} images but {len(labels)} labels; {fix}"
+        )
+    return data, labels
+
+
+def _read_class_names(batches_dir: pathlib.Path, fix: str) -> tuple[str, ...]:
+    """Class names from batches.meta when present, else CLASS_NAMES."""
+    path = batches_dir / "batches.meta"
+    if not path.exists():
+        return CLASS_NAMES
+    meta = _unpickle(path, fix)
+    if not isinstance(meta, dict) or not any(k in meta for k in (b"label_names", "label_names")):
+        return CLASS_NAMES
+    names = tuple(
+        n.decode() if isinstance(n, bytes) else str(n) for n in _get(meta, "label_names", path, fix)
+    )
+    if len(names) != len(CLASS_NAMES):
+        raise DataError(
+            f"CIFAR-10 file {path} lists {len(names)} class names, expected {len(CLASS_NAMES)}; {fix}"
+        )
+    return names
+
+
+def _batch_files(split: str, batches: Sequence[int] | None) -> list[str]:
+    if split not in _SPLITS:
+        raise ValueError(f"split must be one of {_SPLITS}, got {split!r}")
+    if split == "test":
+        if batches is not None:
+            raise ValueError("batches selects training batches; it cannot be used with split='test'")
+        return ["test_batch"]
+    if batches is None:
+        batches = range(1, _NUM_TRAIN_BATCHES + 1)
+    batches = list(batches)
+    valid = range(1, _NUM_TRAIN_BATCHES + 1)
+    if not batches or any(
+        isinstance(b, bool) or not isinstance(b, (int, np.integer)) or b not in valid
+        for b in batches
+    ):
+        raise ValueError(f"batches must be a non-empty list of numbers 1..5, got {batches!r}")
+    if len(set(batches)) != len(batches):
+        raise ValueError(f"batches must not repeat a batch, got {batches!r}")
+    return [f"data_batch_{int(b)}" for b in batches]
+
+
+def load_cifar10(data_dir=None, split: str = "train", *, download: bool = True, batches=None) -> Cifar10:
+    """Load one split of CIFAR-10 as numpy arrays.
+
+    data_dir: the folder containing ``cifar-10-batches-py/`` (or that folder itself); see
+        ``resolve_data_dir`` for the default.
+    split: "train" (data_batch_1..5, 50,000 images) or "test" (test_batch, 10,000 images).
+    download: if the data is missing from the *cache* folder, download it there. A folder given
+        explicitly (argument or KMJAX_DATA_DIR) is never downloaded into; missing data is an error.
+    batches: train only; which training batches to load, e.g. [1] for data_batch_1 alone
+        (10,000 images). Default: all five, in order.
+
+    Returns Cifar10(images uint8 (N, 32, 32, 3) in 0..255, labels int32 (N,), class_names).
+    Raises ValueError for bad arguments and DataError for missing or damaged files.
+    """
+    names = _batch_files(split, batches)  # check arguments before touching the disk
+    root, source = _resolve(data_dir)
+    batches_dir = root / BATCHES_FOLDER
+
+    if not batches_dir.is_dir():
+        if source == "cache" and download:
+            download_cifar10(root)
+        elif source == "cache":
+            raise DataError(
+                f"cache folder {root} has no {BATCHES_FOLDER}/ and download=False; "
+                f"pass download=True, call download_cifar10({str(root)!r}), "
+                f"or pass the folder that contains {BATCHES_FOLDER}/ as data_dir"
+            )
+        else:
+            how = "data_dir" if source == "argument" else f"{ENV_VAR}"
+            raise DataError(
+                f"folder {root} (from {how}) has no {BATCHES_FOLDER}/; pass the folder that contains it, "
+                f"or unset {ENV_VAR} / omit data_dir to download into the cache, "
+                f"or call download_cifar10({str(root)!r})"
+            )
+
+    fix = (
+        f"delete {batches_dir} and download again (download_cifar10), "
+        f"or re-extract it from cifar-10-python.tar.gz"
+    )
+    class_names = _read_class_names(batches_dir, fix)
+    parts = [_read_batch(batches_dir / name, fix) for name in names]
+    data = np.concatenate([p[0] for p in parts])
+    labels = np.concatenate([p[1] for p in parts])
+    # Each row is three 32x32 planes (R, G, B): CHW -> HWC. Copy so the result is contiguous.
+    images = np.ascontiguousarray(data.reshape((-1, *_IMAGE_SHAPE_CHW)).transpose(0, 2, 3, 1))
+    return Cifar10(images=images, labels=labels, class_names=class_names)
+
+
+# --------------------------------------------------------------------------------------
+# Downloading
+# --------------------------------------------------------------------------------------
+
+
+def _fetch(url: str, out, timeout: float = 60.0) -> str:
+    """Stream ``url`` into the open binary file ``out`` with a progress line; return its MD5."""
+    md5 = hashlib.md5()
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        total = int(response.headers.get("Content-Length") or 0)
+        done = 0
+        while chunk := response.read(1 << 20):
+            out.write(chunk)
+            md5.update(chunk)
+            done += len(chunk)
+            of_total = f" of {total / 1e6:.1f}" if total else ""
+            print(f"\rdownloading {url}: {done / 1e6:.1f}{of_total} MB", end="", file=sys.stderr)
+        print(file=sys.stderr)
+    return md5.hexdigest()
+
+
+def _check_members(tar: tarfile.TarFile, archive: str) -> list[tarfile.TarInfo]:
+    """Refuse any member that could write outside the target folder or is not a plain file/dir."""
+    members = tar.getmembers()
+    for m in members:
+        parts = pathlib.PurePosixPath(m.name).parts
+        if m.name.startswith(("/", "\\")) or os.path.isabs(m.name) or ".." in parts:
+            raise DataError(f"archive {archive} has an unsafe path {m.name!r}; refusing to extract it")
+        if not (m.isfile() or m.isdir()):
+            raise DataError(
+                f"archive {archive} has a link or special file {m.name!r}; refusing to extract it"
+            )
+    return members
+
+
+def download_cifar10(dest_dir, *, url: str = ARCHIVE_URL, md5: str = ARCHIVE_MD5) -> pathlib.Path:
+    """Download and extract CIFAR-10 into ``dest_dir``; return ``dest_dir`` (the data dir).
+
+    Afterwards ``dest_dir/cifar-10-batches-py/`` exists. If it already exists nothing is done.
+    The archive (~163 MB) goes to a temporary file in ``dest_dir``, its MD5 is checked before
+    anything is extracted, and extraction happens in a temporary folder that is moved into
+    place only when complete, so a failed run never leaves a folder that looks valid.
+    ``url`` may be a file:// URL.
+    """
+    dest = pathlib.Path(dest_dir).expanduser()
+    target = dest / BATCHES_FOLDER
+    if target.is_dir():
+        return dest
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"could not create folder {dest} for CIFAR-10: {e}") from e
+
+    by_hand = (
+        f"Download it by hand, extract it, and pass its folder as data_dir or set {ENV_VAR}"
+    )
+    fd, archive_name = tempfile.mkstemp(dir=dest, prefix=".cifar-10-", suffix=".tar.gz.part")
+    archive = pathlib.Path(archive_name)
+    try:
+        try:
+            with os.fdopen(fd, "wb") as out:
+                actual = _fetch(url, out)
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            # URLError covers HTTP errors and unreachable hosts; OSError covers timeouts and
+            # disk errors; ValueError covers malformed URLs.
+            reason = getattr(e, "reason", e)
+            raise DataError(f"could not download {url}: {reason}. {by_hand}") from e
+
+        if md5 is not None and actual != md5.lower():
+            raise DataError(
+                f"download of {url} is damaged: MD5 {actual}, expected {md5}; try again. {by_hand}"
+            )
+
+        extract_dir = pathlib.Path(tempfile.mkdtemp(dir=dest, prefix=".cifar-10-extract-"))
+        try:
+            try:
+                with tarfile.open(archive, "r:*") as tar:
+                    members = _check_members(tar, url)
+                    # Python >= 3.11.4 has extraction filters: a second line of defence.
+                    kwargs = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+                    tar.extractall(extract_dir, members=members, **kwargs)
+            except (tarfile.TarError, EOFError, OSError) as e:
+                raise DataError(f"could not extract {url} into {dest}: {e}. {by_hand}") from e
+            extracted = extract_dir / BATCHES_FOLDER
+            if not extracted.is_dir():
+                raise DataError(f"archive {url} has no {BATCHES_FOLDER}/ folder. {by_hand}")
+            os.replace(extracted, target)  # atomic on one file system
+        finally:
+            shutil.rmtree(extract_dir, ignore_errors=True)
+    finally:
+        archive.unlink(missing_ok=True)
+    return dest

@@ -1,0 +1,135 @@
+"""Dense single-layer features over a whole data set, in fixed-size batches.
+
+Per batch (one jit-compiled function): every patch at ``stride`` -> per-patch normalization ->
+whitening -> encoding against the dictionary -> pooling. Only the batch's (B, H', W', F) map
+lives in memory at once, and its size is what ``batch_size`` (or ``memory_mb``) bounds.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kmjax._checks import check_images
+from kmjax.encode import ENCODERS, encode, num_outputs
+from kmjax.patches import _extract, grid_size
+from kmjax.pool import POOLS, pool
+from kmjax.preprocess import ZCA, apply_zca, normalize_patches
+
+__all__ = ["FeatureSpec", "extract_features", "feature_dim", "auto_batch_size"]
+
+
+class FeatureSpec(NamedTuple):
+    """How patches become features (everything static: a change recompiles).
+
+    patch_size: window side in pixels. stride: step of the dense grid. eps_norm: per-patch
+    normalization eps (None: no normalization). encoder: one of ``ENCODERS``. alpha: the soft
+    threshold. grid: pooling regions per side. pool: "sum" or "max".
+    """
+
+    patch_size: int = 6
+    stride: int = 1
+    eps_norm: float | None = 10.0
+    encoder: str = "triangle"
+    alpha: float = 0.25
+    grid: int = 2
+    pool: str = "sum"
+
+
+def feature_dim(spec: FeatureSpec, k: int) -> int:
+    """Length of one image's feature vector."""
+    return spec.grid * spec.grid * num_outputs(spec.encoder, k)
+
+
+def auto_batch_size(spec: FeatureSpec, k: int, image_shape, memory_mb: float = 512.0) -> int:
+    """Images per batch so that the float32 (B, H', W', F) map stays within ``memory_mb``."""
+    gh, gw = grid_size(image_shape[0], image_shape[1], spec.patch_size, spec.stride)
+    per_image = gh * gw * num_outputs(spec.encoder, k) * 4
+    return max(1, int(memory_mb * 2**20 // per_image))
+
+
+@partial(jax.jit, static_argnames=("spec", "precision"))
+def _batch_features(images, zca, centroids, *, spec, precision):
+    patches = _extract(images, spec.patch_size, spec.stride)
+    b, gh, gw, d = patches.shape
+    x = patches.reshape(-1, d).astype(jnp.float32)
+    if spec.eps_norm is not None:
+        x = normalize_patches(x, spec.eps_norm)
+    if zca is not None:
+        x = apply_zca(zca, x)
+    codes = encode(x, centroids, spec.encoder, spec.alpha, precision)
+    return pool(codes.reshape(b, gh, gw, -1), spec.grid, spec.pool)
+
+
+def _check_spec(spec: FeatureSpec, images, centroids, zca) -> None:
+    if spec.encoder not in ENCODERS:
+        raise ValueError(f"unknown encoder {spec.encoder!r}; choose one of {ENCODERS}")
+    if spec.pool not in POOLS:
+        raise ValueError(f"unknown pooling {spec.pool!r}; choose one of {POOLS}")
+    _, h, w, c = images.shape
+    if spec.patch_size > min(h, w):
+        raise ValueError(f"patch_size {spec.patch_size} is larger than the {h}x{w} images")
+    d = spec.patch_size * spec.patch_size * c
+    if centroids.ndim != 2 or centroids.shape[1] != d:
+        raise ValueError(
+            f"centroids must have shape (K, {d}) for {spec.patch_size}x{spec.patch_size}x{c} patches, "
+            f"got {centroids.shape}"
+        )
+    if zca is not None and zca.matrix.shape != (d, d):
+        raise ValueError(f"the ZCA transform is for dimension {zca.matrix.shape[0]}, patches have {d}")
+    gh, gw = grid_size(h, w, spec.patch_size, spec.stride)
+    if spec.grid > min(gh, gw):
+        raise ValueError(f"pooling grid {spec.grid} is finer than the {gh}x{gw} map of positions")
+
+
+def extract_features(
+    images,
+    centroids,
+    zca: ZCA | None,
+    spec: FeatureSpec = FeatureSpec(),
+    *,
+    batch_size: int | None = None,
+    memory_mb: float = 512.0,
+    precision=jax.lax.Precision.HIGHEST,
+    progress: Callable[[int, int], None] | None = None,
+) -> np.ndarray:
+    """Pooled features of every image.
+
+    Args:
+      images: (N, H, W, C) on the scale the dictionary was learned on (0-255 for the paper).
+      centroids: (K, D) dictionary, D = patch_size**2 * C, in whitened space.
+      zca: the whitening fitted on the training patches, or None for raw patches.
+      spec: the ``FeatureSpec``.
+      batch_size: images per compiled call; default from ``memory_mb``.
+      memory_mb: budget for one batch's float32 feature map.
+      precision: precision of the encoder's matrix product.
+      progress: called as progress(done, total) after each batch.
+
+    Returns:
+      (N, feature_dim(spec, K)) float32 NumPy array (host memory: features of a whole data set
+      are the largest array of the pipeline and stay off the accelerator).
+    """
+    check_images(images)
+    centroids = jnp.asarray(centroids, jnp.float32)
+    _check_spec(spec, images, centroids, zca)
+    n = images.shape[0]
+    if batch_size is None:
+        batch_size = auto_batch_size(spec, centroids.shape[0], images.shape[1:], memory_mb)
+    batch_size = int(min(batch_size, n))
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    out = np.empty((n, feature_dim(spec, centroids.shape[0])), np.float32)
+    for start in range(0, n, batch_size):
+        batch = np.asarray(images[start : start + batch_size])
+        m = batch.shape[0]
+        if m < batch_size:  # pad the last batch: one compiled shape for the whole data set
+            batch = np.concatenate([batch, np.zeros((batch_size - m,) + batch.shape[1:], batch.dtype)])
+        feats = _batch_features(jnp.asarray(batch), zca, centroids, spec=spec, precision=precision)
+        out[start : start + m] = np.asarray(feats)[:m]
+        if progress is not None:
+            progress(start + m, n)
+    return out

@@ -1,0 +1,328 @@
+"""Lloyd's k-means and its spherical (gain-shape, OMP-1) variant, chunked and jit-compiled.
+
+Every pass over the data is a ``lax.scan`` over fixed-size chunks of points. Within a chunk the
+distances are one matrix product, (chunk, D) x (D, K), so peak memory is O(chunk * K) whatever N
+is, and the hot loop is GEMM-shaped on every backend. Squared distances use
+||x - c||^2 = ||x||^2 - 2 (x.c - ||c||^2 / 2): the nearest centroid maximizes x.c - ||c||^2 / 2.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kmjax._checks import check_matrix
+
+__all__ = ["KMeansResult", "kmeans", "assign", "init_centroids", "INITS", "EMPTY_POLICIES"]
+
+INITS = ("k-means++", "random", "randn")
+EMPTY_POLICIES = ("reseed", "zero")
+_CHUNK_ELEMENTS = 1 << 21  # chunk * K scores per chunk: about 8 MB of float32, cache-sized on CPU
+
+
+class KMeansResult(NamedTuple):
+    """Output of ``kmeans``.
+
+    centroids: (K, D) float32.
+    counts: (K,) float32, points (total weight) per centroid in the final assignment.
+    inertia: () float32, sum of weighted squared distances to the final centroids (spherical:
+      the residual ||x||^2 - (c.x)^2 of the best one-atom reconstruction).
+    objective: (max_iter,) float32, the objective of the centroids at the start of each
+      iteration; NaN after the last iteration run. Never increases.
+    n_iter: () int32, iterations run.
+    converged: () bool, whether the relative decrease of the objective fell to ``tol``.
+    """
+
+    centroids: jax.Array
+    counts: jax.Array
+    inertia: jax.Array
+    objective: jax.Array
+    n_iter: jax.Array
+    converged: jax.Array
+
+
+def _default_chunk(n: int, k: int) -> int:
+    chunk = max(256, _CHUNK_ELEMENTS // max(k, 1))
+    return int(min(chunk, n))
+
+
+def _chunked(x, w, chunk):
+    """Pad (N, D) points and (N,) weights to whole chunks: (n_chunks, chunk, ...). Pads weigh 0."""
+    n = x.shape[0]
+    pad = (-n) % chunk
+    x = jnp.pad(x, ((0, pad), (0, 0)))
+    w = jnp.pad(w, (0, pad))
+    return x.reshape(-1, chunk, x.shape[1]), w.reshape(-1, chunk)
+
+
+def _scores(xc, centroids, spherical, precision):
+    """(chunk, K) scores to maximize, and the signed projections x.c."""
+    proj = jnp.matmul(xc, centroids.T, precision=precision)
+    if spherical:
+        return jnp.abs(proj), proj
+    return proj - 0.5 * jnp.sum(centroids * centroids, axis=1), proj
+
+
+def _pass(xs, ws, centroids, spherical, precision):
+    """One pass over chunked points: per-centroid sums and weights, per-point index and error."""
+    k, d = centroids.shape
+
+    def body(carry, chunk):
+        sums, weights = carry
+        xc, wc = chunk
+        scores, proj = _scores(xc, centroids, spherical, precision)
+        index = jnp.argmax(scores, axis=1).astype(jnp.int32)
+        best = jnp.take_along_axis(scores, index[:, None], axis=1)[:, 0]
+        sq = jnp.sum(xc * xc, axis=1)
+        if spherical:
+            # OMP-1: the code is the signed projection s; the atom is updated with sum s * x.
+            coef = jnp.take_along_axis(proj, index[:, None], axis=1)[:, 0]
+            err = sq - coef * coef
+            coef = coef * wc
+        else:
+            err = sq - 2.0 * best
+            coef = wc
+        err = jnp.maximum(err, 0.0)  # rounding can take a zero distance below zero
+        sums = sums + jax.ops.segment_sum(xc * coef[:, None], index, k)
+        weights = weights + jax.ops.segment_sum(wc, index, k)
+        return (sums, weights), (index, err)
+
+    init = (jnp.zeros((k, d), jnp.float32), jnp.zeros((k,), jnp.float32))
+    (sums, weights), (index, err) = jax.lax.scan(body, init, (xs, ws))
+    return sums, weights, index.reshape(-1), err.reshape(-1)
+
+
+def _normalize_rows(c):
+    norm = jnp.linalg.norm(c, axis=1, keepdims=True)
+    return jnp.where(norm > 0, c / jnp.where(norm > 0, norm, 1.0), 0.0)
+
+
+def _update(x, w, sums, weights, err, empty, spherical):
+    """New centroids from a pass's sums; empty clusters zeroed or re-seeded."""
+    k = sums.shape[0]
+    is_empty = weights <= 0
+    if spherical:
+        new = _normalize_rows(sums)
+    else:
+        new = sums / jnp.where(is_empty, 1.0, weights)[:, None]
+    if empty == "zero":
+        return jnp.where(is_empty[:, None], 0.0, new)
+
+    def reseed(new):
+        # The j-th empty cluster takes the j-th worst-served point (pads never: their error is -1).
+        m = min(k, x.shape[0])
+        _, worst = jax.lax.top_k(jnp.where(w > 0, err, -1.0), m)
+        rank = jnp.clip(jnp.cumsum(is_empty) - 1, 0, m - 1)
+        seeds = x[worst[rank]]
+        if spherical:
+            seeds = _normalize_rows(seeds)
+        return jnp.where(is_empty[:, None], seeds, new)
+
+    return jax.lax.cond(is_empty.any(), reseed, lambda c: c, new)
+
+
+class _LoopState(NamedTuple):
+    centroids: jax.Array
+    objective: jax.Array
+    it: jax.Array
+    converged: jax.Array
+
+
+@partial(jax.jit, static_argnames=("max_iter", "chunk_size", "empty", "spherical", "precision"))
+def _lloyd(x, w, centroids, tol, *, max_iter, chunk_size, empty, spherical, precision):
+    x = x.astype(jnp.float32)
+    w = w.astype(jnp.float32)
+    xs, ws = _chunked(x, w, chunk_size)
+    xflat, wflat = xs.reshape(-1, x.shape[1]), ws.reshape(-1)
+
+    def cond(s):
+        return (s.it < max_iter) & ~s.converged
+
+    def body(s):
+        sums, weights, _, err = _pass(xs, ws, s.centroids, spherical, precision)
+        obj = jnp.sum(err * wflat)
+        prev = s.objective[jnp.maximum(s.it - 1, 0)]
+        converged = (s.it > 0) & ((prev - obj) <= tol * jnp.abs(prev))
+        new = _update(xflat, wflat, sums, weights, err, empty, spherical)
+        return _LoopState(new, s.objective.at[s.it].set(obj), s.it + 1, converged)
+
+    start = _LoopState(
+        centroids.astype(jnp.float32),
+        jnp.full((max_iter,), jnp.nan, jnp.float32),
+        jnp.int32(0),
+        jnp.bool_(False),
+    )
+    s = jax.lax.while_loop(cond, body, start)
+    _, weights, _, err = _pass(xs, ws, s.centroids, spherical, precision)
+    return KMeansResult(s.centroids, weights, jnp.sum(err * wflat), s.objective, s.it, s.converged)
+
+
+@partial(jax.jit, static_argnames=("k", "method", "spherical"))
+def _init(key, x, w, *, k, method, spherical):
+    x = x.astype(jnp.float32)
+    n, d = x.shape
+    if method == "randn":  # the authors' code: randn(K, D) * 0.1
+        c = 0.1 * jax.random.normal(key, (k, d), jnp.float32)
+    elif method == "random":  # k distinct points, drawn in proportion to their weight
+        c = x[jax.random.choice(key, n, (k,), replace=False, p=w / w.sum())]
+    else:  # k-means++ (Arthur & Vassilvitskii 2007): sample in proportion to w * D(x)^2
+        sq = jnp.sum(x * x, axis=1)
+        key, first = jax.random.split(key)
+        c0 = x[jax.random.choice(first, n, p=w / w.sum())]
+
+        def d2(c):
+            return jnp.maximum(sq - 2.0 * x @ c + c @ c, 0.0)
+
+        def step(i, carry):
+            c, dist, key = carry
+            key, sub = jax.random.split(key)
+            p = w * dist
+            # Fewer distinct points than k: every distance is zero, fall back to the weights.
+            p = jnp.where(p.sum() > 0, p, w)
+            ci = x[jax.random.choice(sub, n, p=p / p.sum())]
+            return c.at[i].set(ci), jnp.minimum(dist, d2(ci)), key
+
+        c = jnp.zeros((k, d), jnp.float32).at[0].set(c0)
+        c, _, _ = jax.lax.fori_loop(1, k, step, (c, d2(c0), key))
+    return _normalize_rows(c) if spherical else c
+
+
+def _check_k(x, k):
+    if not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    if k > x.shape[0]:
+        raise ValueError(f"k={k} is larger than the number of points ({x.shape[0]}); use k <= {x.shape[0]}")
+
+
+def _weights(x, weights):
+    if weights is None:
+        return jnp.ones((x.shape[0],), jnp.float32)
+    w = jnp.asarray(weights, jnp.float32)
+    if w.shape != (x.shape[0],):
+        raise ValueError(f"weights must have shape ({x.shape[0]},) to match x, got {w.shape}")
+    if not bool(jnp.all(jnp.isfinite(w) & (w >= 0))) or not float(w.sum()) > 0:
+        raise ValueError("weights must be finite, >= 0 and not all zero")
+    return w
+
+
+def init_centroids(key, x, k: int, method: str = "k-means++", *, weights=None, spherical: bool = False):
+    """Starting centroids for ``kmeans``.
+
+    Args:
+      key: a ``jax.random`` key.
+      x: (N, D) points.
+      k: number of centroids.
+      method: "k-means++" (D^2 sampling), "random" (k distinct points) or "randn" (the
+        authors' 0.1 * standard normal; independent of the data).
+      weights: optional (N,) non-negative point weights.
+      spherical: normalize the centroids to unit length.
+
+    Returns:
+      (k, D) float32.
+    """
+    check_matrix(x)
+    _check_k(x, k)
+    if method not in INITS:
+        raise ValueError(f"unknown init {method!r}; choose one of {INITS} or pass a (k, D) array")
+    return _init(key, jnp.asarray(x), _weights(x, weights), k=int(k), method=method, spherical=spherical)
+
+
+def kmeans(
+    key,
+    x,
+    k: int,
+    *,
+    init="k-means++",
+    max_iter: int = 100,
+    tol: float | None = 1e-4,
+    chunk_size: int | None = None,
+    empty: str = "reseed",
+    spherical: bool = False,
+    weights=None,
+    precision=jax.lax.Precision.HIGHEST,
+) -> KMeansResult:
+    """Lloyd's k-means on (N, D) points, in bounded memory.
+
+    Args:
+      key: a ``jax.random`` key (used by the init only).
+      x: (N, D) points; finite values.
+      k: number of centroids, 1 <= k <= N.
+      init: "k-means++", "random", "randn" (see ``init_centroids``) or a (k, D) array of
+        starting centroids, to compare runs with other libraries.
+      max_iter: maximum number of Lloyd iterations.
+      tol: stop when the objective decreased by at most ``tol`` times its previous value in an
+        iteration (0 stops at a fixed point); None never stops early.
+      chunk_size: points per matrix product; memory is O(chunk_size * k). Default: about 2M
+        scores per chunk.
+      empty: "reseed" moves an empty cluster onto the point worst served by the current
+        centroids (distinct points for distinct clusters); "zero" sets it to the origin, as
+        the authors' code does.
+      spherical: the gain-shape / OMP-1 variant of the authors' later work: unit-norm
+        centroids, assignment by the largest |c.x|, update c <- normalize(sum (c.x) x).
+      weights: optional (N,) non-negative point weights.
+      precision: ``jax.lax.Precision`` of the distance products. HIGHEST (float32) by default;
+        DEFAULT lets GPUs and TPUs use TF32/bf16 products.
+
+    Returns:
+      ``KMeansResult``.
+    """
+    check_matrix(x)
+    _check_k(x, k)
+    if not isinstance(max_iter, (int, np.integer)) or max_iter < 1:
+        raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}")
+    if empty not in EMPTY_POLICIES:
+        raise ValueError(f"unknown empty-cluster policy {empty!r}; choose one of {EMPTY_POLICIES}")
+    if chunk_size is None:
+        chunk_size = _default_chunk(x.shape[0], k)
+    if not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    x = jnp.asarray(x)
+    w = _weights(x, weights)
+    if isinstance(init, str):
+        c0 = init_centroids(key, x, k, init, weights=w, spherical=spherical)
+    else:
+        c0 = jnp.asarray(init, jnp.float32)
+        if c0.shape != (k, x.shape[1]):
+            raise ValueError(f"init array must have shape (k, D) = ({k}, {x.shape[1]}), got {c0.shape}")
+        check_matrix(c0, "init")
+    tol = -jnp.inf if tol is None else jnp.float32(tol)
+    return _lloyd(
+        x, w, c0, tol, max_iter=int(max_iter), chunk_size=int(chunk_size), empty=empty,
+        spherical=bool(spherical), precision=precision,
+    )
+
+
+@partial(jax.jit, static_argnames=("chunk_size", "spherical", "precision"))
+def _assign(x, centroids, *, chunk_size, spherical, precision):
+    n = x.shape[0]
+    xs, ws = _chunked(x.astype(jnp.float32), jnp.ones((n,), jnp.float32), chunk_size)
+    _, _, index, err = _pass(xs, ws, centroids.astype(jnp.float32), spherical, precision)
+    return index[:n], err[:n]
+
+
+def assign(x, centroids, *, chunk_size: int | None = None, spherical: bool = False,
+           precision=jax.lax.Precision.HIGHEST):
+    """Nearest centroid of each point, in bounded memory.
+
+    Args:
+      x: (N, D) points.
+      centroids: (K, D).
+      chunk_size: points per matrix product (memory O(chunk_size * K)).
+      spherical: assign by the largest |c.x| (unit-norm centroids) instead of distance.
+
+    Returns:
+      index: (N,) int32, the nearest centroid (lowest index on ties).
+      sqdist: (N,) float32, squared distance to it (spherical: ||x||^2 - (c.x)^2).
+    """
+    check_matrix(x)
+    check_matrix(centroids, "centroids")
+    if centroids.shape[1] != x.shape[1]:
+        raise ValueError(f"centroids have dimension {centroids.shape[1]} but x has {x.shape[1]}")
+    if chunk_size is None:
+        chunk_size = _default_chunk(x.shape[0], centroids.shape[0])
+    return _assign(jnp.asarray(x), jnp.asarray(centroids), chunk_size=int(chunk_size),
+                   spherical=bool(spherical), precision=precision)

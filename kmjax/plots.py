@@ -1,0 +1,79 @@
+"""Figures for a run folder: dictionary filters, k-means objective, confusion matrix (shell)."""
+
+from __future__ import annotations
+
+import math
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never needs a display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+__all__ = ["filter_grid", "save_filters", "save_objective", "save_confusion"]
+
+
+def filter_grid(centroids, size: int, channels: int = 3, pad: int = 1) -> np.ndarray:
+    """Tile (K, size*size*C) centroids into one image, each filter rescaled to [0, 1].
+
+    Returns an (rows*(size+pad)+pad, cols*(size+pad)+pad, C) float array in [0, 1], the
+    background white; cols = ceil(sqrt(K)).
+    """
+    c = np.asarray(centroids, np.float64)
+    k = c.shape[0]
+    lo = c.min(axis=1, keepdims=True)
+    span = c.max(axis=1, keepdims=True) - lo
+    c = (c - lo) / np.where(span > 0, span, 1.0)  # a constant (e.g. zeroed) filter shows black
+    tiles = c.reshape(k, size, size, channels)
+    cols = math.ceil(math.sqrt(k))
+    rows = math.ceil(k / cols)
+    step = size + pad
+    grid = np.ones((rows * step + pad, cols * step + pad, channels))
+    for i in range(k):
+        r, col = divmod(i, cols)
+        grid[pad + r * step : pad + r * step + size, pad + col * step : pad + col * step + size] = tiles[i]
+    return grid
+
+
+def save_filters(path, centroids, size: int, channels: int = 3, title: str | None = None) -> None:
+    """Write the dictionary as a grid of colour (or grey) filters."""
+    grid = filter_grid(centroids, size, channels)
+    side = min(12.0, max(3.0, grid.shape[0] / 12))
+    fig, ax = plt.subplots(figsize=(side, side * grid.shape[0] / grid.shape[1]))
+    ax.imshow(grid[..., 0] if channels == 1 else grid, cmap="gray", interpolation="nearest")
+    ax.set_axis_off()
+    if title:
+        ax.set_title(title)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+def save_objective(path, objective) -> None:
+    """Plot the k-means objective against the iteration."""
+    obj = np.asarray(objective, np.float64)
+    obj = obj[np.isfinite(obj)]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(np.arange(1, len(obj) + 1), obj, marker=".")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("sum of squared distances")
+    ax.set_title("k-means objective")
+    ax.grid(alpha=0.3)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+def save_confusion(path, confusion, class_names) -> None:
+    """Plot a (C, C) confusion matrix of counts (rows: true class, columns: predicted)."""
+    m = np.asarray(confusion)
+    fig, ax = plt.subplots(figsize=(6, 5.5))
+    ax.imshow(m / np.maximum(m.sum(axis=1, keepdims=True), 1), cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(class_names)), class_names, rotation=60, ha="right")
+    ax.set_yticks(range(len(class_names)), class_names)
+    for i in range(m.shape[0]):
+        for j in range(m.shape[1]):
+            ax.text(j, i, str(int(m[i, j])), ha="center", va="center", fontsize=7,
+                    color="white" if m[i, j] > 0.5 * m[i].sum() else "black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)

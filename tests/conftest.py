@@ -1,0 +1,18 @@
+"""Shared test helpers: where the real CIFAR-10 is, if anywhere."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+def real_data_dir():
+    """The folder from KMJAX_DATA_DIR if it holds cifar-10-batches-py, else None."""
+    root = os.environ.get("KMJAX_DATA_DIR")
+    if root and (Path(root) / "cifar-10-batches-py" / "data_batch_1").is_file():
+        return Path(root)
+    return None
+
+
+requires_data = pytest.mark.skipif(real_data_dir() is None,
+                                   reason="real CIFAR-10 not found: set KMJAX_DATA_DIR")
