@@ -32,10 +32,13 @@ class Standardizer(NamedTuple):
 
 
 def fit_standardizer(features, eps: float = 0.01) -> Standardizer:
-    """Training mean and sqrt(var + eps) per feature (eps = 0.01 as the authors' code)."""
+    """Training mean and sqrt(var + eps) per feature, as the authors' code (eps = 0.01; the unbiased
+    variance of MATLAB's ``var``)."""
     f = np.asarray(features)
+    if f.ndim != 2 or f.shape[0] < 2:
+        raise ValueError(f"features must be (N, F) with N >= 2 to estimate a variance, got shape {f.shape}")
     mean = f.mean(axis=0, dtype=np.float64)
-    var = f.var(axis=0, dtype=np.float64)
+    var = f.var(axis=0, dtype=np.float64, ddof=1)
     return Standardizer(jnp.asarray(mean, jnp.float32), jnp.asarray(np.sqrt(var + eps), jnp.float32))
 
 

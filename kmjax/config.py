@@ -142,9 +142,9 @@ def _validate(cfg: Config) -> None:
         if not value > 0:
             raise ConfigError(f"{section}.{key} must be > 0, got {value!r}")
     batches = cfg.data.train_batches
-    if not batches or any(not isinstance(b, int) or not 1 <= b <= 5 for b in batches):
+    if not batches or any(type(b) is not int or not 1 <= b <= 5 for b in batches):
         raise ConfigError(f"data.train_batches must be a non-empty list of batch numbers 1..5, got {batches!r}")
-    if any(not isinstance(c, (int, float)) or not c > 0 for c in cfg.classifier.C_grid):
+    if any(type(c) not in (int, float) or not c > 0 for c in cfg.classifier.C_grid):
         raise ConfigError(f"classifier.C_grid must be a list of numbers > 0, got {cfg.classifier.C_grid!r}")
     if not 0 < cfg.classifier.val_fraction < 1:
         raise ConfigError(f"classifier.val_fraction must be in (0, 1), got {cfg.classifier.val_fraction!r}")

@@ -1,0 +1,187 @@
+"""Tests for kmjax.classify against float64 NumPy references."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kmjax.classify import (
+    LinearModel, accuracy, fit_standardizer, predict, softmax_loss, standardize, svm_loss, train_linear,
+)
+
+
+def svm_ref(w, x, labels, C):
+    """½‖W‖² + C Σ_k mean_i max(0, 1 − y_ik x_i·w_k)², and its analytic gradient."""
+    w, x = np.asarray(w, np.float64), np.asarray(x, np.float64)
+    n, k = x.shape[0], w.shape[1]
+    y = -np.ones((n, k))
+    for i, l in enumerate(labels):
+        y[i, l] = 1.0
+    margin = np.zeros((n, k))
+    for i in range(n):
+        for j in range(k):
+            margin[i, j] = max(0.0, 1.0 - y[i, j] * (x[i] @ w[:, j]))
+    loss = 0.5 * np.sum(w * w) + C * sum(np.mean(margin[:, j] ** 2) for j in range(k))
+    grad = w - (2.0 * C / n) * x.T @ (margin * y)
+    return loss, grad
+
+
+def softmax_ref(w, x, labels, C):
+    w, x = np.asarray(w, np.float64), np.asarray(x, np.float64)
+    ce = []
+    for i, l in enumerate(labels):
+        z = x[i] @ w
+        m = z.max()
+        ce.append(m + np.log(np.sum(np.exp(z - m))) - z[l])
+    return 0.5 * np.sum(w * w) + C * np.mean(ce)
+
+
+def _problem(seed=0, n=30, f=6, k=3, scale=1.0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, f)).astype(np.float32)
+    w = (scale * rng.normal(size=(f, k))).astype(np.float32)
+    labels = rng.integers(0, k, size=n)
+    return w, x, labels
+
+
+def blobs(seed=0, per_class=15, f=4, k=3, sep=10.0):
+    rng = np.random.default_rng(seed)
+    centres = sep * np.eye(k, f)
+    x = np.concatenate([centres[c] + rng.normal(size=(per_class, f)) for c in range(k)])
+    labels = np.repeat(np.arange(k), per_class)
+    perm = rng.permutation(len(labels))
+    return x[perm].astype(np.float32), labels[perm]
+
+
+# ---------------------------------------------------------------- standardization
+
+
+def test_fit_standardizer_matches_numpy():
+    rng = np.random.default_rng(0)
+    f = rng.normal(3.0, 2.0, size=(50, 7)).astype(np.float32)
+    f[:, 0] = 5.0  # constant column: scale sqrt(0 + 0.01) = 0.1
+    st = fit_standardizer(f)
+    mean_ref = np.array([np.mean(f[:, j].astype(np.float64)) for j in range(7)])
+    var_ref = np.array([np.sum((f[:, j].astype(np.float64) - mean_ref[j]) ** 2) / (len(f) - 1) for j in range(7)])
+    # stored as float32: 1e-6 relative is a few ulps
+    np.testing.assert_allclose(np.asarray(st.mean), mean_ref, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(st.scale), np.sqrt(var_ref + 0.01), rtol=1e-6)
+    assert abs(float(st.scale[0]) - 0.1) < 1e-7
+    st2 = fit_standardizer(f, eps=1.0)
+    np.testing.assert_allclose(np.asarray(st2.scale), np.sqrt(var_ref + 1.0), rtol=1e-6)
+
+
+def test_standardize_appends_ones_column():
+    rng = np.random.default_rng(1)
+    f = rng.normal(size=(9, 4)).astype(np.float32)
+    st = fit_standardizer(f)
+    out = np.asarray(standardize(st, f))
+    assert out.shape == (9, 5) and out.dtype == np.float32
+    np.testing.assert_array_equal(out[:, -1], np.ones(9))
+    ref = (f - f.mean(0)) / np.sqrt(f.var(0, ddof=1) + 0.01)
+    # float32 subtraction and division of O(1) values: 1e-5 absolute
+    np.testing.assert_allclose(out[:, :-1], ref, atol=1e-5)
+    # columns of the standardized training set have mean ~0
+    np.testing.assert_allclose(out[:, :-1].mean(0), 0.0, atol=1e-5)
+
+
+# ---------------------------------------------------------------- losses
+
+
+@pytest.mark.parametrize("C", [1.0, 100.0])
+def test_svm_loss_and_gradient(C):
+    w, x, labels = _problem(0, scale=0.3)  # a mix of active and inactive margins
+    loss_ref, grad_ref = svm_ref(w, x, labels, C)
+    loss, grad = jax.value_and_grad(svm_loss)(jnp.asarray(w), jnp.asarray(x), jnp.asarray(labels), C)
+    # float32 with HIGHEST-precision products over 30 x 6 values: ~1e-6 relative rounding, 1e-4 safe
+    np.testing.assert_allclose(float(loss), loss_ref, rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(grad), grad_ref, rtol=1e-4, atol=1e-4 * np.abs(grad_ref).max())
+
+
+def test_svm_loss_zero_margin_term_when_separated():
+    # every margin satisfied: the loss is just the regularizer
+    x = np.array([[2.0, 0.0], [0.0, 2.0]], np.float32)
+    w = np.array([[1.0, -1.0], [-1.0, 1.0]], np.float32)
+    loss = svm_loss(jnp.asarray(w), jnp.asarray(x), jnp.asarray([0, 1]), 100.0)
+    assert float(loss) == pytest.approx(0.5 * 4.0, rel=1e-6)  # exact up to float32
+
+
+@pytest.mark.parametrize("C", [1.0, 10.0])
+def test_softmax_loss_matches_numpy(C):
+    w, x, labels = _problem(1)
+    got = softmax_loss(jnp.asarray(w), jnp.asarray(x), jnp.asarray(labels), C)
+    # float32 log-sum-exp over logits ~N(0, 6): ~1e-6 relative
+    np.testing.assert_allclose(float(got), softmax_ref(w, x, labels, C), rtol=1e-4)
+
+
+# ---------------------------------------------------------------- training
+
+
+@pytest.mark.parametrize("loss", ["svm", "logistic"])
+def test_train_linear_separable_blobs(loss):
+    x, labels = blobs()
+    xs = np.asarray(standardize(fit_standardizer(x), x))
+    model, info = train_linear(xs, labels, loss=loss, C=10.0, max_iter=200)
+    assert isinstance(model, LinearModel) and model.weights.shape == (5, 3)
+    assert accuracy(model, xs, labels) == 1.0
+    pred = np.asarray(predict(model, xs))
+    assert pred.dtype == np.int32
+    np.testing.assert_array_equal(pred, labels)
+    assert np.isfinite(float(info.loss)) and int(info.n_iter) >= 1
+
+
+@pytest.mark.parametrize("C", [1.0, 100.0])
+def test_train_linear_reaches_scipy_optimum(C):
+    optimize = pytest.importorskip("scipy.optimize")
+    rng = np.random.default_rng(3)
+    n, f, k = 40, 5, 3
+    x = rng.normal(size=(n, f))
+    x = np.concatenate([x, np.ones((n, 1))], axis=1)
+    labels = (x[:, :3] + 0.8 * rng.normal(size=(n, 3))).argmax(1)  # noisy: many active margins
+
+    def fun(wflat):
+        loss, grad = svm_ref(wflat.reshape(f + 1, k), x, labels, C)
+        return loss, grad.ravel()
+
+    res = optimize.minimize(fun, np.zeros((f + 1) * k), jac=True, method="L-BFGS-B",
+                            options={"maxiter": 2000, "gtol": 1e-12, "ftol": 1e-15})
+    w_ref, f_ref = res.x.reshape(f + 1, k), res.fun
+
+    model, info = train_linear(x.astype(np.float32), labels, loss="svm", C=C, num_classes=k,
+                               max_iter=500, tol=1e-5)
+    w = np.asarray(model.weights, np.float64)
+    f_got, _ = svm_ref(w, x, labels, C)
+    # float32 L-BFGS vs float64: objective within 1e-3 relative (the brief's tolerance)
+    assert abs(f_got - f_ref) <= 1e-3 * abs(f_ref)
+    assert abs(float(info.loss) - f_ref) <= 1e-3 * abs(f_ref)
+    # strongly convex (modulus 1 from ½‖W‖²), so ‖W − W*‖² <= 2 (f − f*): objective agreement
+    # forces weight agreement; observed ~1e-6, 1e-3 absolute leaves room for float32 L-BFGS
+    np.testing.assert_allclose(w, w_ref, atol=1e-3)
+
+
+def test_train_linear_num_classes_larger_than_labels():
+    x, labels = blobs(k=2, f=3)
+    model, _ = train_linear(np.asarray(standardize(fit_standardizer(x), x)), labels, num_classes=4, max_iter=20)
+    assert model.weights.shape == (4, 4)
+
+
+# ---------------------------------------------------------------- errors
+
+
+def test_train_linear_errors():
+    x, labels = blobs(per_class=3)
+    with pytest.raises(ValueError, match="unknown loss"):
+        train_linear(x, labels, loss="hinge")
+    for bad_c in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="C must be"):
+            train_linear(x, labels, C=bad_c)
+    with pytest.raises(ValueError, match="labels must lie"):
+        train_linear(x, labels, num_classes=2)  # labels go up to 2
+    with pytest.raises(ValueError, match="labels must lie"):
+        train_linear(x, np.where(labels == 0, -1, labels))
+    with pytest.raises(ValueError, match="x must be"):
+        train_linear(x, labels[:-1])
+    with pytest.raises(ValueError, match="x must be"):
+        train_linear(x[:, :, None], labels)

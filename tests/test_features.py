@@ -1,0 +1,214 @@
+"""Tests for kmjax.features against a straightforward float64 NumPy pipeline."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import kmjax
+from kmjax.features import FeatureSpec, auto_batch_size, extract_features, feature_dim
+
+N, H, W, C = 4, 10, 10, 3
+P = 3
+D = P * P * C
+K = 5
+
+
+def mround(v):
+    return int(np.floor(v + 0.5))  # MATLAB round for v >= 0
+
+
+def reference_features(images, centroids, zca, spec):
+    """Loop reference: dense patches (row, col, channel) -> normalize -> whiten -> encode -> pool."""
+    imgs = np.asarray(images, np.float64)
+    cent = np.asarray(centroids, np.float64)
+    n, h, w, c = imgs.shape
+    p, s = spec.patch_size, spec.stride
+    gh, gw = (h - p) // s + 1, (w - p) // s + 1
+    k = len(cent)
+    f = 2 * k if spec.encoder == "soft_threshold" else k
+    fmap = np.zeros((n, gh, gw, f))
+    for b in range(n):
+        for i in range(gh):
+            for j in range(gw):
+                x = imgs[b, i * s:i * s + p, j * s:j * s + p, :].reshape(-1)  # (row, col, channel)
+                if spec.eps_norm is not None:
+                    x = (x - x.mean()) / np.sqrt(x.var(ddof=1) + spec.eps_norm)
+                if zca is not None:
+                    x = (x - np.asarray(zca.mean, np.float64)) @ np.asarray(zca.matrix, np.float64)
+                dist = np.sqrt(((cent - x) ** 2).sum(axis=1))
+                if spec.encoder == "triangle":
+                    code = np.maximum(0.0, dist.mean() - dist)
+                elif spec.encoder == "hard":
+                    code = np.zeros(k)
+                    code[np.argmin(dist)] = 1.0
+                else:
+                    proj = cent @ x
+                    code = np.concatenate([np.maximum(0, proj - spec.alpha), np.maximum(0, -proj - spec.alpha)])
+                fmap[b, i, j] = code
+    g = spec.grid
+    re = [mround(t * gh / g) for t in range(g + 1)]
+    ce = [mround(t * gw / g) for t in range(g + 1)]
+    out = []
+    red = np.sum if spec.pool == "sum" else np.max
+    for gi in range(g):
+        for gj in range(g):
+            out.append(red(fmap[:, re[gi]:re[gi + 1], ce[gj]:ce[gj + 1], :], axis=(1, 2)))
+    return np.concatenate(out, axis=1)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(N, H, W, C), dtype=np.uint8)
+    # ZCA fitted on random normalized patches (any patches will do: the test checks the pipeline)
+    raw = rng.uniform(0, 255, size=(300, D)).astype(np.float32)
+    zca = kmjax.fit_zca(np.asarray(kmjax.normalize_patches(raw, 10.0)), 0.1)
+    centroids = rng.normal(size=(K, D)).astype(np.float32)
+    return images, centroids, zca
+
+
+# float32 throughout (normalization, a 27x27 whitening product, distance expansion) vs a float64
+# reference; pooled sums of up to 64 codes. 1e-4 relative plus an absolute floor for near-zero
+# pooled entries (triangle codes are differences of distances ~5, so ~1e-4 absolute slack).
+RTOL, ATOL = 1e-4, 1e-3
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("encoder,pool", [("triangle", "sum"), ("soft_threshold", "max")])
+def test_extract_features_matches_reference(setup, stride, encoder, pool):
+    images, centroids, zca = setup
+    spec = FeatureSpec(patch_size=P, stride=stride, eps_norm=10.0, encoder=encoder, grid=2, pool=pool)
+    got = extract_features(images, centroids, zca, spec)
+    assert got.shape == (N, feature_dim(spec, K)) and got.dtype == np.float32
+    assert isinstance(got, np.ndarray)
+    np.testing.assert_allclose(got, reference_features(images, centroids, zca, spec), rtol=RTOL, atol=ATOL)
+
+
+def test_extract_features_hard_matches_reference(setup):
+    images, centroids, zca = setup
+    spec = FeatureSpec(patch_size=P, stride=2, encoder="hard", grid=2)
+    got = extract_features(images, centroids, zca, spec)
+    ref = reference_features(images, centroids, zca, spec)
+    # counts of nearest-centroid assignments: integers; a near-tie could flip one assignment,
+    # so allow at most one count moved per image-region pair, but require exact row totals
+    assert np.abs(got - ref).max() <= 1.0
+    np.testing.assert_array_equal(got.reshape(N, 4, K).sum(-1), ref.reshape(N, 4, K).sum(-1))
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, N])
+def test_batching_gives_identical_results(setup, batch_size):
+    images, centroids, zca = setup
+    spec = FeatureSpec(patch_size=P, stride=2, grid=2)
+    full = extract_features(images, centroids, zca, spec, batch_size=N)
+    calls = []
+    got = extract_features(images, centroids, zca, spec, batch_size=batch_size,
+                           progress=lambda done, total: calls.append((done, total)))
+    # each image's features depend only on that image; only float32 rounding may differ between
+    # compiled batch shapes (XLA may order reductions differently). Triangle codes are differences
+    # of distances ~5 (ulp ~5e-7) summed over 16 positions: a few ulps, so 1e-5 absolute
+    np.testing.assert_allclose(got, full, rtol=1e-6, atol=1e-5)
+    assert calls[-1] == (N, N) and len(calls) == -(-N // batch_size)
+
+
+def test_batch_size_larger_than_n(setup):
+    images, centroids, zca = setup
+    spec = FeatureSpec(patch_size=P, stride=2, grid=2)
+    a = extract_features(images, centroids, zca, spec, batch_size=N)
+    b = extract_features(images, centroids, zca, spec, batch_size=100)
+    np.testing.assert_array_equal(a, b)  # clipped to N: the same compiled call
+
+
+def test_no_zca_and_no_normalization(setup):
+    images, centroids, _ = setup
+    spec = FeatureSpec(patch_size=P, stride=2, eps_norm=None, grid=2)
+    # raw 0-255 pixels: distances ~800, so use scaled centroids near the data and a rtol-only check
+    cent = (centroids * 20 + 128).astype(np.float32)
+    got = extract_features(images, cent, None, spec)
+    ref = reference_features(images, cent, None, spec)
+    # distances ~100 from an expanded square ~1e4..1e6 in float32: ~1e-7 * 1e6 / 100 ~ 1e-3 abs;
+    # pooled values are O(100), so 1e-4 relative + 0.05 absolute
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=5e-2)
+
+
+def test_zca_without_normalization(setup):
+    images, centroids, zca = setup
+    spec = FeatureSpec(patch_size=P, stride=2, eps_norm=None, encoder="soft_threshold", grid=1)
+    got = extract_features(images.astype(np.float32) / 255.0, centroids, zca, spec)
+    ref = reference_features(images.astype(np.float64) / 255.0, centroids, zca, spec)
+    np.testing.assert_allclose(got, ref, rtol=RTOL, atol=ATOL)
+
+
+def test_soft_threshold_feature_dim(setup):
+    images, centroids, zca = setup
+    spec = FeatureSpec(patch_size=P, stride=2, encoder="soft_threshold", grid=3)
+    assert feature_dim(spec, K) == 3 * 3 * 2 * K
+    got = extract_features(images, centroids, zca, spec)
+    assert got.shape == (N, 9 * 2 * K)
+    assert feature_dim(FeatureSpec(encoder="triangle", grid=2), 1600) == 6400
+
+
+def test_uint8_and_float_inputs_agree(setup):
+    images, centroids, zca = setup
+    spec = FeatureSpec(patch_size=P, stride=2, grid=2)
+    a = extract_features(images, centroids, zca, spec)
+    b = extract_features(images.astype(np.float32), centroids, zca, spec)
+    # the first thing the pipeline does is cast patches to float32: same values, same result
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_auto_batch_size():
+    spec = FeatureSpec(patch_size=6, stride=1, encoder="triangle")
+    # 27*27 positions * 1600 features * 4 bytes = 4,665,600 bytes per image
+    assert auto_batch_size(spec, 1600, (32, 32, 3), memory_mb=512) == 512 * 2**20 // (27 * 27 * 1600 * 4)
+    assert auto_batch_size(spec, 1600, (32, 32, 3), memory_mb=0.001) == 1  # never below 1
+
+
+def test_error_centroids_wrong_dimension(setup):
+    images, centroids, zca = setup
+    with pytest.raises(ValueError, match="centroids"):
+        extract_features(images, centroids[:, :-1], zca, FeatureSpec(patch_size=P, stride=2))
+
+
+def test_error_zca_wrong_dimension(setup):
+    images, centroids, _ = setup
+    zca = kmjax.ZCA(np.zeros(D + 1, np.float32), np.eye(D + 1, dtype=np.float32))
+    with pytest.raises(ValueError, match="ZCA"):
+        extract_features(images, centroids, zca, FeatureSpec(patch_size=P, stride=2))
+
+
+def test_error_grid_finer_than_map(setup):
+    images, centroids, zca = setup
+    # 10x10 images, patch 3, stride 4 -> 2x2 positions; grid 3 is finer
+    with pytest.raises(ValueError, match="grid"):
+        extract_features(images, centroids, zca, FeatureSpec(patch_size=P, stride=4, grid=3))
+
+
+def test_error_unknown_encoder(setup):
+    images, centroids, zca = setup
+    with pytest.raises(ValueError, match="unknown encoder"):
+        extract_features(images, centroids, zca, FeatureSpec(patch_size=P, encoder="sparse"))
+
+
+def test_error_unknown_pool(setup):
+    images, centroids, zca = setup
+    with pytest.raises(ValueError, match="unknown pooling"):
+        extract_features(images, centroids, zca, FeatureSpec(patch_size=P, pool="mean"))
+
+
+def test_error_rank3_images(setup):
+    images, centroids, zca = setup
+    with pytest.raises(ValueError, match=r"\(N, H, W, C\)"):
+        extract_features(images[0], centroids, zca, FeatureSpec(patch_size=P))
+
+
+def test_error_patch_larger_than_image(setup):
+    images, centroids, zca = setup
+    with pytest.raises(ValueError, match="patch_size"):
+        extract_features(images[:, :2, :2], centroids, zca, FeatureSpec(patch_size=P))
+
+
+def test_error_bad_batch_size(setup):
+    images, centroids, zca = setup
+    with pytest.raises(ValueError, match="batch_size"):
+        extract_features(images, centroids, zca, FeatureSpec(patch_size=P, stride=2), batch_size=0)
