@@ -11,11 +11,11 @@ from kmjax.classify import (
     train_linear,
 )
 from kmjax.data import Cifar10, DataError, download_cifar10, load_cifar10, resolve_data_dir
-from kmjax.encode import encode, hard, soft_threshold, triangle
+from kmjax.encoders import encode, hard, soft_threshold, triangle
 from kmjax.features import FeatureSpec, extract_features, feature_dim
-from kmjax.kmeans import KMeansResult, assign, init_centroids, kmeans
+from kmjax.cluster import KMeansResult, assign, init_centroids, kmeans
 from kmjax.patches import extract_patches, sample_patches
-from kmjax.pool import pool
+from kmjax.pooling import pool
 from kmjax.preprocess import ZCA, apply_zca, fit_zca, normalize_patches, standardize_dimensions
 
 __all__ = [

@@ -35,3 +35,10 @@ def check_matrix(x, name: str = "x") -> None:
     bad = int((~xp.isfinite(x)).sum())
     if bad:
         raise ValueError(f"{name} contains {bad} NaN or Inf values; clean or drop those rows first")
+
+
+def positive_int(value, name: str) -> int:
+    """``value`` as a Python int >= 1 (NumPy integers welcome, bools and floats not)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)

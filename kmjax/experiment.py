@@ -27,7 +27,7 @@ from kmjax.classify import accuracy, fit_standardizer, predict, standardize, tra
 from kmjax.config import Config, to_dict
 from kmjax.data import load_cifar10
 from kmjax.features import FeatureSpec, extract_features
-from kmjax.kmeans import kmeans
+from kmjax.cluster import kmeans
 from kmjax.patches import extract_patches, sample_patches
 from kmjax.preprocess import apply_zca, fit_zca, normalize_patches, standardize_dimensions
 

@@ -15,9 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from kmjax._checks import check_images
-from kmjax.encode import ENCODERS, encode, num_outputs
+from kmjax.encoders import ENCODERS, encode, num_outputs
 from kmjax.patches import _extract, grid_size
-from kmjax.pool import POOLS, pool
+from kmjax.pooling import POOLS, pool
 from kmjax.preprocess import ZCA, apply_zca, normalize_patches
 
 __all__ = ["FeatureSpec", "extract_features", "feature_dim", "auto_batch_size"]

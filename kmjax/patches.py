@@ -11,8 +11,9 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from kmjax._checks import check_images
+from kmjax._checks import check_images, positive_int
 
 __all__ = ["extract_patches", "sample_patches", "grid_size"]
 
@@ -22,17 +23,15 @@ def grid_size(height: int, width: int, size: int, stride: int = 1) -> tuple[int,
     return (height - size) // stride + 1, (width - size) // stride + 1
 
 
-def _check_window(images, size: int, stride: int) -> None:
+def _check_window(images, size, stride) -> tuple[int, int]:
     check_images(images)
-    if not isinstance(size, int) or size < 1:
-        raise ValueError(f"patch size must be a positive integer, got {size!r}")
-    if not isinstance(stride, int) or stride < 1:
-        raise ValueError(f"stride must be a positive integer, got {stride!r}")
-    _, h, w, _ = images.shape
+    size, stride = positive_int(size, "patch size"), positive_int(stride, "stride")
+    _, h, w, _ = np.shape(images)
     if size > h or size > w:
         raise ValueError(
             f"patch size {size} is larger than the {h}x{w} images; use a size of at most {min(h, w)}"
         )
+    return size, stride
 
 
 @partial(jax.jit, static_argnames=("size", "stride"))
@@ -61,7 +60,7 @@ def extract_patches(images, size: int, stride: int = 1):
       (N, H', W', size*size*C) with H' = (H - size) // stride + 1 (likewise W'); each patch in
       (row, column, channel) order.
     """
-    _check_window(images, size, stride)
+    size, stride = _check_window(images, size, stride)
     return _extract(jnp.asarray(images), size, stride)
 
 
@@ -93,7 +92,6 @@ def sample_patches(key, images, num: int, size: int):
     Returns:
       (num, size*size*C) patches in (row, column, channel) order, the dtype of ``images``.
     """
-    _check_window(images, size, 1)
-    if not isinstance(num, int) or num < 1:
-        raise ValueError(f"num must be a positive integer, got {num!r}")
+    size, _ = _check_window(images, size, 1)
+    num = positive_int(num, "num")
     return _sample(key, jnp.asarray(images), num, size)

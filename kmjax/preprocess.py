@@ -45,10 +45,11 @@ def standardize_dimensions(x):
 
     Returns:
       (N, D) float32; mean and spread are taken over the N rows of this array. The ptp term keeps
-      near-constant dimensions from blowing up.
+      near-constant dimensions from blowing up; a constant dimension becomes all zeros.
     """
     x = jnp.asarray(x, jnp.float32)
     scale = x.std(axis=0) + jnp.ptp(x, axis=0) / 20.0
+    scale = jnp.where(scale > 0, scale, 1.0)  # a constant dimension becomes 0, not 0/0
     return (x - x.mean(axis=0)) / scale
 
 
@@ -93,6 +94,7 @@ def fit_zca(patches, eps: float = 0.1) -> ZCA:
       i.e. the identity shrunk along directions whose variance is comparable to eps.
     """
     check_matrix(patches, "patches")
+    patches = jnp.asarray(patches)
     if patches.shape[0] < 2:
         raise ValueError(f"fit_zca needs at least 2 patches to estimate a covariance, got {patches.shape[0]}")
     if not eps >= 0:

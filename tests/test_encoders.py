@@ -1,11 +1,11 @@
-"""Tests for kmjax.encode against loop-based float64 NumPy references."""
+"""Tests for kmjax.encoders against loop-based float64 NumPy references."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from kmjax.encode import ENCODERS, encode, hard, num_outputs, soft_threshold, triangle
+from kmjax.encoders import ENCODERS, encode, hard, num_outputs, soft_threshold, triangle
 
 M, K, D = 23, 7, 12
 

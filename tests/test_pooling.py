@@ -1,11 +1,11 @@
-"""Tests for kmjax.pool against a loop-based NumPy reference."""
+"""Tests for kmjax.pooling against a loop-based NumPy reference."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from kmjax.pool import POOLS, grid_edges, pool
+from kmjax.pooling import POOLS, grid_edges, pool
 
 
 def matlab_round(v):

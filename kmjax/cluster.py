@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kmjax._checks import check_matrix
+from kmjax._checks import check_matrix, positive_int
 
 __all__ = ["KMeansResult", "kmeans", "assign", "init_centroids", "INITS", "EMPTY_POLICIES"]
 
@@ -75,8 +75,10 @@ def _pass(xs, ws, centroids, spherical, precision):
         sums, weights = carry
         xc, wc = chunk
         scores, proj = _scores(xc, centroids, spherical, precision)
-        index = jnp.argmax(scores, axis=1).astype(jnp.int32)
-        best = jnp.take_along_axis(scores, index[:, None], axis=1)[:, 0]
+        best = jnp.max(scores, axis=1)
+        # argmax of the row maximum's mask: the same first index as argmax(scores), but XLA's CPU
+        # argmax (a variadic reduce) is several times slower than a max plus a boolean argmax.
+        index = jnp.argmax(scores >= best[:, None], axis=1).astype(jnp.int32)
         sq = jnp.sum(xc * xc, axis=1)
         if spherical:
             # OMP-1: the code is the signed projection s; the atom is updated with sum s * x.
@@ -191,11 +193,11 @@ def _init(key, x, w, *, k, method, spherical):
     return _normalize_rows(c) if spherical else c
 
 
-def _check_k(x, k):
-    if not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"k must be a positive integer, got {k!r}")
+def _check_k(x, k) -> int:
+    k = positive_int(k, "k")
     if k > x.shape[0]:
         raise ValueError(f"k={k} is larger than the number of points ({x.shape[0]}); use k <= {x.shape[0]}")
+    return k
 
 
 def _weights(x, weights):
@@ -225,10 +227,11 @@ def init_centroids(key, x, k: int, method: str = "k-means++", *, weights=None, s
       (k, D) float32.
     """
     check_matrix(x)
-    _check_k(x, k)
+    x = jnp.asarray(x)
+    k = _check_k(x, k)
     if method not in INITS:
         raise ValueError(f"unknown init {method!r}; choose one of {INITS} or pass a (k, D) array")
-    return _init(key, jnp.asarray(x), _weights(x, weights), k=int(k), method=method, spherical=spherical)
+    return _init(key, x, _weights(x, weights), k=k, method=method, spherical=spherical)
 
 
 def kmeans(
@@ -271,16 +274,14 @@ def kmeans(
       ``KMeansResult``.
     """
     check_matrix(x)
-    _check_k(x, k)
-    if not isinstance(max_iter, (int, np.integer)) or max_iter < 1:
-        raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}")
+    x = jnp.asarray(x)
+    k = _check_k(x, k)
+    max_iter = positive_int(max_iter, "max_iter")
     if empty not in EMPTY_POLICIES:
         raise ValueError(f"unknown empty-cluster policy {empty!r}; choose one of {EMPTY_POLICIES}")
     if chunk_size is None:
         chunk_size = _default_chunk(x.shape[0], k)
-    if not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
-    x = jnp.asarray(x)
+    chunk_size = positive_int(chunk_size, "chunk_size")
     w = _weights(x, weights)
     if isinstance(init, str):
         c0 = init_centroids(key, x, k, init, weights=w, spherical=spherical)
@@ -320,9 +321,11 @@ def assign(x, centroids, *, chunk_size: int | None = None, spherical: bool = Fal
     """
     check_matrix(x)
     check_matrix(centroids, "centroids")
+    x, centroids = jnp.asarray(x), jnp.asarray(centroids)
     if centroids.shape[1] != x.shape[1]:
         raise ValueError(f"centroids have dimension {centroids.shape[1]} but x has {x.shape[1]}")
     if chunk_size is None:
         chunk_size = _default_chunk(x.shape[0], centroids.shape[0])
-    return _assign(jnp.asarray(x), jnp.asarray(centroids), chunk_size=int(chunk_size),
+    chunk_size = positive_int(chunk_size, "chunk_size")
+    return _assign(x, centroids, chunk_size=chunk_size,
                    spherical=bool(spherical), precision=precision)

@@ -1,0 +1,436 @@
+"""Time one Lloyd k-means iteration: kmjax against scikit-learn and faiss (CPU).
+
+What it measures
+  For each problem (N points x D dims, K centroids) every library starts from the same
+  float32 data (a fixed-seed gaussian mixture) and the same K initial centroids (K distinct
+  data rows picked with the seed), and runs exactly ``--iters`` Lloyd iterations; the whole
+  call is timed and divided by ``--iters``:
+
+  * kmjax   ``kmjax.cluster.kmeans(key, x, k, init=c0, max_iter=iters, tol=None)`` followed by
+            ``jax.block_until_ready``. It also does one extra assignment pass for the final
+            inertia; that pass is inside the timing (counted against kmjax). The jitted function
+            is compiled by a warm-up call with the same shapes and ``max_iter`` before timing;
+            the points are put on the JAX device once, outside the timing.
+  * sklearn ``KMeans(n_clusters=k, init=c0, n_init=1, max_iter=iters, tol=0,
+            algorithm="lloyd").fit(x)``; it too does a final assignment pass. With tol=0 it may
+            still stop at a fixed point (labels unchanged): ``n_iter_`` is printed and checked.
+  * faiss   ``faiss.Clustering(d, k)`` with niter=iters, all points used
+            (max_points_per_centroid=n), early stopping off (early_stop_threshold=-1), trained
+            with an ``IndexFlatL2`` from the provided centroids; ``train`` is timed. The number
+            of ``iteration_stats`` is checked against iters.
+
+  Repeats are interleaved (for each repeat, each library once) and the median is reported, as
+  ms/iter, GFLOP/s of the distance product (2*N*K*D per iteration) and the ratios to faiss and
+  to scikit-learn (< 1: faster). The machine's float32 matmul peak (4096^3, numpy and jitted
+  jax, median of 3) is measured in the same run for scale.
+
+  Correctness check: the final centroids of every library are scored with one common numpy
+  evaluator (float32 distances, float64 sum); as all start from the same centroids and run the
+  same iterations, the inertias should agree to ~1e-4 relative. The libraries' own numbers are
+  printed too (faiss reports the objective of the last assignment, i.e. before its last update),
+  and kmjax's per-iteration objective is compared with faiss's.
+
+Problems: seed = 360,000 x 75, K 64; paper = 400,000 x 108, K 1600; scale = 1,000,000 x 128,
+K 4096 (not run by default: several minutes per library on 2 cores).
+
+Run (from the repository root):
+
+  PYTHONPATH=. python experiments/bench_kmeans.py --problems seed,paper --iters 10 \\
+      --repeats 3 --json /tmp/bench_kmeans.json
+
+Environment: OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE, when set, can slow OpenBLAS (numpy's and
+scipy/scikit-learn's); the script warns at startup if they are set but does not change them.
+Thread counts are whatever the libraries pick by default (all cores). Each run prints its
+CPU utilisation (process CPU time / wall time, up to the number of cores): a value well below
+the core count for a multithreaded library means something else was using the CPU and the
+timing is not trustworthy. The JSON keeps every repeat (ms_per_iter_all, cpu_util_all).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+
+import numpy as np
+
+PROBLEMS = {
+    "seed": (360_000, 75, 64),
+    "paper": (400_000, 108, 1600),
+    "scale": (1_000_000, 128, 4096),
+}
+ALL_LIBS = ("kmjax", "sklearn", "faiss")
+SEED = 0
+OPENBLAS_VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def make_problem(n: int, d: int, k: int, seed: int = SEED):
+    """Gaussian mixture (2K components, overlapping, unequal spreads) and K distinct data rows."""
+    rng = np.random.default_rng(seed)
+    m = 2 * k
+    centers = rng.standard_normal((m, d), dtype=np.float32)
+    spread = rng.uniform(0.4, 1.2, size=m).astype(np.float32)
+    labels = rng.integers(0, m, size=n)
+    x = rng.standard_normal((n, d), dtype=np.float32)
+    x *= spread[labels, None]
+    x += centers[labels]
+    idx = rng.choice(n, size=k, replace=False)
+    c0 = np.ascontiguousarray(x[idx])
+    return np.ascontiguousarray(x), c0
+
+
+def evaluate_inertia(x: np.ndarray, c: np.ndarray, chunk: int = 16384) -> float:
+    """Sum of squared distances to the nearest centroid: float32 distances, float64 sum."""
+    c = np.asarray(c, np.float32)
+    cc = np.einsum("kd,kd->k", c, c)
+    total = 0.0
+    for s in range(0, x.shape[0], chunk):
+        xc = x[s:s + chunk]
+        xx = np.einsum("nd,nd->n", xc, xc)
+        dist = xx[:, None] - 2.0 * (xc @ c.T) + cc[None, :]
+        total += float(np.maximum(dist.min(axis=1), 0.0).sum(dtype=np.float64))
+    return total
+
+
+# ----------------------------------------------------------------------------- libraries
+
+
+def _import_libs(libs):
+    """Modules of the importable libraries; a printed note for each one skipped."""
+    mods = {}
+    for lib in libs:
+        try:
+            if lib == "kmjax":
+                import importlib
+
+                import jax
+                # the module, not the function that kmjax/__init__ may re-export as kmjax.cluster
+                km = importlib.import_module("kmjax.cluster")
+                mods[lib] = (jax, km)
+            elif lib == "sklearn":
+                import sklearn
+                from sklearn.cluster import KMeans
+                mods[lib] = (sklearn, KMeans)
+            elif lib == "faiss":
+                import faiss
+                mods[lib] = faiss
+            else:
+                print(f"note: unknown library {lib!r}, skipped")
+        except Exception as e:  # ImportError, or a broken binary
+            print(f"note: {lib} not importable ({type(e).__name__}: {e}); skipped")
+    return mods
+
+
+class KmjaxRunner:
+    def __init__(self, mods, x, c0, k, iters):
+        jax, km = mods
+        self.jax, self.km, self.k, self.iters = jax, km, k, iters
+        self.x = jax.device_put(x)
+        self.c0 = jax.device_put(c0)
+        self.key = jax.random.key(SEED)
+        self.x.block_until_ready()
+
+    def _call(self):
+        res = self.km.kmeans(self.key, self.x, self.k, init=self.c0, max_iter=self.iters, tol=None)
+        return self.jax.block_until_ready(res)
+
+    def warmup(self):
+        t = time.perf_counter()
+        self._call()
+        return time.perf_counter() - t
+
+    def run(self):
+        t = time.perf_counter()
+        res = self._call()
+        dt = time.perf_counter() - t
+        n_iter = int(res.n_iter)
+        if n_iter != self.iters:
+            warnings.warn(f"kmjax ran {n_iter} iterations, expected {self.iters}")
+        info = {
+            "centroids": np.asarray(res.centroids),
+            "inertia_reported": float(res.inertia),
+            "objective": [float(v) for v in np.asarray(res.objective)],
+            "n_iter": n_iter,
+        }
+        return dt, info
+
+
+class SklearnRunner:
+    def __init__(self, mods, x, c0, k, iters):
+        _, self.KMeans = mods
+        self.x, self.c0, self.k, self.iters = x, c0, k, iters
+
+    def run(self):
+        est = self.KMeans(n_clusters=self.k, init=self.c0, n_init=1, max_iter=self.iters, tol=0,
+                          algorithm="lloyd")
+        t = time.perf_counter()
+        est.fit(self.x)
+        dt = time.perf_counter() - t
+        n_iter = int(est.n_iter_)
+        if n_iter != self.iters:
+            warnings.warn(f"scikit-learn stopped after n_iter_={n_iter} iterations (strict "
+                          f"convergence?), expected {self.iters}; ms/iter divides by n_iter_")
+        info = {
+            "centroids": np.asarray(est.cluster_centers_, np.float32),
+            "inertia_reported": float(est.inertia_),
+            "n_iter": n_iter,
+            "dtype": str(est.cluster_centers_.dtype),
+        }
+        return dt, info
+
+
+class FaissRunner:
+    def __init__(self, faiss, x, c0, k, iters):
+        self.faiss, self.x, self.c0, self.k, self.iters = faiss, x, c0, k, iters
+
+    def run(self):
+        faiss = self.faiss
+        n, d = self.x.shape
+        clus = faiss.Clustering(d, self.k)
+        clus.niter = self.iters
+        clus.nredo = 1
+        clus.verbose = False
+        clus.spherical = False
+        clus.max_points_per_centroid = n  # never subsample: use all points
+        clus.min_points_per_centroid = 0
+        if hasattr(clus, "early_stop_threshold"):
+            clus.early_stop_threshold = -1.0  # never stop early
+        if hasattr(clus, "frozen_centroids"):
+            clus.frozen_centroids = False  # provided centroids are an init, not fixed
+        faiss.copy_array_to_vector(self.c0.ravel(), clus.centroids)
+        index = faiss.IndexFlatL2(d)
+        t = time.perf_counter()
+        clus.train(self.x, index)
+        dt = time.perf_counter() - t
+        stats = clus.iteration_stats
+        stats = [stats.at(i) for i in range(stats.size())]
+        if len(stats) != self.iters:
+            warnings.warn(f"faiss ran {len(stats)} iterations, expected {self.iters}")
+        info = {
+            "centroids": faiss.vector_to_array(clus.centroids).reshape(self.k, d),
+            # objective of the last assignment, i.e. of the centroids before the last update
+            "inertia_reported": float(stats[-1].obj) if stats else float("nan"),
+            "objective": [float(s.obj) for s in stats],
+            "nsplit": int(sum(s.nsplit for s in stats)),
+            "n_iter": len(stats),
+        }
+        return dt, info
+
+
+def make_runner(lib, mods, x, c0, k, iters):
+    cls = {"kmjax": KmjaxRunner, "sklearn": SklearnRunner, "faiss": FaissRunner}[lib]
+    return cls(mods[lib], x, c0, k, iters)
+
+
+# ----------------------------------------------------------------------------- matmul peak
+
+
+def matmul_peak(size: int = 4096, repeats: int = 3):
+    """Median GFLOP/s of a float32 size^3 product: numpy, and jitted jax (None if no jax)."""
+    rng = np.random.default_rng(SEED)
+    a = rng.standard_normal((size, size), dtype=np.float32)
+    b = rng.standard_normal((size, size), dtype=np.float32)
+    flops = 2.0 * size ** 3
+
+    def med(fn):
+        fn()  # warm-up
+        ts = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t)
+        return flops / statistics.median(ts) / 1e9
+
+    np_gf = med(lambda: a @ b)
+    try:
+        import jax
+        import jax.numpy as jnp
+        f = jax.jit(jnp.matmul)
+        ja, jb = jax.device_put(a), jax.device_put(b)
+        jax_gf = med(lambda: f(ja, jb).block_until_ready())
+    except Exception as e:
+        print(f"note: jax matmul peak not measured ({type(e).__name__}: {e})")
+        jax_gf = None
+    return np_gf, jax_gf
+
+
+# ----------------------------------------------------------------------------- metadata
+
+
+def _meta(mods):
+    meta = {
+        "python": platform.python_version(),
+        "numpy_version": np.__version__,
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+    }
+    for var in OPENBLAS_VARS:
+        meta[var] = os.environ.get(var)
+    try:
+        import jax
+        meta["jax_version"] = jax.__version__
+        meta["device_kind"] = jax.devices()[0].device_kind
+    except Exception:
+        meta["jax_version"] = meta["device_kind"] = None
+    for name, mod in (("sklearn_version", "sklearn"), ("faiss_version", "faiss")):
+        try:
+            meta[name] = __import__(mod).__version__
+        except Exception:
+            meta[name] = None
+    return meta
+
+
+def _fmt_ratio(v):
+    return "n/a" if v is None else f"{v:.3f}"
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--problems", default="seed,paper",
+                   help=f"comma list from {','.join(PROBLEMS)} (default seed,paper)")
+    p.add_argument("--iters", type=int, default=10, help="Lloyd iterations per timed run")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per library (median)")
+    p.add_argument("--libs", default=",".join(ALL_LIBS), help="comma list from kmjax,sklearn,faiss")
+    p.add_argument("--json", default=None, metavar="PATH", help="write the records here")
+    p.add_argument("--n-frac", type=float, default=1.0,
+                   help="use this fraction of each problem's N (quick smoke tests only)")
+    args = p.parse_args(argv)
+
+    problems = [s.strip() for s in args.problems.split(",") if s.strip()]
+    for name in problems:
+        if name not in PROBLEMS:
+            p.error(f"unknown problem {name!r}; choose from {','.join(PROBLEMS)}")
+    if args.iters < 1 or args.repeats < 1:
+        p.error("--iters and --repeats must be >= 1")
+    libs = [s.strip() for s in args.libs.split(",") if s.strip()]
+
+    set_vars = {v: os.environ[v] for v in OPENBLAS_VARS if v in os.environ}
+    if set_vars:
+        print(f"WARNING: {set_vars} set; OpenBLAS (numpy, scipy/scikit-learn) may run slower "
+              "than on a default setup. Not changed by this script.")
+
+    mods = _import_libs(libs)
+    libs = [lib for lib in libs if lib in mods]
+    if not libs:
+        print("no library to benchmark")
+        return []
+    meta = _meta(mods)
+    print(f"machine: {meta['processor']}, {meta['cpu_count']} CPUs; jax {meta['jax_version']} "
+          f"({meta['device_kind']}), numpy {meta['numpy_version']}, sklearn "
+          f"{meta['sklearn_version']}, faiss {meta['faiss_version']}")
+
+    np_gf, jax_gf = matmul_peak()
+    jax_txt = "n/a" if jax_gf is None else f"{jax_gf:.1f}"
+    print(f"float32 matmul peak (4096^3, median of 3): numpy {np_gf:.1f} GFLOP/s, "
+          f"jax {jax_txt} GFLOP/s")
+    meta["peak_gflops"] = np_gf
+    meta["peak_gflops_jax"] = jax_gf
+
+    records = [dict(meta, library="matmul_peak", gflops=np_gf, gflops_jax=jax_gf, size=4096)]
+    rows = []
+    checks = []
+    for name in problems:
+        n, d, k = PROBLEMS[name]
+        n = max(k, int(round(n * args.n_frac)))
+        t = time.perf_counter()
+        x, c0 = make_problem(n, d, k)
+        print(f"\n[{name}] N={n} D={d} K={k}, {args.iters} iters x {args.repeats} repeats "
+              f"(data {time.perf_counter() - t:.1f} s)")
+        runners = {lib: make_runner(lib, mods, x, c0, k, args.iters) for lib in libs}
+        if "kmjax" in runners:
+            wt = runners["kmjax"].warmup()
+            print(f"  kmjax warm-up (compile + one run): {wt:.2f} s")
+        times = {lib: [] for lib in libs}
+        utils = {lib: [] for lib in libs}
+        infos = {}
+        for r in range(args.repeats):
+            for lib in libs:
+                w0, c0_cpu = time.perf_counter(), time.process_time()
+                dt, info = runners[lib].run()
+                util = (time.process_time() - c0_cpu) / max(time.perf_counter() - w0, 1e-9)
+                per = dt / max(info["n_iter"], 1)
+                times[lib].append(per)
+                utils[lib].append(util)
+                infos[lib] = info
+                print(f"  repeat {r + 1} {lib:8s} {dt:8.3f} s  {per * 1e3:9.1f} ms/iter  "
+                      f"(n_iter {info['n_iter']}, cpu {util:.2f} of {os.cpu_count()} cores)")
+        del runners
+
+        flop = 2.0 * n * k * d
+        med = {lib: statistics.median(times[lib]) for lib in libs}
+        evals = {lib: evaluate_inertia(x, infos[lib]["centroids"]) for lib in libs}
+        for lib in libs:
+            rec = dict(meta)
+            rec.update(
+                problem=name, n=n, d=d, k=k, library=lib, iters=args.iters,
+                n_iter=infos[lib]["n_iter"],
+                ms_per_iter=med[lib] * 1e3,
+                ms_per_iter_all=[t * 1e3 for t in times[lib]],
+                ms_per_iter_min=min(times[lib]) * 1e3,
+                cpu_util_all=utils[lib],
+                gflops=flop / med[lib] / 1e9,
+                ratio_to_faiss=(med[lib] / med["faiss"]) if "faiss" in med else None,
+                ratio_to_sklearn=(med[lib] / med["sklearn"]) if "sklearn" in med else None,
+                inertia=evals[lib],
+                inertia_reported=infos[lib]["inertia_reported"],
+            )
+            if "nsplit" in infos[lib]:
+                rec["faiss_nsplit"] = infos[lib]["nsplit"]
+            records.append(rec)
+            rows.append(rec)
+
+        vals = list(evals.values())
+        ref = min(vals)
+        max_rel = (max(vals) - ref) / ref if ref > 0 else float("nan")
+        print(f"  final inertia (common evaluator | library's own):")
+        for lib in libs:
+            extra = ""
+            if lib == "faiss":
+                extra = (f"  [own = objective before last update; splits of empty clusters: "
+                         f"{infos[lib]['nsplit']}]")
+            print(f"    {lib:8s} {evals[lib]:.8e} | {infos[lib]['inertia_reported']:.8e}{extra}")
+        print(f"    max relative difference: {max_rel:.2e}"
+              + ("  <-- larger than 1e-4: check the libraries" if max_rel > 1e-4 else ""))
+        line = {"problem": name, "max_rel_inertia_diff": max_rel}
+        if "kmjax" in infos and "faiss" in infos:
+            a = np.array(infos["kmjax"]["objective"], np.float64)
+            b = np.array(infos["faiss"]["objective"], np.float64)
+            m = min(len(a), len(b))
+            rel = float(np.max(np.abs(a[:m] - b[:m]) / np.abs(b[:m]))) if m else float("nan")
+            print(f"    kmjax vs faiss per-iteration objective, max relative difference: {rel:.2e}")
+            line["max_rel_objective_diff_kmjax_faiss"] = rel
+        checks.append(line)
+        for rec in rows[-len(libs):]:
+            rec["max_rel_inertia_diff"] = max_rel
+        del x, c0
+
+    print("\n" + f"{'problem':8s} {'n':>9s} {'d':>4s} {'k':>5s} {'library':8s} {'ms/iter':>10s} "
+          f"{'GFLOP/s':>8s} {'vs faiss':>9s} {'vs sklearn':>10s}")
+    for rec in rows:
+        print(f"{rec['problem']:8s} {rec['n']:9d} {rec['d']:4d} {rec['k']:5d} {rec['library']:8s} "
+              f"{rec['ms_per_iter']:10.1f} {rec['gflops']:8.1f} "
+              f"{_fmt_ratio(rec['ratio_to_faiss']):>9s} {_fmt_ratio(rec['ratio_to_sklearn']):>10s}")
+    print(f"(matmul peak: numpy {np_gf:.1f} GFLOP/s, jax {jax_txt} GFLOP/s; ratios < 1 = faster)")
+
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(records, f, indent=1)
+        print(f"wrote {len(records)} records to {args.json}")
+    return records
+
+
+if __name__ == "__main__":
+    main()
