@@ -50,52 +50,84 @@ def _default_chunk(n: int, k: int) -> int:
     return int(min(chunk, n))
 
 
-def _chunked(x, w, chunk):
-    """Pad (N, D) points and (N,) weights to whole chunks: (n_chunks, chunk, ...). Pads weigh 0."""
+def _chunks(x, chunk, body, init):
+    """Scan ``body(carry, xc, real, start)`` over ``chunk``-row windows of x, read in place.
+
+    No padded copy of x is made: the last window is shifted back to end at row N, and ``real``
+    marks the rows that the previous window did not already cover.
+    """
     n = x.shape[0]
-    pad = (-n) % chunk
-    x = jnp.pad(x, ((0, pad), (0, 0)))
-    w = jnp.pad(w, (0, pad))
-    return x.reshape(-1, chunk, x.shape[1]), w.reshape(-1, chunk)
+    n_chunks = -(-n // chunk)
+
+    def step(carry, i):
+        start = jnp.minimum(i * chunk, n - chunk)
+        xc = jax.lax.dynamic_slice_in_dim(x, start, chunk)
+        real = start + jnp.arange(chunk) >= i * chunk
+        return body(carry, xc, real, start)
+
+    carry, out = jax.lax.scan(step, init, jnp.arange(n_chunks))
+    # (n_chunks, chunk, ...) per-row outputs -> (N, ...): drop the last window's repeated rows
+    out = jax.tree.map(lambda a: jnp.concatenate([a[:-1].reshape((-1,) + a.shape[2:]),
+                                                  a[-1, n_chunks * chunk - n :]]), out)
+    return carry, out
 
 
-def _scores(xc, centroids, spherical, precision):
-    """(chunk, K) scores to maximize, and the signed projections x.c."""
+def _nearest(xc, centroids, spherical, precision):
+    """Best score, index (lowest on ties) and signed projection onto it, for a chunk of rows.
+
+    Lloyd: maximize x.c - ||c||^2 / 2. Spherical (OMP-1): maximize |x.c|.
+    """
     proj = jnp.matmul(xc, centroids.T, precision=precision)
-    if spherical:
-        return jnp.abs(proj), proj
-    return proj - 0.5 * jnp.sum(centroids * centroids, axis=1), proj
+    scores = jnp.abs(proj) if spherical else proj - 0.5 * jnp.sum(centroids * centroids, axis=1)
+    best = jnp.max(scores, axis=1)
+    # The first index attaining the maximum, as argmax(scores) gives it, but computed as a second
+    # plain max: XLA's CPU argmax (a variadic reduce) costs several times a max. -k is exact in
+    # float32 for k < 2**24.
+    neg_iota = -jnp.arange(scores.shape[1], dtype=jnp.float32)
+    index = (-jnp.max(jnp.where(scores >= best[:, None], neg_iota, -jnp.inf), axis=1)).astype(jnp.int32)
+    code = jnp.take_along_axis(proj, index[:, None], axis=1)[:, 0] if spherical else None
+    return best, index, code
 
 
-def _pass(xs, ws, centroids, spherical, precision):
-    """One pass over chunked points: per-centroid sums and weights, per-point index and error."""
+def _accumulate(x, w, centroids, chunk, spherical, precision):
+    """The Lloyd pass: per-centroid sums and weights, and sum_i w_i * best_i.
+
+    Sums are of w x (Lloyd) or of w (c.x) x (spherical); with ``w`` None all weights are 1.
+    The objective follows without per-point output: sum w ||x||^2 - 2 sum w best (Lloyd),
+    sum w ||x||^2 - sum w best^2 (spherical).
+    """
     k, d = centroids.shape
 
-    def body(carry, chunk):
-        sums, weights = carry
-        xc, wc = chunk
-        scores, proj = _scores(xc, centroids, spherical, precision)
-        best = jnp.max(scores, axis=1)
-        # argmax of the row maximum's mask: the same first index as argmax(scores), but XLA's CPU
-        # argmax (a variadic reduce) is several times slower than a max plus a boolean argmax.
-        index = jnp.argmax(scores >= best[:, None], axis=1).astype(jnp.int32)
-        sq = jnp.sum(xc * xc, axis=1)
+    def body(carry, xc, real, start):
+        sums, weights, total = carry
+        wc = real.astype(jnp.float32)
+        if w is not None:
+            wc = wc * jax.lax.dynamic_slice_in_dim(w, start, chunk)
+        best, index, code = _nearest(xc, centroids, spherical, precision)
         if spherical:
-            # OMP-1: the code is the signed projection s; the atom is updated with sum s * x.
-            coef = jnp.take_along_axis(proj, index[:, None], axis=1)[:, 0]
-            err = sq - coef * coef
-            coef = coef * wc
+            contrib, gain = xc * (code * wc)[:, None], best * best
         else:
-            err = sq - 2.0 * best
-            coef = wc
-        err = jnp.maximum(err, 0.0)  # rounding can take a zero distance below zero
-        sums = sums + jax.ops.segment_sum(xc * coef[:, None], index, k)
-        weights = weights + jax.ops.segment_sum(wc, index, k)
-        return (sums, weights), (index, err)
+            contrib, gain = (xc if w is None else xc * wc[:, None]), 2.0 * best
+        target = jnp.where(real, index, k)  # index k is dropped by segment_sum
+        carry = (sums + jax.ops.segment_sum(contrib, target, k),
+                 weights + jax.ops.segment_sum(wc, target, k),
+                 total + jnp.sum(wc * gain))
+        return carry, None
 
-    init = (jnp.zeros((k, d), jnp.float32), jnp.zeros((k,), jnp.float32))
-    (sums, weights), (index, err) = jax.lax.scan(body, init, (xs, ws))
-    return sums, weights, index.reshape(-1), err.reshape(-1)
+    init = (jnp.zeros((k, d), jnp.float32), jnp.zeros((k,), jnp.float32), jnp.float32(0.0))
+    return _chunks(x, chunk, body, init)[0]
+
+
+def _assign_rows(x, centroids, chunk, spherical, precision):
+    """Per-row nearest index and error (squared distance; spherical: ||x||^2 - (c.x)^2)."""
+
+    def body(carry, xc, real, start):
+        best, index, code = _nearest(xc, centroids, spherical, precision)
+        sq = jnp.sum(xc * xc, axis=1)
+        err = sq - code * code if spherical else sq - 2.0 * best
+        return carry, (index, jnp.maximum(err, 0.0))  # rounding can take a zero distance below 0
+
+    return _chunks(x, chunk, body, None)[1]
 
 
 def _normalize_rows(c):
@@ -103,7 +135,7 @@ def _normalize_rows(c):
     return jnp.where(norm > 0, c / jnp.where(norm > 0, norm, 1.0), 0.0)
 
 
-def _update(x, w, sums, weights, err, empty, spherical):
+def _update(x, w, centroids, sums, weights, chunk, empty, spherical, precision):
     """New centroids from a pass's sums; empty clusters zeroed or re-seeded."""
     k = sums.shape[0]
     is_empty = weights <= 0
@@ -115,7 +147,9 @@ def _update(x, w, sums, weights, err, empty, spherical):
         return jnp.where(is_empty[:, None], 0.0, new)
 
     def reseed(new):
-        # The j-th empty cluster takes the j-th worst-served point (pads never: their error is -1).
+        # The j-th empty cluster takes the j-th point worst served by the current centroids
+        # (never a zero-weight point). Needs per-point errors: one more pass, only when needed.
+        _, err = _assign_rows(x, centroids, chunk, spherical, precision)
         m = min(k, x.shape[0])
         _, worst = jax.lax.top_k(jnp.where(w > 0, err, -1.0), m)
         rank = jnp.clip(jnp.cumsum(is_empty) - 1, 0, m - 1)
@@ -134,22 +168,26 @@ class _LoopState(NamedTuple):
     converged: jax.Array
 
 
-@partial(jax.jit, static_argnames=("max_iter", "chunk_size", "empty", "spherical", "precision"))
-def _lloyd(x, w, centroids, tol, *, max_iter, chunk_size, empty, spherical, precision):
+@partial(jax.jit, static_argnames=("max_iter", "chunk_size", "empty", "spherical", "precision", "weighted"))
+def _lloyd(x, w, centroids, tol, *, max_iter, chunk_size, empty, spherical, precision, weighted):
     x = x.astype(jnp.float32)
     w = w.astype(jnp.float32)
-    xs, ws = _chunked(x, w, chunk_size)
-    xflat, wflat = xs.reshape(-1, x.shape[1]), ws.reshape(-1)
+
+    pass_w = w if weighted else None  # unit weights: no multiply in the hot loop
+    total_sq = jnp.sum(w * jnp.sum(x * x, axis=1))
+
+    def objective(total):
+        return jnp.maximum(total_sq - total, 0.0)
 
     def cond(s):
         return (s.it < max_iter) & ~s.converged
 
     def body(s):
-        sums, weights, _, err = _pass(xs, ws, s.centroids, spherical, precision)
-        obj = jnp.sum(err * wflat)
+        sums, weights, total = _accumulate(x, pass_w, s.centroids, chunk_size, spherical, precision)
+        obj = objective(total)
         prev = s.objective[jnp.maximum(s.it - 1, 0)]
         converged = (s.it > 0) & ((prev - obj) <= tol * jnp.abs(prev))
-        new = _update(xflat, wflat, sums, weights, err, empty, spherical)
+        new = _update(x, w, s.centroids, sums, weights, chunk_size, empty, spherical, precision)
         return _LoopState(new, s.objective.at[s.it].set(obj), s.it + 1, converged)
 
     start = _LoopState(
@@ -159,8 +197,8 @@ def _lloyd(x, w, centroids, tol, *, max_iter, chunk_size, empty, spherical, prec
         jnp.bool_(False),
     )
     s = jax.lax.while_loop(cond, body, start)
-    _, weights, _, err = _pass(xs, ws, s.centroids, spherical, precision)
-    return KMeansResult(s.centroids, weights, jnp.sum(err * wflat), s.objective, s.it, s.converged)
+    _, weights, total = _accumulate(x, pass_w, s.centroids, chunk_size, spherical, precision)
+    return KMeansResult(s.centroids, weights, objective(total), s.objective, s.it, s.converged)
 
 
 @partial(jax.jit, static_argnames=("k", "method", "spherical"))
@@ -281,7 +319,7 @@ def kmeans(
         raise ValueError(f"unknown empty-cluster policy {empty!r}; choose one of {EMPTY_POLICIES}")
     if chunk_size is None:
         chunk_size = _default_chunk(x.shape[0], k)
-    chunk_size = positive_int(chunk_size, "chunk_size")
+    chunk_size = min(positive_int(chunk_size, "chunk_size"), x.shape[0])
     w = _weights(x, weights)
     if isinstance(init, str):
         c0 = init_centroids(key, x, k, init, weights=w, spherical=spherical)
@@ -293,16 +331,13 @@ def kmeans(
     tol = -jnp.inf if tol is None else jnp.float32(tol)
     return _lloyd(
         x, w, c0, tol, max_iter=int(max_iter), chunk_size=int(chunk_size), empty=empty,
-        spherical=bool(spherical), precision=precision,
+        spherical=bool(spherical), precision=precision, weighted=weights is not None,
     )
 
 
 @partial(jax.jit, static_argnames=("chunk_size", "spherical", "precision"))
 def _assign(x, centroids, *, chunk_size, spherical, precision):
-    n = x.shape[0]
-    xs, ws = _chunked(x.astype(jnp.float32), jnp.ones((n,), jnp.float32), chunk_size)
-    _, _, index, err = _pass(xs, ws, centroids.astype(jnp.float32), spherical, precision)
-    return index[:n], err[:n]
+    return _assign_rows(x.astype(jnp.float32), centroids.astype(jnp.float32), chunk_size, spherical, precision)
 
 
 def assign(x, centroids, *, chunk_size: int | None = None, spherical: bool = False,
@@ -326,6 +361,6 @@ def assign(x, centroids, *, chunk_size: int | None = None, spherical: bool = Fal
         raise ValueError(f"centroids have dimension {centroids.shape[1]} but x has {x.shape[1]}")
     if chunk_size is None:
         chunk_size = _default_chunk(x.shape[0], centroids.shape[0])
-    chunk_size = positive_int(chunk_size, "chunk_size")
+    chunk_size = min(positive_int(chunk_size, "chunk_size"), x.shape[0])
     return _assign(x, centroids, chunk_size=chunk_size,
                    spherical=bool(spherical), precision=precision)
