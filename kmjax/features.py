@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kmjax._checks import check_images
+from kmjax._checks import check_images, positive_int
 from kmjax.encoders import ENCODERS, encode, num_outputs
 from kmjax.patches import _extract, grid_size
 from kmjax.pooling import POOLS, pool
@@ -46,14 +46,24 @@ def feature_dim(spec: FeatureSpec, k: int) -> int:
 
 
 def auto_batch_size(spec: FeatureSpec, k: int, image_shape, memory_mb: float = 512.0) -> int:
-    """Images per batch so that the float32 (B, H', W', F) map stays within ``memory_mb``."""
+    """Images whose float32 (B, H', W', F) maps together fit in ``memory_mb``."""
     gh, gw = grid_size(image_shape[0], image_shape[1], spec.patch_size, spec.stride)
     per_image = gh * gw * num_outputs(spec.encoder, k) * 4
     return max(1, int(memory_mb * 2**20 // per_image))
 
 
-@partial(jax.jit, static_argnames=("spec", "precision"))
-def _batch_features(images, zca, centroids, *, spec, precision):
+def _default_step(spec, k, image_shape, memory_mb) -> int:
+    # On a CPU one image's map (729 x 1600 floats at the paper's settings) stays in cache between
+    # the encoder's matrix product and the pooling: 2x faster than a batch-wide product. An
+    # accelerator wants the widest product the memory budget allows.
+    if jax.default_backend() == "cpu":
+        return 1
+    return auto_batch_size(spec, k, image_shape, memory_mb)
+
+
+@partial(jax.jit, static_argnames=("spec", "step", "precision"))
+def _batch_features(images, zca, centroids, *, spec, step, precision):
+    """(B, H, W, C) images -> (B, feature_dim) features, ``step`` images per encoder product."""
     patches = _extract(images, spec.patch_size, spec.stride)
     b, gh, gw, d = patches.shape
     x = patches.reshape(-1, d).astype(jnp.float32)
@@ -61,8 +71,13 @@ def _batch_features(images, zca, centroids, *, spec, precision):
         x = normalize_patches(x, spec.eps_norm)
     if zca is not None:
         x = apply_zca(zca, x)
-    codes = encode(x, centroids, spec.encoder, spec.alpha, precision)
-    return pool(codes.reshape(b, gh, gw, -1), spec.grid, spec.pool)
+
+    def encode_pool(xs):  # (step, gh * gw, D) -> (step, feature_dim)
+        codes = encode(xs.reshape(-1, d), centroids, spec.encoder, spec.alpha, precision)
+        return pool(codes.reshape(xs.shape[0], gh, gw, -1), spec.grid, spec.pool)
+
+    feats = jax.lax.map(encode_pool, x.reshape(b // step, step, gh * gw, d))
+    return feats.reshape(b, -1)
 
 
 def _check_spec(spec: FeatureSpec, images, centroids, zca) -> None:
@@ -93,6 +108,7 @@ def extract_features(
     spec: FeatureSpec = FeatureSpec(),
     *,
     batch_size: int | None = None,
+    step: int | None = None,
     memory_mb: float = 512.0,
     precision=jax.lax.Precision.HIGHEST,
     progress: Callable[[int, int], None] | None = None,
@@ -104,8 +120,10 @@ def extract_features(
       centroids: (K, D) dictionary, D = patch_size**2 * C, in whitened space.
       zca: the whitening fitted on the training patches, or None for raw patches.
       spec: the ``FeatureSpec``.
-      batch_size: images per compiled call; default from ``memory_mb``.
-      memory_mb: budget for one batch's float32 feature map.
+      batch_size: images per compiled call (rounded up to a multiple of ``step``).
+      step: images per encoder matrix product; their (step, H', W', F) map is the largest
+        intermediate. Default: 1 on CPU (cache-resident), else what ``memory_mb`` allows.
+      memory_mb: budget for one step's float32 feature map.
       precision: precision of the encoder's matrix product.
       progress: called as progress(done, total) after each batch.
 
@@ -116,20 +134,28 @@ def extract_features(
     check_images(images)
     centroids = jnp.asarray(centroids, jnp.float32)
     _check_spec(spec, images, centroids, zca)
-    n = images.shape[0]
-    if batch_size is None:
-        batch_size = auto_batch_size(spec, centroids.shape[0], images.shape[1:], memory_mb)
-    batch_size = int(min(batch_size, n))
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    out = np.empty((n, feature_dim(spec, centroids.shape[0])), np.float32)
+    n, k = images.shape[0], centroids.shape[0]
+    if step is None:
+        step = _default_step(spec, k, images.shape[1:], memory_mb)
+    step = min(positive_int(step, "step"), n)
+    batch_size = max(step, 128) if batch_size is None else positive_int(batch_size, "batch_size")
+    batch_size = min(-(-batch_size // step) * step, -(-n // step) * step)
+    out = np.empty((n, feature_dim(spec, k)), np.float32)
+    pending = None  # fetch batch i while batch i + 1 computes: dispatch is asynchronous
     for start in range(0, n, batch_size):
         batch = np.asarray(images[start : start + batch_size])
         m = batch.shape[0]
         if m < batch_size:  # pad the last batch: one compiled shape for the whole data set
             batch = np.concatenate([batch, np.zeros((batch_size - m,) + batch.shape[1:], batch.dtype)])
-        feats = _batch_features(jnp.asarray(batch), zca, centroids, spec=spec, precision=precision)
-        out[start : start + m] = np.asarray(feats)[:m]
-        if progress is not None:
-            progress(start + m, n)
+        feats = _batch_features(jnp.asarray(batch), zca, centroids, spec=spec, step=step, precision=precision)
+        if pending is not None:
+            _store(out, *pending, progress)
+        pending = (start, m, feats)
+    _store(out, *pending, progress)
     return out
+
+
+def _store(out, start, m, feats, progress):
+    out[start : start + m] = np.asarray(feats)[:m]
+    if progress is not None:
+        progress(start + m, out.shape[0])
