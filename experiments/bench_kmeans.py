@@ -53,7 +53,6 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 import warnings
 
@@ -395,7 +394,7 @@ def main(argv=None):
         vals = list(evals.values())
         ref = min(vals)
         max_rel = (max(vals) - ref) / ref if ref > 0 else float("nan")
-        print(f"  final inertia (common evaluator | library's own):")
+        print("  final inertia (common evaluator | library's own):")
         for lib in libs:
             extra = ""
             if lib == "faiss":

@@ -16,7 +16,8 @@ def _cmd_run(args) -> int:
     from kmjax.experiment import run, summary
 
     cfg = load_config(args.config, args.set)
-    results = run(cfg, data_dir=args.data_dir, out=args.out, quiet=args.quiet)
+    results = run(cfg, data_dir=args.data_dir, out=args.out, resume=args.resume, cache=args.cache,
+                  quiet=args.quiet)
     print(summary(results))
     return 0
 
@@ -47,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--data-dir", help="folder that contains cifar-10-batches-py "
                    "(default: $KMJAX_DATA_DIR, else download into ~/.cache/kmjax)")
     r.add_argument("--out", default="runs", help="parent folder of the run folder (default: runs)")
+    r.add_argument("--resume", metavar="RUN_DIR", help="continue in an existing run folder: finished stages "
+                   "whose config is unchanged are reused (after an interruption, or to retrain only the classifier)")
+    r.add_argument("--cache", metavar="DIR", help="folder of finished stages shared between runs (default: the run folder)")
     r.add_argument("-q", "--quiet", action="store_true", help="print only the summary")
     r.set_defaults(func=_cmd_run)
     i = sub.add_parser("info", help="devices, versions and where the data is looked for")

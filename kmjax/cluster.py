@@ -13,7 +13,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from kmjax._checks import check_matrix, positive_int
 
@@ -89,7 +88,7 @@ def _nearest(xc, centroids, spherical, precision):
     return best, index, code
 
 
-def _accumulate(x, w, centroids, chunk, spherical, precision):
+def _accumulate(x, w, centroids, chunk, spherical, precision, axis_name=None):
     """The Lloyd pass: per-centroid sums and weights, and sum_i w_i * best_i.
 
     Sums are of w x (Lloyd) or of w (c.x) x (spherical); with ``w`` None all weights are 1.
@@ -115,7 +114,10 @@ def _accumulate(x, w, centroids, chunk, spherical, precision):
         return carry, None
 
     init = (jnp.zeros((k, d), jnp.float32), jnp.zeros((k,), jnp.float32), jnp.float32(0.0))
-    return _chunks(x, chunk, body, init)[0]
+    if axis_name is not None:  # the running sums differ between devices until the psum
+        init = jax.lax.pcast(init, axis_name, to="varying")
+    out = _chunks(x, chunk, body, init)[0]
+    return out if axis_name is None else jax.lax.psum(out, axis_name)
 
 
 def _assign_rows(x, centroids, chunk, spherical, precision):
@@ -135,9 +137,29 @@ def _normalize_rows(c):
     return jnp.where(norm > 0, c / jnp.where(norm > 0, norm, 1.0), 0.0)
 
 
-def _update(x, w, centroids, sums, weights, chunk, empty, spherical, precision):
-    """New centroids from a pass's sums; empty clusters zeroed or re-seeded."""
-    k = sums.shape[0]
+def _worst_served(x, w, centroids, m, chunk, spherical, precision, axis_name):
+    """The m points worst served by ``centroids``, worst first (never a zero-weight point).
+
+    Sharded: each device proposes its own m worst; the candidates, gathered in device order,
+    keep global row order among equal errors, so the result is the same as on one device.
+    """
+    _, err = _assign_rows(x, centroids, chunk, spherical, precision)
+    err, idx = jax.lax.top_k(jnp.where(w > 0, err, -1.0), min(m, x.shape[0]))
+    if axis_name is None:
+        return x[idx]
+    # "invarying": the gathered candidates are the same on every device, so is their choice
+    err = jax.lax.all_gather(err, axis_name, tiled=True, to="invarying")
+    cand = jax.lax.all_gather(x[idx], axis_name, tiled=True, to="invarying")
+    return cand[jax.lax.top_k(err, m)[1]]
+
+
+def _update(x, w, centroids, sums, weights, chunk, empty, spherical, precision, m, axis_name=None):
+    """New centroids from a pass's (global) sums; empty clusters zeroed or re-seeded.
+
+    Re-seeding: the j-th empty cluster takes the j-th point worst served by the current
+    centroids (m = min(K, N) candidates). It needs per-point errors: one more pass over the
+    data, run only in iterations that leave a cluster empty.
+    """
     is_empty = weights <= 0
     if spherical:
         new = _normalize_rows(sums)
@@ -147,13 +169,8 @@ def _update(x, w, centroids, sums, weights, chunk, empty, spherical, precision):
         return jnp.where(is_empty[:, None], 0.0, new)
 
     def reseed(new):
-        # The j-th empty cluster takes the j-th point worst served by the current centroids
-        # (never a zero-weight point). Needs per-point errors: one more pass, only when needed.
-        _, err = _assign_rows(x, centroids, chunk, spherical, precision)
-        m = min(k, x.shape[0])
-        _, worst = jax.lax.top_k(jnp.where(w > 0, err, -1.0), m)
-        rank = jnp.clip(jnp.cumsum(is_empty) - 1, 0, m - 1)
-        seeds = x[worst[rank]]
+        seeds = _worst_served(x, w, centroids, m, chunk, spherical, precision, axis_name)
+        seeds = seeds[jnp.clip(jnp.cumsum(is_empty) - 1, 0, m - 1)]
         if spherical:
             seeds = _normalize_rows(seeds)
         return jnp.where(is_empty[:, None], seeds, new)
@@ -168,13 +185,24 @@ class _LoopState(NamedTuple):
     converged: jax.Array
 
 
-@partial(jax.jit, static_argnames=("max_iter", "chunk_size", "empty", "spherical", "precision", "weighted"))
-def _lloyd(x, w, centroids, tol, *, max_iter, chunk_size, empty, spherical, precision, weighted):
+def _lloyd_loop(x, w, centroids, tol, *, max_iter, chunk_size, empty, spherical, precision, weighted, m,
+               axis_name=None):
+    """Lloyd iterations until ``max_iter`` or convergence, then a final pass for the inertia.
+
+    The one implementation of the loop: called under ``jit`` on one device (``_lloyd``), and
+    inside ``shard_map`` with ``axis_name`` on a shard of the points per device
+    (``kmjax.parallel``), where every pass's sums are ``psum``-ed, so that the centroids and the
+    whole loop state stay identical on all devices. ``m`` = min(K, N) (global N).
+    """
     x = x.astype(jnp.float32)
     w = w.astype(jnp.float32)
-
     pass_w = w if weighted else None  # unit weights: no multiply in the hot loop
     total_sq = jnp.sum(w * jnp.sum(x * x, axis=1))
+    if axis_name is not None:
+        total_sq = jax.lax.psum(total_sq, axis_name)
+
+    def accumulate(c):
+        return _accumulate(x, pass_w, c, chunk_size, spherical, precision, axis_name)
 
     def objective(total):
         return jnp.maximum(total_sq - total, 0.0)
@@ -183,11 +211,11 @@ def _lloyd(x, w, centroids, tol, *, max_iter, chunk_size, empty, spherical, prec
         return (s.it < max_iter) & ~s.converged
 
     def body(s):
-        sums, weights, total = _accumulate(x, pass_w, s.centroids, chunk_size, spherical, precision)
+        sums, weights, total = accumulate(s.centroids)
         obj = objective(total)
         prev = s.objective[jnp.maximum(s.it - 1, 0)]
         converged = (s.it > 0) & ((prev - obj) <= tol * jnp.abs(prev))
-        new = _update(x, w, s.centroids, sums, weights, chunk_size, empty, spherical, precision)
+        new = _update(x, w, s.centroids, sums, weights, chunk_size, empty, spherical, precision, m, axis_name)
         return _LoopState(new, s.objective.at[s.it].set(obj), s.it + 1, converged)
 
     start = _LoopState(
@@ -197,8 +225,12 @@ def _lloyd(x, w, centroids, tol, *, max_iter, chunk_size, empty, spherical, prec
         jnp.bool_(False),
     )
     s = jax.lax.while_loop(cond, body, start)
-    _, weights, total = _accumulate(x, pass_w, s.centroids, chunk_size, spherical, precision)
+    _, weights, total = accumulate(s.centroids)
     return KMeansResult(s.centroids, weights, objective(total), s.objective, s.it, s.converged)
+
+
+_lloyd = jax.jit(_lloyd_loop, static_argnames=("max_iter", "chunk_size", "empty", "spherical", "precision",
+                                              "weighted", "m", "axis_name"))
 
 
 @partial(jax.jit, static_argnames=("k", "method", "spherical"))
@@ -331,7 +363,7 @@ def kmeans(
     tol = -jnp.inf if tol is None else jnp.float32(tol)
     return _lloyd(
         x, w, c0, tol, max_iter=int(max_iter), chunk_size=int(chunk_size), empty=empty,
-        spherical=bool(spherical), precision=precision, weighted=weights is not None,
+        spherical=bool(spherical), precision=precision, weighted=weights is not None, m=min(k, x.shape[0]),
     )
 
 

@@ -8,6 +8,7 @@ seed give the same numbers on the same machine.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -23,13 +24,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from kmjax import plots
-from kmjax.classify import accuracy, fit_standardizer, predict, standardize, train_linear
+from kmjax._io import atomic_write
+from kmjax.classify import LinearModel, Standardizer, accuracy, fit_standardizer, predict, standardize, train_linear
 from kmjax.config import Config, to_dict
 from kmjax.data import load_cifar10
 from kmjax.features import FeatureSpec, extract_features
 from kmjax.cluster import kmeans
 from kmjax.patches import extract_patches, sample_patches
-from kmjax.preprocess import apply_zca, fit_zca, normalize_patches, standardize_dimensions
+from kmjax.model import Model
+from kmjax.model import save as save_model
+from kmjax.preprocess import ZCA, apply_zca, fit_zca, normalize_patches, standardize_dimensions
 
 __all__ = ["run", "new_run_dir", "learn_dictionary", "feature_spec"]
 
@@ -54,13 +58,23 @@ class _Timer:
 
 
 def _progress(label: str, quiet: bool):
+    """A progress reporter: a live line on a terminal, a line per 10% in a log file."""
     t0 = time.perf_counter()
+    live = sys.stderr.isatty()
+    last = [-1.0]
 
     def report(done, total):
         if quiet:
             return
-        rate = done / max(time.perf_counter() - t0, 1e-9)
-        end = "\n" if done == total else "\r"
+        elapsed = time.perf_counter() - t0
+        if live:
+            if done < total and elapsed - last[0] < 0.5:
+                return
+        elif done < total and int(10 * done / total) == int(10 * last[0]):
+            return
+        last[0] = elapsed if live else done / total
+        rate = done / max(elapsed, 1e-9)
+        end = "\n" if done == total or not live else "\r"
         print(f"  {label}: {done}/{total} images ({rate:.0f}/s)", end=end, file=sys.stderr, flush=True)
 
     return report
@@ -148,19 +162,123 @@ def _git_commit() -> str | None:
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)  # never a half-written results file
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
 
 
-def run(cfg: Config, *, data_dir=None, out: str | os.PathLike = "runs", quiet: bool = False) -> dict:
-    """Run one experiment; write its folder; return the results dict (also ``results.json``)."""
+def stage_keys(cfg: Config) -> dict[str, str]:
+    """A hash per stage of everything that determines its output (and its inputs' stages)."""
+    c = to_dict(cfg)
+    feats = {k: v for k, v in c["features"].items() if k != "memory_mb"}  # speed, not result
+    parts = {
+        "dictionary": [c["seed"], c["data"]["train_batches"], c["data"]["n_train"], c["patches"],
+                       c["preprocess"], c["kmeans"]],
+    }
+    parts["features"] = [parts["dictionary"], feats, c["data"]["n_test"]]
+    parts["classifier"] = [parts["features"], c["classifier"]]
+    return {name: hashlib.sha256(json.dumps(v, sort_keys=True).encode()).hexdigest()[:16]
+            for name, v in parts.items()}
+
+
+class _Store:
+    """Finished stages saved in a folder, each tagged with its stage key: a later run of a config
+    whose key matches loads the stage instead of recomputing it (resume, or reuse across runs)."""
+
+    def __init__(self, folder: Path, quiet: bool):
+        self.folder, self.quiet = folder, quiet
+
+    def _path(self, stage, key, ext):
+        return self.folder / f"{stage}-{key}.{ext}"
+
+    def load(self, stage, key, names):
+        if not self._path(stage, key, "done").is_file():
+            return None
+        _log(f"[{stage}] reusing {self.folder / stage}-{key}.*", self.quiet)
+        return {n: np.load(self._path(f"{stage}.{n}", key, "npy"), mmap_mode="r") for n in names}
+
+    def save(self, stage, key, arrays):
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for n, a in arrays.items():
+            atomic_write(self._path(f"{stage}.{n}", key, "npy"), lambda f, a=a: np.save(f, np.asarray(a)))
+        # written last: a stage without its marker was interrupted and is recomputed
+        atomic_write(self._path(stage, key, "done"), lambda f: f.write(" ".join(arrays).encode()))
+
+
+def _dictionary_stage(cfg, images, key, store, stage_key, timer):
+    names = ("centroids", "objective", "counts", "info") + (("zca_mean", "zca_matrix") if cfg.preprocess.whiten else ())
+    saved = store.load("dictionary", stage_key, names)
+    if saved is None:
+        with timer.stage("dictionary"):
+            zca, km, n_patches = learn_dictionary(cfg, images, key)
+            info = np.array([n_patches, int(km.n_iter), int(km.converged), float(km.inertia)], np.float64)
+            saved = {"centroids": km.centroids, "objective": km.objective, "counts": km.counts, "info": info}
+            if zca is not None:
+                saved.update(zca_mean=zca.mean, zca_matrix=zca.matrix)
+            saved = {k: np.asarray(v) for k, v in saved.items()}
+        store.save("dictionary", stage_key, saved)
+    zca = ZCA(jnp.asarray(saved["zca_mean"]), jnp.asarray(saved["zca_matrix"])) if cfg.preprocess.whiten else None
+    return zca, saved
+
+
+def _features_stage(cfg, train_images, test_images, zca, centroids, store, stage_key, timer, quiet):
+    names = ("train",) + (("test",) if test_images is not None else ())
+    saved = store.load("features", stage_key, names)
+    if saved is None:
+        spec = feature_spec(cfg)
+        with timer.stage("features"):
+            saved = {"train": extract_features(train_images, centroids, zca, spec, memory_mb=cfg.features.memory_mb,
+                                               progress=_progress("train", quiet))}
+            if test_images is not None:
+                saved["test"] = extract_features(test_images, centroids, zca, spec, memory_mb=cfg.features.memory_mb,
+                                                 progress=_progress("test", quiet))
+        store.save("features", stage_key, saved)
+    return saved["train"], saved.get("test")
+
+
+def _classifier_stage(cfg, f_train, labels, key, store, stage_key, timer, quiet, results):
+    saved = store.load("classifier", stage_key, ("std_mean", "std_scale", "weights", "info", "C_grid"))
+    if saved is None:
+        with timer.stage("classifier"):
+            C, scores = cfg.classifier.C, {}
+            if cfg.classifier.C_grid:
+                C, scores = _choose_C(cfg, f_train, labels, key, quiet)
+            std = fit_standardizer(f_train)
+            model, info = train_linear(standardize(std, f_train), labels, loss=cfg.classifier.loss, C=C,
+                                       num_classes=10, max_iter=cfg.classifier.max_iter, tol=cfg.classifier.tol)
+            saved = {"std_mean": np.asarray(std.mean), "std_scale": np.asarray(std.scale),
+                     "weights": np.asarray(model.weights),
+                     "info": np.array([C, float(info.n_iter), float(info.loss), float(info.grad_norm)]),
+                     "C_grid": np.array(list(scores.items()), np.float64).reshape(-1, 2)}
+        store.save("classifier", stage_key, saved)
+    std = Standardizer(jnp.asarray(saved["std_mean"]), jnp.asarray(saved["std_scale"]))
+    model = LinearModel(jnp.asarray(saved["weights"]))
+    C, n_iter, loss, grad_norm = (float(v) for v in saved["info"])
+    results["classifier"] = {"loss": cfg.classifier.loss, "C": C, "n_iter": int(n_iter), "objective": loss,
+                             "grad_norm": grad_norm}
+    if len(saved["C_grid"]):
+        results["C_validation"] = {f"{c:g}": float(a) for c, a in saved["C_grid"]}
+    return std, model
+
+
+def run(cfg: Config, *, data_dir=None, out: str | os.PathLike = "runs", resume: str | os.PathLike | None = None,
+        cache: str | os.PathLike | None = None, quiet: bool = False) -> dict:
+    """Run one experiment; write its folder; return the results dict (also ``results.json``).
+
+    Args:
+      cfg: the validated config.
+      data_dir: the CIFAR-10 folder (default: KMJAX_DATA_DIR, else the download cache).
+      out: parent of the new run folder ``out/NAME`` (``NAME-2``, ... if taken).
+      resume: an existing run folder to continue in instead: stages whose config is unchanged
+        are loaded from it, the rest recomputed (and results.json rewritten).
+      cache: a folder for finished stages shared between runs (a sweep's); default: the run folder.
+      quiet: print nothing but errors.
+    """
     if cfg.features.enabled and cfg.preprocess.normalize == "dimension":
         raise ValueError("preprocess.normalize = 'dimension' is for dictionaries only (features.enabled = false);"
                          " the dense features use per-patch normalization: set it to 'patch' or 'none'")
     t_start = time.perf_counter()
     timer = _Timer(quiet)
     key_dict, key_val = jax.random.split(jax.random.key(cfg.seed))
+    keys = stage_keys(cfg)
     with timer.stage("load"):
         train = load_cifar10(data_dir, "train", batches=cfg.data.train_batches)
         train_images, train_labels = train.images, train.labels
@@ -169,63 +287,52 @@ def run(cfg: Config, *, data_dir=None, out: str | os.PathLike = "runs", quiet: b
         test = None
         if cfg.features.enabled and cfg.data.n_test != -1:
             test = load_cifar10(data_dir, "test")
-    run_dir = new_run_dir(Path(out), cfg.name)
+            if cfg.data.n_test:
+                test = test._replace(images=test.images[: cfg.data.n_test], labels=test.labels[: cfg.data.n_test])
+    if resume is not None:
+        run_dir = Path(resume)
+        if not (run_dir / "config.json").is_file():
+            raise ValueError(f"{run_dir} is not a run folder (no config.json); pass the folder a run wrote")
+    else:
+        run_dir = new_run_dir(Path(out), cfg.name)
+    store = _Store(Path(cache) if cache is not None else run_dir / "stages", quiet)
     _log(f"run folder: {run_dir}", quiet)
-    results: dict = {"name": cfg.name, "seed": cfg.seed, "config": to_dict(cfg), "run_dir": str(run_dir)}
+    results: dict = {"name": cfg.name, "seed": cfg.seed, "config": to_dict(cfg), "run_dir": str(run_dir),
+                     "stage_keys": keys}
+    _write_json(run_dir / "config.json", results["config"])
 
-    with timer.stage("dictionary"):
-        zca, km, n_patches = learn_dictionary(cfg, train_images, key_dict)
-        centroids = np.asarray(km.centroids)
+    zca, d = _dictionary_stage(cfg, train_images, key_dict, store, keys["dictionary"], timer)
+    centroids = np.asarray(d["centroids"])
+    n_patches, n_iter, converged, inertia = d["info"]
     results["kmeans"] = {
-        "n_patches": int(n_patches), "n_iter": int(km.n_iter), "converged": bool(km.converged),
-        "inertia": float(km.inertia), "objective": [float(v) for v in np.asarray(km.objective)[: int(km.n_iter)]],
-        "empty_clusters": int((np.asarray(km.counts) == 0).sum()),
+        "n_patches": int(n_patches), "n_iter": int(n_iter), "converged": bool(converged), "inertia": float(inertia),
+        "objective": [float(v) for v in np.asarray(d["objective"])[: int(n_iter)]],
+        "empty_clusters": int((np.asarray(d["counts"]) == 0).sum()),
     }
     channels = train_images.shape[-1]
     plots.save_filters(run_dir / "filters.png", centroids, cfg.patches.size, channels,
                        title=f"{cfg.name}: {cfg.kmeans.k} centroids")
-    plots.save_objective(run_dir / "objective.png", km.objective)
-    arrays = {"centroids": centroids, "objective": np.asarray(km.objective)}
-    if zca is not None:
-        arrays.update(zca_mean=np.asarray(zca.mean), zca_matrix=np.asarray(zca.matrix))
+    plots.save_objective(run_dir / "objective.png", d["objective"])
 
     if cfg.features.enabled:
-        spec = feature_spec(cfg)
-        with timer.stage("features"):
-            f_train = extract_features(train_images, centroids, zca, spec, memory_mb=cfg.features.memory_mb,
-                                       progress=_progress("train", quiet))
-            f_test = None if test is None else extract_features(
-                test.images if cfg.data.n_test == 0 else test.images[: cfg.data.n_test], centroids, zca, spec,
-                memory_mb=cfg.features.memory_mb, progress=_progress("test", quiet))
-        with timer.stage("classifier"):
-            C = cfg.classifier.C
-            if cfg.classifier.C_grid:
-                C, scores = _choose_C(cfg, f_train, train_labels, key_val, quiet)
-                results["C_validation"] = {f"{k:g}": v for k, v in scores.items()}
-            std = fit_standardizer(f_train)
-            x_train = standardize(std, f_train)
-            del f_train
-            model, info = train_linear(x_train, train_labels, loss=cfg.classifier.loss, C=C, num_classes=10,
-                                       max_iter=cfg.classifier.max_iter, tol=cfg.classifier.tol)
-            results["classifier"] = {"loss": cfg.classifier.loss, "C": C, "n_iter": int(info.n_iter),
-                                     "objective": float(info.loss), "grad_norm": float(info.grad_norm)}
-            results["train_accuracy"] = accuracy(model, x_train, train_labels)
-            del x_train
-        arrays.update(std_mean=np.asarray(std.mean), std_scale=np.asarray(std.scale),
-                      weights=np.asarray(model.weights))
-        if f_test is not None:
-            with timer.stage("evaluate"):
-                labels = test.labels[: f_test.shape[0]]
+        f_train, f_test = _features_stage(cfg, train_images, None if test is None else test.images, zca,
+                                          centroids, store, keys["features"], timer, quiet)
+        std, model = _classifier_stage(cfg, f_train, train_labels, key_val, store, keys["classifier"], timer,
+                                       quiet, results)
+        with timer.stage("evaluate"):
+            results["train_accuracy"] = accuracy(model, standardize(std, f_train), train_labels)
+            if f_test is not None:
                 pred = np.asarray(predict(model, standardize(std, f_test)))
                 conf = np.zeros((10, 10), np.int64)
-                np.add.at(conf, (labels, pred), 1)
-                results["test_accuracy"] = float((pred == labels).mean())
+                np.add.at(conf, (test.labels, pred), 1)
+                results["test_accuracy"] = float((pred == test.labels).mean())
                 results["per_class_accuracy"] = {
                     name: float(conf[i, i] / max(conf[i].sum(), 1)) for i, name in enumerate(test.class_names)}
                 results["confusion"] = conf.tolist()
                 plots.save_confusion(run_dir / "confusion.png", conf, test.class_names)
+        save_model(run_dir / "model.npz", Model(feature_spec(cfg), zca, jnp.asarray(centroids), std, model,
+                                                train.class_names, tuple(train_images.shape[1:])))
 
-    np.savez(run_dir / "model.npz", **arrays)
     results["seconds"] = {**timer.seconds, "total": round(time.perf_counter() - t_start, 3)}
     results["peak_memory_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     results["environment"] = {

@@ -140,22 +140,35 @@ def extract_features(
     step = min(positive_int(step, "step"), n)
     batch_size = max(step, 128) if batch_size is None else positive_int(batch_size, "batch_size")
     batch_size = min(-(-batch_size // step) * step, -(-n // step) * step)
-    out = np.empty((n, feature_dim(spec, k)), np.float32)
-    pending = None  # fetch batch i while batch i + 1 computes: dispatch is asynchronous
+    def compute(batch):
+        return _batch_features(jnp.asarray(batch), zca, centroids, spec=spec, step=step, precision=precision)
+
+    return run_batches(images, batch_size, feature_dim(spec, k), compute, progress)
+
+
+def run_batches(images, batch_size: int, dim: int, compute, progress=None) -> np.ndarray:
+    """(N, dim) float32 host array from ``compute`` applied to fixed-size batches of images.
+
+    The last batch is padded to ``batch_size`` (one compiled shape for the whole data set), and
+    batch i is fetched to the host while batch i + 1 computes (dispatch is asynchronous).
+    """
+    n = images.shape[0]
+    out = np.empty((n, dim), np.float32)
+
+    def store(start, m, feats):
+        out[start : start + m] = np.asarray(feats)[:m]
+        if progress is not None:
+            progress(start + m, n)
+
+    pending = None
     for start in range(0, n, batch_size):
         batch = np.asarray(images[start : start + batch_size])
         m = batch.shape[0]
-        if m < batch_size:  # pad the last batch: one compiled shape for the whole data set
+        if m < batch_size:
             batch = np.concatenate([batch, np.zeros((batch_size - m,) + batch.shape[1:], batch.dtype)])
-        feats = _batch_features(jnp.asarray(batch), zca, centroids, spec=spec, step=step, precision=precision)
+        feats = compute(batch)
         if pending is not None:
-            _store(out, *pending, progress)
+            store(*pending)
         pending = (start, m, feats)
-    _store(out, *pending, progress)
+    store(*pending)
     return out
-
-
-def _store(out, start, m, feats, progress):
-    out[start : start + m] = np.asarray(feats)[:m]
-    if progress is not None:
-        progress(start + m, out.shape[0])

@@ -76,3 +76,55 @@ def test_cli_reports_a_missing_data_folder(tmp_path, capsys):
     code = main(["run", "configs/quick.toml", "--data-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path)])
     assert code == 2
     assert "nowhere" in capsys.readouterr().err
+
+
+TINY = ["data.n_train=2000", "data.n_test=500", "kmeans.k=32", "patches.num=20000", "kmeans.max_iter=10",
+        "classifier.max_iter=100"]
+
+
+@requires_data
+def test_resume_reuses_stages_and_retrains_only_the_classifier(tmp_path):
+    first = run(load_config("configs/quick.toml", TINY), data_dir=real_data_dir(), out=tmp_path, quiet=True)
+    assert {"dictionary", "features", "classifier"} <= set(first["seconds"])
+    changed = load_config("configs/quick.toml", TINY + ["classifier.C=1.0"])
+    second = run(changed, data_dir=real_data_dir(), resume=first["run_dir"], quiet=True)
+    assert second["run_dir"] == first["run_dir"]
+    assert "dictionary" not in second["seconds"] and "features" not in second["seconds"]  # loaded, not recomputed
+    assert "classifier" in second["seconds"]
+    assert second["classifier"]["C"] == 1.0
+    assert second["kmeans"]["objective"] == first["kmeans"]["objective"]
+
+
+def test_resume_needs_a_run_folder(tmp_path):
+    with pytest.raises(ValueError, match="not a run folder"):
+        run(load_config("configs/quick.toml"), resume=tmp_path, data_dir=tmp_path, quiet=True)
+
+
+@requires_data
+def test_a_killed_run_resumes_from_its_last_finished_stage(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    args = [sys.executable, "-m", "kmjax.cli", "run", "configs/quick.toml", "--out", str(tmp_path),
+            "--data-dir", str(real_data_dir())]
+    for item in TINY + ["data.n_train=5000"]:  # a features stage of several seconds to be killed in
+        args += ["--set", item]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    stages = tmp_path / "quick" / "stages"
+    deadline = time.time() + 120
+    while not list(stages.glob("dictionary-*.done")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    was_running = proc.poll() is None
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert was_running, "the run ended before it could be killed"
+    assert not (tmp_path / "quick" / "results.json").exists()
+    resumed = run(load_config("configs/quick.toml", TINY + ["data.n_train=5000"]), data_dir=real_data_dir(),
+                  resume=tmp_path / "quick", quiet=True)
+    assert "dictionary" not in resumed["seconds"]  # the finished stage was loaded
+    assert "features" in resumed["seconds"]  # the killed stage was redone, not read half-written
+    assert resumed["test_accuracy"] > 0.3
+    assert not list(stages.glob("*.tmp"))

@@ -1,0 +1,97 @@
+"""Dense feature extraction speed: images per second of the full pipeline at the paper's settings.
+
+Measures ``kmjax.extract_features`` (6x6x3 patches at stride 1 -> per-patch normalization -> ZCA
+-> triangle encoding against K centroids -> quadrant sum pooling) on synthetic 32x32x3 uint8
+images, and, in the same run, the machine's float32 matrix-product peak, so that the result is
+also a fraction of what the hardware allows. Two variants of the same code are timed side by
+side: the default schedule for this backend, and one wide matrix product per batch
+("batch-wide", what a straightforward jitted function does; the default on accelerators).
+
+    python experiments/bench_features.py                    # K = 1600, 1024 images, 3 repeats
+    python experiments/bench_features.py --k 4000 --json out.json
+
+FLOPs counted per image: the encoder's product 2 * P * D * K and the whitening 2 * P * D * D,
+with P = 27 * 27 positions and D = 108 (elementwise work not counted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kmjax.features import FeatureSpec, extract_features
+from kmjax.preprocess import fit_zca
+
+
+def matmul_peak(n: int = 4096, repeats: int = 3) -> float:
+    """Measured float32 GFLOP/s of one n x n x n jitted matrix product (median of repeats)."""
+    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n), np.float32))
+    f = jax.jit(lambda a: a @ a)
+    f(a).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        f(a).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / float(np.median(times)) / 1e9
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--k", type=int, default=1600, help="dictionary size (default 1600)")
+    p.add_argument("--images", type=int, default=1024, help="images per timed run (default 1024)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per variant; the median is reported")
+    p.add_argument("--batch-wide-step", type=int, default=64,
+                   help="images per matrix product in the batch-wide variant (default 64)")
+    p.add_argument("--json", help="write the records to this file")
+    args = p.parse_args(argv)
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (args.images, 32, 32, 3), dtype=np.uint8)
+    centroids = rng.standard_normal((args.k, 108)).astype(np.float32)
+    zca = fit_zca(rng.standard_normal((5000, 108)).astype(np.float32), 0.1)
+    spec = FeatureSpec()
+    positions, d = 27 * 27, 108
+    flops_per_image = 2 * positions * d * args.k + 2 * positions * d * d
+
+    variants = {"default": {}, "batch-wide": {"step": args.batch_wide_step, "batch_size": args.batch_wide_step}}
+    for kw in variants.values():  # compile outside the timing
+        extract_features(images[: kw.get("batch_size", 128)], centroids, zca, spec, **kw)
+    peak = matmul_peak()
+    times = {name: [] for name in variants}
+    for _ in range(args.repeats):  # interleaved, so that drifts in machine load hit both
+        for name, kw in variants.items():
+            t0 = time.perf_counter()
+            extract_features(images, centroids, zca, spec, **kw)
+            times[name].append(time.perf_counter() - t0)
+
+    meta = {"device": jax.devices()[0].device_kind, "backend": jax.default_backend(), "jax": jax.__version__,
+            "cpu_count": __import__("os").cpu_count(), "python": platform.python_version()}
+    records = []
+    print(f"dense triangle features, K = {args.k}, {args.images} images of 32x32x3, "
+          f"{meta['device']} ({meta['backend']}); matrix-product peak {peak:.0f} GFLOP/s")
+    print(f"{'variant':12s} {'images/s':>9s} {'GFLOP/s':>8s} {'of peak':>8s} {'vs batch-wide':>14s}")
+    rates = {name: args.images / float(np.median(t)) for name, t in times.items()}
+    for name, rate in rates.items():
+        gflops = rate * flops_per_image / 1e9
+        rec = {"variant": name, "k": args.k, "images": args.images, "images_per_s": round(rate, 1),
+               "gflops": round(gflops, 1), "peak_gflops": round(peak, 1),
+               "bound_images_per_s": round(peak * 1e9 / flops_per_image, 1),
+               "ratio_to_batch_wide": round(rate / rates["batch-wide"], 3), **meta}
+        records.append(rec)
+        print(f"{name:12s} {rate:9.1f} {gflops:8.1f} {gflops / peak:8.1%} {rec['ratio_to_batch_wide']:14.2f}")
+    print(f"matrix-product bound: {records[0]['bound_images_per_s']:.0f} images/s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(records, f, indent=2)
+    return records
+
+
+if __name__ == "__main__":
+    main()

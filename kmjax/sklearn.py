@@ -1,0 +1,373 @@
+"""scikit-learn estimators over kmjax: ``KMeans`` (a clusterer/transformer) and ``CoatesFeatures``.
+
+scikit-learn is an optional dependency: ``import kmjax`` never imports this module; use
+``from kmjax.sklearn import KMeans, CoatesFeatures``.
+
+Numerics. The k-means iterations run in kmjax, in float32, on the default JAX device. Everything
+computed afterwards from the fitted centroids (``labels_``, ``inertia_``, ``predict``,
+``transform``, ``score``) is computed on the host in float64, in bounded-memory chunks, so these
+are mutually consistent (``labels_ == predict(X_train)``, ``inertia_ == -score(X_train)``) and
+independent of how rows are batched. ``cluster_centers_`` and ``transform`` keep the input's
+float dtype (float32 or float64; other inputs are converted to float64).
+
+Randomness. ``random_state`` is an int in [0, 2**32) used as ``jax.random.key(random_state)``;
+None means 0 (so unlike scikit-learn, None is deterministic: every fit gives the same result); a
+``numpy.random.RandomState`` or ``numpy.random.Generator`` draws the seed from itself.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import jax
+import numpy as np
+from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, ClusterMixin, TransformerMixin
+from sklearn.utils.validation import check_array, check_is_fitted, validate_data
+
+from kmjax.cluster import EMPTY_POLICIES, INITS, kmeans
+from kmjax.encoders import ENCODERS
+from kmjax.features import FeatureSpec, extract_features, feature_dim
+from kmjax.patches import sample_patches
+from kmjax.pooling import POOLS
+from kmjax.preprocess import ZCA, apply_zca, fit_zca, normalize_patches
+
+__all__ = ["KMeans", "CoatesFeatures"]
+
+_HOST_CHUNK_ELEMENTS = 1 << 22  # rows * k float64 scores per host chunk: 32 MB
+
+
+def _seed(random_state) -> int:
+    """``random_state`` -> a seed for ``jax.random.key`` (None -> 0, documented)."""
+    if random_state is None:
+        return 0
+    if isinstance(random_state, numbers.Integral) and not isinstance(random_state, bool):
+        if not 0 <= random_state < 2**32:
+            raise ValueError(f"random_state must be in [0, 2**32), got {random_state!r}")
+        return int(random_state)
+    if isinstance(random_state, np.random.RandomState):
+        return int(random_state.randint(np.iinfo(np.int32).max))
+    if isinstance(random_state, np.random.Generator):
+        return int(random_state.integers(np.iinfo(np.int32).max))
+    raise ValueError(
+        f"random_state must be None, an int or a numpy RandomState/Generator, got {random_state!r}"
+    )
+
+
+def _check_int(value, name: str, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _check_choice(value, name: str, choices) -> None:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+
+
+def _errors(X, centers, spherical: bool):
+    """(rows, k) float64 squared errors of every row against every centroid's model.
+
+    Lloyd: ||x - c||^2. Spherical: ||x||^2 - (c.x)^2, the squared distance from x to its best
+    one-atom reconstruction (c.x) c (c unit-norm, or zero). Nearest = argmin, lowest on ties.
+    """
+    X = np.asarray(X, np.float64)
+    proj = X @ centers.T
+    sq = np.einsum("ij,ij->i", X, X)[:, None]
+    if spherical:
+        err = sq - proj * proj
+    else:
+        err = sq - 2.0 * proj + np.einsum("ij,ij->i", centers, centers)[None, :]
+    return np.maximum(err, 0.0)
+
+
+def _host_chunks(n: int, k: int):
+    step = max(1, _HOST_CHUNK_ELEMENTS // max(k, 1))
+    for start in range(0, n, step):
+        yield slice(start, min(start + step, n))
+
+
+def _labels_errors(X, centers, spherical: bool):
+    """Nearest centroid (int32) and its squared error (float64) for each row, chunked."""
+    centers = np.asarray(centers, np.float64)
+    n = X.shape[0]
+    labels = np.empty(n, np.int32)
+    err = np.empty(n, np.float64)
+    for s in _host_chunks(n, centers.shape[0]):
+        e = _errors(X[s], centers, spherical)
+        labels[s] = np.argmin(e, axis=1)
+        err[s] = e[np.arange(e.shape[0]), labels[s]]
+    return labels, err
+
+
+class KMeans(ClassNamePrefixFeaturesOutMixin, ClusterMixin, TransformerMixin, BaseEstimator):
+    """k-means clustering by ``kmjax.cluster.kmeans`` with the scikit-learn estimator API.
+
+    Parameters
+    ----------
+    n_clusters : int, default=8
+    init : {"k-means++", "random", "randn"} or array of shape (n_clusters, n_features),
+        default="k-means++". "randn" is the Coates-Ng 0.1 * standard normal (data-independent).
+    max_iter : int, default=300
+        Maximum number of Lloyd iterations.
+    tol : float or None, default=1e-4
+        Stop when the k-means objective decreased by at most ``tol`` times its previous value in
+        an iteration (kmjax's rule; scikit-learn's ``tol`` is on the centre shift instead);
+        0 stops at a fixed point, None always runs ``max_iter`` iterations.
+    empty : {"reseed", "zero"}, default="reseed"
+        Empty clusters move onto the worst-served points ("reseed") or to the origin ("zero").
+    spherical : bool, default=False
+        Gain-shape (OMP-1) k-means: unit-norm centroids, assignment by the largest |c.x|. Then
+        ``transform`` gives the distance to the best one-atom reconstruction,
+        sqrt(||x||^2 - (c.x)^2), and ``inertia_`` the sum of its squares.
+    chunk_size : int or None, default=None
+        Points per distance product inside kmjax (memory O(chunk_size * n_clusters)).
+    random_state : None, int, RandomState or Generator, default=None
+        Seed of the init; None means 0 (deterministic; see the module docstring).
+
+    Attributes
+    ----------
+    cluster_centers_ : ndarray (n_clusters, n_features), the input's float dtype.
+    labels_ : ndarray (n_samples,) int32, nearest final centroid of each training sample.
+    inertia_ : float, sum of (weighted) squared distances to the final centroids, consistent
+        with ``labels_`` (computed in float64).
+    n_iter_ : int, Lloyd iterations run.
+    n_features_in_, feature_names_in_ : as in scikit-learn.
+    """
+
+    def __init__(self, n_clusters=8, *, init="k-means++", max_iter=300, tol=1e-4, empty="reseed",
+                 spherical=False, chunk_size=None, random_state=None):
+        self.n_clusters = n_clusters
+        self.init = init
+        self.max_iter = max_iter
+        self.tol = tol
+        self.empty = empty
+        self.spherical = spherical
+        self.chunk_size = chunk_size
+        self.random_state = random_state
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.transformer_tags.preserves_dtype = ["float64", "float32"]
+        return tags
+
+    def _check_params(self, X):
+        n, d = X.shape
+        k = _check_int(self.n_clusters, "n_clusters")
+        if k > n:
+            raise ValueError(f"n_samples={n} should be >= n_clusters={k}.")
+        _check_int(self.max_iter, "max_iter")
+        if self.tol is not None and not (isinstance(self.tol, numbers.Real) and self.tol >= 0):
+            raise ValueError(f"tol must be a float >= 0 or None, got {self.tol!r}")
+        _check_choice(self.empty, "empty", EMPTY_POLICIES)
+        if self.chunk_size is not None:
+            _check_int(self.chunk_size, "chunk_size")
+        if isinstance(self.init, str):
+            _check_choice(self.init, "init", INITS)
+            return self.init
+        init = check_array(self.init, dtype=[np.float64, np.float32], input_name="init")
+        if init.shape != (k, d):
+            raise ValueError(f"init array must have shape (n_clusters, n_features) = ({k}, {d}), "
+                             f"got {init.shape}")
+        return init.astype(np.float32)
+
+    def _check_sample_weight(self, sample_weight, X):
+        if sample_weight is None:
+            return None
+        if isinstance(sample_weight, numbers.Number):
+            sample_weight = np.full(X.shape[0], sample_weight, np.float64)
+        sw = check_array(sample_weight, ensure_2d=False, dtype=np.float64, input_name="sample_weight")
+        if sw.shape != (X.shape[0],):
+            raise ValueError(f"sample_weight.shape == {sw.shape}, expected {(X.shape[0],)}!")
+        if np.any(sw < 0):
+            raise ValueError("sample_weight must be non-negative")
+        if not sw.sum() > 0:
+            raise ValueError("Sample weights must contain at least one non-zero number.")
+        return sw
+
+    def fit(self, X, y=None, sample_weight=None):
+        """Cluster X (n_samples, n_features); ``sample_weight`` optional non-negative weights."""
+        X = validate_data(self, X, dtype=[np.float64, np.float32], order="C")
+        sw = self._check_sample_weight(sample_weight, X)
+        init = self._check_params(X)
+        x32 = X.astype(np.float32)
+        if not np.all(np.isfinite(x32)):
+            raise ValueError("X has values too large for float32, the precision kmjax computes in")
+        result = kmeans(
+            jax.random.key(_seed(self.random_state)), x32, self.n_clusters, init=init,
+            max_iter=self.max_iter, tol=self.tol, chunk_size=self.chunk_size, empty=self.empty,
+            spherical=bool(self.spherical), weights=None if sw is None else sw.astype(np.float32),
+        )
+        centers = np.asarray(result.centroids)
+        self.labels_, err = _labels_errors(X, centers, self.spherical)
+        self.inertia_ = float(err @ sw if sw is not None else err.sum())
+        self.cluster_centers_ = centers.astype(X.dtype)
+        self.n_iter_ = int(result.n_iter)
+        self._n_features_out = self.cluster_centers_.shape[0]
+        return self
+
+    def _validate_test(self, X):
+        check_is_fitted(self)
+        return validate_data(self, X, dtype=[np.float64, np.float32], order="C", reset=False)
+
+    def predict(self, X):
+        """Index of the nearest centroid of each sample (int32; lowest index on ties)."""
+        X = self._validate_test(X)
+        return _labels_errors(X, self.cluster_centers_, self.spherical)[0]
+
+    def fit_predict(self, X, y=None, sample_weight=None):
+        """Fit and return ``labels_``."""
+        return self.fit(X, sample_weight=sample_weight).labels_
+
+    def transform(self, X):
+        """Distances (n_samples, n_clusters) to each centroid (spherical: to c's reconstruction)."""
+        X = self._validate_test(X)
+        centers = np.asarray(self.cluster_centers_, np.float64)
+        out = np.empty((X.shape[0], centers.shape[0]), X.dtype)
+        for s in _host_chunks(X.shape[0], centers.shape[0]):
+            out[s] = np.sqrt(_errors(X[s], centers, self.spherical))
+        return out
+
+    def fit_transform(self, X, y=None, sample_weight=None):
+        """Fit and return ``transform(X)``."""
+        return self.fit(X, sample_weight=sample_weight).transform(X)
+
+    def score(self, X, y=None, sample_weight=None):
+        """Opposite of the (weighted) inertia of X against the fitted centroids."""
+        X = self._validate_test(X)
+        err = _labels_errors(X, self.cluster_centers_, self.spherical)[1]
+        sw = self._check_sample_weight(sample_weight, X)
+        return -float(err @ sw if sw is not None else err.sum())
+
+
+class CoatesFeatures(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
+    """Images -> Coates-Lee-Ng single-layer features: a learned dictionary plus dense encoding.
+
+    ``fit`` runs ``kmjax.experiment.learn_dictionary``'s pipeline: ``n_patches`` random patches
+    (``sample_patches``) -> per-patch normalization -> ZCA whitening -> k-means. ``transform`` is
+    ``kmjax.extract_features``. With ``key = jax.random.key(seed)`` the patches are drawn with
+    ``jax.random.split(key)[0]`` and k-means is seeded with ``jax.random.split(key)[1]``.
+
+    Input: (N, H, W, C) images on the scale the eps constants assume (0-255 for the defaults), or
+    (N, H*W*C) rows in (row, column, channel) order when ``image_shape=(H, W, C)`` is given.
+    ``transform`` accepts other heights and widths than ``fit`` saw (pooling gives a fixed-length
+    vector) but the same channels.
+
+    Parameters
+    ----------
+    n_centroids, patch_size, n_patches : dictionary size, receptive field, patches to learn from.
+    eps_norm : per-patch normalization eps (None: no normalization).
+    whiten, eps_zca : ZCA whitening and its eigenvalue eps.
+    init, max_iter, tol, empty : k-means options (see ``kmjax.kmeans``); tol=None always runs
+        ``max_iter`` iterations, as the authors did.
+    encoder, alpha, stride, grid, pool : the ``FeatureSpec`` of ``transform``.
+    image_shape : None or (H, W, C) (or (H, W) for one channel), for 2-D input.
+    random_state : None (means 0), int, RandomState or Generator.
+
+    Attributes
+    ----------
+    centroids_ : (n_centroids, patch_size**2 * C) float32 dictionary, in whitened space.
+    zca_ : ``kmjax.ZCA`` of NumPy arrays, or None when ``whiten=False``.
+    image_shape_ : (H, W, C) of the training images.
+    n_features_in_ : H*W*C, only when fitted on 2-D input (with ``feature_names_in_`` for
+        DataFrames); 4-D image input has no scikit-learn "features" axis.
+    """
+
+    def __init__(self, n_centroids=1600, *, patch_size=6, n_patches=400_000, eps_norm=10.0,
+                 whiten=True, eps_zca=0.1, init="randn", max_iter=50, tol=None, empty="zero",
+                 encoder="triangle", alpha=0.25, stride=1, grid=2, pool="sum", image_shape=None,
+                 random_state=None):
+        self.n_centroids = n_centroids
+        self.patch_size = patch_size
+        self.n_patches = n_patches
+        self.eps_norm = eps_norm
+        self.whiten = whiten
+        self.eps_zca = eps_zca
+        self.init = init
+        self.max_iter = max_iter
+        self.tol = tol
+        self.empty = empty
+        self.encoder = encoder
+        self.alpha = alpha
+        self.stride = stride
+        self.grid = grid
+        self.pool = pool
+        self.image_shape = image_shape
+        self.random_state = random_state
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.transformer_tags.preserves_dtype = []  # always float32 features
+        return tags
+
+    def _spec(self) -> FeatureSpec:
+        _check_choice(self.encoder, "encoder", ENCODERS)
+        _check_choice(self.pool, "pool", POOLS)
+        return FeatureSpec(
+            patch_size=_check_int(self.patch_size, "patch_size"),
+            stride=_check_int(self.stride, "stride"),
+            eps_norm=None if self.eps_norm is None else float(self.eps_norm),
+            encoder=self.encoder, alpha=float(self.alpha), grid=_check_int(self.grid, "grid"),
+            pool=self.pool,
+        )
+
+    def _images(self, X, reset: bool):
+        """X -> (N, H, W, C) NumPy images (numeric dtype kept: uint8 stays uint8)."""
+        ndim = np.ndim(X) if not hasattr(X, "iloc") else 2
+        if ndim == 2:
+            if self.image_shape is None:
+                raise ValueError(
+                    "X is 2-D (n_samples, n_values) but image_shape is None: pass images of shape "
+                    "(N, H, W, C), or set image_shape=(H, W, C) so rows can be reshaped "
+                    "(each row in (row, column, channel) order)"
+                )
+            shape = tuple(int(s) for s in self.image_shape)
+            if len(shape) == 2:
+                shape = shape + (1,)
+            if len(shape) != 3 or min(shape) < 1:
+                raise ValueError(f"image_shape must be (H, W, C) or (H, W), got {self.image_shape!r}")
+            X = validate_data(self, X, dtype="numeric", reset=reset)
+            if X.shape[1] != np.prod(shape):
+                raise ValueError(f"X has {X.shape[1]} values per row but image_shape {shape} needs "
+                                 f"{int(np.prod(shape))}")
+            return X.reshape((X.shape[0],) + shape)
+        X = check_array(X, dtype="numeric", allow_nd=True, ensure_2d=False, input_name="X")
+        if X.ndim != 4:
+            raise ValueError(f"X must be images of shape (N, H, W, C), or 2-D rows with image_shape "
+                             f"set; got shape {X.shape}")
+        if reset:
+            for attr in ("n_features_in_", "feature_names_in_"):
+                if hasattr(self, attr):
+                    delattr(self, attr)
+        return X
+
+    def fit(self, X, y=None):
+        """Learn the whitening and the dictionary from random patches of the images X."""
+        images = self._images(X, reset=True)
+        spec = self._spec()
+        k = _check_int(self.n_centroids, "n_centroids")
+        n_patches = _check_int(self.n_patches, "n_patches")
+        if not self.eps_zca >= 0:
+            raise ValueError(f"eps_zca must be >= 0, got {self.eps_zca!r}")
+        key_patches, key_kmeans = jax.random.split(jax.random.key(_seed(self.random_state)))
+        patches = sample_patches(key_patches, images, n_patches, spec.patch_size)
+        x = patches.astype(np.float32) if spec.eps_norm is None else normalize_patches(patches, spec.eps_norm)
+        zca = None
+        if self.whiten:
+            zca = fit_zca(x, float(self.eps_zca))
+            x = apply_zca(zca, x)
+        result = kmeans(key_kmeans, x, k, init=self.init, max_iter=self.max_iter, tol=self.tol,
+                        empty=self.empty)
+        self.zca_ = None if zca is None else ZCA(np.asarray(zca.mean), np.asarray(zca.matrix))
+        self.centroids_ = np.asarray(result.centroids)
+        self.n_iter_ = int(result.n_iter)
+        self.image_shape_ = tuple(int(s) for s in images.shape[1:])
+        self._n_features_out = feature_dim(spec, k)
+        return self
+
+    def transform(self, X):
+        """Pooled features, (N, grid * grid * F) float32 (F = n_centroids, 2x for soft_threshold)."""
+        check_is_fitted(self, "centroids_")
+        images = self._images(X, reset=False)
+        if images.shape[3] != self.image_shape_[2]:
+            raise ValueError(f"X has {images.shape[3]} channels; fit saw {self.image_shape_[2]}")
+        return extract_features(images, self.centroids_, self.zca_, self._spec())

@@ -1,0 +1,156 @@
+"""Tests for kmjax.parallel: sharded k-means and feature extraction equal their one-device versions.
+
+JAX fixes the number of devices when it starts, so the 8-device checks run in a fresh Python
+process whose environment splits the CPU into 8 devices.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from kmjax.cluster import kmeans
+from kmjax.parallel import data_mesh, extract_features_sharded, kmeans_sharded
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_on_8_devices(body: str, timeout: float = 120.0) -> str:
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    script = "import jax\nassert len(jax.devices()) == 8, jax.devices()\n" + textwrap.dedent(body)
+    proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    return proc.stdout
+
+
+def test_kmeans_sharded_matches_kmeans_on_8_devices():
+    out = run_on_8_devices("""
+        import numpy as np
+        from kmjax.cluster import kmeans
+        from kmjax.parallel import kmeans_sharded
+
+        rng = np.random.default_rng(0)
+        K = 10
+        cases = [  # n, empty, spherical, weighted
+            (1024, "zero", False, False),
+            (1001, "zero", False, False),
+            (1001, "reseed", False, False),
+            (1001, "reseed", True, False),
+            (1001, "reseed", False, True),
+        ]
+        results = {}
+        for n, empty, spherical, weighted in cases:
+            x = rng.normal(size=(n, 6)).astype(np.float32)
+            c0 = x[:K].copy()
+            c0[7:] = 50.0  # far from every point: three clusters are empty after the first pass
+            w = rng.uniform(0.5, 2.0, n).astype(np.float32) if weighted else None
+            kw = dict(init=c0, tol=None, max_iter=10, empty=empty, spherical=spherical, weights=w,
+                      chunk_size=64)
+            a = kmeans(jax.random.key(0), x, K, **kw)
+            b = kmeans_sharded(jax.random.key(0), x, K, **kw)
+            assert len(b.centroids.sharding.device_set) == 8
+            np.testing.assert_allclose(b.centroids, a.centroids, rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(b.objective, a.objective, rtol=1e-5)
+            np.testing.assert_allclose(b.inertia, a.inertia, rtol=1e-5)
+            np.testing.assert_allclose(b.counts, a.counts, rtol=1e-5, atol=1e-4)
+            assert int(b.n_iter) == int(a.n_iter) == 10 and bool(b.converged) == bool(a.converged)
+            np.testing.assert_allclose(np.sum(b.counts), n if w is None else w.sum(), rtol=1e-5)
+            results[(n, empty, spherical, weighted)] = np.asarray(b.centroids)
+            print("ok", n, empty, spherical, weighted)
+        # the reseed branch did run: it ends elsewhere than the zero policy from the same start
+        assert not np.allclose(results[(1001, "reseed", False, False)], results[(1001, "zero", False, False)])
+
+        # init by name draws what kmeans draws; early stopping agrees
+        x = rng.normal(size=(1001, 6)).astype(np.float32)
+        a = kmeans(jax.random.key(3), x, K, init="k-means++", max_iter=50)
+        b = kmeans_sharded(jax.random.key(3), x, K, init="k-means++", max_iter=50)
+        np.testing.assert_allclose(b.centroids, a.centroids, rtol=1e-5, atol=1e-5)
+        assert int(b.n_iter) == int(a.n_iter)
+
+        # a 4-device mesh with another axis name, Explicit axes (jax.make_mesh's default), and
+        # points already sharded on it
+        from jax.sharding import NamedSharding, PartitionSpec as P
+        mesh = jax.make_mesh((4,), ("d",))
+        xg = jax.device_put(x[:1000], NamedSharding(mesh, P("d")))
+        b = kmeans_sharded(jax.random.key(1), xg, K, mesh=mesh, axis_name="d", init="random",
+                           max_iter=10, tol=None, empty="zero")
+        a = kmeans(jax.random.key(1), x[:1000], K, init="random", max_iter=10, tol=None, empty="zero")
+        np.testing.assert_allclose(b.centroids, a.centroids, rtol=1e-5, atol=1e-5)
+        assert len(b.centroids.sharding.device_set) == 4
+        print("ok mesh")
+    """)
+    assert out.count("ok") == 6
+
+
+def test_extract_features_sharded_matches_on_8_devices():
+    out = run_on_8_devices("""
+        import numpy as np
+        from kmjax.features import FeatureSpec, extract_features
+        from kmjax.parallel import extract_features_sharded
+        from kmjax.preprocess import fit_zca, normalize_patches
+
+        rng = np.random.default_rng(0)
+        images = rng.uniform(0, 255, size=(16, 12, 12, 3)).astype(np.float32)
+        spec = FeatureSpec(patch_size=4, stride=1, grid=2)
+        zca = fit_zca(normalize_patches(rng.uniform(0, 255, (500, 48))))
+        centroids = rng.normal(size=(8, 48)).astype(np.float32)
+
+        def close(b, a):
+            assert b.shape == a.shape and b.dtype == np.float32
+            assert np.abs(b - a).max() <= 1e-5 * max(1.0, np.abs(a).max()), np.abs(b - a).max()
+
+        a = extract_features(images, centroids, zca, spec)
+        for batch_size in (None, 8, 24):  # one batch; two batches of one image per device
+            close(extract_features_sharded(images, centroids, zca, spec, batch_size=batch_size), a)
+        # 13 images: a padded last batch; no whitening; another encoder; two images per product
+        spec2 = spec._replace(encoder="soft_threshold", pool="max")
+        a = extract_features(images[:13], centroids, None, spec2)
+        done = []
+        b = extract_features_sharded(images[:13], centroids, None, spec2, step=2, batch_size=16,
+                                     progress=lambda d, t: done.append((d, t)))
+        close(b, a)
+        assert done == [(13, 13)], done
+        print("ok features")
+    """)
+    assert "ok features" in out
+
+
+def test_one_device_mesh_in_process():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(203, 5)).astype(np.float32)
+    c0 = x[:6].copy()
+    c0[5] = 40.0
+    mesh = data_mesh(1)
+    for empty in ("zero", "reseed"):
+        kw = dict(init=c0, tol=None, max_iter=8, empty=empty, chunk_size=50)
+        a = kmeans(jax.random.key(0), x, 6, **kw)
+        b = kmeans_sharded(jax.random.key(0), x, 6, mesh=mesh, **kw)
+        np.testing.assert_allclose(b.centroids, a.centroids, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(b.objective, a.objective, rtol=1e-5)
+    b = kmeans_sharded(jax.random.key(0), x, 6, max_iter=5)  # default mesh: every local device
+    assert b.centroids.shape == (6, 5) and np.isfinite(np.asarray(b.centroids)).all()
+
+
+def test_argument_errors():
+    x = np.zeros((10, 3), np.float32)
+    with pytest.raises(ValueError, match="axis_name"):
+        kmeans_sharded(jax.random.key(0), x, 2, mesh=data_mesh(1), axis_name="batch")
+    with pytest.raises(ValueError, match="empty-cluster policy"):
+        kmeans_sharded(jax.random.key(0), x, 2, empty="drop")
+    with pytest.raises(ValueError, match="larger than the number of points"):
+        kmeans_sharded(jax.random.key(0), x, 11)
+    with pytest.raises(ValueError, match="init array"):
+        kmeans_sharded(jax.random.key(0), x, 2, init=np.zeros((3, 3)))
+    with pytest.raises(TypeError, match="Mesh"):
+        extract_features_sharded(np.zeros((2, 8, 8, 3)), np.zeros((4, 48)), None, mesh="data")
