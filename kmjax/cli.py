@@ -1,12 +1,15 @@
-"""Command line: ``kmjax run CONFIG`` and ``kmjax info`` (the shell around the library).
+"""Command line: ``kmjax run | sweep | bench | filters | predict | info`` (the shell).
 
-Exit codes: 0 success, 2 bad usage / config / data, 1 anything unexpected.
+Exit codes scripts can rely on: 0 success; 1 an unexpected error (a bug: please report it);
+2 bad usage, config, data or input (the message says what to fix); 130 interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 __all__ = ["main"]
 
@@ -20,6 +23,111 @@ def _cmd_run(args) -> int:
                   quiet=args.quiet)
     print(summary(results))
     return 0
+
+
+def _cmd_sweep(args) -> int:
+    from kmjax.experiment import parse_grid, sweep
+
+    rows = sweep(args.config, parse_grid(args.grid), overrides=args.set, data_dir=args.data_dir, out=args.out,
+                 quiet=args.quiet)
+    keys = [k for k in rows[0] if k not in ("train_accuracy", "test_accuracy", "seconds", "run_dir")]
+    for r in rows:
+        acc = "-" if r["test_accuracy"] is None else f"{100 * r['test_accuracy']:.2f}%"
+        print("  ".join(f"{k}={r[k]}" for k in keys) + f"  test {acc}  ({r['seconds']:.0f} s)")
+    print(f"table and plot: {Path(rows[0]['run_dir']).parent.parent}")
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    import runpy
+
+    script = Path(__file__).resolve().parent.parent / "experiments" / f"bench_{args.what}.py"
+    if not script.is_file():
+        raise _UsageError(f"{script} not found: the benchmarks live in the source tree's experiments/ folder; "
+                          "run kmjax bench from a clone installed with pip install -e .")
+    sys.argv = [str(script)] + args.args
+    runpy.run_path(str(script), run_name="__main__")
+    return 0
+
+
+def _cmd_filters(args) -> int:
+    import numpy as np
+
+    from kmjax import plots
+
+    path = Path(args.source)
+    model_file = path / "model.npz" if path.is_dir() else path
+    if not model_file.is_file():
+        raise _UsageError(f"{path} is neither a run folder with model.npz nor a model file")
+    with np.load(model_file) as z:
+        centroids = z["centroids"]
+        meta = json.loads(str(z["meta"])) if "meta" in z.files else {}
+    channels = meta.get("image_shape", [0, 0, 3])[-1]
+    size = int(round((centroids.shape[1] / channels) ** 0.5))
+    out = Path(args.out or (model_file.parent / "filters.png"))
+    plots.save_filters(out, centroids, size, channels, title=f"{centroids.shape[0]} centroids")
+    print(out)
+    return 0
+
+
+def _read_images(paths, resize: bool, shape):
+    """Images from PNG/JPEG files or .npy arrays, as uint8 (N, H, W, C) RGB."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    out = []
+    for p in map(Path, paths):
+        if p.suffix == ".npy":
+            try:
+                a = np.load(p, allow_pickle=False)
+            except (OSError, ValueError) as e:
+                raise _UsageError(f"cannot read {p}: {e}") from None
+            out.extend(a[None] if a.ndim == 3 else a)
+            continue
+        try:
+            with Image.open(p) as im:
+                im = im.convert("RGB")  # grayscale / palette / alpha -> the 3 channels of training
+                if resize and im.size != (shape[1], shape[0]):
+                    im = im.resize((shape[1], shape[0]), Image.BICUBIC)
+                out.append(np.asarray(im, np.uint8))
+        except (OSError, UnidentifiedImageError) as e:
+            raise _UsageError(f"cannot read image {p}: {e}") from None
+    shapes = {tuple(a.shape) for a in out}
+    if shapes != {tuple(shape)}:
+        raise _UsageError(f"images must be {shape[0]}x{shape[1]} with {shape[2]} channels like the training "
+                          f"images, got shapes {sorted(shapes)}; pass --resize to resize them")
+    return np.stack(out)
+
+
+def _cmd_predict(args) -> int:
+    import numpy as np
+
+    from kmjax.model import load, predict_images
+
+    try:
+        model = load(args.model)
+    except FileNotFoundError as e:
+        raise _UsageError(str(e)) from None
+    images = _read_images(args.images, args.resize, model.image_shape)
+    if images.dtype != np.uint8:
+        print("kmjax: warning: images are not uint8; they must be on the 0-255 scale of training",
+              file=sys.stderr)
+    labels = predict_images(model, images)
+    names = [model.class_names[i] for i in labels]
+    if args.json:
+        print(json.dumps([{"input": str(p), "class": int(i), "name": n}
+                          for p, i, n in zip(_expand(args.images, len(labels)), labels, names)]))
+    else:
+        for p, n in zip(_expand(args.images, len(labels)), names):
+            print(f"{p}\t{n}")
+    return 0
+
+
+def _expand(paths, n):
+    """One label per image: a .npy of several images is listed as file[i]."""
+    if len(paths) == n:
+        return paths
+    return [f"{paths[0]}[{i}]" for i in range(n)] if len(paths) == 1 else [f"image {i}" for i in range(n)]
 
 
 def _cmd_info(args) -> int:
@@ -37,24 +145,65 @@ def _cmd_info(args) -> int:
     return 0
 
 
+class _UsageError(Exception):
+    """Bad input to a command: exit code 2 with the message."""
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kmjax", description="k-means feature learning on CIFAR-10, in JAX")
+    p = argparse.ArgumentParser(prog="kmjax", description="k-means feature learning on CIFAR-10, in JAX",
+                                epilog="exit codes: 0 ok, 1 unexpected error, 2 bad usage/config/data, 130 interrupted")
     sub = p.add_subparsers(dest="command", required=True)
+
+    def data_args(sp):
+        sp.add_argument("--data-dir", help="folder that contains cifar-10-batches-py "
+                        "(default: $KMJAX_DATA_DIR, else download into ~/.cache/kmjax)")
+
+    def config_args(sp):
+        sp.add_argument("config", help="TOML config file (see configs/)")
+        sp.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a config value, e.g. --set kmeans.k=400 (repeatable)")
+        data_args(sp)
+        sp.add_argument("--out", default="runs", help="parent folder of the run folder (default: runs)")
+        sp.add_argument("-q", "--quiet", action="store_true", help="no progress output, only the summary")
+
     r = sub.add_parser("run", help="run one experiment from a TOML config",
                        description="Run one experiment: dictionary, features, classifier, evaluation.")
-    r.add_argument("config", help="TOML config file (see configs/)")
-    r.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a config value, e.g. --set kmeans.k=400 (repeatable)")
-    r.add_argument("--data-dir", help="folder that contains cifar-10-batches-py "
-                   "(default: $KMJAX_DATA_DIR, else download into ~/.cache/kmjax)")
-    r.add_argument("--out", default="runs", help="parent folder of the run folder (default: runs)")
+    config_args(r)
     r.add_argument("--resume", metavar="RUN_DIR", help="continue in an existing run folder: finished stages "
                    "whose config is unchanged are reused (after an interruption, or to retrain only the classifier)")
     r.add_argument("--cache", metavar="DIR", help="folder of finished stages shared between runs (default: the run folder)")
-    r.add_argument("-q", "--quiet", action="store_true", help="print only the summary")
     r.set_defaults(func=_cmd_run)
+
+    s = sub.add_parser("sweep", help="run a grid of configs; one table and one plot",
+                       description="Run every combination of --grid values on top of CONFIG; stages that a "
+                       "grid key does not change are computed once. Writes sweep.csv, sweep.json, sweep.png.")
+    config_args(s)
+    s.add_argument("--grid", action="append", required=True, metavar="SECTION.KEY=V1,V2,...",
+                   help="values to sweep, e.g. --grid kmeans.k=100,400,1600 (repeatable: the grid is the product)")
+    s.set_defaults(func=_cmd_sweep)
+
+    b = sub.add_parser("bench", help="benchmarks: k-means against scikit-learn/faiss, feature extraction speed",
+                       description="Run experiments/bench_WHAT.py; arguments after WHAT go to the script "
+                       "(kmjax bench kmeans --help).")
+    b.add_argument("what", choices=["kmeans", "features"])
+    b.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the benchmark script")
+    b.set_defaults(func=_cmd_bench)
+
+    f = sub.add_parser("filters", help="draw a dictionary's filters as an image")
+    f.add_argument("source", help="a run folder or its model.npz")
+    f.add_argument("--out", help="PNG to write (default: filters.png beside the model)")
+    f.set_defaults(func=_cmd_filters)
+
+    pr = sub.add_parser("predict", help="classify images with a trained model",
+                        description="Classify PNG/JPEG files or .npy arrays (N, 32, 32, 3) on the 0-255 scale.")
+    pr.add_argument("model", help="model.npz of a run folder")
+    pr.add_argument("images", nargs="+", help="image files (.png, .jpg) or .npy arrays")
+    pr.add_argument("--resize", action="store_true", help="resize images to the training size instead of failing")
+    pr.add_argument("--json", action="store_true", help="print JSON instead of lines")
+    pr.set_defaults(func=_cmd_predict)
+
     i = sub.add_parser("info", help="devices, versions and where the data is looked for")
-    i.add_argument("--data-dir")
+    data_args(i)
     i.set_defaults(func=_cmd_info)
     return p
 
@@ -66,11 +215,11 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DataError, ValueError) as e:
+    except (ConfigError, DataError, _UsageError, ValueError, FileNotFoundError) as e:
         print(f"kmjax: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("kmjax: interrupted", file=sys.stderr)
+        print("kmjax: interrupted; finished stages are saved: rerun with --resume RUN_DIR", file=sys.stderr)
         return 130
 
 

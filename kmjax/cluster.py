@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from kmjax._checks import check_matrix, positive_int
+from kmjax._matmul import check_precision, matmul
 
 __all__ = ["KMeansResult", "kmeans", "assign", "init_centroids", "INITS", "EMPTY_POLICIES"]
 
@@ -76,7 +77,7 @@ def _nearest(xc, centroids, spherical, precision):
 
     Lloyd: maximize x.c - ||c||^2 / 2. Spherical (OMP-1): maximize |x.c|.
     """
-    proj = jnp.matmul(xc, centroids.T, precision=precision)
+    proj = matmul(xc, centroids.T, precision)
     scores = jnp.abs(proj) if spherical else proj - 0.5 * jnp.sum(centroids * centroids, axis=1)
     best = jnp.max(scores, axis=1)
     # The first index attaining the maximum, as argmax(scores) gives it, but computed as a second
@@ -316,7 +317,7 @@ def kmeans(
     empty: str = "reseed",
     spherical: bool = False,
     weights=None,
-    precision=jax.lax.Precision.HIGHEST,
+    precision: str = "float32",
 ) -> KMeansResult:
     """Lloyd's k-means on (N, D) points, in bounded memory.
 
@@ -337,8 +338,8 @@ def kmeans(
       spherical: the gain-shape / OMP-1 variant of the authors' later work: unit-norm
         centroids, assignment by the largest |c.x|, update c <- normalize(sum (c.x) x).
       weights: optional (N,) non-negative point weights.
-      precision: ``jax.lax.Precision`` of the distance products. HIGHEST (float32) by default;
-        DEFAULT lets GPUs and TPUs use TF32/bf16 products.
+      precision: of the distance products: "float32" (default), "tf32" (the backend's default:
+        TF32 on recent NVIDIA GPUs) or "bfloat16" (bf16 operands, float32 accumulation).
 
     Returns:
       ``KMeansResult``.
@@ -347,6 +348,7 @@ def kmeans(
     x = jnp.asarray(x)
     k = _check_k(x, k)
     max_iter = positive_int(max_iter, "max_iter")
+    check_precision(precision)
     if empty not in EMPTY_POLICIES:
         raise ValueError(f"unknown empty-cluster policy {empty!r}; choose one of {EMPTY_POLICIES}")
     if chunk_size is None:
@@ -373,7 +375,7 @@ def _assign(x, centroids, *, chunk_size, spherical, precision):
 
 
 def assign(x, centroids, *, chunk_size: int | None = None, spherical: bool = False,
-           precision=jax.lax.Precision.HIGHEST):
+           precision: str = "float32"):
     """Nearest centroid of each point, in bounded memory.
 
     Args:
@@ -388,6 +390,7 @@ def assign(x, centroids, *, chunk_size: int | None = None, spherical: bool = Fal
     """
     check_matrix(x)
     check_matrix(centroids, "centroids")
+    check_precision(precision)
     x, centroids = jnp.asarray(x), jnp.asarray(centroids)
     if centroids.shape[1] != x.shape[1]:
         raise ValueError(f"centroids have dimension {centroids.shape[1]} but x has {x.shape[1]}")

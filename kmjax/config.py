@@ -52,6 +52,7 @@ class KMeansConfig:
     empty: str = "zero"  # "zero" (authors') or "reseed"
     spherical: bool = False  # OMP-1 / gain-shape dictionary
     chunk_size: int = 0  # points per distance product (0: automatic)
+    precision: str = "float32"  # distance products: "float32", "tf32" (GPU default), "bfloat16"
 
 
 @dataclass(frozen=True)
@@ -63,11 +64,13 @@ class FeaturesConfig:
     grid: int = 2  # pooling regions per side
     pool: str = "sum"  # "sum" or "max"
     memory_mb: float = 512.0  # budget for one batch's dense feature map
+    precision: str = "float32"  # encoder products: "float32", "tf32" (GPU default), "bfloat16"
 
 
 @dataclass(frozen=True)
 class ClassifierConfig:
     loss: str = "svm"  # "svm" (one-vs-all L2-SVM) or "logistic"
+    solver: str = "auto"  # "newton" (svm), "lbfgs" (both), "auto": newton for svm, lbfgs for logistic
     C: float = 100.0
     C_grid: list = field(default_factory=list)  # if given, choose C on a held-out part of the training set
     val_fraction: float = 0.1  # held-out share used to choose C
@@ -94,7 +97,10 @@ _CHOICES = {
     ("kmeans", "empty"): ("zero", "reseed"),
     ("features", "encoder"): ("triangle", "hard", "soft_threshold"),
     ("features", "pool"): ("sum", "max"),
+    ("kmeans", "precision"): ("float32", "tf32", "bfloat16"),
+    ("features", "precision"): ("float32", "tf32", "bfloat16"),
     ("classifier", "loss"): ("svm", "logistic"),
+    ("classifier", "solver"): ("auto", "newton", "lbfgs"),
 }
 _POSITIVE = {("patches", "size"), ("patches", "num"), ("patches", "stride"), ("kmeans", "k"),
              ("kmeans", "max_iter"), ("features", "stride"), ("features", "grid"),
@@ -150,6 +156,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"classifier.val_fraction must be in (0, 1), got {cfg.classifier.val_fraction!r}")
     if cfg.data.n_train < 0 or cfg.data.n_test < -1:
         raise ConfigError("data.n_train must be >= 0 and data.n_test >= -1")
+    if cfg.classifier.solver == "newton" and cfg.classifier.loss != "svm":
+        raise ConfigError("classifier.solver = 'newton' is for loss 'svm'; use 'lbfgs' or 'auto'")
     if cfg.preprocess.eps_norm < 0 or cfg.preprocess.eps_zca < 0:
         raise ConfigError("preprocess.eps_norm and preprocess.eps_zca must be >= 0")
 

@@ -9,13 +9,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from kmjax._matmul import matmul
+
 __all__ = ["ENCODERS", "triangle", "hard", "soft_threshold", "encode", "num_outputs"]
 
 ENCODERS = ("triangle", "hard", "soft_threshold")
-_HIGHEST = jax.lax.Precision.HIGHEST
 
 
-def triangle(x, centroids, precision=_HIGHEST):
+def triangle(x, centroids, precision: str = "float32"):
     """'Triangle' k-means: f_k = max(0, mean_j z_j - z_k) with z_k = ||x - c_k||.
 
     Args:
@@ -24,21 +25,21 @@ def triangle(x, centroids, precision=_HIGHEST):
     Returns:
       (M, K) float32, non-negative; on average about half the entries are zero.
     """
-    proj = jnp.matmul(x, centroids.T, precision=precision)
+    proj = matmul(x, centroids.T, precision)
     sq = jnp.sum(x * x, axis=1, keepdims=True) - 2.0 * proj + jnp.sum(centroids * centroids, axis=1)
     z = jnp.sqrt(jnp.maximum(sq, 0.0))
     return jnp.maximum(jnp.mean(z, axis=1, keepdims=True) - z, 0.0)
 
 
-def hard(x, centroids, precision=_HIGHEST):
+def hard(x, centroids, precision: str = "float32"):
     """Hard assignment: the one-hot code of the nearest centroid, (M, K) float32."""
-    scores = jnp.matmul(x, centroids.T, precision=precision) - 0.5 * jnp.sum(centroids * centroids, axis=1)
+    scores = matmul(x, centroids.T, precision) - 0.5 * jnp.sum(centroids * centroids, axis=1)
     return jax.nn.one_hot(jnp.argmax(scores, axis=1), centroids.shape[0], dtype=jnp.float32)
 
 
-def soft_threshold(x, centroids, alpha: float = 0.25, precision=_HIGHEST):
+def soft_threshold(x, centroids, alpha: float = 0.25, precision: str = "float32"):
     """Soft threshold with both signs: [max(0, c.x - alpha), max(0, -c.x - alpha)], (M, 2K)."""
-    proj = jnp.matmul(x, centroids.T, precision=precision)
+    proj = matmul(x, centroids.T, precision)
     return jnp.concatenate([jnp.maximum(proj - alpha, 0.0), jnp.maximum(-proj - alpha, 0.0)], axis=1)
 
 
@@ -47,7 +48,7 @@ def num_outputs(encoder: str, k: int) -> int:
     return 2 * k if encoder == "soft_threshold" else k
 
 
-def encode(x, centroids, encoder: str = "triangle", alpha: float = 0.25, precision=_HIGHEST):
+def encode(x, centroids, encoder: str = "triangle", alpha: float = 0.25, precision: str = "float32"):
     """Dispatch on the encoder's name (one of ``ENCODERS``)."""
     if encoder == "triangle":
         return triangle(x, centroids, precision)

@@ -26,7 +26,7 @@ import numpy as np
 from kmjax import plots
 from kmjax._io import atomic_write
 from kmjax.classify import LinearModel, Standardizer, accuracy, fit_standardizer, predict, standardize, train_linear
-from kmjax.config import Config, to_dict
+from kmjax.config import Config, ConfigError, _parse_value, load_config, to_dict
 from kmjax.data import load_cifar10
 from kmjax.features import FeatureSpec, extract_features
 from kmjax.cluster import kmeans
@@ -35,7 +35,7 @@ from kmjax.model import Model
 from kmjax.model import save as save_model
 from kmjax.preprocess import ZCA, apply_zca, fit_zca, normalize_patches, standardize_dimensions
 
-__all__ = ["run", "new_run_dir", "learn_dictionary", "feature_spec"]
+__all__ = ["run", "sweep", "parse_grid", "new_run_dir", "learn_dictionary", "feature_spec", "summary"]
 
 
 def _log(msg: str, quiet: bool = False) -> None:
@@ -128,7 +128,7 @@ def learn_dictionary(cfg: Config, images, key):
     result = kmeans(
         key_kmeans, x, km.k, init=km.init, max_iter=km.max_iter,
         tol=None if km.tol < 0 else km.tol, empty=km.empty, spherical=km.spherical,
-        chunk_size=km.chunk_size or None,
+        chunk_size=km.chunk_size or None, precision=km.precision,
     )
     return zca, result, x.shape[0]
 
@@ -145,7 +145,7 @@ def _choose_C(cfg: Config, x, labels, key, quiet):
     scores = {}
     for C in c.C_grid:
         model, _ = train_linear(xf, labels[fit], loss=c.loss, C=float(C), num_classes=10,
-                                max_iter=c.max_iter, tol=c.tol)
+                                max_iter=c.max_iter, tol=c.tol, solver=c.solver)
         scores[float(C)] = accuracy(model, xv, labels[val])
         _log(f"  C = {C:g}: validation accuracy {scores[float(C)]:.4f}", quiet)
     best = max(scores, key=lambda C: (scores[C], -C))
@@ -168,7 +168,7 @@ def _write_json(path: Path, obj) -> None:
 def stage_keys(cfg: Config) -> dict[str, str]:
     """A hash per stage of everything that determines its output (and its inputs' stages)."""
     c = to_dict(cfg)
-    feats = {k: v for k, v in c["features"].items() if k != "memory_mb"}  # speed, not result
+    feats = {k: v for k, v in c["features"].items() if k != "memory_mb"}  # memory_mb: speed, not result
     parts = {
         "dictionary": [c["seed"], c["data"]["train_batches"], c["data"]["n_train"], c["patches"],
                        c["preprocess"], c["kmeans"]],
@@ -225,10 +225,10 @@ def _features_stage(cfg, train_images, test_images, zca, centroids, store, stage
     if saved is None:
         spec = feature_spec(cfg)
         with timer.stage("features"):
-            saved = {"train": extract_features(train_images, centroids, zca, spec, memory_mb=cfg.features.memory_mb,
+            saved = {"train": extract_features(train_images, centroids, zca, spec, memory_mb=cfg.features.memory_mb, precision=cfg.features.precision,
                                                progress=_progress("train", quiet))}
             if test_images is not None:
-                saved["test"] = extract_features(test_images, centroids, zca, spec, memory_mb=cfg.features.memory_mb,
+                saved["test"] = extract_features(test_images, centroids, zca, spec, memory_mb=cfg.features.memory_mb, precision=cfg.features.precision,
                                                  progress=_progress("test", quiet))
         store.save("features", stage_key, saved)
     return saved["train"], saved.get("test")
@@ -243,7 +243,8 @@ def _classifier_stage(cfg, f_train, labels, key, store, stage_key, timer, quiet,
                 C, scores = _choose_C(cfg, f_train, labels, key, quiet)
             std = fit_standardizer(f_train)
             model, info = train_linear(standardize(std, f_train), labels, loss=cfg.classifier.loss, C=C,
-                                       num_classes=10, max_iter=cfg.classifier.max_iter, tol=cfg.classifier.tol)
+                                       num_classes=10, max_iter=cfg.classifier.max_iter, tol=cfg.classifier.tol,
+                                       solver=cfg.classifier.solver)
             saved = {"std_mean": np.asarray(std.mean), "std_scale": np.asarray(std.scale),
                      "weights": np.asarray(model.weights),
                      "info": np.array([C, float(info.n_iter), float(info.loss), float(info.grad_norm)]),
@@ -342,6 +343,72 @@ def run(cfg: Config, *, data_dir=None, out: str | os.PathLike = "runs", resume: 
     }
     _write_json(run_dir / "results.json", results)
     return results
+
+
+def parse_grid(items: list[str]) -> dict[str, list]:
+    """``["kmeans.k=100,200", "preprocess.whiten=true,false"]`` -> {"kmeans.k": [100, 200], ...}."""
+    grid = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"grid {item!r} must look like section.key=value1,value2,...")
+        key, values = item.split("=", 1)
+        grid[key.strip()] = [v.strip() for v in values.split(",") if v.strip()]
+        if not grid[key.strip()]:
+            raise ConfigError(f"grid {item!r} lists no values")
+    return grid
+
+
+def sweep(config_path, grid: dict[str, list], *, overrides: list[str] = (), data_dir=None,
+          out: str | os.PathLike = "runs", quiet: bool = False) -> list[dict]:
+    """Run every combination of ``grid`` values on top of a config; one table and one plot.
+
+    Runs share one stage cache, so a stage that a grid key does not affect (the dictionary when
+    only the encoder changes, the features when only the classifier does) is computed once.
+    ``sweep.csv`` / ``sweep.json`` are rewritten after each run: an interrupted sweep keeps
+    every finished row, and rerunning it with ``--resume`` reuses every finished stage.
+    """
+    import itertools
+
+    base = load_config(config_path, list(overrides))  # validate before any work
+    keys = list(grid)
+    combos = list(itertools.product(*(grid[k] for k in keys)))
+    configs = []
+    for combo in combos:
+        sets = list(overrides) + [f"{k}={v}" for k, v in zip(keys, combo)]
+        label = ",".join(f"{k.split('.')[-1]}={v}" for k, v in zip(keys, combo))
+        configs.append((combo, load_config(config_path, sets + [f"name={_safe_name(base.name + '_' + label)}"])))
+    sweep_dir = new_run_dir(Path(out), f"{base.name}-sweep")
+    _log(f"sweep folder: {sweep_dir} ({len(configs)} runs)", quiet)
+    rows = []
+    for i, (combo, cfg) in enumerate(configs):
+        _log(f"=== sweep run {i + 1}/{len(configs)}: {cfg.name}", quiet)
+        res = run(cfg, data_dir=data_dir, out=sweep_dir / "runs", cache=sweep_dir / "cache", quiet=quiet)
+        rows.append({**dict(zip(keys, _typed(combo))), "train_accuracy": res.get("train_accuracy"),
+                     "test_accuracy": res.get("test_accuracy"), "seconds": res["seconds"]["total"],
+                     "run_dir": res["run_dir"]})
+        _write_sweep(sweep_dir, keys, rows)
+    plots.save_sweep(sweep_dir / "sweep.png", keys, rows)
+    return rows
+
+
+def _safe_name(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_.=," else "_" for c in name)
+
+
+def _typed(values):
+    return [_parse_value(v) for v in values]
+
+
+def _write_sweep(sweep_dir: Path, keys, rows) -> None:
+    import csv
+    import io
+
+    _write_json(sweep_dir / "sweep.json", rows)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=keys + ["train_accuracy", "test_accuracy", "seconds", "run_dir"])
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(sweep_dir / "sweep.csv", lambda f: f.write(buf.getvalue().encode()))
 
 
 def summary(results: dict) -> str:

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kmjax._checks import check_images, positive_int
+from kmjax._matmul import check_precision
 from kmjax.encoders import ENCODERS, encode, num_outputs
 from kmjax.patches import _extract, grid_size
 from kmjax.pooling import POOLS, pool
@@ -110,7 +111,7 @@ def extract_features(
     batch_size: int | None = None,
     step: int | None = None,
     memory_mb: float = 512.0,
-    precision=jax.lax.Precision.HIGHEST,
+    precision: str = "float32",
     progress: Callable[[int, int], None] | None = None,
 ) -> np.ndarray:
     """Pooled features of every image.
@@ -124,7 +125,7 @@ def extract_features(
       step: images per encoder matrix product; their (step, H', W', F) map is the largest
         intermediate. Default: 1 on CPU (cache-resident), else what ``memory_mb`` allows.
       memory_mb: budget for one step's float32 feature map.
-      precision: precision of the encoder's matrix product.
+      precision: of the encoder's matrix product: "float32", "tf32" or "bfloat16" (see kmeans).
       progress: called as progress(done, total) after each batch.
 
     Returns:
@@ -132,6 +133,7 @@ def extract_features(
       are the largest array of the pipeline and stay off the accelerator).
     """
     check_images(images)
+    check_precision(precision)
     centroids = jnp.asarray(centroids, jnp.float32)
     _check_spec(spec, images, centroids, zca)
     n, k = images.shape[0], centroids.shape[0]

@@ -146,7 +146,7 @@ def kmeans_sharded(
     empty: str = "reseed",
     spherical: bool = False,
     weights=None,
-    precision=jax.lax.Precision.HIGHEST,
+    precision: str = "float32",
 ) -> KMeansResult:
     """``kmjax.kmeans`` with the points sharded over the devices of ``mesh``.
 
@@ -222,7 +222,7 @@ def extract_features_sharded(
     batch_size: int | None = None,
     step: int | None = None,
     memory_mb: float = 512.0,
-    precision=jax.lax.Precision.HIGHEST,
+    precision: str = "float32",
     progress: Callable[[int, int], None] | None = None,
 ) -> np.ndarray:
     """``kmjax.extract_features`` with each batch of images split over the devices of ``mesh``.

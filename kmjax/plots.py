@@ -5,12 +5,13 @@ from __future__ import annotations
 import math
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-__all__ = ["filter_grid", "save_filters", "save_objective", "save_confusion"]
+__all__ = ["filter_grid", "save_filters", "save_objective", "save_confusion", "save_sweep"]
 
 
 def filter_grid(centroids, size: int, channels: int = 3, pad: int = 1) -> np.ndarray:
@@ -75,5 +76,32 @@ def save_confusion(path, confusion, class_names) -> None:
                     color="white" if m[i, j] > 0.5 * m[i].sum() else "black")
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+def save_sweep(path, keys, rows) -> None:
+    """Test accuracy against the first grid key, one line per combination of the other keys."""
+    x_key, rest = keys[0], keys[1:]
+    lines: dict = {}
+    for r in rows:
+        if r.get("test_accuracy") is None:
+            continue
+        label = ", ".join(f"{k.split('.')[-1]}={r[k]}" for k in rest) or "test accuracy"
+        lines.setdefault(label, []).append((r[x_key], 100 * r["test_accuracy"]))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    numeric = all(isinstance(x, (int, float)) and not isinstance(x, bool) for pts in lines.values() for x, _ in pts)
+    for label, pts in lines.items():
+        xs, ys = zip(*pts) if numeric else zip(*[(str(x), y) for x, y in pts])
+        ax.plot(xs, ys, marker="o", label=label)
+    if numeric and len({x for pts in lines.values() for x, _ in pts}) > 2:
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted({x for pts in lines.values() for x, _ in pts}))
+        ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.set_xlabel(x_key)
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(alpha=0.3)
+    if len(lines) > 1:
+        ax.legend(fontsize=8)
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)

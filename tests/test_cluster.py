@@ -502,3 +502,16 @@ def test_list_input_accepted_like_array(small):
     np.testing.assert_array_equal(np.asarray(got.centroids), np.asarray(want.centroids))
     index, _ = assign(small.tolist(), small[:2])
     np.testing.assert_array_equal(np.asarray(index), np.asarray(assign(small, small[:2])[0]))
+
+
+def test_bfloat16_products_are_close_to_float32_but_not_equal():
+    rng = np.random.default_rng(11)
+    x = rng.normal(size=(2000, 16)).astype(np.float32)
+    c0 = x[:8]
+    f32 = kmeans(KEY, x, 8, init=c0, max_iter=5, tol=None)
+    bf16 = kmeans(KEY, x, 8, init=c0, max_iter=5, tol=None, precision="bfloat16")
+    # bf16 keeps 8 mantissa bits: the distances change in the 3rd digit, the objective barely
+    rel = abs(float(bf16.inertia) - float(f32.inertia)) / float(f32.inertia)
+    assert 0 < rel < 1e-2
+    with pytest.raises(ValueError, match="unknown precision"):
+        kmeans(KEY, x, 8, precision="float16")

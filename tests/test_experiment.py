@@ -1,6 +1,7 @@
 """The runner end to end: the seed's dictionary and the quick config on the real data set."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -128,3 +129,30 @@ def test_a_killed_run_resumes_from_its_last_finished_stage(tmp_path):
     assert "features" in resumed["seconds"]  # the killed stage was redone, not read half-written
     assert resumed["test_accuracy"] > 0.3
     assert not list(stages.glob("*.tmp"))
+
+
+@requires_data
+def test_sweep_runs_the_grid_and_reuses_unchanged_stages(tmp_path):
+    from kmjax.experiment import sweep
+
+    rows = sweep("configs/quick.toml", {"features.encoder": ["triangle", "hard"]}, overrides=TINY,
+                 data_dir=real_data_dir(), out=tmp_path, quiet=True)
+    assert [r["features.encoder"] for r in rows] == ["triangle", "hard"]
+    assert all(0.2 < r["test_accuracy"] < 1 for r in rows)
+    folder = tmp_path / "quick-sweep"
+    assert (folder / "sweep.csv").read_text().count("\n") == 3 and (folder / "sweep.png").is_file()
+    second = json.loads((Path(rows[1]["run_dir"]) / "results.json").read_text())
+    assert "dictionary" not in second["seconds"]  # the encoder does not change the dictionary
+    assert "features" in second["seconds"]
+
+
+def test_grid_syntax_errors():
+    from kmjax.config import ConfigError
+    from kmjax.experiment import parse_grid
+
+    assert parse_grid(["kmeans.k=1,2", "features.encoder=hard"]) == {"kmeans.k": ["1", "2"],
+                                                                    "features.encoder": ["hard"]}
+    with pytest.raises(ConfigError, match="must look like"):
+        parse_grid(["kmeans.k"])
+    with pytest.raises(ConfigError, match="lists no values"):
+        parse_grid(["kmeans.k="])
