@@ -58,6 +58,7 @@ class KMeansConfig:
 @dataclass(frozen=True)
 class FeaturesConfig:
     enabled: bool = True  # false: stop after the dictionary (the blog post's filters-only run)
+    train_flip: bool = False  # add horizontally flipped copies of the training images
     encoder: str = "triangle"  # "triangle", "hard", "soft_threshold"
     alpha: float = 0.25  # soft threshold
     stride: int = 1
@@ -70,7 +71,6 @@ class FeaturesConfig:
 @dataclass(frozen=True)
 class ClassifierConfig:
     loss: str = "svm"  # "svm" (one-vs-all L2-SVM) or "logistic"
-    solver: str = "auto"  # "newton" (svm), "lbfgs" (both), "auto": newton for svm, lbfgs for logistic
     C: float = 100.0
     C_grid: list = field(default_factory=list)  # if given, choose C on a held-out part of the training set
     val_fraction: float = 0.1  # held-out share used to choose C
@@ -100,7 +100,6 @@ _CHOICES = {
     ("kmeans", "precision"): ("float32", "tf32", "bfloat16"),
     ("features", "precision"): ("float32", "tf32", "bfloat16"),
     ("classifier", "loss"): ("svm", "logistic"),
-    ("classifier", "solver"): ("auto", "newton", "lbfgs"),
 }
 _POSITIVE = {("patches", "size"), ("patches", "num"), ("patches", "stride"), ("kmeans", "k"),
              ("kmeans", "max_iter"), ("features", "stride"), ("features", "grid"),
@@ -156,8 +155,6 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"classifier.val_fraction must be in (0, 1), got {cfg.classifier.val_fraction!r}")
     if cfg.data.n_train < 0 or cfg.data.n_test < -1:
         raise ConfigError("data.n_train must be >= 0 and data.n_test >= -1")
-    if cfg.classifier.solver == "newton" and cfg.classifier.loss != "svm":
-        raise ConfigError("classifier.solver = 'newton' is for loss 'svm'; use 'lbfgs' or 'auto'")
     if cfg.preprocess.eps_norm < 0 or cfg.preprocess.eps_zca < 0:
         raise ConfigError("preprocess.eps_norm and preprocess.eps_zca must be >= 0")
 

@@ -136,16 +136,21 @@ def learn_dictionary(cfg: Config, images, key):
 def _choose_C(cfg: Config, x, labels, key, quiet):
     """Pick C on a held-out part of the training features (never the test set)."""
     c = cfg.classifier
-    n = x.shape[0]
+    # With flipped copies, rows i and i + n hold one image: split by image, so that no image's
+    # mirror is fitted while the image itself is validated.
+    copies = 2 if cfg.features.train_flip else 1
+    n = x.shape[0] // copies
     perm = np.asarray(jax.random.permutation(key, n))
     n_val = max(1, int(round(c.val_fraction * n)))
     val, fit = perm[:n_val], perm[n_val:]
+    val, fit = (np.concatenate([idx + j * n for j in range(copies)]) for idx in (val, fit))
+    val = val[: n_val]  # score the original images only
     std = fit_standardizer(x[fit])
     xf, xv = standardize(std, x[fit]), standardize(std, x[val])
     scores = {}
     for C in c.C_grid:
         model, _ = train_linear(xf, labels[fit], loss=c.loss, C=float(C), num_classes=10,
-                                max_iter=c.max_iter, tol=c.tol, solver=c.solver)
+                                max_iter=c.max_iter, tol=c.tol)
         scores[float(C)] = accuracy(model, xv, labels[val])
         _log(f"  C = {C:g}: validation accuracy {scores[float(C)]:.4f}", quiet)
     best = max(scores, key=lambda C: (scores[C], -C))
@@ -225,8 +230,10 @@ def _features_stage(cfg, train_images, test_images, zca, centroids, store, stage
     if saved is None:
         spec = feature_spec(cfg)
         with timer.stage("features"):
-            saved = {"train": extract_features(train_images, centroids, zca, spec, memory_mb=cfg.features.memory_mb, precision=cfg.features.precision,
-                                               progress=_progress("train", quiet))}
+            if cfg.features.train_flip:  # mirror images are as likely as the originals
+                train_images = np.concatenate([train_images, train_images[:, :, ::-1]])
+            saved = {"train": extract_features(train_images, centroids, zca, spec, memory_mb=cfg.features.memory_mb,
+                                               precision=cfg.features.precision, progress=_progress("train", quiet))}
             if test_images is not None:
                 saved["test"] = extract_features(test_images, centroids, zca, spec, memory_mb=cfg.features.memory_mb, precision=cfg.features.precision,
                                                  progress=_progress("test", quiet))
@@ -243,8 +250,7 @@ def _classifier_stage(cfg, f_train, labels, key, store, stage_key, timer, quiet,
                 C, scores = _choose_C(cfg, f_train, labels, key, quiet)
             std = fit_standardizer(f_train)
             model, info = train_linear(standardize(std, f_train), labels, loss=cfg.classifier.loss, C=C,
-                                       num_classes=10, max_iter=cfg.classifier.max_iter, tol=cfg.classifier.tol,
-                                       solver=cfg.classifier.solver)
+                                       num_classes=10, max_iter=cfg.classifier.max_iter, tol=cfg.classifier.tol)
             saved = {"std_mean": np.asarray(std.mean), "std_scale": np.asarray(std.scale),
                      "weights": np.asarray(model.weights),
                      "info": np.array([C, float(info.n_iter), float(info.loss), float(info.grad_norm)]),
@@ -318,6 +324,8 @@ def run(cfg: Config, *, data_dir=None, out: str | os.PathLike = "runs", resume: 
     if cfg.features.enabled:
         f_train, f_test = _features_stage(cfg, train_images, None if test is None else test.images, zca,
                                           centroids, store, keys["features"], timer, quiet)
+        if cfg.features.train_flip:
+            train_labels = np.concatenate([train_labels, train_labels])
         std, model = _classifier_stage(cfg, f_train, train_labels, key_val, store, keys["classifier"], timer,
                                        quiet, results)
         with timer.stage("evaluate"):
