@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from kmjax._checks import check_matrix, positive_int
-from kmjax._matmul import check_precision, matmul
+from kmjax._ops import check_precision, matmul, max_argmax
 
 __all__ = ["KMeansResult", "kmeans", "assign", "init_centroids", "INITS", "EMPTY_POLICIES"]
 
@@ -79,12 +79,7 @@ def _nearest(xc, centroids, spherical, precision):
     """
     proj = matmul(xc, centroids.T, precision)
     scores = jnp.abs(proj) if spherical else proj - 0.5 * jnp.sum(centroids * centroids, axis=1)
-    best = jnp.max(scores, axis=1)
-    # The first index attaining the maximum, as argmax(scores) gives it, but computed as a second
-    # plain max: XLA's CPU argmax (a variadic reduce) costs several times a max. -k is exact in
-    # float32 for k < 2**24.
-    neg_iota = -jnp.arange(scores.shape[1], dtype=jnp.float32)
-    index = (-jnp.max(jnp.where(scores >= best[:, None], neg_iota, -jnp.inf), axis=1)).astype(jnp.int32)
+    best, index = max_argmax(scores)
     code = jnp.take_along_axis(proj, index[:, None], axis=1)[:, 0] if spherical else None
     return best, index, code
 

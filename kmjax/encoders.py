@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from kmjax._matmul import matmul
+from kmjax._ops import matmul, max_argmax
 
 __all__ = ["ENCODERS", "triangle", "hard", "soft_threshold", "encode", "num_outputs"]
 
@@ -34,7 +34,8 @@ def triangle(x, centroids, precision: str = "float32"):
 def hard(x, centroids, precision: str = "float32"):
     """Hard assignment: the one-hot code of the nearest centroid, (M, K) float32."""
     scores = matmul(x, centroids.T, precision) - 0.5 * jnp.sum(centroids * centroids, axis=1)
-    return jax.nn.one_hot(jnp.argmax(scores, axis=1), centroids.shape[0], dtype=jnp.float32)
+    _, index = max_argmax(scores)  # the first nearest on ties (e.g. several zeroed centroids)
+    return jax.nn.one_hot(index, centroids.shape[0], dtype=jnp.float32)
 
 
 def soft_threshold(x, centroids, alpha: float = 0.25, precision: str = "float32"):

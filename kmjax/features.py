@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kmjax._checks import check_images, positive_int
-from kmjax._matmul import check_precision
+from kmjax._ops import check_precision
 from kmjax.encoders import ENCODERS, encode, num_outputs
 from kmjax.patches import _extract, grid_size
 from kmjax.pooling import POOLS, pool
