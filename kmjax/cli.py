@@ -171,7 +171,8 @@ def _parser() -> argparse.ArgumentParser:
     config_args(r)
     r.add_argument("--resume", metavar="RUN_DIR", help="continue in an existing run folder: finished stages "
                    "whose config is unchanged are reused (after an interruption, or to retrain only the classifier)")
-    r.add_argument("--cache", metavar="DIR", help="folder of finished stages shared between runs (default: the run folder)")
+    r.add_argument("--cache", metavar="DIR",
+                   help="folder of finished stages shared between runs (default: the run folder)")
     r.set_defaults(func=_cmd_run)
 
     s = sub.add_parser("sweep", help="run a grid of configs; one table and one plot",

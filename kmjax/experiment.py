@@ -232,11 +232,10 @@ def _features_stage(cfg, train_images, test_images, zca, centroids, store, stage
         with timer.stage("features"):
             if cfg.features.train_flip:  # mirror images are as likely as the originals
                 train_images = np.concatenate([train_images, train_images[:, :, ::-1]])
-            saved = {"train": extract_features(train_images, centroids, zca, spec, memory_mb=cfg.features.memory_mb,
-                                               precision=cfg.features.precision, progress=_progress("train", quiet))}
-            if test_images is not None:
-                saved["test"] = extract_features(test_images, centroids, zca, spec, memory_mb=cfg.features.memory_mb, precision=cfg.features.precision,
-                                                 progress=_progress("test", quiet))
+            parts = {"train": train_images} if test_images is None else {"train": train_images, "test": test_images}
+            saved = {name: extract_features(images, centroids, zca, spec, memory_mb=cfg.features.memory_mb,
+                                            precision=cfg.features.precision, progress=_progress(name, quiet))
+                     for name, images in parts.items()}
         store.save("features", stage_key, saved)
     return saved["train"], saved.get("test")
 

@@ -122,3 +122,10 @@ def test_encode_unknown_name():
     x, c = _data()
     with pytest.raises(ValueError, match="unknown encoder"):
         encode(x, c, "triangel")
+
+
+def test_hard_picks_the_first_of_equal_centroids():
+    # the authors' empty-cluster policy leaves several centroids at exactly zero: a tie
+    x = np.array([[0.1, -0.2], [5.0, 5.0]], np.float32)
+    c = np.array([[3.0, 3.0], [0.0, 0.0], [0.0, 0.0]], np.float32)
+    np.testing.assert_array_equal(np.asarray(hard(x, c)), [[0, 1, 0], [1, 0, 0]])
