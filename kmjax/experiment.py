@@ -281,6 +281,8 @@ def run(cfg: Config, *, data_dir=None, out: str | os.PathLike = "runs", resume: 
     if cfg.features.enabled and cfg.preprocess.normalize == "dimension":
         raise ValueError("preprocess.normalize = 'dimension' is for dictionaries only (features.enabled = false);"
                          " the dense features use per-patch normalization: set it to 'patch' or 'none'")
+    if resume is not None and not (Path(resume) / "config.json").is_file():
+        raise ValueError(f"{resume} is not a run folder (no config.json); pass the folder a run wrote")
     t_start = time.perf_counter()
     timer = _Timer(quiet)
     key_dict, key_val = jax.random.split(jax.random.key(cfg.seed))
@@ -295,12 +297,7 @@ def run(cfg: Config, *, data_dir=None, out: str | os.PathLike = "runs", resume: 
             test = load_cifar10(data_dir, "test")
             if cfg.data.n_test:
                 test = test._replace(images=test.images[: cfg.data.n_test], labels=test.labels[: cfg.data.n_test])
-    if resume is not None:
-        run_dir = Path(resume)
-        if not (run_dir / "config.json").is_file():
-            raise ValueError(f"{run_dir} is not a run folder (no config.json); pass the folder a run wrote")
-    else:
-        run_dir = new_run_dir(Path(out), cfg.name)
+    run_dir = new_run_dir(Path(out), cfg.name) if resume is None else Path(resume)
     store = _Store(Path(cache) if cache is not None else run_dir / "stages", quiet)
     _log(f"run folder: {run_dir}", quiet)
     results: dict = {"name": cfg.name, "seed": cfg.seed, "config": to_dict(cfg), "run_dir": str(run_dir),
