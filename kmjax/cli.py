@@ -56,14 +56,21 @@ def _cmd_filters(args) -> int:
     from kmjax import plots
 
     path = Path(args.source)
-    model_file = path / "model.npz" if path.is_dir() else path
-    if not model_file.is_file():
-        raise _UsageError(f"{path} is neither a run folder with model.npz nor a model file")
-    with np.load(model_file) as z:
-        centroids = z["centroids"]
-        meta = json.loads(str(z["meta"])) if "meta" in z.files else {}
-    channels = meta.get("image_shape", [0, 0, 3])[-1]
-    size = int(round((centroids.shape[1] / channels) ** 0.5))
+    candidates = [path / "model.npz", path / "dictionary.npz"] if path.is_dir() else [path]
+    found = [p for p in candidates if p.is_file()]
+    if not found:
+        raise _UsageError(f"{path} is neither a run folder (model.npz or dictionary.npz) nor such a file")
+    model_file = found[0]
+    try:
+        with np.load(model_file, allow_pickle=False) as z:
+            centroids = z["centroids"]
+            if "patch_shape" in z.files:
+                size, _, channels = (int(v) for v in z["patch_shape"])
+            else:
+                channels = json.loads(str(z["meta"]))["image_shape"][-1]
+                size = int(round((centroids.shape[1] / channels) ** 0.5))
+    except (KeyError, ValueError, OSError) as e:
+        raise _UsageError(f"{model_file} holds no kmjax dictionary ({e})") from None
     out = Path(args.out or (model_file.parent / "filters.png"))
     plots.save_filters(out, centroids, size, channels, title=f"{centroids.shape[0]} centroids")
     print(out)
@@ -191,7 +198,7 @@ def _parser() -> argparse.ArgumentParser:
     b.set_defaults(func=_cmd_bench)
 
     f = sub.add_parser("filters", help="draw a dictionary's filters as an image")
-    f.add_argument("source", help="a run folder or its model.npz")
+    f.add_argument("source", help="a run folder, or its model.npz or dictionary.npz")
     f.add_argument("--out", help="PNG to write (default: filters.png beside the model)")
     f.set_defaults(func=_cmd_filters)
 

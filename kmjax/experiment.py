@@ -316,6 +316,12 @@ def run(cfg: Config, *, data_dir=None, out: str | os.PathLike = "runs", resume: 
     plots.save_filters(run_dir / "filters.png", centroids, cfg.patches.size, channels,
                        title=f"{cfg.name}: {cfg.kmeans.k} centroids")
     plots.save_objective(run_dir / "objective.png", d["objective"])
+    # the dictionary on its own, also for runs without a classifier (the blog post's)
+    dictionary = {"centroids": centroids, "objective": np.asarray(d["objective"]),
+                  "patch_shape": np.array([cfg.patches.size, cfg.patches.size, channels])}
+    if zca is not None:
+        dictionary.update(zca_mean=np.asarray(zca.mean), zca_matrix=np.asarray(zca.matrix))
+    atomic_write(run_dir / "dictionary.npz", lambda f: np.savez(f, **dictionary))
 
     if cfg.features.enabled:
         f_train, f_test = _features_stage(cfg, train_images, None if test is None else test.images, zca,

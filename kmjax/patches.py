@@ -2,7 +2,8 @@
 
 A patch is flattened in (row, column, channel) order, so ``patch.reshape(size, size, C)`` gives
 the image window back. Pixels keep the dtype they come in (uint8 stays uint8: 400,000 6x6x3
-patches are 43 MB as uint8, 173 MB as float32).
+patches are 43 MB as uint8, 173 MB as float32), except float64, which JAX keeps as float32
+unless ``jax_enable_x64`` is set.
 """
 
 from __future__ import annotations

@@ -20,8 +20,9 @@ def test_seed_reproduces_the_blog_filters(tmp_path):
     results = run(cfg, data_dir=real_data_dir(), out=tmp_path, quiet=True)
     folder = tmp_path / "seed"
     assert (folder / "filters.png").stat().st_size > 0
-    model = np.load(folder / "model.npz")
-    assert model["centroids"].shape == (64, 75)
+    dictionary = np.load(folder / "dictionary.npz")
+    assert dictionary["centroids"].shape == (64, 75)
+    assert not (folder / "model.npz").exists()  # no classifier in the blog post's run
     k = results["kmeans"]
     assert k["n_patches"] == 360_000  # 10,000 images x 6 x 6 grid positions
     assert k["empty_clusters"] == 0
@@ -42,7 +43,7 @@ def test_quick_config_end_to_end(tmp_path):
     assert saved["config"]["kmeans"]["k"] == 100
     assert set(saved["seconds"]) >= {"dictionary", "features", "classifier", "total"}
     assert sum(np.array(saved["confusion"]).ravel()) == 1000
-    for name in ("filters.png", "objective.png", "confusion.png", "model.npz"):
+    for name in ("filters.png", "objective.png", "confusion.png", "model.npz", "dictionary.npz"):
         assert (tmp_path / "quick" / name).is_file()
 
 
