@@ -112,8 +112,8 @@ class TrainInfo(NamedTuple):
     n_iter: jax.Array
 
 
-@partial(jax.jit, static_argnames=("loss", "num_classes", "max_iter", "memory"))
-def _train(x, labels, C, tol, *, loss, num_classes, max_iter, memory):
+@partial(jax.jit, static_argnames=("loss", "num_classes", "max_iter", "memory", "progress"))
+def _train(x, labels, C, tol, *, loss, num_classes, max_iter, memory, progress):
     fun = partial(LOSSES[loss], x=x, labels=labels, C=C, xt=x.T.copy())
     opt = optax.lbfgs(memory_size=memory)
     value_and_grad = optax.value_and_grad_from_state(fun)
@@ -123,6 +123,8 @@ def _train(x, labels, C, tol, *, loss, num_classes, max_iter, memory):
         w, state, _, it = carry
         value, grad = value_and_grad(w, state=state)
         updates, state = opt.update(grad, state, w, value=value, grad=grad, value_fn=fun)
+        if progress is not None:  # host callback, outside the numerics
+            jax.debug.callback(progress, it + 1, max_iter, value)
         return w + updates, state, optax.tree.norm(grad), it + 1
 
     def cond(carry):
@@ -135,7 +137,7 @@ def _train(x, labels, C, tol, *, loss, num_classes, max_iter, memory):
 
 
 def train_linear(x, labels, *, loss: str = "svm", C: float = 100.0, num_classes: int | None = None,
-                 max_iter: int = 1000, tol: float = 1e-3, memory: int = 20):
+                 max_iter: int = 1000, tol: float = 1e-3, memory: int = 20, progress=None):
     """Train a linear classifier on standardized features with L-BFGS.
 
     Args:
@@ -146,6 +148,8 @@ def train_linear(x, labels, *, loss: str = "svm", C: float = 100.0, num_classes:
       num_classes: default max(labels) + 1.
       max_iter: L-BFGS iterations at most. tol: stop once the gradient norm is below it.
       memory: L-BFGS history length.
+      progress: optional ``progress(iteration, max_iter, loss)`` called on the host after each
+        iteration (through ``jax.debug.callback``).
 
     Returns:
       (LinearModel, TrainInfo).
@@ -163,7 +167,7 @@ def train_linear(x, labels, *, loss: str = "svm", C: float = 100.0, num_classes:
     if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
         raise ValueError(f"labels must lie in [0, {num_classes}), got {int(labels.min())}..{int(labels.max())}")
     return _train(x, labels, jnp.float32(C), jnp.float32(tol), loss=loss, num_classes=int(num_classes),
-                  max_iter=int(max_iter), memory=int(memory))
+                  max_iter=int(max_iter), memory=int(memory), progress=progress)
 
 
 @jax.jit

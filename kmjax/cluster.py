@@ -182,7 +182,7 @@ class _LoopState(NamedTuple):
 
 
 def _lloyd_loop(x, w, centroids, tol, *, max_iter, chunk_size, empty, spherical, precision, weighted, m,
-               axis_name=None):
+               axis_name=None, progress=None):
     """Lloyd iterations until ``max_iter`` or convergence, then a final pass for the inertia.
 
     The one implementation of the loop: called under ``jit`` on one device (``_lloyd``), and
@@ -212,6 +212,8 @@ def _lloyd_loop(x, w, centroids, tol, *, max_iter, chunk_size, empty, spherical,
         prev = s.objective[jnp.maximum(s.it - 1, 0)]
         converged = (s.it > 0) & ((prev - obj) <= tol * jnp.abs(prev))
         new = _update(x, w, s.centroids, sums, weights, chunk_size, empty, spherical, precision, m, axis_name)
+        if progress is not None:  # host callback, outside the numerics
+            jax.debug.callback(progress, s.it + 1, max_iter, obj)
         return _LoopState(new, s.objective.at[s.it].set(obj), s.it + 1, converged)
 
     start = _LoopState(
@@ -226,7 +228,7 @@ def _lloyd_loop(x, w, centroids, tol, *, max_iter, chunk_size, empty, spherical,
 
 
 _lloyd = jax.jit(_lloyd_loop, static_argnames=("max_iter", "chunk_size", "empty", "spherical", "precision",
-                                              "weighted", "m", "axis_name"))
+                                              "weighted", "m", "axis_name", "progress"))
 
 
 @partial(jax.jit, static_argnames=("k", "method", "spherical"))
@@ -313,6 +315,7 @@ def kmeans(
     spherical: bool = False,
     weights=None,
     precision: str = "float32",
+    progress=None,
 ) -> KMeansResult:
     """Lloyd's k-means on (N, D) points, in bounded memory.
 
@@ -335,6 +338,9 @@ def kmeans(
       weights: optional (N,) non-negative point weights.
       precision: of the distance products: "float32" (default), "tf32" (the backend's default:
         TF32 on recent NVIDIA GPUs) or "bfloat16" (bf16 operands, float32 accumulation).
+      progress: optional ``progress(iteration, max_iter, objective)`` called on the host after
+        each iteration (through ``jax.debug.callback``; a function is a static argument, so
+        pass the same one to reuse the compiled loop).
 
     Returns:
       ``KMeansResult``.
@@ -361,6 +367,7 @@ def kmeans(
     return _lloyd(
         x, w, c0, tol, max_iter=int(max_iter), chunk_size=int(chunk_size), empty=empty,
         spherical=bool(spherical), precision=precision, weighted=weights is not None, m=min(k, x.shape[0]),
+        progress=progress,
     )
 
 

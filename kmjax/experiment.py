@@ -57,15 +57,17 @@ class _Timer:
         _log(f"[{name}] {self.seconds[name]:.1f} s", self.quiet)
 
 
-def _progress(label: str, quiet: bool):
-    """A progress reporter: a live line on a terminal, a line per 10% in a log file."""
+def _progress(label: str, quiet: bool, unit: str = "images"):
+    """A progress reporter ``report(done, total, value=None)``: a live line on a terminal, a
+    line per 10% in a log file; None when quiet."""
+    if quiet:
+        return None
     t0 = time.perf_counter()
     live = sys.stderr.isatty()
     last = [-1.0]
 
-    def report(done, total):
-        if quiet:
-            return
+    def report(done, total, value=None):
+        done, total = int(done), int(total)
         elapsed = time.perf_counter() - t0
         if live:
             if done < total and elapsed - last[0] < 0.5:
@@ -74,8 +76,9 @@ def _progress(label: str, quiet: bool):
             return
         last[0] = elapsed if live else done / total
         rate = done / max(elapsed, 1e-9)
+        extra = "" if value is None else f", objective {float(value):.6g}"
         end = "\n" if done == total or not live else "\r"
-        print(f"  {label}: {done}/{total} images ({rate:.0f}/s)", end=end, file=sys.stderr, flush=True)
+        print(f"  {label}: {done}/{total} {unit} ({rate:.3g}/s{extra})", end=end, file=sys.stderr, flush=True)
 
     return report
 
@@ -105,7 +108,7 @@ def feature_spec(cfg: Config) -> FeatureSpec:
     )
 
 
-def learn_dictionary(cfg: Config, images, key):
+def learn_dictionary(cfg: Config, images, key, progress=None):
     """Patches -> normalization -> ZCA -> k-means. Returns (zca or None, KMeansResult, n_patches)."""
     key_patches, key_kmeans = jax.random.split(key)
     p = cfg.patches
@@ -128,7 +131,7 @@ def learn_dictionary(cfg: Config, images, key):
     result = kmeans(
         key_kmeans, x, km.k, init=km.init, max_iter=km.max_iter,
         tol=None if km.tol < 0 else km.tol, empty=km.empty, spherical=km.spherical,
-        chunk_size=km.chunk_size or None, precision=km.precision,
+        chunk_size=km.chunk_size or None, precision=km.precision, progress=progress,
     )
     return zca, result, x.shape[0]
 
@@ -213,7 +216,7 @@ def _dictionary_stage(cfg, images, key, store, stage_key, timer):
     saved = store.load("dictionary", stage_key, names)
     if saved is None:
         with timer.stage("dictionary"):
-            zca, km, n_patches = learn_dictionary(cfg, images, key)
+            zca, km, n_patches = learn_dictionary(cfg, images, key, _progress("k-means", timer.quiet, "iterations"))
             info = np.array([n_patches, int(km.n_iter), int(km.converged), float(km.inertia)], np.float64)
             saved = {"centroids": km.centroids, "objective": km.objective, "counts": km.counts, "info": info}
             if zca is not None:
@@ -249,7 +252,8 @@ def _classifier_stage(cfg, f_train, labels, key, store, stage_key, timer, quiet,
                 C, scores = _choose_C(cfg, f_train, labels, key, quiet)
             std = fit_standardizer(f_train)
             model, info = train_linear(standardize(std, f_train), labels, loss=cfg.classifier.loss, C=C,
-                                       num_classes=10, max_iter=cfg.classifier.max_iter, tol=cfg.classifier.tol)
+                                       num_classes=10, max_iter=cfg.classifier.max_iter, tol=cfg.classifier.tol,
+                                       progress=_progress("L-BFGS", quiet, "iterations"))
             saved = {"std_mean": np.asarray(std.mean), "std_scale": np.asarray(std.scale),
                      "weights": np.asarray(model.weights),
                      "info": np.array([C, float(info.n_iter), float(info.loss), float(info.grad_norm)]),
