@@ -129,6 +129,8 @@ def _import_libs(libs):
 
 
 class KmjaxRunner:
+    precision = "float32"  # set from --precision
+
     def __init__(self, mods, x, c0, k, iters):
         jax, km = mods
         self.jax, self.km, self.k, self.iters = jax, km, k, iters
@@ -138,7 +140,8 @@ class KmjaxRunner:
         self.x.block_until_ready()
 
     def _call(self):
-        res = self.km.kmeans(self.key, self.x, self.k, init=self.c0, max_iter=self.iters, tol=None)
+        res = self.km.kmeans(self.key, self.x, self.k, init=self.c0, max_iter=self.iters, tol=None,
+                             precision=self.precision)
         return self.jax.block_until_ready(res)
 
     def warmup(self):
@@ -252,7 +255,7 @@ def matmul_peak(size: int = 4096, repeats: int = 3):
     try:
         import jax
         import jax.numpy as jnp
-        f = jax.jit(jnp.matmul)
+        f = jax.jit(lambda a, b: jnp.matmul(a, b, precision="highest"))  # float32, no TF32 on GPUs
         ja, jb = jax.device_put(a), jax.device_put(b)
         jax_gf = med(lambda: f(ja, jb).block_until_ready())
     except Exception as e:
@@ -304,6 +307,8 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3, help="timed runs per library (median)")
     p.add_argument("--libs", default=",".join(ALL_LIBS), help="comma list from kmjax,sklearn,faiss")
     p.add_argument("--json", default=None, metavar="PATH", help="write the records here")
+    p.add_argument("--precision", default="float32", choices=("float32", "tf32", "bfloat16"),
+                   help="kmjax's distance products (tf32/bfloat16: faster on GPUs; default float32)")
     p.add_argument("--n-frac", type=float, default=1.0,
                    help="use this fraction of each problem's N (quick smoke tests only)")
     args = p.parse_args(argv)
@@ -315,6 +320,7 @@ def main(argv=None):
     if args.iters < 1 or args.repeats < 1:
         p.error("--iters and --repeats must be >= 1")
     libs = [s.strip() for s in args.libs.split(",") if s.strip()]
+    KmjaxRunner.precision = args.precision
 
     set_vars = {v: os.environ[v] for v in OPENBLAS_VARS if v in os.environ}
     if set_vars:
@@ -375,6 +381,7 @@ def main(argv=None):
             rec = dict(meta)
             rec.update(
                 problem=name, n=n, d=d, k=k, library=lib, iters=args.iters,
+                precision=args.precision if lib == "kmjax" else "float32",
                 n_iter=infos[lib]["n_iter"],
                 ms_per_iter=med[lib] * 1e3,
                 ms_per_iter_all=[t * 1e3 for t in times[lib]],
