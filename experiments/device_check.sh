@@ -4,7 +4,7 @@
 # pipeline end to end at full size. Every step has its own time limit, so that one slow step
 # cannot take the others' results with it. Logs and JSON go to $OUT (default ./device_out).
 #
-#   OUT=out DATA=folder bash experiments/device_check.sh
+#   OUT=out DATA=folder [STEPS='tests e2e_full'] bash experiments/device_check.sh
 #
 # DATA holds cifar-10-batches-py with at least data_batch_1, test_batch and batches.meta (the
 # whole data set is larger than what travels to the device machine). The full-size timing run
@@ -14,6 +14,7 @@ set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 OUT=${OUT:-device_out}
 DATA=${DATA:-.devdata}
+STEPS=${STEPS:-e2e_slice bench_features bench_kmeans e2e_full tests}  # a subset reruns only those
 mkdir -p "$OUT"
 # at most a few files come back from a device machine: pack the logs and JSON into one archive
 trap 'rm -rf "$OUT/runs"; tar czf device_check.tgz -C "$OUT" . && rm -f "$OUT"/* && mv device_check.tgz "$OUT/"' EXIT
@@ -21,6 +22,7 @@ trap 'rm -rf "$OUT/runs"; tar czf device_check.tgz -C "$OUT" . && rm -f "$OUT"/*
 step() {  # step NAME SECONDS COMMAND...: run with a limit, log to $OUT/NAME.log
     local name=$1 limit=$2
     shift 2
+    [[ " $STEPS " == *" $name "* ]] || return 0
     echo "=== $name (limit ${limit}s) $(date +%T)"
     timeout "$limit" "$@" > >(tee "$OUT/$name.log") 2>&1
     echo "=== $name rc=$? $(date +%T)"

@@ -32,9 +32,15 @@ def matmul(a, b, precision: str = "float32"):
 def max_argmax(scores):
     """Row maximum and the first index attaining it, as ``jnp.argmax`` gives it.
 
-    Computed as two plain max reductions: XLA's CPU argmax (a variadic reduce) costs several
-    times a max. The index is carried as -k in float32, exact for k < 2**24.
+    On CPUs, computed as two plain max reductions: XLA's CPU argmax (a variadic reduce) costs
+    several times a max. The index is carried as -k in float32, exact for k < 2**24. The scores
+    pass an optimization barrier first, so that both reductions read the same rounded values (a
+    backend that recomputed them inside each fused reduction, with different rounding, would find
+    no score equal to the maximum). Accelerators use their own argmax, which is fast there.
     """
+    if jax.default_backend() != "cpu":
+        return jnp.max(scores, axis=1), jnp.argmax(scores, axis=1).astype(jnp.int32)
+    scores = jax.lax.optimization_barrier(scores)
     best = jnp.max(scores, axis=1)
     neg_iota = -jnp.arange(scores.shape[1], dtype=jnp.float32)
     index = (-jnp.max(jnp.where(scores >= best[:, None], neg_iota, -jnp.inf), axis=1)).astype(jnp.int32)

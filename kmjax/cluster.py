@@ -245,7 +245,7 @@ def _init(key, x, w, *, k, method, spherical):
         c0 = x[jax.random.choice(first, n, p=w / w.sum())]
 
         def d2(c):
-            return jnp.maximum(sq - 2.0 * x @ c + c @ c, 0.0)
+            return jnp.maximum(sq - 2.0 * jnp.matmul(x, c, precision=jax.lax.Precision.HIGHEST) + c @ c, 0.0)
 
         def step(i, carry):
             c, dist, key = carry

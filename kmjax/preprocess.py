@@ -76,7 +76,7 @@ def _fit_zca(x, eps):
     evals, evecs = jnp.linalg.eigh(cov)
     # Rounding can leave tiny negative eigenvalues; a covariance has none.
     scale = 1.0 / jnp.sqrt(jnp.maximum(evals, 0.0) + eps)
-    matrix = (evecs * scale) @ evecs.T
+    matrix = jnp.matmul(evecs * scale, evecs.T, precision=jax.lax.Precision.HIGHEST)
     return ZCA(mean, 0.5 * (matrix + matrix.T))
 
 
@@ -104,6 +104,7 @@ def fit_zca(patches, eps: float = 0.1) -> ZCA:
 
 @jax.jit
 def apply_zca(zca: ZCA, patches):
-    """Whiten (..., D) patches with a fitted ``ZCA``; returns float32 (..., D)."""
+    """Whiten (..., D) patches with a fitted ``ZCA``; returns float32 (..., D) (full float32
+    products on every backend: GPUs would otherwise round the operands to TF32)."""
     x = jnp.asarray(patches, jnp.float32)
-    return (x - zca.mean) @ zca.matrix
+    return jnp.matmul(x - zca.mean, zca.matrix, precision=jax.lax.Precision.HIGHEST)
