@@ -1,9 +1,14 @@
-"""Linear classifiers on pooled features: standardization, one-vs-all L2-SVM, softmax regression.
+"""Linear classifiers on pooled features: standardization, one-vs-all L2-SVM, softmax regression,
+and ridge regression from streamed sufficient statistics.
 
-Both classifiers are trained full-batch with optax's L-BFGS inside one jit-compiled
-``lax.while_loop`` (stop at ``max_iter`` or when the gradient norm falls below ``tol``).
-A constant-1 column is appended to the standardized features, so the bias is one more weight
-(and is regularized with the rest, as in the authors' code).
+The SVM and softmax classifiers are trained full-batch with optax's L-BFGS inside one
+jit-compiled ``lax.while_loop`` (stop at ``max_iter`` or when the gradient norm falls below
+``tol``). A constant-1 column is appended to the standardized features, so the bias is one more
+weight (and is regularized with the rest, as in the authors' code).
+
+Ridge regression (one-vs-all least squares on +-1 targets, the same C scaling) never needs the
+features in memory at once: ``gram_stats`` reads them in row blocks (a ``np.memmap`` works) and
+keeps only their F x F Gram matrix, and ``fit_ridge`` solves from it, for any C.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import optax
 __all__ = [
     "Standardizer", "fit_standardizer", "standardize",
     "LinearModel", "svm_loss", "softmax_loss", "train_linear", "predict", "accuracy", "LOSSES",
+    "GramStats", "gram_stats", "fit_ridge", "predict_features",
 ]
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -179,3 +185,120 @@ def predict(model: LinearModel, x):
 def accuracy(model: LinearModel, x, labels) -> float:
     """Fraction of rows whose predicted class equals the label."""
     return float(jnp.mean(predict(model, x) == jnp.asarray(labels)))
+
+
+def predict_features(standardizer: Standardizer, model: LinearModel, features, block: int = 4096) -> np.ndarray:
+    """Class index of each row of raw (N, F) features, standardized and scored ``block`` rows at a
+    time: the (N, F + 1) standardized copy of a large data set is never made."""
+    n = features.shape[0]
+    return np.concatenate([np.asarray(predict(model, standardize(standardizer, np.asarray(features[i : i + block]))))
+                           for i in range(0, n, block)] or [np.zeros(0, np.int32)])
+
+
+class GramStats(NamedTuple):
+    """Sufficient statistics of a least-squares fit over rows (x_i, y_i), float64 NumPy arrays.
+
+    count: rows. shift: (F,) subtracted from every x first (the mean of the first block read),
+    so that the centred Gram matrix below does not lose its digits to large feature means.
+    x_sum: (F,) sum of x - shift. gram: (F, F) sum of (x - shift)(x - shift)^T.
+    cross: (F, C) sum of (x - shift) y^T. y_sum: (C,) sum of y. y: +1 for the true class, -1 else.
+    """
+
+    count: float
+    shift: np.ndarray
+    x_sum: np.ndarray
+    gram: np.ndarray
+    cross: np.ndarray
+    y_sum: np.ndarray
+
+    def __add__(self, other: "GramStats") -> "GramStats":
+        if not np.array_equal(self.shift, other.shift):
+            raise ValueError("GramStats with different shifts cannot be added; pass the same shift to gram_stats")
+        return GramStats(self.count + other.count, self.shift, self.x_sum + other.x_sum, self.gram + other.gram,
+                         self.cross + other.cross, self.y_sum + other.y_sum)
+
+
+def gram_stats(features, labels, num_classes: int, *, rows=None, shift=None, block: int = 2048,
+               progress=None, into: GramStats | None = None) -> GramStats:
+    """Accumulate ``GramStats`` over the rows of (N, F) features, ``block`` rows at a time.
+
+    Args:
+      features: (N, F) array-like; a ``np.memmap`` is read block by block, never whole.
+      labels: (N,) int class indices in [0, num_classes).
+      rows: optional indices of the rows to use (e.g. a training split), in any order.
+      shift: (F,) to subtract first; default the mean of the first block. Statistics that are to
+        be added (``a + b``) must share it.
+      block: rows per product. Each block's products are float32 (BLAS ``syrk``), summed in float64.
+      progress: optional ``progress(done, total)`` after each block.
+      into: statistics to add these rows to, in place (their shift is used): one F x F matrix in
+        memory where ``a + b`` would need three.
+    """
+    n, f = np.shape(features)
+    labels = np.asarray(labels)
+    if labels.shape != (n,):
+        raise ValueError(f"features are {np.shape(features)} but labels {labels.shape}: one label per row")
+    rows = np.arange(n) if rows is None else np.sort(np.asarray(rows, np.int64))
+    if rows.size == 0:
+        raise ValueError("gram_stats got no rows")
+    if labels[rows].min() < 0 or labels[rows].max() >= num_classes:
+        raise ValueError(f"labels must lie in [0, {num_classes})")
+    acc = into
+    if into is not None:
+        shift = into.shift
+        shift32 = shift.astype(np.float32)
+        if into.gram.shape != (f, f) or into.cross.shape != (f, num_classes):
+            raise ValueError(f"`into` holds statistics of {into.gram.shape[0]} features and {into.cross.shape[1]} "
+                             f"classes, these rows have {f} and {num_classes}")
+    for start in range(0, rows.size, block):
+        idx = rows[start : start + block]
+        # a copy (np.array): the block is shifted in place below, and a slice of an in-memory array is a view
+        x = np.array(features[idx[0] : idx[-1] + 1] if idx[-1] - idx[0] + 1 == idx.size else features[idx],
+                     np.float32)
+        if shift is None:
+            shift = x.mean(axis=0, dtype=np.float64)
+        if acc is None:
+            shift = np.asarray(shift, np.float64)
+            acc = GramStats(0.0, shift, np.zeros(f), np.zeros((f, f)), np.zeros((f, num_classes)),
+                            np.zeros(num_classes))
+            shift32 = shift.astype(np.float32)
+        x -= shift32
+        y = 2.0 * np.eye(num_classes, dtype=np.float32)[labels[idx]] - 1.0
+        acc.gram.__iadd__(x.T @ x)  # numpy computes a.T @ a with syrk: half the flops of a product
+        acc.cross.__iadd__(x.T @ y)
+        acc = acc._replace(count=acc.count + idx.size, x_sum=acc.x_sum + x.sum(axis=0, dtype=np.float64),
+                           y_sum=acc.y_sum + y.sum(axis=0, dtype=np.float64))
+        if progress is not None:
+            progress(min(start + block, rows.size), rows.size)
+    return acc
+
+
+def fit_ridge(stats: GramStats, C: float, eps: float = 0.01) -> tuple[Standardizer, LinearModel]:
+    """One-vs-all ridge regression on standardized features, from their ``GramStats``.
+
+    Minimizes 1/2 ||W||^2 + C * mean_i sum_k (y_ik - z_i.w_k - b_k)^2 over the standardized
+    features z = (x - mean) / sqrt(var + eps) (the SVM's standardization and C scaling; the bias b
+    is not regularized), i.e. solves (Z^T Z + n / (2C) I) W = Z^T (Y - mean(Y)) in float64.
+
+    Returns:
+      (Standardizer, LinearModel) usable exactly like those of the L-BFGS classifiers.
+    """
+    if not C > 0:
+        raise ValueError(f"C must be > 0, got {C!r}")
+    n = stats.count
+    if n < 2:
+        raise ValueError(f"fit_ridge needs statistics of at least 2 rows, got {n:g}")
+    m = stats.x_sum / n  # mean of x - shift
+    scale = np.sqrt(np.maximum(np.diag(stats.gram) - n * m * m, 0.0) / (n - 1) + eps)
+    # Z^T Z from the Gram matrix, centred and scaled in place by row blocks: one F x F copy (the
+    # statistics serve other C too) and np.linalg.solve's own, no F x F temporaries besides.
+    a = np.array(stats.gram)
+    for i in range(0, a.shape[0], 1024):
+        a[i : i + 1024] -= n * np.outer(m[i : i + 1024], m)
+        a[i : i + 1024] /= np.outer(scale[i : i + 1024], scale)
+    a[np.diag_indices_from(a)] += n / (2.0 * C)
+    cross = (stats.cross - np.outer(m, stats.y_sum)) / scale[:, None]
+    w = np.linalg.solve(a, cross)
+    del a
+    weights = np.vstack([w, stats.y_sum[None, :] / n])  # centred z: the bias is the mean target
+    std = Standardizer(jnp.asarray(stats.shift + m, jnp.float32), jnp.asarray(scale, jnp.float32))
+    return std, LinearModel(jnp.asarray(weights, jnp.float32))

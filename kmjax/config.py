@@ -70,7 +70,7 @@ class FeaturesConfig:
 
 @dataclass(frozen=True)
 class ClassifierConfig:
-    loss: str = "svm"  # "svm" (one-vs-all L2-SVM) or "logistic"
+    loss: str = "svm"  # "svm" (one-vs-all L2-SVM), "logistic", or "ridge" (least squares from the Gram matrix)
     C: float = 100.0
     C_grid: list = field(default_factory=list)  # if given, choose C on a held-out part of the training set
     val_fraction: float = 0.1  # held-out share used to choose C
@@ -99,7 +99,7 @@ _CHOICES = {
     ("features", "pool"): ("sum", "max"),
     ("kmeans", "precision"): ("float32", "tf32", "bfloat16"),
     ("features", "precision"): ("float32", "tf32", "bfloat16"),
-    ("classifier", "loss"): ("svm", "logistic"),
+    ("classifier", "loss"): ("svm", "logistic", "ridge"),
 }
 _POSITIVE = {("patches", "size"), ("patches", "num"), ("patches", "stride"), ("kmeans", "k"),
              ("kmeans", "max_iter"), ("features", "stride"), ("features", "grid"),

@@ -25,10 +25,11 @@ import numpy as np
 
 from kmjax import plots
 from kmjax._io import atomic_write
-from kmjax.classify import LinearModel, Standardizer, accuracy, fit_standardizer, predict, standardize, train_linear
+from kmjax.classify import (LinearModel, Standardizer, TrainInfo, accuracy, fit_ridge, fit_standardizer, gram_stats,
+                            predict_features, standardize, train_linear)
 from kmjax.config import Config, ConfigError, _parse_value, load_config, to_dict
 from kmjax.data import load_cifar10
-from kmjax.features import FeatureSpec, extract_features
+from kmjax.features import FeatureSpec, extract_features, feature_dim
 from kmjax.cluster import kmeans
 from kmjax.patches import extract_patches, sample_patches
 from kmjax.model import Model
@@ -136,18 +137,28 @@ def learn_dictionary(cfg: Config, images, key, progress=None):
     return zca, result, x.shape[0]
 
 
-def _choose_C(cfg: Config, x, labels, key, quiet):
-    """Pick C on a held-out part of the training features (never the test set)."""
-    c = cfg.classifier
-    # With flipped copies, rows i and i + n hold one image: split by image, so that no image's
-    # mirror is fitted while the image itself is validated.
+def _validation_split(cfg: Config, rows: int, key):
+    """(fit rows, held-out rows, held-out rows to score) of the training features.
+
+    With flipped copies, rows i and i + n hold one image: the split is by image, so that no
+    image's mirror is fitted while the image itself is validated; only the originals are scored.
+    """
     copies = 2 if cfg.features.train_flip else 1
-    n = x.shape[0] // copies
+    n = rows // copies
     perm = np.asarray(jax.random.permutation(key, n))
-    n_val = max(1, int(round(c.val_fraction * n)))
-    val, fit = perm[:n_val], perm[n_val:]
-    val, fit = (np.concatenate([idx + j * n for j in range(copies)]) for idx in (val, fit))
-    val = val[: n_val]  # score the original images only
+    n_val = max(1, int(round(cfg.classifier.val_fraction * n)))
+    val, fit = (np.sort(np.concatenate([idx + j * n for j in range(copies)])) for idx in (perm[:n_val], perm[n_val:]))
+    return fit, val, np.sort(perm[:n_val])
+
+
+def _best_C(scores: dict) -> float:
+    return max(scores, key=lambda C: (scores[C], -C))  # ties: the stronger regularization
+
+
+def _choose_C(cfg: Config, x, labels, key, quiet):
+    """Pick C for an L-BFGS classifier on a held-out part of the training features (never the test set)."""
+    c = cfg.classifier
+    fit, _, val = _validation_split(cfg, x.shape[0], key)
     std = fit_standardizer(x[fit])
     xf, xv = standardize(std, x[fit]), standardize(std, x[val])
     scores = {}
@@ -156,8 +167,27 @@ def _choose_C(cfg: Config, x, labels, key, quiet):
                                 max_iter=c.max_iter, tol=c.tol)
         scores[float(C)] = accuracy(model, xv, labels[val])
         _log(f"  C = {C:g}: validation accuracy {scores[float(C)]:.4f}", quiet)
-    best = max(scores, key=lambda C: (scores[C], -C))
-    return best, scores
+    return _best_C(scores), scores
+
+
+def _ridge(cfg: Config, x, labels, key, quiet):
+    """Ridge regression from the Gram matrix of the training features, read from disk in blocks;
+    C chosen on a held-out split when ``C_grid`` is given. Returns (C, scores, std, model)."""
+    c = cfg.classifier
+    if not c.C_grid:
+        stats = gram_stats(x, labels, 10, progress=_progress("Gram", quiet, "rows"))
+        return c.C, {}, *fit_ridge(stats, c.C)
+    fit, val, scored = _validation_split(cfg, x.shape[0], key)
+    stats = gram_stats(x, labels, 10, rows=fit, progress=_progress("Gram", quiet, "rows"))
+    xv = np.asarray(x[scored])
+    scores = {}
+    for C in c.C_grid:
+        std, model = fit_ridge(stats, float(C))
+        scores[float(C)] = float(np.mean(predict_features(std, model, xv) == labels[scored]))
+        _log(f"  C = {C:g}: validation accuracy {scores[float(C)]:.4f}", quiet)
+    best = _best_C(scores)
+    stats = gram_stats(x, labels, 10, rows=val, into=stats)  # the held-out rows join the final fit
+    return best, scores, *fit_ridge(stats, best)
 
 
 def _git_commit() -> str | None:
@@ -203,10 +233,22 @@ class _Store:
         _log(f"[{stage}] reusing {self.folder / stage}-{key}.*", self.quiet)
         return {n: np.load(self._path(f"{stage}.{n}", key, "npy"), mmap_mode="r") for n in names}
 
+    def create(self, stage, key, name, shape):
+        """A float32 array on disk for a large output of a stage, to fill in place; ``save`` gives
+        it its final name. Until then it is a ``.partial`` file that no later run reads."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self._path(f"{stage}.{name}", key, "npy.partial")
+        return np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=tuple(shape))
+
     def save(self, stage, key, arrays):
         self.folder.mkdir(parents=True, exist_ok=True)
         for n, a in arrays.items():
-            atomic_write(self._path(f"{stage}.{n}", key, "npy"), lambda f, a=a: np.save(f, np.asarray(a)))
+            path = self._path(f"{stage}.{n}", key, "npy")
+            if isinstance(a, np.memmap) and str(a.filename).endswith(".partial"):  # from create()
+                a.flush()
+                os.replace(a.filename, path)
+            else:
+                atomic_write(path, lambda f, a=a: np.save(f, np.asarray(a)))
         # written last: a stage without its marker was interrupted and is recomputed
         atomic_write(self._path(stage, key, "done"), lambda f: f.write(" ".join(arrays).encode()))
 
@@ -236,8 +278,11 @@ def _features_stage(cfg, train_images, test_images, zca, centroids, store, stage
             if cfg.features.train_flip:  # mirror images are as likely as the originals
                 train_images = np.concatenate([train_images, train_images[:, :, ::-1]])
             parts = {"train": train_images} if test_images is None else {"train": train_images, "test": test_images}
+            dim = feature_dim(spec, centroids.shape[0])
+            # written straight to disk: the features of a large dictionary need not fit in memory
             saved = {name: extract_features(images, centroids, zca, spec, memory_mb=cfg.features.memory_mb,
-                                            precision=cfg.features.precision, progress=_progress(name, quiet))
+                                            precision=cfg.features.precision, progress=_progress(name, quiet),
+                                            out=store.create("features", stage_key, name, (len(images), dim)))
                      for name, images in parts.items()}
         store.save("features", stage_key, saved)
     return saved["train"], saved.get("test")
@@ -247,13 +292,17 @@ def _classifier_stage(cfg, f_train, labels, key, store, stage_key, timer, quiet,
     saved = store.load("classifier", stage_key, ("std_mean", "std_scale", "weights", "info", "C_grid"))
     if saved is None:
         with timer.stage("classifier"):
-            C, scores = cfg.classifier.C, {}
-            if cfg.classifier.C_grid:
-                C, scores = _choose_C(cfg, f_train, labels, key, quiet)
-            std = fit_standardizer(f_train)
-            model, info = train_linear(standardize(std, f_train), labels, loss=cfg.classifier.loss, C=C,
-                                       num_classes=10, max_iter=cfg.classifier.max_iter, tol=cfg.classifier.tol,
-                                       progress=_progress("L-BFGS", quiet, "iterations"))
+            if cfg.classifier.loss == "ridge":
+                C, scores, std, model = _ridge(cfg, f_train, labels, key, quiet)
+                info = TrainInfo(np.nan, np.nan, 0)
+            else:
+                C, scores = cfg.classifier.C, {}
+                if cfg.classifier.C_grid:
+                    C, scores = _choose_C(cfg, f_train, labels, key, quiet)
+                std = fit_standardizer(f_train)
+                model, info = train_linear(standardize(std, f_train), labels, loss=cfg.classifier.loss, C=C,
+                                           num_classes=10, max_iter=cfg.classifier.max_iter,
+                                           tol=cfg.classifier.tol, progress=_progress("L-BFGS", quiet, "iterations"))
             saved = {"std_mean": np.asarray(std.mean), "std_scale": np.asarray(std.scale),
                      "weights": np.asarray(model.weights),
                      "info": np.array([C, float(info.n_iter), float(info.loss), float(info.grad_norm)]),
@@ -262,8 +311,9 @@ def _classifier_stage(cfg, f_train, labels, key, store, stage_key, timer, quiet,
     std = Standardizer(jnp.asarray(saved["std_mean"]), jnp.asarray(saved["std_scale"]))
     model = LinearModel(jnp.asarray(saved["weights"]))
     C, n_iter, loss, grad_norm = (float(v) for v in saved["info"])
-    results["classifier"] = {"loss": cfg.classifier.loss, "C": C, "n_iter": int(n_iter), "objective": loss,
-                             "grad_norm": grad_norm}
+    results["classifier"] = {"loss": cfg.classifier.loss, "C": C}
+    if cfg.classifier.loss != "ridge":  # a direct solve: no iterations, objective or gradient to report
+        results["classifier"].update(n_iter=int(n_iter), objective=loss, grad_norm=grad_norm)
     if len(saved["C_grid"]):
         results["C_validation"] = {f"{c:g}": float(a) for c, a in saved["C_grid"]}
     return std, model
@@ -334,10 +384,10 @@ def run(cfg: Config, *, data_dir=None, out: str | os.PathLike = "runs", resume: 
             train_labels = np.concatenate([train_labels, train_labels])
         std, model = _classifier_stage(cfg, f_train, train_labels, key_val, store, keys["classifier"], timer,
                                        quiet, results)
-        with timer.stage("evaluate"):
-            results["train_accuracy"] = accuracy(model, standardize(std, f_train), train_labels)
+        with timer.stage("evaluate"):  # in blocks: no standardized copy of all the features
+            results["train_accuracy"] = float(np.mean(predict_features(std, model, f_train) == train_labels))
             if f_test is not None:
-                pred = np.asarray(predict(model, standardize(std, f_test)))
+                pred = predict_features(std, model, f_test)
                 conf = np.zeros((10, 10), np.int64)
                 np.add.at(conf, (test.labels, pred), 1)
                 results["test_accuracy"] = float((pred == test.labels).mean())

@@ -113,6 +113,7 @@ def extract_features(
     memory_mb: float = 512.0,
     precision: str = "float32",
     progress: Callable[[int, int], None] | None = None,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """Pooled features of every image.
 
@@ -127,6 +128,8 @@ def extract_features(
       memory_mb: budget for one step's float32 feature map.
       precision: of the encoder's matrix product: "float32", "tf32" or "bfloat16" (see kmeans).
       progress: called as progress(done, total) after each batch.
+      out: optional (N, feature_dim) float32 array to write into, e.g. a ``np.memmap`` on disk
+        when the features of a data set do not fit in memory.
 
     Returns:
       (N, feature_dim(spec, K)) float32 NumPy array (host memory: features of a whole data set
@@ -145,17 +148,21 @@ def extract_features(
     def compute(batch):
         return _batch_features(jnp.asarray(batch), zca, centroids, spec=spec, step=step, precision=precision)
 
-    return run_batches(images, batch_size, feature_dim(spec, k), compute, progress)
+    return run_batches(images, batch_size, feature_dim(spec, k), compute, progress, out)
 
 
-def run_batches(images, batch_size: int, dim: int, compute, progress=None) -> np.ndarray:
+def run_batches(images, batch_size: int, dim: int, compute, progress=None, out=None) -> np.ndarray:
     """(N, dim) float32 host array from ``compute`` applied to fixed-size batches of images.
 
     The last batch is padded to ``batch_size`` (one compiled shape for the whole data set), and
     batch i is fetched to the host while batch i + 1 computes (dispatch is asynchronous).
+    ``out``: an (N, dim) float32 array to fill (default: a new one).
     """
     n = images.shape[0]
-    out = np.empty((n, dim), np.float32)
+    if out is None:
+        out = np.empty((n, dim), np.float32)
+    elif out.shape != (n, dim) or out.dtype != np.float32:
+        raise ValueError(f"out must be a float32 array of shape {(n, dim)}, got {out.dtype} {out.shape}")
 
     def store(start, m, feats):
         out[start : start + m] = np.asarray(feats)[:m]

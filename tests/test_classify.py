@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from kmjax.classify import (
-    LinearModel, accuracy, fit_standardizer, predict, softmax_loss, standardize, svm_loss, train_linear,
+    LinearModel, accuracy, fit_ridge, fit_standardizer, gram_stats, predict, predict_features, softmax_loss,
+    standardize, svm_loss, train_linear,
 )
 
 
@@ -185,3 +186,87 @@ def test_train_linear_errors():
         train_linear(x, labels[:-1])
     with pytest.raises(ValueError, match="x must be"):
         train_linear(x[:, :, None], labels)
+
+
+# ----------------------------------------------------------------------------- ridge from the Gram matrix
+
+
+def _ridge_problem(n=400, f=30, c=4, seed=0):
+    rng = np.random.default_rng(seed)
+    # uneven scales and large means, as pooled features have
+    x = (rng.standard_normal((n, f)) * rng.uniform(0.5, 3.0, f) + rng.uniform(0.0, 50.0, f)).astype(np.float32)
+    w = rng.standard_normal((f, c))
+    labels = np.argmax((x - x.mean(0)) @ w + rng.standard_normal((n, c)), axis=1).astype(np.int32)
+    assert len(np.unique(labels)) == c
+    return x, labels
+
+
+@pytest.mark.parametrize("C", [0.1, 10.0])
+def test_fit_ridge_matches_sklearn_ridge_on_standardized_features(C):
+    from sklearn.linear_model import Ridge
+
+    x, labels = _ridge_problem()
+    n = x.shape[0]
+    std, model = fit_ridge(gram_stats(x, labels, 4, block=64), C)
+    x64 = x.astype(np.float64)
+    mean, scale = x64.mean(0), np.sqrt(x64.var(0, ddof=1) + 0.01)
+    # 1/2 ||W||^2 + C/n sum ||y - zW - b||^2 is sklearn's ||y - zW - b||^2 + alpha ||W||^2 with alpha = n/(2C)
+    ref = Ridge(alpha=n / (2 * C), solver="cholesky").fit((x64 - mean) / scale, 2.0 * np.eye(4)[labels] - 1.0)
+    np.testing.assert_allclose(np.asarray(std.mean), mean, rtol=1e-6, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(std.scale), scale, rtol=1e-5)
+    w = np.asarray(model.weights, np.float64)
+    # float32 block products summed in float64, float32 weights: 1e-5 of the weights' size
+    np.testing.assert_allclose(w[:-1], ref.coef_.T, atol=1e-5 * np.abs(ref.coef_).max())
+    np.testing.assert_allclose(w[-1], ref.intercept_, atol=1e-5)
+
+
+def test_gram_stats_is_the_same_for_any_blocking_or_split_and_leaves_its_input_alone():
+    x, labels = _ridge_problem(n=300)
+    before = x.copy()
+    whole = gram_stats(x, labels, 4, block=1000)
+    np.testing.assert_array_equal(x, before)
+    rng = np.random.default_rng(1)
+    rows = rng.permutation(300)
+    part = gram_stats(x, labels, 4, rows=rows[:200], shift=whole.shift, block=7)
+    both = gram_stats(x, labels, 4, rows=rows[200:], into=part)
+    assert both.gram is part.gram and both.count == 300  # the F x F matrix was updated in place
+    for a, b in zip(whole[1:], both[1:]):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-3)
+    summed = gram_stats(x, labels, 4, rows=rows[:150], shift=whole.shift) + gram_stats(
+        x, labels, 4, rows=rows[150:], shift=whole.shift)
+    np.testing.assert_allclose(summed.gram, whole.gram, rtol=1e-5, atol=1e-3)
+
+
+def test_gram_stats_reads_a_memmap_in_blocks(tmp_path):
+    x, labels = _ridge_problem(n=200)
+    path = tmp_path / "f.npy"
+    np.save(path, x)
+    on_disk = np.load(path, mmap_mode="r")  # read-only: an in-place write would raise
+    a = gram_stats(on_disk, labels, 4, block=32)
+    b = gram_stats(x, labels, 4, block=32)
+    np.testing.assert_array_equal(a.gram, b.gram)
+
+
+def test_predict_features_equals_standardize_then_predict():
+    x, labels = _ridge_problem(n=250)
+    std, model = fit_ridge(gram_stats(x, labels, 4), 1.0)
+    want = np.asarray(predict(model, standardize(std, x)))
+    np.testing.assert_array_equal(predict_features(std, model, x, block=16), want)
+    assert np.mean(want == labels) > 0.5  # the fit learned the planted classes (chance: 0.25)
+
+
+def test_ridge_input_errors():
+    x, labels = _ridge_problem(n=50)
+    with pytest.raises(ValueError, match="one label per row"):
+        gram_stats(x, labels[:-1], 4)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
+        gram_stats(x, labels, 3)
+    with pytest.raises(ValueError, match="no rows"):
+        gram_stats(x, labels, 4, rows=[])
+    stats = gram_stats(x, labels, 4)
+    with pytest.raises(ValueError, match="holds statistics of 30 features"):
+        gram_stats(x[:, :10], labels, 4, into=stats)
+    with pytest.raises(ValueError, match="different shifts"):
+        stats + gram_stats(x, labels, 4, shift=np.zeros(30))
+    with pytest.raises(ValueError, match="C must be > 0"):
+        fit_ridge(stats, 0.0)
