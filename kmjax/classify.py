@@ -272,12 +272,19 @@ def gram_stats(features, labels, num_classes: int, *, rows=None, shift=None, blo
     return acc
 
 
-def fit_ridge(stats: GramStats, C: float, eps: float = 0.01) -> tuple[Standardizer, LinearModel]:
+def fit_ridge(stats: GramStats, C: float, eps: float = 0.01, refine: int = 3) -> tuple[Standardizer, LinearModel]:
     """One-vs-all ridge regression on standardized features, from their ``GramStats``.
 
     Minimizes 1/2 ||W||^2 + C * mean_i sum_k (y_ik - z_i.w_k - b_k)^2 over the standardized
     features z = (x - mean) / sqrt(var + eps) (the SVM's standardization and C scaling; the bias b
-    is not regularized), i.e. solves (Z^T Z + n / (2C) I) W = Z^T (Y - mean(Y)) in float64.
+    is not regularized), i.e. solves A W = Z^T (Y - mean(Y)) with A = Z^T Z + n / (2C) I.
+
+    A is factored by a float32 Cholesky decomposition (``jax.scipy.linalg.cho_factor``: a third of
+    the work of a float64 LU solve, half its memory), and the solution is polished by ``refine``
+    steps of iterative refinement whose residuals are computed in float64 from the statistics
+    themselves, which brings it to float64 accuracy while A's condition number times float32's
+    rounding (6e-8) is well below 1 (C up to ~1e4 on standardized pooled features).
+    Memory: the statistics' F x F float64 matrix plus two F x F float32 ones.
 
     Returns:
       (Standardizer, LinearModel) usable exactly like those of the L-BFGS classifiers.
@@ -289,16 +296,31 @@ def fit_ridge(stats: GramStats, C: float, eps: float = 0.01) -> tuple[Standardiz
         raise ValueError(f"fit_ridge needs statistics of at least 2 rows, got {n:g}")
     m = stats.x_sum / n  # mean of x - shift
     scale = np.sqrt(np.maximum(np.diag(stats.gram) - n * m * m, 0.0) / (n - 1) + eps)
-    # Z^T Z from the Gram matrix, centred and scaled in place by row blocks: one F x F copy (the
-    # statistics serve other C too) and np.linalg.solve's own, no F x F temporaries besides.
-    a = np.array(stats.gram)
-    for i in range(0, a.shape[0], 1024):
-        a[i : i + 1024] -= n * np.outer(m[i : i + 1024], m)
-        a[i : i + 1024] /= np.outer(scale[i : i + 1024], scale)
-    a[np.diag_indices_from(a)] += n / (2.0 * C)
-    cross = (stats.cross - np.outer(m, stats.y_sum)) / scale[:, None]
-    w = np.linalg.solve(a, cross)
+    lam = n / (2.0 * C)
+    # A in float32, centred and scaled by row blocks: no F x F float64 temporaries
+    f = m.shape[0]
+    a = np.empty((f, f), np.float32)
+    for i in range(0, f, 1024):
+        rows = slice(i, i + 1024)
+        a[rows] = (stats.gram[rows] - n * np.outer(m[rows], m)) / np.outer(scale[rows], scale)
+    a[np.diag_indices_from(a)] += lam
+    factor = jax.scipy.linalg.cho_factor(jnp.asarray(a))
     del a
+
+    def solve(r):
+        return np.asarray(jax.scipy.linalg.cho_solve(factor, jnp.asarray(r, jnp.float32)), np.float64)
+
+    def product(w):  # A @ w in float64, from the uncentred Gram matrix: Z^T Z w = D^-1 (G - n m m^T) D^-1 w
+        v = w / scale[:, None]
+        return (stats.gram @ v - n * np.outer(m, m @ v)) / scale[:, None] + lam * w
+
+    rhs = (stats.cross - np.outer(m, stats.y_sum)) / scale[:, None]
+    w = solve(rhs)
+    for _ in range(refine):
+        w += solve(rhs - product(w))
+    if not np.all(np.isfinite(w)):
+        raise ValueError(f"the ridge system at C = {C:g} is too ill-conditioned for a float32 factorization; "
+                         "use a smaller C (stronger regularization)")
     weights = np.vstack([w, stats.y_sum[None, :] / n])  # centred z: the bias is the mean target
     std = Standardizer(jnp.asarray(stats.shift + m, jnp.float32), jnp.asarray(scale, jnp.float32))
     return std, LinearModel(jnp.asarray(weights, jnp.float32))
