@@ -218,7 +218,68 @@ class GramStats(NamedTuple):
                          self.cross + other.cross, self.y_sum + other.y_sum)
 
 
-def gram_stats(features, labels, num_classes: int, *, rows=None, shift=None, block: int = 2048,
+_GRAM_TILE = 16384  # feature columns per product (see _add_gram)
+
+
+def _add_gram(gram, x, tile: int = _GRAM_TILE) -> None:
+    """gram[i, j] += x^T x on the tiles with i <= j (the upper triangle, tile-wise; diagonal tiles
+    whole). Products of at most ``tile`` columns: NumPy's bundled OpenBLAS crashes (SIGSEGV) in
+    x^T x for x of 32,000 columns; the diagonal tiles still use its ``syrk`` (half the flops)."""
+    f = x.shape[1]
+    for i in range(0, f, tile):
+        xi = np.ascontiguousarray(x[:, i : i + tile])
+        gram[i : i + tile, i : i + tile] += xi.T @ xi
+        if i + tile < f:
+            gram[i : i + tile, i + tile :] += xi.T @ x[:, i + tile :]
+
+
+def _mirror_tiles(gram, tile: int = _GRAM_TILE) -> None:
+    """Fill the lower off-diagonal tiles from the upper ones (the inverse of _add_gram's skipping)."""
+    f = gram.shape[0]
+    for i in range(0, f, tile):
+        if i + tile < f:
+            gram[i + tile :, i : i + tile] = gram[i : i + tile, i + tile :].T
+
+
+def _triangular(l, b, trans: bool = False):
+    return np.asarray(jax.scipy.linalg.solve_triangular(jnp.asarray(l), jnp.asarray(b), lower=True, trans=int(trans)))
+
+
+def _cholesky(a, tile: int = _GRAM_TILE):
+    """The lower Cholesky factor of a symmetric positive definite float32 ``a``, computed in place
+    (its upper triangle is left as garbage) by tiles of at most ``tile``: the LAPACK factorization
+    of a whole 32,000 x 32,000 matrix crashes in the OpenBLAS that jaxlib and NumPy ship."""
+    f = a.shape[0]
+    for i in range(0, f, tile):
+        j = min(i + tile, f)
+        a[i:j, i:j] = np.linalg.cholesky(a[i:j, i:j])
+        if j < f:
+            panel = _triangular(a[i:j, i:j], a[j:, i:j].T).T  # L_ji = A_ji L_ii^-T
+            a[j:, i:j] = panel
+            for k in range(j, f, tile):  # A_22 -= L_j L_j^T, lower part, by column tiles
+                a[k:, k : k + tile] -= panel[k - j :] @ panel[k - j : k - j + tile].T
+    return a
+
+
+def _cholesky_solve(l, r, tile: int = _GRAM_TILE):
+    """Solve L L^T x = r with the tiled factor of ``_cholesky`` (forward, then back substitution)."""
+    f = l.shape[0]
+    x = np.array(r, np.float32)
+    starts = range(0, f, tile)
+    for i in starts:
+        j = min(i + tile, f)
+        if i:
+            x[i:j] -= l[i:j, :i] @ x[:i]
+        x[i:j] = _triangular(l[i:j, i:j], x[i:j])
+    for i in reversed(starts):
+        j = min(i + tile, f)
+        if j < f:
+            x[i:j] -= l[j:, i:j].T @ x[j:]
+        x[i:j] = _triangular(l[i:j, i:j], x[i:j], trans=True)
+    return x
+
+
+def gram_stats(features, labels, num_classes: int, *, rows=None, shift=None, block: int = 8192,
                progress=None, into: GramStats | None = None) -> GramStats:
     """Accumulate ``GramStats`` over the rows of (N, F) features, ``block`` rows at a time.
 
@@ -228,7 +289,8 @@ def gram_stats(features, labels, num_classes: int, *, rows=None, shift=None, blo
       rows: optional indices of the rows to use (e.g. a training split), in any order.
       shift: (F,) to subtract first; default the mean of the first block. Statistics that are to
         be added (``a + b``) must share it.
-      block: rows per product. Each block's products are float32 (BLAS ``syrk``), summed in float64.
+      block: rows per product (8192: 1 GB of float32 at 32,000 features; larger blocks amortize the
+        float64 accumulation). Each block's products are float32 (BLAS ``syrk``), summed in float64.
       progress: optional ``progress(done, total)`` after each block.
       into: statistics to add these rows to, in place (their shift is used): one F x F matrix in
         memory where ``a + b`` would need three.
@@ -263,12 +325,13 @@ def gram_stats(features, labels, num_classes: int, *, rows=None, shift=None, blo
             shift32 = shift.astype(np.float32)
         x -= shift32
         y = 2.0 * np.eye(num_classes, dtype=np.float32)[labels[idx]] - 1.0
-        acc.gram.__iadd__(x.T @ x)  # numpy computes a.T @ a with syrk: half the flops of a product
+        _add_gram(acc.gram, x)
         acc.cross.__iadd__(x.T @ y)
         acc = acc._replace(count=acc.count + idx.size, x_sum=acc.x_sum + x.sum(axis=0, dtype=np.float64),
                            y_sum=acc.y_sum + y.sum(axis=0, dtype=np.float64))
         if progress is not None:
             progress(min(start + block, rows.size), rows.size)
+    _mirror_tiles(acc.gram)
     return acc
 
 
@@ -279,12 +342,12 @@ def fit_ridge(stats: GramStats, C: float, eps: float = 0.01, refine: int = 3) ->
     features z = (x - mean) / sqrt(var + eps) (the SVM's standardization and C scaling; the bias b
     is not regularized), i.e. solves A W = Z^T (Y - mean(Y)) with A = Z^T Z + n / (2C) I.
 
-    A is factored by a float32 Cholesky decomposition (``jax.scipy.linalg.cho_factor``: a third of
-    the work of a float64 LU solve, half its memory), and the solution is polished by ``refine``
+    A is factored by a float32 Cholesky decomposition (a third of the work of a float64 LU solve,
+    half its memory; by tiles, see ``_cholesky``), and the solution is polished by ``refine``
     steps of iterative refinement whose residuals are computed in float64 from the statistics
     themselves, which brings it to float64 accuracy while A's condition number times float32's
     rounding (6e-8) is well below 1 (C up to ~1e4 on standardized pooled features).
-    Memory: the statistics' F x F float64 matrix plus two F x F float32 ones.
+    Memory: the statistics' F x F float64 matrix plus one F x F float32 one.
 
     Returns:
       (Standardizer, LinearModel) usable exactly like those of the L-BFGS classifiers.
@@ -304,15 +367,15 @@ def fit_ridge(stats: GramStats, C: float, eps: float = 0.01, refine: int = 3) ->
         rows = slice(i, i + 1024)
         a[rows] = (stats.gram[rows] - n * np.outer(m[rows], m)) / np.outer(scale[rows], scale)
     a[np.diag_indices_from(a)] += lam
-    factor = jax.scipy.linalg.cho_factor(jnp.asarray(a))
-    del a
+    factor = _cholesky(a)
 
     def solve(r):
-        return np.asarray(jax.scipy.linalg.cho_solve(factor, jnp.asarray(r, jnp.float32)), np.float64)
+        return _cholesky_solve(factor, r).astype(np.float64)
 
     def product(w):  # A @ w in float64, from the uncentred Gram matrix: Z^T Z w = D^-1 (G - n m m^T) D^-1 w
         v = w / scale[:, None]
-        return (stats.gram @ v - n * np.outer(m, m @ v)) / scale[:, None] + lam * w
+        gv = np.concatenate([stats.gram[i : i + _GRAM_TILE] @ v for i in range(0, f, _GRAM_TILE)])
+        return (gv - n * np.outer(m, m @ v)) / scale[:, None] + lam * w
 
     rhs = (stats.cross - np.outer(m, stats.y_sum)) / scale[:, None]
     w = solve(rhs)

@@ -295,3 +295,28 @@ def test_fit_ridge_refinement_reaches_float64_on_correlated_features():
         errors[refine] = np.abs(w - ref).max() / np.abs(ref).max()
     assert errors[3] < 1e-6  # float64-grade (the weights are returned in float32: ~1e-7)
     assert errors[0] > 10 * errors[3]  # and the refinement is what got it there
+
+
+def test_tiled_gram_equals_the_plain_product():
+    # gram_stats multiplies at most 8192 columns at a time (NumPy's OpenBLAS crashes on x^T x of
+    # 32,000 columns); small tiles with a ragged last one exercise the same code on a small x.
+    from kmjax.classify import _add_gram, _mirror_tiles
+
+    x = np.random.default_rng(0).standard_normal((50, 23)).astype(np.float32)
+    gram = np.ones((23, 23))  # accumulates onto what is there, as for ``into``
+    _add_gram(gram, x, tile=7)
+    _mirror_tiles(gram, tile=7)
+    np.testing.assert_allclose(gram, 1.0 + x.astype(np.float64).T @ x, rtol=1e-5, atol=1e-4)
+
+
+def test_tiled_cholesky_solves_like_numpy():
+    from kmjax.classify import _cholesky, _cholesky_solve
+
+    rng = np.random.default_rng(4)
+    b = rng.standard_normal((40, 23))
+    a = (b.T @ b + 23 * np.eye(23)).astype(np.float32)
+    r = rng.standard_normal((23, 3)).astype(np.float32)
+    want = np.linalg.solve(a.astype(np.float64), r)
+    l = _cholesky(a.copy(), tile=7)  # ragged last tile
+    np.testing.assert_allclose(np.tril(l), np.linalg.cholesky(a.astype(np.float64)), atol=1e-5)
+    np.testing.assert_allclose(_cholesky_solve(l, r, tile=7), want, rtol=1e-4, atol=1e-5)
