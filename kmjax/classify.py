@@ -248,11 +248,13 @@ def _triangular(l, b, trans: bool = False):
 def _cholesky(a, tile: int = _GRAM_TILE):
     """The lower Cholesky factor of a symmetric positive definite float32 ``a``, computed in place
     (its upper triangle is left as garbage) by tiles of at most ``tile``: the LAPACK factorization
-    of a whole 32,000 x 32,000 matrix crashes in the OpenBLAS that jaxlib and NumPy ship."""
+    of a whole 32,000 x 32,000 matrix crashes (SIGSEGV) in the OpenBLAS that jaxlib ships, and
+    NumPy's already at 16,384 (both seen on this project's AVX-512 machine), so the tiles go
+    through jaxlib's."""
     f = a.shape[0]
     for i in range(0, f, tile):
         j = min(i + tile, f)
-        a[i:j, i:j] = np.linalg.cholesky(a[i:j, i:j])
+        a[i:j, i:j] = np.asarray(jax.scipy.linalg.cholesky(jnp.asarray(a[i:j, i:j]), lower=True))
         if j < f:
             panel = _triangular(a[i:j, i:j], a[j:, i:j].T).T  # L_ji = A_ji L_ii^-T
             a[j:, i:j] = panel
