@@ -7,8 +7,8 @@ encode -> pool -> features -> classify; experiment, config, plots and cli are th
 __version__ = "0.1.0"
 
 from kmjax.classify import (
-    LinearModel, Standardizer, accuracy, fit_standardizer, predict, softmax_loss, standardize, svm_loss,
-    train_linear,
+    GramStats, LinearModel, Standardizer, accuracy, fit_ridge, fit_standardizer, gram_stats, predict,
+    predict_features, softmax_loss, standardize, svm_loss, train_linear,
 )
 from kmjax.data import Cifar10, DataError, download_cifar10, load_cifar10, resolve_data_dir
 from kmjax.encoders import encode, hard, soft_threshold, triangle
@@ -26,5 +26,5 @@ __all__ = [
     "encode", "triangle", "hard", "soft_threshold", "pool",
     "FeatureSpec", "extract_features", "feature_dim",
     "Standardizer", "fit_standardizer", "standardize", "LinearModel", "svm_loss", "softmax_loss",
-    "train_linear", "predict", "accuracy",
+    "train_linear", "predict", "accuracy", "GramStats", "gram_stats", "fit_ridge", "predict_features",
 ]
