@@ -308,8 +308,6 @@ def gram_stats(features, labels, num_classes: int, *, rows=None, shift=None, blo
         raise ValueError(f"labels must lie in [0, {num_classes})")
     acc = into
     if into is not None:
-        shift = into.shift
-        shift32 = shift.astype(np.float32)
         if into.gram.shape != (f, f) or into.cross.shape != (f, num_classes):
             raise ValueError(f"`into` holds statistics of {into.gram.shape[0]} features and {into.cross.shape[1]} "
                              f"classes, these rows have {f} and {num_classes}")
@@ -318,14 +316,11 @@ def gram_stats(features, labels, num_classes: int, *, rows=None, shift=None, blo
         # a copy (np.array): the block is shifted in place below, and a slice of an in-memory array is a view
         x = np.array(features[idx[0] : idx[-1] + 1] if idx[-1] - idx[0] + 1 == idx.size else features[idx],
                      np.float32)
-        if shift is None:
-            shift = x.mean(axis=0, dtype=np.float64)
         if acc is None:
-            shift = np.asarray(shift, np.float64)
+            shift = np.asarray(x.mean(axis=0, dtype=np.float64) if shift is None else shift, np.float64)
             acc = GramStats(0.0, shift, np.zeros(f), np.zeros((f, f)), np.zeros((f, num_classes)),
                             np.zeros(num_classes))
-            shift32 = shift.astype(np.float32)
-        x -= shift32
+        x -= acc.shift.astype(np.float32)
         y = 2.0 * np.eye(num_classes, dtype=np.float32)[labels[idx]] - 1.0
         _add_gram(acc.gram, x)
         acc.cross.__iadd__(x.T @ y)

@@ -151,8 +151,14 @@ def _validation_split(cfg: Config, rows: int, key):
     return fit, val, np.sort(perm[:n_val])
 
 
-def _best_C(scores: dict) -> float:
-    return max(scores, key=lambda C: (scores[C], -C))  # ties: the stronger regularization
+def _search_C(grid, score, quiet):
+    """(best C, {C: validation accuracy}) over ``grid``, ``score(C)`` giving the accuracy; ties go
+    to the stronger regularization (the smaller C)."""
+    scores = {}
+    for C in grid:
+        scores[float(C)] = score(float(C))
+        _log(f"  C = {C:g}: validation accuracy {scores[float(C)]:.4f}", quiet)
+    return max(scores, key=lambda C: (scores[C], -C)), scores
 
 
 def _choose_C(cfg: Config, x, labels, key, quiet):
@@ -161,13 +167,12 @@ def _choose_C(cfg: Config, x, labels, key, quiet):
     fit, _, val = _validation_split(cfg, x.shape[0], key)
     std = fit_standardizer(x[fit])
     xf, xv = standardize(std, x[fit]), standardize(std, x[val])
-    scores = {}
-    for C in c.C_grid:
-        model, _ = train_linear(xf, labels[fit], loss=c.loss, C=float(C), num_classes=10,
-                                max_iter=c.max_iter, tol=c.tol)
-        scores[float(C)] = accuracy(model, xv, labels[val])
-        _log(f"  C = {C:g}: validation accuracy {scores[float(C)]:.4f}", quiet)
-    return _best_C(scores), scores
+
+    def score(C):
+        model, _ = train_linear(xf, labels[fit], loss=c.loss, C=C, num_classes=10, max_iter=c.max_iter, tol=c.tol)
+        return accuracy(model, xv, labels[val])
+
+    return _search_C(c.C_grid, score, quiet)
 
 
 def _ridge(cfg: Config, x, labels, key, quiet):
@@ -180,12 +185,8 @@ def _ridge(cfg: Config, x, labels, key, quiet):
     fit, val, scored = _validation_split(cfg, x.shape[0], key)
     stats = gram_stats(x, labels, 10, rows=fit, progress=_progress("Gram", quiet, "rows"))
     xv = np.asarray(x[scored])
-    scores = {}
-    for C in c.C_grid:
-        std, model = fit_ridge(stats, float(C))
-        scores[float(C)] = float(np.mean(predict_features(std, model, xv) == labels[scored]))
-        _log(f"  C = {C:g}: validation accuracy {scores[float(C)]:.4f}", quiet)
-    best = _best_C(scores)
+    best, scores = _search_C(c.C_grid, lambda C: float(np.mean(predict_features(*fit_ridge(stats, C), xv)
+                                                                  == labels[scored])), quiet)
     stats = gram_stats(x, labels, 10, rows=val, into=stats)  # the held-out rows join the final fit
     return best, scores, *fit_ridge(stats, best)
 
