@@ -10,16 +10,20 @@ a row-major 32x32 plane) and ``labels`` (n ints in 0..9).
 
 Throughout, the *data dir* is the folder that CONTAINS ``cifar-10-batches-py/``.
 
-Note: batches are pickles, and unpickling runs code chosen by the file's author. Only load
-files from the official archive (``download_cifar10`` checks its MD5) or a source you trust.
+Trust: the batches are pickles, and a plain ``pickle.load`` runs whatever code a crafted file
+names. kmjax never does that: its unpickler admits only the NumPy array constructors the official
+files use and refuses any other file with a ``DataError`` before building anything from it.
 """
 
 from __future__ import annotations
 
+import codecs
 import hashlib
+import io
 import os
 import pathlib
 import pickle
+import pickletools
 import shutil
 import sys
 import tarfile
@@ -124,15 +128,109 @@ def resolve_data_dir(data_dir=None) -> pathlib.Path:
 # --------------------------------------------------------------------------------------
 
 
+# The globals a CIFAR-10 batch may name: the official files (written by Python 2's NumPy) name
+# the first three; NumPy 2 writes its array reconstructor under numpy._core, and Python 3's
+# protocols 2-3 rebuild an array's bytes with _codecs.encode. Nothing else is ever looked up, so
+# a crafted file cannot make the unpickler call anything but these constructors.
+_ALLOWED_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("_codecs", "encode"),
+}
+# Opcodes that call something outside the checked names, or hand an object to an external
+# loader: none occurs in a CIFAR-10 batch; each is refused before anything is built.
+_REFUSED_OPCODES = {"INST", "OBJ", "EXT1", "EXT2", "EXT4", "PERSID", "BINPERSID"}
+_STRING_OPCODES = {"STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "BINUNICODE", "SHORT_BINUNICODE",
+                   "BINUNICODE8"}
+_MEMO_PUT = {"PUT", "BINPUT", "LONG_BINPUT"}
+_MEMO_GET = {"GET", "BINGET", "LONG_BINGET"}
+
+
+def _reconstruct():
+    try:
+        from numpy._core.multiarray import _reconstruct as f  # NumPy >= 2
+    except ImportError:  # pragma: no cover - NumPy 1.x
+        from numpy.core.multiarray import _reconstruct as f
+    return f
+
+
+class _Refused(Exception):
+    """A pickle asks for something a CIFAR-10 batch never needs."""
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """Unpickles only dicts, lists, strings, numbers and NumPy arrays (see ``_ALLOWED_GLOBALS``)."""
+
+    def find_class(self, module, name):
+        if (module, name) not in _ALLOWED_GLOBALS:
+            raise _Refused(f"names {module}.{name}")
+        if module == "_codecs":
+            return codecs.encode
+        return _reconstruct() if name == "_reconstruct" else getattr(np, name)
+
+
+def _check_opcodes(data: bytes) -> None:
+    """Refuse a pickle that names any global or uses any opcode a CIFAR-10 batch does not, before
+    any of its objects is built (the unpickler's ``find_class`` checks again as it builds).
+
+    Python 2 pickles name a global inline (GLOBAL "module name"); Python 3's protocols 4 and 5
+    push the two names as strings first (STACK_GLOBAL), possibly from the memo: the strings pushed
+    just before are tracked, and a STACK_GLOBAL whose names are not plain strings is refused.
+    """
+    memo: dict = {}
+    recent: list = []  # values pushed by string and memo-get opcodes since the last other opcode
+    for op, arg, _ in pickletools.genops(data):
+        name = op.name
+        if name in _REFUSED_OPCODES:
+            raise _Refused(f"uses the pickle opcode {name}")
+        if name == "GLOBAL":
+            module, _, attr = str(arg).partition(" ")
+            if (module, attr) not in _ALLOWED_GLOBALS:
+                raise _Refused(f"names {module}.{attr}")
+        elif name == "STACK_GLOBAL":
+            pair = recent[-2:]
+            if len(pair) != 2 or not all(isinstance(v, (str, bytes)) for v in pair):
+                raise _Refused("names a global it computes")
+            module, attr = (v.decode("latin1") if isinstance(v, bytes) else v for v in pair)
+            if (module, attr) not in _ALLOWED_GLOBALS:
+                raise _Refused(f"names {module}.{attr}")
+        if name in _STRING_OPCODES:
+            recent.append(arg)
+        elif name in _MEMO_GET:
+            recent.append(memo.get(arg))
+        elif name == "MEMOIZE":
+            memo[len(memo)] = recent[-1] if recent else None
+        elif name in _MEMO_PUT:
+            memo[arg] = recent[-1] if recent else None
+        else:
+            recent = []
+
+
 def _unpickle(path: pathlib.Path, fix: str):
+    """Read a CIFAR-10 pickle without running code from it.
+
+    The files are pickles, and a plain ``pickle.load`` calls whatever a crafted file names.
+    Here every opcode is checked first and only NumPy's array constructors may be named (see
+    ``_ALLOWED_GLOBALS``); anything else is a ``DataError`` naming the file, raised before any
+    object of the file is built.
+    """
     if not path.is_file():
         raise DataError(f"CIFAR-10 file {path} is missing; {fix}")
     try:
-        with open(path, "rb") as f:
-            # encoding="bytes" reads the official Python-2 pickles; their str keys become bytes.
-            return pickle.load(f, encoding="bytes")
+        data = path.read_bytes()
     except OSError as e:  # permissions, I/O errors: not the file's content
         raise DataError(f"could not read CIFAR-10 file {path}: {e}") from e
+    try:
+        _check_opcodes(data)
+        # encoding="bytes" reads the official Python-2 pickles; their str keys become bytes.
+        return _BatchUnpickler(io.BytesIO(data), encoding="bytes").load()
+    except _Refused as e:
+        raise DataError(
+            f"CIFAR-10 file {path} {e}, which no CIFAR-10 batch does: refusing to load it (it may be crafted "
+            f"to run code); {fix}"
+        ) from None
     except Exception as e:  # a damaged pickle can raise almost anything
         raise DataError(
             f"CIFAR-10 file {path} is truncated or corrupt ({type(e).__name__}: {e}); {fix}"

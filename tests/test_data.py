@@ -333,6 +333,56 @@ def test_corrupt_meta(tmp_path):
         load_cifar10(tmp_path, "test")
 
 
+class _RunsCode:
+    """Unpickling this calls ``os.system``: the classic crafted pickle."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _crafted(marker, protocol, wrap):
+    payload = _RunsCode(marker)
+    if wrap == "meta":  # a plausible batches.meta whose class names carry the payload
+        return pickle.dumps({"label_names": list(CLASS_NAMES), "num_vis": payload}, protocol=protocol)
+    if wrap == "batch":  # real pixels and labels, the payload in an extra entry
+        return pickle.dumps(_batch_dict(_images(0), np.zeros(N, int), False, extra=payload), protocol=protocol)
+    return pickle.dumps(payload, protocol=protocol)
+
+
+@pytest.mark.parametrize("protocol", [2, 5])
+@pytest.mark.parametrize("name,wrap", [("batches.meta", "meta"), ("data_batch_1", "batch"), ("test_batch", "bare")])
+def test_a_crafted_file_runs_nothing(tmp_path, name, wrap, protocol):
+    make_cifar(tmp_path)
+    marker = tmp_path / "pwned"
+    (tmp_path / BATCHES / name).write_bytes(_crafted(marker, protocol, wrap))
+    split = "test" if name == "test_batch" else "train"
+    with pytest.raises(DataError, match=f"{name} .*refusing to load it"):
+        load_cifar10(tmp_path, split)
+    assert not marker.exists()
+
+
+def test_nothing_is_built_before_a_forbidden_global_is_refused(tmp_path, monkeypatch):
+    # The opcodes are checked before unpickling starts: not even the allowed array constructor
+    # that precedes the payload in the stream is called.
+    make_cifar(tmp_path)
+    (tmp_path / BATCHES / "data_batch_1").write_bytes(_crafted(tmp_path / "x", 2, "batch"))
+    built = []
+    monkeypatch.setattr(data._BatchUnpickler, "find_class", lambda self, m, n: built.append((m, n)))
+    with pytest.raises(DataError, match="names posix.system|names nt.system"):
+        load_cifar10(tmp_path, "train", batches=[1])
+    assert built == []
+
+
+def test_the_unpickler_admits_only_numpy_array_constructors():
+    assert {m for m, _ in data._ALLOWED_GLOBALS} <= {"numpy", "numpy.core.multiarray", "numpy._core.multiarray",
+                                                    "_codecs"}
+    with pytest.raises(data._Refused):
+        data._BatchUnpickler(io.BytesIO(b"")).find_class("builtins", "eval")
+
+
 def test_meta_with_wrong_number_of_names(tmp_path):
     make_cifar(tmp_path)
     _rewrite(tmp_path, "batches.meta", {"label_names": ["a", "b"]})
