@@ -1,4 +1,5 @@
-"""Tests for kmjax.classify against float64 NumPy references."""
+"""Tests for kmjax.classify's classifiers and statistics against float64 NumPy references (model
+selection: test_select.py)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ import numpy as np
 import pytest
 
 from kmjax.classify import (
-    LinearModel, accuracy, fit_ridge, fit_standardizer, gram_stats, predict, predict_features, softmax_loss,
-    standardize, svm_loss, train_linear,
+    GramStats, LinearModel, accumulate_gram, accuracy, empty_gram_stats, fit_ridge, fit_standardizer, gram_stats,
+    predict, predict_features, softmax_loss, standardize, svm_loss, train_linear,
 )
+from kmjax.classify.tiled import _add_gram, _cholesky, _cholesky_solve, _mirror_tiles, _row_tiles_matmul
 
 
 def svm_ref(w, x, labels, C):
@@ -228,13 +230,49 @@ def test_gram_stats_is_the_same_for_any_blocking_or_split_and_leaves_its_input_a
     rng = np.random.default_rng(1)
     rows = rng.permutation(300)
     part = gram_stats(x, labels, 4, rows=rows[:200], shift=whole.shift, block=7)
-    both = gram_stats(x, labels, 4, rows=rows[200:], into=part)
-    assert both.gram is part.gram and both.count == 300  # the F x F matrix was updated in place
+    both = accumulate_gram(part, x, labels, rows=rows[200:])
+    assert both is part and both.count == 300  # every array was updated in place
     for a, b in zip(whole[1:], both[1:]):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-3)
-    summed = gram_stats(x, labels, 4, rows=rows[:150], shift=whole.shift) + gram_stats(
-        x, labels, 4, rows=rows[150:], shift=whole.shift)
-    np.testing.assert_allclose(summed.gram, whole.gram, rtol=1e-5, atol=1e-3)
+    np.testing.assert_array_equal(x, before)
+
+
+def _fields_equal(a, b):
+    for name, u, v in zip(GramStats._fields, a, b):
+        assert u.dtype == v.dtype == np.float64 and u.shape == v.shape, name
+        np.testing.assert_array_equal(u, v, err_msg=name)
+
+
+def test_accumulating_rows_a_then_rows_b_is_one_pass_over_both_in_every_field():
+    x, labels = _ridge_problem(n=300)
+    rows = np.random.default_rng(2).permutation(300)
+    once = gram_stats(x, labels, 4, rows=rows[:250], block=50)
+    np.testing.assert_array_equal(once.shift, x[np.sort(rows[:250])[:50]].mean(axis=0, dtype=np.float64))
+    # A = the first 100 of the sorted rows: the same blocks in the same order, so the same sums, exactly
+    ordered = np.sort(rows[:250])
+    stats = gram_stats(x, labels, 4, rows=ordered[:100], shift=once.shift, block=50)
+    arrays = [id(a) for a in stats]
+    assert accumulate_gram(stats, x, labels, rows=ordered[100:], block=50) is stats
+    assert [id(a) for a in stats] == arrays  # the caller's object, no field replaced
+    _fields_equal(stats, once)
+    # from empty statistics
+    _fields_equal(accumulate_gram(empty_gram_stats(once.shift, 4), x, labels, rows=rows[:250], block=50), once)
+    # any other split and blocking: the same numbers up to float32 products summed in float64
+    stats = gram_stats(x, labels, 4, rows=rows[:70], shift=once.shift, block=9)
+    accumulate_gram(stats, x, labels, rows=rows[70:250], block=33)
+    for name, u, v in zip(GramStats._fields, stats, once):
+        np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-3, err_msg=name)
+    assert stats.count.shape == () and float(stats.count) == 250.0
+    np.testing.assert_array_equal(stats.gram, stats.gram.T)  # the lower tiles mirror the upper ones
+
+
+def test_empty_gram_stats_hold_no_rows_and_own_their_shift():
+    shift = np.arange(5.0)
+    stats = empty_gram_stats(shift, 3)
+    assert float(stats.count) == 0.0 and stats.count.shape == ()
+    assert stats.gram.shape == (5, 5) and stats.cross.shape == (5, 3) and stats.y_sum.shape == (3,)
+    assert not np.shares_memory(stats.shift, shift) and all(a.dtype == np.float64 for a in stats)
+    assert not any(np.any(a) for a in (stats.count, stats.x_sum, stats.gram, stats.cross, stats.y_sum))
 
 
 def test_gram_stats_reads_a_memmap_in_blocks(tmp_path):
@@ -263,11 +301,26 @@ def test_ridge_input_errors():
         gram_stats(x, labels, 3)
     with pytest.raises(ValueError, match="no rows"):
         gram_stats(x, labels, 4, rows=[])
+    with pytest.raises(ValueError, match=r"rows must be indices in \[0, 50\)"):
+        gram_stats(x, labels, 4, rows=[3, 50])
+    with pytest.raises(ValueError, match="rows must be distinct"):
+        gram_stats(x, labels, 4, rows=[0, 0, 2])
+    with pytest.raises(ValueError, match="shift must be"):
+        gram_stats(x, labels, 4, shift=np.zeros(29))
     stats = gram_stats(x, labels, 4)
+    snapshot = [a.copy() for a in stats]
     with pytest.raises(ValueError, match="holds statistics of 30 features"):
-        gram_stats(x[:, :10], labels, 4, into=stats)
-    with pytest.raises(ValueError, match="different shifts"):
-        stats + gram_stats(x, labels, 4, shift=np.zeros(30))
+        accumulate_gram(stats, x[:, :10], labels)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 4\)"):
+        accumulate_gram(stats, x, np.where(labels == 0, 4, labels))
+    with pytest.raises(ValueError, match="0-d"):
+        accumulate_gram(stats._replace(count=50.0), x, labels)  # a Python float cannot be updated in place
+    frozen = stats._replace(gram=stats.gram.copy())
+    frozen.gram.flags.writeable = False  # as np.load(..., mmap_mode="r") gives it
+    with pytest.raises(ValueError, match="writeable"):
+        accumulate_gram(frozen, x, labels)
+    for a, b in zip(stats, snapshot):  # a refused call changes nothing
+        np.testing.assert_array_equal(a, b)
     with pytest.raises(ValueError, match="C must be > 0"):
         fit_ridge(stats, 0.0)
 
@@ -298,20 +351,18 @@ def test_fit_ridge_refinement_reaches_float64_on_correlated_features():
 
 
 def test_tiled_gram_equals_the_plain_product():
-    # gram_stats multiplies at most 8192 columns at a time (NumPy's OpenBLAS crashes on x^T x of
-    # 32,000 columns); small tiles with a ragged last one exercise the same code on a small x.
-    from kmjax.classify import _add_gram, _mirror_tiles
-
+    # gram_stats sums x^T x from tiles of at most 16,384 columns (NumPy's OpenBLAS crashes on x^T x
+    # of 32,000 columns); small tiles with a ragged last one exercise the same code on a small x.
     x = np.random.default_rng(0).standard_normal((50, 23)).astype(np.float32)
-    gram = np.ones((23, 23))  # accumulates onto what is there, as for ``into``
+    gram = np.ones((23, 23))  # accumulates onto what is there, as accumulate_gram needs
     _add_gram(gram, x, tile=7)
     _mirror_tiles(gram, tile=7)
     np.testing.assert_allclose(gram, 1.0 + x.astype(np.float64).T @ x, rtol=1e-5, atol=1e-4)
+    v = np.random.default_rng(1).standard_normal((23, 3))
+    np.testing.assert_allclose(_row_tiles_matmul(gram, v, tile=7), gram @ v, rtol=1e-12, atol=1e-10)
 
 
 def test_tiled_cholesky_solves_like_numpy():
-    from kmjax.classify import _cholesky, _cholesky_solve
-
     rng = np.random.default_rng(4)
     b = rng.standard_normal((40, 23))
     a = (b.T @ b + 23 * np.eye(23)).astype(np.float32)

@@ -1,0 +1,26 @@
+"""Linear classifiers on pooled features, one concern per file:
+
+- ``linear``: standardization, the L-BFGS classifiers (one-vs-all L2-SVM, softmax regression;
+  ``LOSSES``), ``train_linear``, prediction.
+- ``ridge``: ridge regression from streamed Gram statistics (``gram_stats``, ``accumulate_gram``,
+  ``fit_ridge``): the features are read in row blocks, never held in memory at once.
+- ``tiled``: the tiled F x F linear algebra under ``ridge`` (whole-matrix OpenBLAS calls crash
+  at F = 32,000).
+- ``select``: model selection: ``validation_split``, ``search_C`` and ``fit_classifier``, the one
+  entry point that chooses C on held-out rows and fits any of the three classifiers.
+"""
+
+from kmjax.classify.linear import (
+    LOSSES, LinearModel, Standardizer, TrainInfo, accuracy, fit_standardizer, predict, predict_features, softmax_loss,
+    standardize, svm_loss, train_linear,
+)
+from kmjax.classify.ridge import GramStats, accumulate_gram, empty_gram_stats, fit_ridge, gram_stats
+from kmjax.classify.select import CLASSIFIERS, ClassifierFit, fit_classifier, search_C, validation_split
+
+__all__ = [
+    "Standardizer", "fit_standardizer", "standardize",
+    "LinearModel", "svm_loss", "softmax_loss", "LOSSES", "TrainInfo", "train_linear", "predict", "accuracy",
+    "predict_features",
+    "GramStats", "empty_gram_stats", "accumulate_gram", "gram_stats", "fit_ridge",
+    "CLASSIFIERS", "ClassifierFit", "validation_split", "search_C", "fit_classifier",
+]

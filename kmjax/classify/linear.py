@@ -1,0 +1,191 @@
+"""Linear classifiers trained with L-BFGS: feature standardization, one-vs-all L2-SVM and softmax
+regression, prediction.
+
+Both losses are minimized full-batch with optax's L-BFGS inside one jit-compiled
+``lax.while_loop`` (stop at ``max_iter`` or when the gradient norm falls below ``tol``). A
+constant-1 column is appended to the standardized features, so the bias is one more weight (and
+is regularized with the rest, as in the authors' code).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+__all__ = [
+    "Standardizer", "fit_standardizer", "standardize",
+    "LinearModel", "svm_loss", "softmax_loss", "LOSSES", "TrainInfo", "train_linear", "predict", "accuracy",
+    "predict_features",
+]
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+class Standardizer(NamedTuple):
+    """Feature standardization: (f - mean) / scale. mean, scale: (F,) float32."""
+
+    mean: jax.Array
+    scale: jax.Array
+
+
+def fit_standardizer(features, eps: float = 0.01, block: int = 1024) -> Standardizer:
+    """Training mean and sqrt(var + eps) per feature, as the authors' code (eps = 0.01; the unbiased
+    variance of MATLAB's ``var``). Accumulated in float64 over row blocks: no float64 copy of the
+    (N, F) features (6.4 GB at N = 50,000, K = 4000) is ever made."""
+    f = features
+    if np.ndim(f) != 2 or np.shape(f)[0] < 2:
+        raise ValueError(f"features must be (N, F) with N >= 2 to estimate a variance, got shape {np.shape(f)}")
+    n = f.shape[0]
+    mean = sum(np.asarray(f[i : i + block]).sum(axis=0, dtype=np.float64) for i in range(0, n, block)) / n
+    ss = sum(np.square(np.asarray(f[i : i + block], np.float64) - mean).sum(axis=0) for i in range(0, n, block))
+    var = ss / (n - 1)
+    return Standardizer(jnp.asarray(mean, jnp.float32), jnp.asarray(np.sqrt(var + eps), jnp.float32))
+
+
+@jax.jit
+def standardize(standardizer: Standardizer, features):
+    """(N, F) features -> (N, F + 1) float32: standardized, with a constant-1 bias column."""
+    f = (jnp.asarray(features, jnp.float32) - standardizer.mean) / standardizer.scale
+    return jnp.concatenate([f, jnp.ones((f.shape[0], 1), f.dtype)], axis=1)
+
+
+class LinearModel(NamedTuple):
+    """weights: (F + 1, classes), the last row the bias; scores = standardize(f) @ weights."""
+
+    weights: jax.Array
+
+
+@jax.custom_vjp
+def _scores(weights, x, xt):
+    """x @ weights, whose gradient for the weights is computed as xt @ g.
+
+    XLA's CPU product x.T @ g with the long N axis contracted runs at a third of the speed of
+    the same product with x stored transposed; L-BFGS spends its time in exactly these two
+    products, so training keeps a transposed copy of the features.
+    """
+    return jnp.matmul(x, weights, precision=_HIGHEST)
+
+
+def _scores_fwd(weights, x, xt):
+    return jnp.matmul(x, weights, precision=_HIGHEST), xt
+
+
+def _scores_bwd(xt, g):
+    return jnp.matmul(xt, g, precision=_HIGHEST), None, None
+
+
+_scores.defvjp(_scores_fwd, _scores_bwd)
+
+
+def _product(weights, x, xt):
+    return jnp.matmul(x, weights, precision=_HIGHEST) if xt is None else _scores(weights, x, xt)
+
+
+def svm_loss(weights, x, labels, C, xt=None):
+    """One-vs-all L2-SVM, summed over classes: 1/2 ||W||^2 + C * mean_i sum_k margin_ik^2,
+    margin = max(0, 1 - y_ik x_i.w_k), y = +1 for the true class, -1 otherwise.
+    ``xt``: optionally x.T stored contiguously, for a faster gradient (same values)."""
+    y = 2.0 * jax.nn.one_hot(labels, weights.shape[1], dtype=x.dtype) - 1.0
+    margin = jnp.maximum(0.0, 1.0 - y * _product(weights, x, xt))
+    return 0.5 * jnp.sum(weights * weights) + C * jnp.sum(jnp.mean(margin * margin, axis=0))
+
+
+def softmax_loss(weights, x, labels, C, xt=None):
+    """Multinomial logistic regression with the same scaling: 1/2 ||W||^2 + C * mean cross-entropy."""
+    logits = _product(weights, x, xt)
+    return 0.5 * jnp.sum(weights * weights) + C * jnp.mean(
+        optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    )
+
+
+LOSSES = {"svm": svm_loss, "logistic": softmax_loss}
+
+
+class TrainInfo(NamedTuple):
+    """loss: final objective. grad_norm: its gradient's norm. n_iter: L-BFGS iterations run."""
+
+    loss: jax.Array
+    grad_norm: jax.Array
+    n_iter: jax.Array
+
+
+@partial(jax.jit, static_argnames=("loss", "num_classes", "max_iter", "memory", "progress"))
+def _train(x, labels, C, tol, *, loss, num_classes, max_iter, memory, progress):
+    fun = partial(LOSSES[loss], x=x, labels=labels, C=C, xt=x.T.copy())
+    opt = optax.lbfgs(memory_size=memory)
+    value_and_grad = optax.value_and_grad_from_state(fun)
+    w0 = jnp.zeros((x.shape[1], num_classes), jnp.float32)
+
+    def step(carry):
+        w, state, _, it = carry
+        value, grad = value_and_grad(w, state=state)
+        updates, state = opt.update(grad, state, w, value=value, grad=grad, value_fn=fun)
+        if progress is not None:  # host callback, outside the numerics
+            jax.debug.callback(progress, it + 1, max_iter, value)
+        return w + updates, state, optax.tree.norm(grad), it + 1
+
+    def cond(carry):
+        _, _, gnorm, it = carry
+        return (it < max_iter) & (gnorm > tol)
+
+    w, _, _, it = jax.lax.while_loop(cond, step, (w0, opt.init(w0), jnp.float32(jnp.inf), jnp.int32(0)))
+    value, grad = jax.value_and_grad(fun)(w)
+    return LinearModel(w), TrainInfo(value, optax.tree.norm(grad), it)
+
+
+def train_linear(x, labels, *, loss: str = "svm", C: float = 100.0, num_classes: int | None = None,
+                 max_iter: int = 1000, tol: float = 1e-3, memory: int = 20, progress=None):
+    """Train a linear classifier on standardized features with L-BFGS.
+
+    Args:
+      x: (N, F + 1) standardized features with the bias column (see ``standardize``).
+      labels: (N,) int class indices in [0, num_classes).
+      loss: "svm" (one-vs-all squared hinge) or "logistic" (softmax cross-entropy).
+      C: weight of the data term against 1/2 ||W||^2 (larger: less regularization).
+      num_classes: default max(labels) + 1.
+      max_iter: L-BFGS iterations at most. tol: stop once the gradient norm is below it.
+      memory: L-BFGS history length.
+      progress: optional ``progress(iteration, max_iter, loss)`` called on the host after each
+        iteration (through ``jax.debug.callback``).
+
+    Returns:
+      (LinearModel, TrainInfo).
+    """
+    if loss not in LOSSES:
+        raise ValueError(f"unknown loss {loss!r}; choose one of {tuple(LOSSES)}")
+    x = jnp.asarray(x, jnp.float32)
+    labels = jnp.asarray(labels, jnp.int32)
+    if x.ndim != 2 or labels.shape != (x.shape[0],):
+        raise ValueError(f"x must be (N, F) and labels (N,), got {x.shape} and {labels.shape}")
+    if not C > 0:
+        raise ValueError(f"C must be > 0, got {C!r}")
+    if num_classes is None:
+        num_classes = int(labels.max()) + 1
+    if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
+        raise ValueError(f"labels must lie in [0, {num_classes}), got {int(labels.min())}..{int(labels.max())}")
+    return _train(x, labels, jnp.float32(C), jnp.float32(tol), loss=loss, num_classes=int(num_classes),
+                  max_iter=int(max_iter), memory=int(memory), progress=progress)
+
+
+@jax.jit
+def predict(model: LinearModel, x):
+    """Class index of each row of (N, F + 1) standardized features."""
+    return jnp.argmax(jnp.matmul(x, model.weights, precision=_HIGHEST), axis=1).astype(jnp.int32)
+
+
+def accuracy(model: LinearModel, x, labels) -> float:
+    """Fraction of rows whose predicted class equals the label."""
+    return float(jnp.mean(predict(model, x) == jnp.asarray(labels)))
+
+
+def predict_features(standardizer: Standardizer, model: LinearModel, features, block: int = 4096) -> np.ndarray:
+    """Class index of each row of raw (N, F) features, standardized and scored ``block`` rows at a
+    time: the (N, F + 1) standardized copy of a large data set is never made."""
+    n = features.shape[0]
+    return np.concatenate([np.asarray(predict(model, standardize(standardizer, np.asarray(features[i : i + block]))))
+                           for i in range(0, n, block)] or [np.zeros(0, np.int32)])

@@ -1,0 +1,183 @@
+"""Model selection: a held-out split of the training rows, C chosen on it, and the final fit.
+
+``fit_classifier`` is the one entry point for all three classifiers: the L-BFGS ones ("svm",
+"logistic") and ridge regression from streamed Gram statistics ("ridge"). With a ``C_grid`` it
+picks C on a validation split of the training features (never the test set), then fits on all
+of them.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Callable, NamedTuple
+
+import jax
+import numpy as np
+
+from kmjax._checks import positive_int
+from kmjax.classify.linear import (LOSSES, LinearModel, Standardizer, accuracy, fit_standardizer, predict_features,
+                                   standardize, train_linear)
+from kmjax.classify.ridge import accumulate_gram, fit_ridge, gram_stats
+
+__all__ = ["CLASSIFIERS", "ClassifierFit", "validation_split", "search_C", "fit_classifier"]
+
+CLASSIFIERS = (*LOSSES, "ridge")  # the ``loss`` names fit_classifier accepts
+
+
+class ClassifierFit(NamedTuple):
+    """What ``fit_classifier`` learned.
+
+    standardizer, model: as ``fit_standardizer`` / ``train_linear`` give them (use with
+    ``predict_features``). C: the C of the final fit. scores: {C: validation accuracy} over the
+    grid, empty without one. n_iter, objective, grad_norm: L-BFGS iterations run, final objective
+    and its gradient's norm; None for ridge (a direct solve).
+    """
+
+    standardizer: Standardizer
+    model: LinearModel
+    C: float
+    scores: dict
+    n_iter: int | None
+    objective: float | None
+    grad_norm: float | None
+
+
+def validation_split(n_rows: int, key, *, val_fraction: float = 0.1, copies: int = 1):
+    """(fit rows, held-out rows, held-out rows to score): sorted int indices into ``n_rows`` rows.
+
+    With ``copies`` = 2, rows i and i + n (n = n_rows // 2) hold one image and its mirror: the
+    split is by image, so that no image's mirror is fitted while the image itself is validated,
+    and only the originals are scored. ``round(val_fraction * n)`` images (at least one) are held
+    out, the first of ``jax.random.permutation(key, n)``.
+    """
+    n_rows, copies = positive_int(n_rows, "n_rows"), positive_int(copies, "copies")
+    if n_rows % copies:
+        raise ValueError(f"{n_rows} rows are not {copies} copies of the same images: copies must divide the rows")
+    n = n_rows // copies
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
+    n_val = max(1, int(round(val_fraction * n)))
+    if n_val >= n:
+        raise ValueError(f"holding out {n_val} of {n} images leaves none to fit; use more rows or a smaller "
+                         "val_fraction")
+    perm = np.asarray(jax.random.permutation(key, n))
+    val, fit = (np.sort(np.concatenate([idx + j * n for j in range(copies)])) for idx in (perm[:n_val], perm[n_val:]))
+    return fit, val, np.sort(perm[:n_val])
+
+
+def _check_grid(grid) -> list[float]:
+    grid = list(() if grid is None else grid)
+    if any(isinstance(C, (bool, np.bool_)) or not isinstance(C, numbers.Real) or not C > 0 for C in grid):
+        raise ValueError(f"C_grid must hold numbers > 0, got {grid!r}")
+    return grid
+
+
+def search_C(grid, score: Callable[[float], float], log: Callable[[str], None] | None = None):
+    """(best C, {C: score(C)}) over ``grid``, each C as a float; ties go to the stronger
+    regularization (the smaller C). ``log``: optional callable given one line per C."""
+    grid = _check_grid(grid)
+    if not grid:
+        raise ValueError("search_C needs at least one C in the grid")
+    scores = {}
+    for C in grid:
+        scores[float(C)] = score(float(C))
+        if log is not None:
+            log(f"  C = {C:g}: validation accuracy {scores[float(C)]:.4f}")
+    return max(scores, key=lambda C: (scores[C], -C)), scores
+
+
+def _lbfgs_search(features, labels, split, C_grid, fit_args, log):
+    # a function of its own: the standardized copies of both parts are freed before the final fit
+    fit, _, scored = split
+    std = fit_standardizer(features[fit])
+    xf, xv = standardize(std, features[fit]), standardize(std, features[scored])
+
+    def score(C):
+        model, _ = train_linear(xf, labels[fit], C=C, **fit_args)
+        return accuracy(model, xv, labels[scored])
+
+    return search_C(C_grid, score, log)
+
+
+def _fit_lbfgs(features, labels, C, C_grid, split, fit_args, report, log) -> ClassifierFit:
+    scores = {}
+    if C_grid:
+        C, scores = _lbfgs_search(features, labels, split, C_grid, fit_args, log)
+    std = fit_standardizer(features)
+    model, info = train_linear(standardize(std, features), labels, C=C, progress=report("L-BFGS", "iterations"),
+                               **fit_args)
+    return ClassifierFit(std, model, float(C), scores, int(info.n_iter), float(info.loss), float(info.grad_norm))
+
+
+def _fit_ridge(features, labels, num_classes, C, C_grid, split, report, log) -> ClassifierFit:
+    if not C_grid:
+        stats = gram_stats(features, labels, num_classes, progress=report("Gram", "rows"))
+        return ClassifierFit(*fit_ridge(stats, C), float(C), {}, None, None, None)
+    fit, val, scored = split
+    stats = gram_stats(features, labels, num_classes, rows=fit, progress=report("Gram", "rows"))
+    xv, yv = np.asarray(features[scored]), labels[scored]
+    best, scores = search_C(C_grid, lambda C: float(np.mean(predict_features(*fit_ridge(stats, C), xv) == yv)), log)
+    del xv
+    accumulate_gram(stats, features, labels, rows=val)  # the held-out rows join the final fit
+    return ClassifierFit(*fit_ridge(stats, best), best, scores, None, None, None)
+
+
+def fit_classifier(features, labels, *, num_classes: int, loss: str = "svm", C: float = 100.0, C_grid=(),
+                   val_fraction: float = 0.1, key=None, copies: int = 1, max_iter: int = 1000, tol: float = 1e-3,
+                   progress=None, log=None) -> ClassifierFit:
+    """Fit a linear classifier to raw (N, F) features, choosing C on a held-out split if asked.
+
+    Args:
+      features: (N, F) array-like (a ``np.memmap`` works; ridge reads it in blocks, never whole).
+      labels: (N,) int class indices in [0, num_classes).
+      num_classes: number of classes (>= 2).
+      loss: "svm" (one-vs-all squared hinge) or "logistic" (softmax cross-entropy), both trained
+        with L-BFGS on standardized features; or "ridge" (least squares, from the Gram matrix).
+      C: weight of the data term against 1/2 ||W||^2, used when ``C_grid`` is empty.
+      C_grid: Cs to try: each is fitted on the rows ``validation_split`` keeps for fitting and
+        scored on its held-out originals; the best (ties: the smaller C) is refitted on all rows.
+      val_fraction, copies: as for ``validation_split`` (copies = 2: rows i and i + N/2 are an
+        image and its mirror). key: a ``jax.random`` key for the split, required with a grid.
+      max_iter, tol: L-BFGS iterations at most, and the gradient norm to stop at (not ridge).
+      progress: optional factory ``progress(label, unit)`` returning None or a reporter
+        ``report(done, total, value=None)``, asked for ("Gram", "rows") and ("L-BFGS", "iterations").
+      log: optional callable given one line of text per C tried.
+
+    Returns:
+      ClassifierFit(standardizer, model, C, scores, n_iter, objective, grad_norm).
+    """
+    if loss not in CLASSIFIERS:
+        raise ValueError(f"unknown loss {loss!r}; choose one of {CLASSIFIERS}")
+    num_classes = positive_int(num_classes, "num_classes")
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+    if isinstance(C, (bool, np.bool_)) or not isinstance(C, numbers.Real) or not C > 0:
+        raise ValueError(f"C must be a number > 0, got {C!r}")
+    C_grid = _check_grid(C_grid)
+    copies = positive_int(copies, "copies")
+    max_iter = positive_int(max_iter, "max_iter")
+    labels = np.asarray(labels)
+    shape = np.shape(features)
+    if len(shape) != 2 or shape[0] < 2:
+        raise ValueError(f"features must be (N, F) with N >= 2, got shape {shape}")
+    if labels.shape != (shape[0],):
+        raise ValueError(f"features are {shape} but labels {labels.shape}: one label per row")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"labels must be integer class indices, got dtype {labels.dtype}")
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise ValueError(f"labels must lie in [0, {num_classes}), got {labels.min()}..{labels.max()}")
+    if shape[0] % copies:
+        raise ValueError(f"{shape[0]} rows are not {copies} copies of the same images: copies must divide the rows")
+    split = None
+    if C_grid:
+        if key is None:
+            raise ValueError("choosing C from C_grid needs a jax.random key for the validation split: pass key=")
+        split = validation_split(shape[0], key, val_fraction=val_fraction, copies=copies)
+
+    def report(label, unit):
+        return None if progress is None else progress(label, unit)
+
+    if loss == "ridge":
+        return _fit_ridge(features, labels, num_classes, C, C_grid, split, report, log)
+    fit_args = dict(loss=loss, num_classes=num_classes, max_iter=max_iter, tol=tol)
+    return _fit_lbfgs(features, labels, C, C_grid, split, fit_args, report, log)
