@@ -8,18 +8,26 @@ import jax
 import jax.numpy as jnp
 
 
-def _is_tracer(x) -> bool:
+def is_tracer(x) -> bool:
+    """Whether ``x`` is a value being traced by jit/vmap (its values are unknown until run)."""
     return isinstance(x, jax.core.Tracer)
 
 
 def check_images(images) -> None:
-    """Images are (N, H, W, C) with at least one image."""
+    """Images are (N, H, W, C) with at least one image, and finite when they are floats."""
     shape = np.shape(images)
     if len(shape) != 4:
         hint = " (add a channel axis: images[..., None])" if len(shape) == 3 else ""
         raise ValueError(f"images must have shape (N, H, W, C), got shape {shape}{hint}")
     if shape[0] == 0:
         raise ValueError("images is empty: got 0 images")
+    if is_tracer(images) or np.asarray(images[:0]).dtype.kind != "f":
+        return
+    bad = ~np.isfinite(np.asarray(images))
+    if bad.any():
+        which = np.flatnonzero(bad.reshape(shape[0], -1).any(axis=1))
+        raise ValueError(f"images hold {int(bad.sum())} NaN or Inf values, in {which.size} of {shape[0]} images "
+                         f"(the first: index {int(which[0])}); fix or drop those images")
 
 
 @jax.jit
@@ -35,7 +43,7 @@ def check_matrix(x, name: str = "x") -> None:
         raise ValueError(f"{name} must be a 2-D array (N, D), got shape {shape}")
     if shape[0] == 0 or shape[1] == 0:
         raise ValueError(f"{name} is empty: shape {shape}")
-    if _is_tracer(x):
+    if is_tracer(x):
         return
     if isinstance(x, jax.Array) and bool(_all_finite(x)):
         return

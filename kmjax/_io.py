@@ -13,7 +13,7 @@ def atomic_write(path, write) -> Path:
     leaves a partial file under the final name for a later run to read as valid.
     """
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # per process: two writers never share one
     try:
         with open(tmp, "wb") as f:
             write(f)

@@ -13,11 +13,14 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from kmjax._checks import check_matrix, positive_int
+from kmjax._checks import check_matrix, is_tracer, positive_int
 from kmjax._ops import check_precision, matmul, max_argmax
+from kmjax._progress import emit, reporting
 
-__all__ = ["KMeansResult", "kmeans", "assign", "init_centroids", "INITS", "EMPTY_POLICIES"]
+__all__ = ["KMeansResult", "LloydSpec", "kmeans", "assign", "init_centroids", "prepare_kmeans", "INITS",
+           "EMPTY_POLICIES"]
 
 INITS = ("k-means++", "random", "randn")
 EMPTY_POLICIES = ("reseed", "zero")
@@ -72,19 +75,37 @@ def _chunks(x, chunk, body, init):
     return carry, out
 
 
-def _nearest(xc, centroids, spherical, precision):
+class LloydSpec(NamedTuple):
+    """The static settings of a Lloyd run, one hashable value (a ``jit`` static argument).
+
+    max_iter, chunk_size, empty, spherical, precision: as ``kmeans``. weighted: whether the
+    passes multiply by point weights (False: unit weights, no multiply in the hot loop). m:
+    min(K, N) re-seeding candidates (global N). report: whether to emit progress.
+    """
+
+    max_iter: int
+    chunk_size: int
+    empty: str
+    spherical: bool
+    precision: str
+    weighted: bool
+    m: int
+    report: bool = False
+
+
+def _nearest(xc, centroids, spec: LloydSpec):
     """Best score, index (lowest on ties) and signed projection onto it, for a chunk of rows.
 
     Lloyd: maximize x.c - ||c||^2 / 2. Spherical (OMP-1): maximize |x.c|.
     """
-    proj = matmul(xc, centroids.T, precision)
-    scores = jnp.abs(proj) if spherical else proj - 0.5 * jnp.sum(centroids * centroids, axis=1)
+    proj = matmul(xc, centroids.T, spec.precision)
+    scores = jnp.abs(proj) if spec.spherical else proj - 0.5 * jnp.sum(centroids * centroids, axis=1)
     best, index = max_argmax(scores)
-    code = jnp.take_along_axis(proj, index[:, None], axis=1)[:, 0] if spherical else None
+    code = jnp.take_along_axis(proj, index[:, None], axis=1)[:, 0] if spec.spherical else None
     return best, index, code
 
 
-def _accumulate(x, w, centroids, chunk, spherical, precision, axis_name=None):
+def _accumulate(x, w, centroids, spec: LloydSpec, axis_name=None):
     """The Lloyd pass: per-centroid sums and weights, and sum_i w_i * best_i.
 
     Sums are of w x (Lloyd) or of w (c.x) x (spherical); with ``w`` None all weights are 1.
@@ -92,14 +113,15 @@ def _accumulate(x, w, centroids, chunk, spherical, precision, axis_name=None):
     sum w ||x||^2 - sum w best^2 (spherical).
     """
     k, d = centroids.shape
+    chunk = spec.chunk_size
 
     def body(carry, xc, real, start):
         sums, weights, total = carry
         wc = real.astype(jnp.float32)
         if w is not None:
             wc = wc * jax.lax.dynamic_slice_in_dim(w, start, chunk)
-        best, index, code = _nearest(xc, centroids, spherical, precision)
-        if spherical:
+        best, index, code = _nearest(xc, centroids, spec)
+        if spec.spherical:
             contrib, gain = xc * (code * wc)[:, None], best * best
         else:
             contrib, gain = (xc if w is None else xc * wc[:, None]), 2.0 * best
@@ -116,16 +138,16 @@ def _accumulate(x, w, centroids, chunk, spherical, precision, axis_name=None):
     return out if axis_name is None else jax.lax.psum(out, axis_name)
 
 
-def _assign_rows(x, centroids, chunk, spherical, precision):
+def _assign_rows(x, centroids, spec: LloydSpec):
     """Per-row nearest index and error (squared distance; spherical: ||x||^2 - (c.x)^2)."""
 
     def body(carry, xc, real, start):
-        best, index, code = _nearest(xc, centroids, spherical, precision)
+        best, index, code = _nearest(xc, centroids, spec)
         sq = jnp.sum(xc * xc, axis=1)
-        err = sq - code * code if spherical else sq - 2.0 * best
+        err = sq - code * code if spec.spherical else sq - 2.0 * best
         return carry, (index, jnp.maximum(err, 0.0))  # rounding can take a zero distance below 0
 
-    return _chunks(x, chunk, body, None)[1]
+    return _chunks(x, spec.chunk_size, body, None)[1]
 
 
 def _normalize_rows(c):
@@ -133,13 +155,14 @@ def _normalize_rows(c):
     return jnp.where(norm > 0, c / jnp.where(norm > 0, norm, 1.0), 0.0)
 
 
-def _worst_served(x, w, centroids, m, chunk, spherical, precision, axis_name):
+def _worst_served(x, w, centroids, spec: LloydSpec, axis_name):
     """The m points worst served by ``centroids``, worst first (never a zero-weight point).
 
     Sharded: each device proposes its own m worst; the candidates, gathered in device order,
     keep global row order among equal errors, so the result is the same as on one device.
     """
-    _, err = _assign_rows(x, centroids, chunk, spherical, precision)
+    m = spec.m
+    _, err = _assign_rows(x, centroids, spec)
     err, idx = jax.lax.top_k(jnp.where(w > 0, err, -1.0), min(m, x.shape[0]))
     if axis_name is None:
         return x[idx]
@@ -149,7 +172,7 @@ def _worst_served(x, w, centroids, m, chunk, spherical, precision, axis_name):
     return cand[jax.lax.top_k(err, m)[1]]
 
 
-def _update(x, w, centroids, sums, weights, chunk, empty, spherical, precision, m, axis_name=None):
+def _update(x, w, centroids, sums, weights, spec: LloydSpec, axis_name=None):
     """New centroids from a pass's (global) sums; empty clusters zeroed or re-seeded.
 
     Re-seeding: the j-th empty cluster takes the j-th point worst served by the current
@@ -157,17 +180,17 @@ def _update(x, w, centroids, sums, weights, chunk, empty, spherical, precision, 
     data, run only in iterations that leave a cluster empty.
     """
     is_empty = weights <= 0
-    if spherical:
+    if spec.spherical:
         new = _normalize_rows(sums)
     else:
         new = sums / jnp.where(is_empty, 1.0, weights)[:, None]
-    if empty == "zero":
+    if spec.empty == "zero":
         return jnp.where(is_empty[:, None], 0.0, new)
 
     def reseed(new):
-        seeds = _worst_served(x, w, centroids, m, chunk, spherical, precision, axis_name)
-        seeds = seeds[jnp.clip(jnp.cumsum(is_empty) - 1, 0, m - 1)]
-        if spherical:
+        seeds = _worst_served(x, w, centroids, spec, axis_name)
+        seeds = seeds[jnp.clip(jnp.cumsum(is_empty) - 1, 0, spec.m - 1)]
+        if spec.spherical:
             seeds = _normalize_rows(seeds)
         return jnp.where(is_empty[:, None], seeds, new)
 
@@ -181,44 +204,43 @@ class _LoopState(NamedTuple):
     converged: jax.Array
 
 
-def _lloyd_loop(x, w, centroids, tol, *, max_iter, chunk_size, empty, spherical, precision, weighted, m,
-               axis_name=None, progress=None):
-    """Lloyd iterations until ``max_iter`` or convergence, then a final pass for the inertia.
+def _lloyd_loop(x, w, centroids, tol, spec: LloydSpec, axis_name=None):
+    """Lloyd iterations until ``spec.max_iter`` or convergence, then a final pass for the inertia.
 
     The one implementation of the loop: called under ``jit`` on one device (``_lloyd``), and
     inside ``shard_map`` with ``axis_name`` on a shard of the points per device
     (``kmjax.parallel``), where every pass's sums are ``psum``-ed, so that the centroids and the
-    whole loop state stay identical on all devices. ``m`` = min(K, N) (global N).
+    whole loop state stay identical on all devices.
     """
     x = x.astype(jnp.float32)
     w = w.astype(jnp.float32)
-    pass_w = w if weighted else None  # unit weights: no multiply in the hot loop
+    pass_w = w if spec.weighted else None  # unit weights: no multiply in the hot loop
     total_sq = jnp.sum(w * jnp.sum(x * x, axis=1))
     if axis_name is not None:
         total_sq = jax.lax.psum(total_sq, axis_name)
 
     def accumulate(c):
-        return _accumulate(x, pass_w, c, chunk_size, spherical, precision, axis_name)
+        return _accumulate(x, pass_w, c, spec, axis_name)
 
     def objective(total):
         return jnp.maximum(total_sq - total, 0.0)
 
     def cond(s):
-        return (s.it < max_iter) & ~s.converged
+        return (s.it < spec.max_iter) & ~s.converged
 
     def body(s):
         sums, weights, total = accumulate(s.centroids)
         obj = objective(total)
         prev = s.objective[jnp.maximum(s.it - 1, 0)]
         converged = (s.it > 0) & ((prev - obj) <= tol * jnp.abs(prev))
-        new = _update(x, w, s.centroids, sums, weights, chunk_size, empty, spherical, precision, m, axis_name)
-        if progress is not None:  # host callback, outside the numerics
-            jax.debug.callback(progress, s.it + 1, max_iter, obj)
+        new = _update(x, w, s.centroids, sums, weights, spec, axis_name)
+        if spec.report:  # host callback, outside the numerics
+            emit("kmeans", s.it + 1, spec.max_iter, obj)
         return _LoopState(new, s.objective.at[s.it].set(obj), s.it + 1, converged)
 
     start = _LoopState(
         centroids.astype(jnp.float32),
-        jnp.full((max_iter,), jnp.nan, jnp.float32),
+        jnp.full((spec.max_iter,), jnp.nan, jnp.float32),
         jnp.int32(0),
         jnp.bool_(False),
     )
@@ -227,8 +249,7 @@ def _lloyd_loop(x, w, centroids, tol, *, max_iter, chunk_size, empty, spherical,
     return KMeansResult(s.centroids, weights, objective(total), s.objective, s.it, s.converged)
 
 
-_lloyd = jax.jit(_lloyd_loop, static_argnames=("max_iter", "chunk_size", "empty", "spherical", "precision",
-                                              "weighted", "m", "axis_name", "progress"))
+_lloyd = jax.jit(_lloyd_loop, static_argnames=("spec", "axis_name"))
 
 
 @partial(jax.jit, static_argnames=("k", "method", "spherical"))
@@ -263,18 +284,20 @@ def _init(key, x, w, *, k, method, spherical):
 
 def _check_k(x, k) -> int:
     k = positive_int(k, "k")
-    if k > x.shape[0]:
-        raise ValueError(f"k={k} is larger than the number of points ({x.shape[0]}); use k <= {x.shape[0]}")
+    n = np.shape(x)[0]
+    if k > n:
+        raise ValueError(f"k={k} is larger than the number of points ({n}); use k <= {n}")
     return k
 
 
 def _weights(x, weights):
+    """(N,) float32 weights, ones by default; values checked on concrete arrays."""
     if weights is None:
         return jnp.ones((x.shape[0],), jnp.float32)
     w = jnp.asarray(weights, jnp.float32)
     if w.shape != (x.shape[0],):
         raise ValueError(f"weights must have shape ({x.shape[0]},) to match x, got {w.shape}")
-    if not bool(jnp.all(jnp.isfinite(w) & (w >= 0))) or not float(w.sum()) > 0:
+    if not is_tracer(w) and (not bool(jnp.all(jnp.isfinite(w) & (w >= 0))) or not float(w.sum()) > 0):
         raise ValueError("weights must be finite, >= 0 and not all zero")
     return w
 
@@ -302,6 +325,40 @@ def init_centroids(key, x, k: int, method: str = "k-means++", *, weights=None, s
     return _init(key, x, _weights(x, weights), k=k, method=method, spherical=spherical)
 
 
+def prepare_kmeans(x, k, *, init, max_iter, tol, chunk_size, empty, spherical, weights, precision,
+                   shards: int = 1, report: bool = False):
+    """Check the arguments of a k-means call; return (k, init array or name, tol, LloydSpec).
+
+    The one argument-checking path of ``kmeans`` and ``kmjax.parallel.kmeans_sharded`` (whose
+    passes each see the rows of one of ``shards`` devices, which sets the default chunk), so the
+    two accept and refuse the same inputs with the same messages.
+    """
+    check_matrix(x)
+    n, d = np.shape(x)
+    k = _check_k(x, k)
+    max_iter = positive_int(max_iter, "max_iter")
+    check_precision(precision)
+    if empty not in EMPTY_POLICIES:
+        raise ValueError(f"unknown empty-cluster policy {empty!r}; choose one of {EMPTY_POLICIES}")
+    rows = -(-n // shards)
+    chunk_size = _default_chunk(rows, k) if chunk_size is None else positive_int(chunk_size, "chunk_size")
+    if isinstance(init, str):
+        if init not in INITS:
+            raise ValueError(f"unknown init {init!r}; choose one of {INITS} or pass a (k, D) array")
+    else:
+        init = jnp.asarray(init, jnp.float32) if is_tracer(init) else np.asarray(init, np.float32)
+        if init.shape != (k, d):
+            raise ValueError(f"init array must have shape (k, D) = ({k}, {d}), got {init.shape}")
+        check_matrix(init, "init")
+    if tol is not None and not (is_tracer(tol) or tol >= 0):
+        raise ValueError(f"tol must be >= 0 or None, got {tol!r}")
+    tol = jnp.float32(-jnp.inf if tol is None else tol)
+    spec = LloydSpec(max_iter=int(max_iter), chunk_size=int(min(chunk_size, rows)), empty=empty,
+                     spherical=bool(spherical), precision=precision, weighted=weights is not None,
+                     m=min(k, n), report=report)
+    return k, init, tol, spec
+
+
 def kmeans(
     key,
     x,
@@ -318,6 +375,9 @@ def kmeans(
     progress=None,
 ) -> KMeansResult:
     """Lloyd's k-means on (N, D) points, in bounded memory.
+
+    Works as it is inside ``jax.jit`` (with ``k`` and the options static); values of traced
+    arguments (finiteness, weights) are then not checked.
 
     Args:
       key: a ``jax.random`` key (used by the init only).
@@ -339,41 +399,26 @@ def kmeans(
       precision: of the distance products: "float32" (default), "tf32" (the backend's default:
         TF32 on recent NVIDIA GPUs) or "bfloat16" (bf16 operands, float32 accumulation).
       progress: optional ``progress(iteration, max_iter, objective)`` called on the host after
-        each iteration (through ``jax.debug.callback``; a function is a static argument, so
-        pass the same one to reuse the compiled loop).
+        each iteration (any function: nothing is compiled again for a new one; the call then
+        waits for the result).
 
     Returns:
       ``KMeansResult``.
     """
-    check_matrix(x)
-    x = jnp.asarray(x)
-    k = _check_k(x, k)
-    max_iter = positive_int(max_iter, "max_iter")
-    check_precision(precision)
-    if empty not in EMPTY_POLICIES:
-        raise ValueError(f"unknown empty-cluster policy {empty!r}; choose one of {EMPTY_POLICIES}")
-    if chunk_size is None:
-        chunk_size = _default_chunk(x.shape[0], k)
-    chunk_size = min(positive_int(chunk_size, "chunk_size"), x.shape[0])
-    w = _weights(x, weights)
-    if isinstance(init, str):
-        c0 = init_centroids(key, x, k, init, weights=w, spherical=spherical)
-    else:
-        c0 = jnp.asarray(init, jnp.float32)
-        if c0.shape != (k, x.shape[1]):
-            raise ValueError(f"init array must have shape (k, D) = ({k}, {x.shape[1]}), got {c0.shape}")
-        check_matrix(c0, "init")
-    tol = -jnp.inf if tol is None else jnp.float32(tol)
-    return _lloyd(
-        x, w, c0, tol, max_iter=int(max_iter), chunk_size=int(chunk_size), empty=empty,
-        spherical=bool(spherical), precision=precision, weighted=weights is not None, m=min(k, x.shape[0]),
-        progress=progress,
-    )
+    with reporting("kmeans", progress) as report:
+        k, init, tol, spec = prepare_kmeans(x, k, init=init, max_iter=max_iter, tol=tol, chunk_size=chunk_size,
+                                            empty=empty, spherical=spherical, weights=weights,
+                                            precision=precision, report=report)
+        x = jnp.asarray(x)
+        w = _weights(x, weights)
+        c0 = init_centroids(key, x, k, init, weights=w, spherical=spherical) if isinstance(init, str) else init
+        result = _lloyd(x, w, c0, tol, spec)
+        return jax.block_until_ready(result) if report else result
 
 
-@partial(jax.jit, static_argnames=("chunk_size", "spherical", "precision"))
-def _assign(x, centroids, *, chunk_size, spherical, precision):
-    return _assign_rows(x.astype(jnp.float32), centroids.astype(jnp.float32), chunk_size, spherical, precision)
+@partial(jax.jit, static_argnames=("spec",))
+def _assign(x, centroids, spec):
+    return _assign_rows(x.astype(jnp.float32), centroids.astype(jnp.float32), spec)
 
 
 def assign(x, centroids, *, chunk_size: int | None = None, spherical: bool = False,
@@ -399,5 +444,6 @@ def assign(x, centroids, *, chunk_size: int | None = None, spherical: bool = Fal
     if chunk_size is None:
         chunk_size = _default_chunk(x.shape[0], centroids.shape[0])
     chunk_size = min(positive_int(chunk_size, "chunk_size"), x.shape[0])
-    return _assign(x, centroids, chunk_size=chunk_size,
-                   spherical=bool(spherical), precision=precision)
+    spec = LloydSpec(max_iter=1, chunk_size=chunk_size, empty="zero", spherical=bool(spherical),
+                     precision=precision, weighted=False, m=1)
+    return _assign(x, centroids, spec)

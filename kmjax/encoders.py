@@ -6,15 +6,14 @@ so they fuse into a single pass on every backend.
 
 from __future__ import annotations
 
+from typing import Callable, NamedTuple
+
 import jax
 import jax.numpy as jnp
 
 from kmjax._ops import matmul, max_argmax
 
-__all__ = ["ENCODERS", "triangle", "hard", "soft_threshold", "encode", "num_outputs"]
-
-ENCODERS = ("triangle", "hard", "soft_threshold")
-
+__all__ = ["ENCODERS", "Encoder", "triangle", "hard", "soft_threshold", "encode", "num_outputs"]
 
 def triangle(x, centroids, precision: str = "float32"):
     """'Triangle' k-means: f_k = max(0, mean_j z_j - z_k) with z_k = ||x - c_k||.
@@ -44,17 +43,33 @@ def soft_threshold(x, centroids, alpha: float = 0.25, precision: str = "float32"
     return jnp.concatenate([jnp.maximum(proj - alpha, 0.0), jnp.maximum(-proj - alpha, 0.0)], axis=1)
 
 
+class Encoder(NamedTuple):
+    """A registered encoder: ``fn(x, centroids, alpha, precision)`` -> (M, outputs * K) codes."""
+
+    fn: Callable
+    outputs: int  # codes per centroid
+
+
+# The vocabulary of encoders, defined once: the config schema, FeatureSpec checks and the
+# scikit-learn adapter read it. A new encoder is one function and one entry here.
+ENCODERS: dict[str, Encoder] = {
+    "triangle": Encoder(lambda x, c, alpha, precision: triangle(x, c, precision), 1),
+    "hard": Encoder(lambda x, c, alpha, precision: hard(x, c, precision), 1),
+    "soft_threshold": Encoder(soft_threshold, 2),
+}
+
+
+def _lookup(encoder: str) -> Encoder:
+    if encoder not in ENCODERS:
+        raise ValueError(f"unknown encoder {encoder!r}; choose one of {tuple(ENCODERS)}")
+    return ENCODERS[encoder]
+
+
 def num_outputs(encoder: str, k: int) -> int:
     """Features per patch that ``encoder`` gives for a K-centroid dictionary."""
-    return 2 * k if encoder == "soft_threshold" else k
+    return _lookup(encoder).outputs * k
 
 
 def encode(x, centroids, encoder: str = "triangle", alpha: float = 0.25, precision: str = "float32"):
     """Dispatch on the encoder's name (one of ``ENCODERS``)."""
-    if encoder == "triangle":
-        return triangle(x, centroids, precision)
-    if encoder == "hard":
-        return hard(x, centroids, precision)
-    if encoder == "soft_threshold":
-        return soft_threshold(x, centroids, alpha, precision)
-    raise ValueError(f"unknown encoder {encoder!r}; choose one of {ENCODERS}")
+    return _lookup(encoder).fn(x, centroids, alpha, precision)

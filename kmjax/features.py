@@ -14,14 +14,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kmjax._checks import check_images, positive_int
+from kmjax._checks import check_images, check_matrix, is_tracer, positive_int
 from kmjax._ops import check_precision
 from kmjax.encoders import ENCODERS, encode, num_outputs
 from kmjax.patches import _extract, grid_size
 from kmjax.pooling import POOLS, pool
 from kmjax.preprocess import ZCA, apply_zca, normalize_patches
 
-__all__ = ["FeatureSpec", "extract_features", "feature_dim", "auto_batch_size"]
+__all__ = ["FeatureSpec", "extract_features", "batch_features", "feature_dim", "auto_batch_size", "prepare_features"]
 
 
 class FeatureSpec(NamedTuple):
@@ -63,8 +63,10 @@ def _default_step(spec, k, image_shape, memory_mb) -> int:
 
 
 @partial(jax.jit, static_argnames=("spec", "step", "precision"))
-def _batch_features(images, zca, centroids, *, spec, step, precision):
-    """(B, H, W, C) images -> (B, feature_dim) features, ``step`` images per encoder product."""
+def batch_features(images, zca, centroids, *, spec: FeatureSpec, step: int = 1, precision: str = "float32"):
+    """(B, H, W, C) images -> (B, feature_dim) float32 features, ``step`` images per encoder product
+    (B a multiple of ``step``): the jit-compiled body of ``extract_features``, for use inside
+    ``jax.jit`` (no argument checks, the whole batch at once)."""
     patches = _extract(images, spec.patch_size, spec.stride)
     b, gh, gw, d = patches.shape
     x = patches.reshape(-1, d).astype(jnp.float32)
@@ -83,9 +85,9 @@ def _batch_features(images, zca, centroids, *, spec, step, precision):
 
 def _check_spec(spec: FeatureSpec, images, centroids, zca) -> None:
     if spec.encoder not in ENCODERS:
-        raise ValueError(f"unknown encoder {spec.encoder!r}; choose one of {ENCODERS}")
+        raise ValueError(f"unknown encoder {spec.encoder!r}; choose one of {tuple(ENCODERS)}")
     if spec.pool not in POOLS:
-        raise ValueError(f"unknown pooling {spec.pool!r}; choose one of {POOLS}")
+        raise ValueError(f"unknown pooling {spec.pool!r}; choose one of {tuple(POOLS)}")
     _, h, w, c = images.shape
     if spec.patch_size > min(h, w):
         raise ValueError(f"patch_size {spec.patch_size} is larger than the {h}x{w} images")
@@ -100,6 +102,31 @@ def _check_spec(spec: FeatureSpec, images, centroids, zca) -> None:
     gh, gw = grid_size(h, w, spec.patch_size, spec.stride)
     if spec.grid > min(gh, gw):
         raise ValueError(f"pooling grid {spec.grid} is finer than the {gh}x{gw} map of positions")
+
+
+def prepare_features(images, centroids, zca, spec: FeatureSpec, *, precision: str, step, batch_size,
+                     memory_mb: float, shards: int = 1):
+    """Check the arguments of a feature extraction; return (centroids, step, batch_size).
+
+    The one argument-checking and batch-planning path of ``extract_features`` and
+    ``kmjax.parallel.extract_features_sharded`` (a batch split over ``shards`` devices, ``step``
+    images per product on each): both accept and refuse the same inputs with the same messages.
+    """
+    check_images(images)
+    check_precision(precision)
+    if is_tracer(images) or is_tracer(centroids):
+        raise TypeError("extract_features is a host-level entry point (it loops over batches and returns a "
+                        "NumPy array); inside jax.jit use kmjax.features.batch_features")
+    centroids = jnp.asarray(centroids, jnp.float32)
+    check_matrix(centroids, "centroids")
+    _check_spec(spec, images, centroids, zca)
+    n, k = images.shape[0], centroids.shape[0]
+    if step is None:
+        step = _default_step(spec, k, images.shape[1:], memory_mb)
+    step = min(positive_int(step, "step"), -(-n // shards))
+    unit = step * shards
+    batch_size = max(step, 128) * shards if batch_size is None else positive_int(batch_size, "batch_size")
+    return centroids, step, min(-(-batch_size // unit) * unit, -(-n // unit) * unit)
 
 
 def extract_features(
@@ -135,18 +162,12 @@ def extract_features(
       (N, feature_dim(spec, K)) float32 NumPy array (host memory: features of a whole data set
       are the largest array of the pipeline and stay off the accelerator).
     """
-    check_images(images)
-    check_precision(precision)
-    centroids = jnp.asarray(centroids, jnp.float32)
-    _check_spec(spec, images, centroids, zca)
-    n, k = images.shape[0], centroids.shape[0]
-    if step is None:
-        step = _default_step(spec, k, images.shape[1:], memory_mb)
-    step = min(positive_int(step, "step"), n)
-    batch_size = max(step, 128) if batch_size is None else positive_int(batch_size, "batch_size")
-    batch_size = min(-(-batch_size // step) * step, -(-n // step) * step)
+    centroids, step, batch_size = prepare_features(images, centroids, zca, spec, precision=precision, step=step,
+                                                   batch_size=batch_size, memory_mb=memory_mb)
+    k = centroids.shape[0]
+
     def compute(batch):
-        return _batch_features(jnp.asarray(batch), zca, centroids, spec=spec, step=step, precision=precision)
+        return batch_features(jnp.asarray(batch), zca, centroids, spec=spec, step=step, precision=precision)
 
     return run_batches(images, batch_size, feature_dim(spec, k), compute, progress, out)
 

@@ -60,11 +60,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from kmjax._checks import check_images, check_matrix, positive_int
-from kmjax.cluster import (
-    EMPTY_POLICIES, KMeansResult, _check_k, _default_chunk, _lloyd_loop, _weights, init_centroids,
-)
-from kmjax.features import FeatureSpec, _batch_features, _check_spec, _default_step, feature_dim, run_batches
+from kmjax._checks import positive_int
+from kmjax.cluster import KMeansResult, _lloyd_loop, _weights, init_centroids, prepare_kmeans
+from kmjax.features import FeatureSpec, batch_features, feature_dim, prepare_features, run_batches
 from kmjax.preprocess import ZCA
 
 __all__ = ["kmeans_sharded", "extract_features_sharded", "data_mesh"]
@@ -122,12 +120,11 @@ def _unit_weights(n, n_pad, sharding):
     return jax.lax.with_sharding_constraint((jnp.arange(n + n_pad) < n).astype(jnp.float32), sharding)
 
 
-@partial(jax.jit, static_argnames=("mesh", "axis_name", "max_iter", "chunk_size", "empty", "spherical",
-                                   "precision", "weighted", "m"))
-def _lloyd_sharded(x, w, centroids, tol, *, mesh, axis_name, **static):
+@partial(jax.jit, static_argnames=("mesh", "axis_name", "spec"))
+def _lloyd_sharded(x, w, centroids, tol, *, mesh, axis_name, spec):
     # The same loop as on one device; its passes psum over axis_name, so every output is
     # replicated.
-    local = partial(_lloyd_loop, axis_name=axis_name, **static)
+    local = partial(_lloyd_loop, spec=spec, axis_name=axis_name)
     return jax.shard_map(local, mesh=mesh, in_specs=(P(axis_name), P(axis_name), P(), P()),
                          out_specs=P())(x, w, centroids.astype(jnp.float32), tol)
 
@@ -167,18 +164,13 @@ def kmeans_sharded(
       ``KMeansResult``, its arrays replicated over the mesh.
     """
     mesh = _resolve_mesh(mesh, axis_name, local=False)
-    check_matrix(x)
-    k = _check_k(x, k)
-    max_iter = positive_int(max_iter, "max_iter")
-    if empty not in EMPTY_POLICIES:
-        raise ValueError(f"unknown empty-cluster policy {empty!r}; choose one of {EMPTY_POLICIES}")
-    n, d = x.shape
     shards = mesh.shape[axis_name]
-    n_local = -(-n // shards)
-    n_pad = n_local * shards - n
-    if chunk_size is None:
-        chunk_size = _default_chunk(n_local, k)
-    chunk_size = min(positive_int(chunk_size, "chunk_size"), n_local)
+    k, init, tol, spec = prepare_kmeans(x, k, init=init, max_iter=max_iter, tol=tol, chunk_size=chunk_size,
+                                        empty=empty, spherical=spherical, weights=weights, precision=precision,
+                                        shards=shards)
+    n = np.shape(x)[0]
+    n_pad = -(-n // shards) * shards - n
+    spec = spec._replace(weighted=spec.weighted or n_pad > 0)
     rows = NamedSharding(mesh, P(axis_name))
     xs = _shard_rows(x, n_pad, rows, np.float32)
     if weights is None:  # made in place on the devices: no host array, and global on several hosts
@@ -188,25 +180,15 @@ def kmeans_sharded(
     if isinstance(init, str):
         # on the unpadded rows, so that the draws are those of kmeans
         xv, wv = (xs[:n], ws[:n]) if n_pad else (xs, ws)
-        c0 = init_centroids(key, xv, k, init, weights=wv, spherical=spherical)
-    else:
-        c0 = np.asarray(init, np.float32)  # from the host, every process holds the same value
-        if c0.shape != (k, d):
-            raise ValueError(f"init array must have shape (k, D) = ({k}, {d}), got {c0.shape}")
-        check_matrix(c0, "init")
+        init = init_centroids(key, xv, k, init, weights=wv, spherical=spherical)
     replicated = NamedSharding(mesh, P())
-    c0 = jax.device_put(c0, replicated)
-    tol = jax.device_put(np.float32(-np.inf if tol is None else tol), replicated)
-    return _lloyd_sharded(
-        xs, ws, c0, tol, mesh=mesh, axis_name=axis_name, max_iter=int(max_iter),
-        chunk_size=int(chunk_size), empty=empty, spherical=bool(spherical), precision=precision,
-        weighted=weights is not None or n_pad > 0, m=min(k, n),
-    )
+    c0 = jax.device_put(init, replicated)  # an array from the host: every process holds the same value
+    return _lloyd_sharded(xs, ws, c0, jax.device_put(tol, replicated), mesh=mesh, axis_name=axis_name, spec=spec)
 
 
 @partial(jax.jit, static_argnames=("mesh", "axis_name", "spec", "step", "precision"))
-def _sharded_batch_features(images, zca, centroids, *, mesh, axis_name, spec, step, precision):
-    f = partial(_batch_features, spec=spec, step=step, precision=precision)
+def _sharded_features(images, zca, centroids, *, mesh, axis_name, spec, step, precision):
+    f = partial(batch_features, spec=spec, step=step, precision=precision)
     return jax.shard_map(f, mesh=mesh, in_specs=(P(axis_name), P(), P()),
                          out_specs=P(axis_name))(images, zca, centroids)
 
@@ -244,25 +226,17 @@ def extract_features_sharded(
     if not all(dev.process_index == jax.process_index() for dev in mesh.devices.flat):
         raise ValueError("extract_features_sharded needs a mesh of this process's devices; on several "
                          "hosts run it in each process on that process's images (see kmjax.parallel)")
-    check_images(images)
-    centroids = jnp.asarray(centroids, jnp.float32)
-    _check_spec(spec, images, centroids, zca)
-    n, k = images.shape[0], centroids.shape[0]
     shards = mesh.shape[axis_name]
-    per_shard = -(-n // shards)
-    if step is None:
-        step = _default_step(spec, k, images.shape[1:], memory_mb)
-    step = min(positive_int(step, "step"), per_shard)
-    unit = step * shards
-    batch_size = max(step, 128) * shards if batch_size is None else positive_int(batch_size, "batch_size")
-    batch_size = min(-(-batch_size // unit) * unit, -(-n // unit) * unit)
+    centroids, step, batch_size = prepare_features(images, centroids, zca, spec, precision=precision, step=step,
+                                                   batch_size=batch_size, memory_mb=memory_mb, shards=shards)
+    k = centroids.shape[0]
     replicated = NamedSharding(mesh, P())
     rows = NamedSharding(mesh, P(axis_name))
     centroids = jax.device_put(centroids, replicated)
     if zca is not None:
         zca = jax.device_put(zca, replicated)
     def compute(batch):
-        return _sharded_batch_features(jax.device_put(batch, rows), zca, centroids, mesh=mesh,
+        return _sharded_features(jax.device_put(batch, rows), zca, centroids, mesh=mesh,
                                        axis_name=axis_name, spec=spec, step=step, precision=precision)
 
     return run_batches(images, batch_size, feature_dim(spec, k), compute, progress)

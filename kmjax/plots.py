@@ -1,15 +1,16 @@
-"""Figures for a run folder: dictionary filters, k-means objective, confusion matrix (shell)."""
+"""Figures for a run folder: dictionary filters, k-means objective, confusion matrix (shell).
+
+Figures are built as ``matplotlib.figure.Figure`` objects and written straight to files: no pyplot,
+no global backend change, so importing kmjax in a notebook leaves its plotting as it was.
+"""
 
 from __future__ import annotations
 
 import math
 
-import matplotlib
 import matplotlib.ticker
-
-matplotlib.use("Agg")  # files only; never needs a display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import numpy as np
+from matplotlib.figure import Figure
 
 __all__ = ["filter_grid", "save_filters", "save_objective", "save_confusion", "save_sweep"]
 
@@ -40,33 +41,34 @@ def save_filters(path, centroids, size: int, channels: int = 3, title: str | Non
     """Write the dictionary as a grid of colour (or grey) filters."""
     grid = filter_grid(centroids, size, channels)
     side = min(12.0, max(3.0, grid.shape[0] / 12))
-    fig, ax = plt.subplots(figsize=(side, side * grid.shape[0] / grid.shape[1]))
+    fig = Figure(figsize=(side, side * grid.shape[0] / grid.shape[1]))
+    ax = fig.subplots()
     ax.imshow(grid[..., 0] if channels == 1 else grid, cmap="gray", interpolation="nearest")
     ax.set_axis_off()
     if title:
         ax.set_title(title)
     fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
 
 
 def save_objective(path, objective) -> None:
     """Plot the k-means objective against the iteration."""
     obj = np.asarray(objective, np.float64)
     obj = obj[np.isfinite(obj)]
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig = Figure(figsize=(5, 3.5))
+    ax = fig.subplots()
     ax.plot(np.arange(1, len(obj) + 1), obj, marker=".")
     ax.set_xlabel("iteration")
     ax.set_ylabel("sum of squared distances")
     ax.set_title("k-means objective")
     ax.grid(alpha=0.3)
     fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
 
 
 def save_confusion(path, confusion, class_names) -> None:
     """Plot a (C, C) confusion matrix of counts (rows: true class, columns: predicted)."""
     m = np.asarray(confusion)
-    fig, ax = plt.subplots(figsize=(6, 5.5))
+    fig = Figure(figsize=(6, 5.5))
+    ax = fig.subplots()
     ax.imshow(m / np.maximum(m.sum(axis=1, keepdims=True), 1), cmap="Blues", vmin=0, vmax=1)
     ax.set_xticks(range(len(class_names)), class_names, rotation=60, ha="right")
     ax.set_yticks(range(len(class_names)), class_names)
@@ -77,7 +79,6 @@ def save_confusion(path, confusion, class_names) -> None:
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
 
 
 def save_sweep(path, keys, rows) -> None:
@@ -89,7 +90,8 @@ def save_sweep(path, keys, rows) -> None:
             continue
         label = ", ".join(f"{k.split('.')[-1]}={r[k]}" for k in rest) or "test accuracy"
         lines.setdefault(label, []).append((r[x_key], 100 * r["test_accuracy"]))
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     numeric = all(isinstance(x, (int, float)) and not isinstance(x, bool) for pts in lines.values() for x, _ in pts)
     for label, pts in lines.items():
         xs, ys = zip(*pts) if numeric else zip(*[(str(x), y) for x, y in pts])
@@ -104,4 +106,3 @@ def save_sweep(path, keys, rows) -> None:
     if len(lines) > 1:
         ax.legend(fontsize=8)
     fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 
 __all__ = ["POOLS", "grid_edges", "pool"]
 
-POOLS = ("sum", "max")
+POOLS = {"sum": jnp.sum, "max": jnp.max}  # the vocabulary of pooling operations, defined once
 
 
 def grid_edges(n: int, grid: int) -> list[int]:
@@ -31,11 +31,11 @@ def pool(feature_map, grid: int = 2, op: str = "sum"):
       (N, grid * grid * F), region-major: top-left, top-right, ..., bottom-right.
     """
     if op not in POOLS:
-        raise ValueError(f"unknown pooling {op!r}; choose one of {POOLS}")
+        raise ValueError(f"unknown pooling {op!r}; choose one of {tuple(POOLS)}")
     _, h, w, _ = feature_map.shape
     if not isinstance(grid, int) or grid < 1 or grid > min(h, w):
         raise ValueError(f"grid must be an integer from 1 to {min(h, w)} for a {h}x{w} map, got {grid!r}")
-    reduce = jnp.sum if op == "sum" else jnp.max
+    reduce = POOLS[op]
     rows, cols = grid_edges(h, grid), grid_edges(w, grid)
     regions = [
         reduce(feature_map[:, r0:r1, c0:c1, :], axis=(1, 2))

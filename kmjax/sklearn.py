@@ -27,9 +27,9 @@ from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 from kmjax.cluster import EMPTY_POLICIES, INITS, kmeans
 from kmjax.encoders import ENCODERS
 from kmjax.features import FeatureSpec, extract_features, feature_dim
-from kmjax.patches import sample_patches
+from kmjax.dictionary import learn_dictionary
 from kmjax.pooling import POOLS
-from kmjax.preprocess import ZCA, apply_zca, fit_zca, normalize_patches
+from kmjax.preprocess import ZCA
 
 __all__ = ["KMeans", "CoatesFeatures"]
 
@@ -242,10 +242,9 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, ClusterMixin, TransformerMixin, Ba
 class CoatesFeatures(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
     """Images -> Coates-Lee-Ng single-layer features: a learned dictionary plus dense encoding.
 
-    ``fit`` runs ``kmjax.experiment.learn_dictionary``'s pipeline: ``n_patches`` random patches
-    (``sample_patches``) -> per-patch normalization -> ZCA whitening -> k-means. ``transform`` is
-    ``kmjax.extract_features``. With ``key = jax.random.key(seed)`` the patches are drawn with
-    ``jax.random.split(key)[0]`` and k-means is seeded with ``jax.random.split(key)[1]``.
+    ``fit`` is ``kmjax.learn_dictionary`` (``n_patches`` random patches -> per-patch normalization ->
+    ZCA whitening -> k-means, seeded with ``jax.random.key(seed)``); ``transform`` is
+    ``kmjax.extract_features``.
 
     Input: (N, H, W, C) images on the scale the eps constants assume (0-255 for the defaults), or
     (N, H*W*C) rows in (row, column, channel) order when ``image_shape=(H, W, C)`` is given.
@@ -348,18 +347,15 @@ class CoatesFeatures(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEsti
         n_patches = _check_int(self.n_patches, "n_patches")
         if not self.eps_zca >= 0:
             raise ValueError(f"eps_zca must be >= 0, got {self.eps_zca!r}")
-        key_patches, key_kmeans = jax.random.split(jax.random.key(_seed(self.random_state)))
-        patches = sample_patches(key_patches, images, n_patches, spec.patch_size)
-        x = patches.astype(np.float32) if spec.eps_norm is None else normalize_patches(patches, spec.eps_norm)
-        zca = None
-        if self.whiten:
-            zca = fit_zca(x, float(self.eps_zca))
-            x = apply_zca(zca, x)
-        result = kmeans(key_kmeans, x, k, init=self.init, max_iter=self.max_iter, tol=self.tol,
-                        empty=self.empty)
+        dictionary = learn_dictionary(
+            jax.random.key(_seed(self.random_state)), images, k, patch_size=spec.patch_size, n_patches=n_patches,
+            normalize="none" if spec.eps_norm is None else "patch", eps_norm=spec.eps_norm or 0.0,
+            whiten=bool(self.whiten), eps_zca=float(self.eps_zca), init=self.init, max_iter=self.max_iter,
+            tol=self.tol, empty=self.empty)
+        zca = dictionary.zca
         self.zca_ = None if zca is None else ZCA(np.asarray(zca.mean), np.asarray(zca.matrix))
-        self.centroids_ = np.asarray(result.centroids)
-        self.n_iter_ = int(result.n_iter)
+        self.centroids_ = np.asarray(dictionary.centroids)
+        self.n_iter_ = int(dictionary.kmeans.n_iter)
         self.image_shape_ = tuple(int(s) for s in images.shape[1:])
         self._n_features_out = feature_dim(spec, k)
         return self

@@ -1,0 +1,145 @@
+"""One way to write and read every kmjax artifact: a pytree of arrays <-> one ``.npz`` file.
+
+Array names come from the tree's paths (``zca/mean``, ``classifier/weights``), metadata is one
+JSON string stored beside them, and nothing is pickled: files are read with
+``allow_pickle=False``, so opening one runs no code. Writes are atomic (a crash never leaves a
+half-written file under the final name) and deterministic (fixed zip timestamps: the same tree
+and metadata give the same bytes).
+
+Reading checks a file against a template of the expected tree whose leaves are ``Slot`` s: every
+named array must be there, with the expected dtype kind and shape (named dimensions must agree
+across arrays), and finite; anything else is a ``FileFormatError`` naming the file and the array.
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from kmjax._io import atomic_write
+
+__all__ = ["FileFormatError", "Slot", "save_tree", "read_meta", "load_tree", "tree_names"]
+
+META = "__meta__"
+_DATE = (1980, 1, 1, 0, 0, 0)  # the zip format's earliest timestamp: identical bytes for identical trees
+
+
+class FileFormatError(ValueError):
+    """A file that is not the kmjax artifact it should be; the message names the file and the problem."""
+
+
+class Slot:
+    """A template leaf: an array of ``shape`` (ints: exact; str: a named dimension that must agree
+    wherever the name appears; None: any) whose dtype is of ``kind`` ("f" float, "i" integer,
+    "b" bool), finite unless ``finite=False``."""
+
+    def __init__(self, *shape, kind: str = "f", finite: bool = True):
+        self.shape, self.kind, self.finite = shape, kind, finite
+
+    def __repr__(self):
+        return f"Slot{self.shape}"
+
+
+def _key_name(k) -> str:
+    for attr in ("name", "key", "idx"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def tree_names(tree) -> tuple[list[str], list[Any], Any]:
+    """(names, leaves, treedef) of a pytree, names joined from its path keys with "/"."""
+    paths, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    names = ["/".join(_key_name(k) for k in path) for path, _ in paths]
+    return names, [leaf for _, leaf in paths], treedef
+
+
+def save_tree(path, tree, meta: dict | None = None) -> Path:
+    """Write the arrays of ``tree`` (and ``meta``, JSON-serializable) to ``path`` atomically."""
+    path = Path(path)
+    names, leaves, _ = tree_names(tree)
+    if META in names or len(set(names)) != len(names):
+        raise ValueError(f"array names must be unique and not {META!r}: {names}")
+
+    def write(f):
+        with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
+            entries = [(META, np.array(json.dumps(meta or {}, sort_keys=True)))] + list(zip(names, leaves))
+            for name, leaf in entries:
+                with z.open(zipfile.ZipInfo(name + ".npy", date_time=_DATE), "w", force_zip64=True) as out:
+                    np.lib.format.write_array(out, np.asarray(leaf), allow_pickle=False)
+
+    return atomic_write(path, write)
+
+
+def _open(path: Path, what: str):
+    if not path.is_file():
+        raise FileFormatError(f"{what} {path} does not exist")
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise FileFormatError(f"{path} is not a readable {what} (truncated or corrupt: {e})") from None
+
+
+def _read(z, path: Path, name: str, what: str):
+    if name not in z.files:
+        raise FileFormatError(f"{what} {path} has no array {name!r} (it holds {sorted(z.files)})")
+    try:
+        return z[name]
+    except Exception as e:  # a damaged member: CRC errors, truncated data, a bad header
+        raise FileFormatError(f"{what} {path}: array {name!r} is unreadable ({type(e).__name__}: {e})") from None
+
+
+def read_meta(path, what: str = "kmjax file", kind: str | None = None) -> dict:
+    """The metadata of a file written by ``save_tree``; with ``kind``, its ``meta["kind"]`` must match."""
+    path = Path(path)
+    with _open(path, what) as z:
+        raw = _read(z, path, META, what)
+    try:
+        meta = json.loads(str(raw))
+        if not isinstance(meta, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as e:
+        raise FileFormatError(f"{what} {path} has unreadable metadata ({e})") from None
+    if kind is not None and meta.get("kind") != kind:
+        found = meta.get("kind", "no kind")
+        raise FileFormatError(f"{path} is a kmjax {found} file, not a {kind} file")
+    return meta
+
+
+def load_tree(path, like, what: str = "kmjax file"):
+    """Read a file written by ``save_tree`` into the structure of ``like`` (leaves: ``Slot``).
+
+    Returns (tree of NumPy arrays, metadata dict). Raises ``FileFormatError`` for a missing,
+    truncated or corrupt file, a missing array, or an array of the wrong dtype, shape or with
+    non-finite values.
+    """
+    path = Path(path)
+    meta = read_meta(path, what)
+    names, slots, treedef = tree_names(like)
+    dims: dict[str, tuple[int, str]] = {}
+    arrays = []
+    with _open(path, what) as z:
+        for name, slot in zip(names, slots):
+            a = _read(z, path, name, what)
+            kinds = {"f": "f", "i": "iu", "b": "b"}[slot.kind]
+            if a.dtype.kind not in kinds or a.ndim != len(slot.shape):
+                raise FileFormatError(f"{what} {path}: array {name!r} is {a.dtype} {a.shape}, expected "
+                                      f"{len(slot.shape)} dimensions of {dict(f='float', i='int', b='bool')[slot.kind]}")
+            for axis, (want, got) in enumerate(zip(slot.shape, a.shape)):
+                if isinstance(want, int) and want != got:
+                    raise FileFormatError(f"{what} {path}: array {name!r} has shape {a.shape}, expected "
+                                          f"{want} along axis {axis}")
+                if isinstance(want, str):
+                    seen = dims.setdefault(want, (got, name))
+                    if seen[0] != got:
+                        raise FileFormatError(f"{what} {path}: array {name!r} has {got} along axis {axis} but "
+                                              f"{seen[1]!r} has {seen[0]} (they must agree)")
+            if slot.finite and a.dtype.kind == "f" and not np.all(np.isfinite(a)):
+                raise FileFormatError(f"{what} {path}: array {name!r} holds NaN or Inf values")
+            arrays.append(a)
+    return jax.tree_util.tree_unflatten(treedef, arrays), meta

@@ -1,0 +1,115 @@
+"""Dictionary learning: patches -> normalization -> whitening -> k-means, as one pure function.
+
+``learn_dictionary`` is the first half of the single-layer system (the second is
+``extract_features``); the runner and ``kmjax.sklearn.CoatesFeatures`` both call it. Its defaults
+are the authors' released settings (see the README's reference settings).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from kmjax.checkpoint import Slot
+from kmjax.cluster import KMeansResult, kmeans
+from kmjax.patches import extract_patches, sample_patches
+from kmjax.preprocess import ZCA, apply_zca, fit_zca, normalize_patches, standardize_dimensions
+
+__all__ = ["Dictionary", "learn_dictionary", "SAMPLINGS", "NORMALIZATIONS", "dictionary_template"]
+
+SAMPLINGS = ("random", "grid")
+# How patches are normalized before whitening: "patch" per patch (brightness and contrast, the
+# paper), "dimension" per dimension over the sample (the blog post's; dictionaries only, the dense
+# features have no sample to take statistics over), "none".
+NORMALIZATIONS = ("patch", "dimension", "none")
+
+
+class Dictionary(NamedTuple):
+    """A learned dictionary.
+
+    zca: the ``ZCA`` fitted on the normalized patches, or None (raw patches).
+    kmeans: the ``KMeansResult`` on the whitened patches; ``kmeans.centroids`` is (K, D).
+    n_patches: () int, the number of patches it was learned from.
+    """
+
+    zca: ZCA | None
+    kmeans: KMeansResult
+    n_patches: jax.Array
+
+    @property
+    def centroids(self):
+        return self.kmeans.centroids
+
+
+def dictionary_template(whitened: bool, max_iter: int | None = None) -> Dictionary:
+    """The shape of a saved ``Dictionary`` (for ``kmjax.checkpoint.load_tree``)."""
+    zca = ZCA(Slot("D"), Slot("D", "D")) if whitened else None
+    km = KMeansResult(Slot("K", "D"), Slot("K"), Slot(), Slot(max_iter, finite=False), Slot(kind="i"),
+                      Slot(kind="b"))
+    return Dictionary(zca, km, Slot(kind="i"))
+
+
+def learn_dictionary(
+    key,
+    images,
+    k: int = 1600,
+    *,
+    patch_size: int = 6,
+    n_patches: int = 400_000,
+    sampling: str = "random",
+    stride: int = 1,
+    normalize: str = "patch",
+    eps_norm: float = 10.0,
+    whiten: bool = True,
+    eps_zca: float = 0.1,
+    init="randn",
+    max_iter: int = 50,
+    tol: float | None = None,
+    empty: str = "zero",
+    spherical: bool = False,
+    chunk_size: int | None = None,
+    precision: str = "float32",
+    progress=None,
+) -> Dictionary:
+    """Learn a K-atom dictionary from patches of ``images``.
+
+    Args:
+      key: a ``jax.random`` key; split into one for the patch positions and one for k-means.
+      images: (N, H, W, C) on the scale the eps constants assume (0-255 for the defaults).
+      k: number of centroids.
+      patch_size: window side w; patches are w*w*C long, in (row, column, channel) order.
+      n_patches: for ``sampling="random"``: windows at uniform positions, cycling through the images.
+      sampling: "random" or "grid" (every window at ``stride``: the blog post's).
+      normalize: one of ``NORMALIZATIONS``; eps_norm: the per-patch variance eps.
+      whiten, eps_zca: ZCA whitening and its eigenvalue eps.
+      init, max_iter, tol, empty, spherical, chunk_size, precision, progress: as ``kmjax.kmeans``
+        (defaults: the authors' 0.1 * randn init, 50 iterations, empty clusters zeroed).
+
+    Returns:
+      ``Dictionary``.
+    """
+    if sampling not in SAMPLINGS:
+        raise ValueError(f"unknown sampling {sampling!r}; choose one of {SAMPLINGS}")
+    if normalize not in NORMALIZATIONS:
+        raise ValueError(f"unknown normalization {normalize!r}; choose one of {NORMALIZATIONS}")
+    key_patches, key_kmeans = jax.random.split(key)
+    if sampling == "random":
+        patches = sample_patches(key_patches, images, n_patches, patch_size)
+    else:
+        patches = extract_patches(images, patch_size, stride)
+        patches = patches.reshape(-1, patches.shape[-1])
+    if normalize == "patch":
+        x = normalize_patches(patches, eps_norm)
+    elif normalize == "dimension":
+        x = standardize_dimensions(patches)
+    else:
+        x = jnp.asarray(patches, jnp.float32)
+    zca = None
+    if whiten:
+        zca = fit_zca(x, eps_zca)
+        x = apply_zca(zca, x)
+    result = kmeans(key_kmeans, x, k, init=init, max_iter=max_iter, tol=tol, empty=empty, spherical=spherical,
+                    chunk_size=chunk_size, precision=precision, progress=progress)
+    return Dictionary(zca, result, jnp.int32(x.shape[0]))
