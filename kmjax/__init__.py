@@ -1,19 +1,24 @@
 """kmjax: Coates-Lee-Ng single-layer k-means features on CIFAR-10, as pure JAX functions.
 
-Data flows through the modules in this order: data -> patches -> preprocess -> kmeans ->
-encode -> pool -> features -> classify; experiment, config, plots and cli are the shell.
+Data flows through the modules in this order: data -> patches -> preprocess -> cluster ->
+dictionary -> encoders -> pooling -> features -> classify -> model. The shell around them:
+experiment (runner, stage store, sweep), config, plots, cli; checkpoint writes every artifact.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"  # the one version number (pyproject reads it); part of every stage key
 
+from kmjax.checkpoint import FileFormatError
 from kmjax.classify import (
-    GramStats, LinearModel, Standardizer, accuracy, fit_ridge, fit_standardizer, gram_stats, predict,
-    predict_features, softmax_loss, standardize, svm_loss, train_linear,
+    ClassifierFit, GramStats, LinearModel, Standardizer, accumulate_gram, accuracy, fit_classifier, fit_ridge,
+    fit_standardizer, gram_stats, predict, predict_features, search_C, softmax_loss, standardize, svm_loss,
+    train_linear, validation_split,
 )
-from kmjax.data import Cifar10, DataError, download_cifar10, load_cifar10, resolve_data_dir
-from kmjax.encoders import encode, hard, soft_threshold, triangle
-from kmjax.features import FeatureSpec, extract_features, feature_dim
 from kmjax.cluster import KMeansResult, assign, init_centroids, kmeans
+from kmjax.data import Cifar10, DataError, download_cifar10, load_cifar10, resolve_data_dir
+from kmjax.dictionary import Dictionary, learn_dictionary
+from kmjax.encoders import encode, hard, soft_threshold, triangle
+from kmjax.features import FeatureSpec, batch_features, extract_features, feature_dim
+from kmjax.model import Model, load, load_dictionary, predict_images, save, save_dictionary
 from kmjax.patches import extract_patches, sample_patches
 from kmjax.pooling import pool
 from kmjax.preprocess import ZCA, apply_zca, fit_zca, normalize_patches, standardize_dimensions
@@ -23,8 +28,11 @@ __all__ = [
     "extract_patches", "sample_patches",
     "normalize_patches", "standardize_dimensions", "ZCA", "fit_zca", "apply_zca",
     "KMeansResult", "kmeans", "assign", "init_centroids",
+    "Dictionary", "learn_dictionary",
     "encode", "triangle", "hard", "soft_threshold", "pool",
-    "FeatureSpec", "extract_features", "feature_dim",
+    "FeatureSpec", "extract_features", "batch_features", "feature_dim",
     "Standardizer", "fit_standardizer", "standardize", "LinearModel", "svm_loss", "softmax_loss",
-    "train_linear", "predict", "accuracy", "GramStats", "gram_stats", "fit_ridge", "predict_features",
+    "train_linear", "predict", "accuracy", "GramStats", "gram_stats", "accumulate_gram", "fit_ridge",
+    "predict_features", "ClassifierFit", "fit_classifier", "validation_split", "search_C",
+    "Model", "save", "load", "predict_images", "save_dictionary", "load_dictionary", "FileFormatError",
 ]

@@ -1,17 +1,22 @@
-"""Command line: ``kmjax run | sweep | bench | filters | predict | info`` (the shell).
+"""Command line: ``kmjax run | sweep | export | predict | filters | bench | info`` (the shell).
 
 Exit codes scripts can rely on: 0 success; 1 an unexpected error (a bug: please report it);
-2 bad usage, config, data or input (the message says what to fix); 130 interrupted.
+2 bad usage, config, data, input or output folder (the message says what to fix); 130 interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 from pathlib import Path
 
 __all__ = ["main"]
+
+
+class _UsageError(Exception):
+    """Bad input to a command: exit code 2 with the message."""
 
 
 def _cmd_run(args) -> int:
@@ -20,7 +25,7 @@ def _cmd_run(args) -> int:
 
     cfg = load_config(args.config, args.set)
     results = run(cfg, data_dir=args.data_dir, out=args.out, resume=args.resume, cache=args.cache,
-                  quiet=args.quiet)
+                  quiet=args.quiet, compile_cache=args.compile_cache)
     print(summary(results))
     return 0
 
@@ -29,7 +34,7 @@ def _cmd_sweep(args) -> int:
     from kmjax.experiment import parse_grid, sweep
 
     rows = sweep(args.config, parse_grid(args.grid), overrides=args.set, data_dir=args.data_dir, out=args.out,
-                 quiet=args.quiet)
+                 resume=args.resume, quiet=args.quiet, compile_cache=args.compile_cache)
     keys = [k for k in rows[0] if k not in ("train_accuracy", "test_accuracy", "seconds", "run_dir")]
     for r in rows:
         acc = "-" if r["test_accuracy"] is None else f"{100 * r['test_accuracy']:.2f}%"
@@ -38,40 +43,49 @@ def _cmd_sweep(args) -> int:
     return 0
 
 
-def _cmd_bench(args) -> int:
-    import runpy
+def _cmd_export(args) -> int:
+    from kmjax.experiment import export_features
 
-    script = Path(__file__).resolve().parent.parent / "experiments" / f"bench_{args.what}.py"
-    if not script.is_file():
-        raise _UsageError(f"{script} not found: the benchmarks live in the source tree's experiments/ folder; "
-                          "run kmjax bench from a clone installed with pip install -e .")
-    sys.argv = [str(script)] + args.args
-    runpy.run_path(str(script), run_name="__main__")
+    out = export_features(args.run_dir, args.out)
+    print(out)
     return 0
 
 
-def _cmd_filters(args) -> int:
-    import numpy as np
+def _cmd_bench(args) -> int:
+    import importlib
 
+    importlib.import_module(f"kmjax.benchmarks.{args.what}").main(args.args)
+    return 0
+
+
+def _free_path(path: Path) -> Path:
+    """``path``, or path-2, path-3, ... with the same suffix: an existing file is never overwritten."""
+    candidate, i = path, 1
+    while candidate.exists():
+        i += 1
+        candidate = path.with_name(f"{path.stem}-{i}{path.suffix}")
+    return candidate
+
+
+def _cmd_filters(args) -> int:
     from kmjax import plots
+    from kmjax.checkpoint import read_meta
+    from kmjax.model import load, load_dictionary
 
     path = Path(args.source)
     candidates = [path / "model.npz", path / "dictionary.npz"] if path.is_dir() else [path]
     found = [p for p in candidates if p.is_file()]
     if not found:
         raise _UsageError(f"{path} is neither a run folder (model.npz or dictionary.npz) nor such a file")
-    model_file = found[0]
-    try:
-        with np.load(model_file, allow_pickle=False) as z:
-            centroids = z["centroids"]
-            if "patch_shape" in z.files:
-                size, _, channels = (int(v) for v in z["patch_shape"])
-            else:
-                channels = json.loads(str(z["meta"]))["image_shape"][-1]
-                size = int(round((centroids.shape[1] / channels) ** 0.5))
-    except (KeyError, ValueError, OSError) as e:
-        raise _UsageError(f"{model_file} holds no kmjax dictionary ({e})") from None
-    out = Path(args.out or (model_file.parent / "filters.png"))
+    source = found[0]
+    if read_meta(source, "kmjax file").get("kind") == "model":
+        model = load(source)
+        centroids, size, channels = model.centroids, model.spec.patch_size, model.image_shape[2]
+    else:
+        dictionary, (size, _, channels) = load_dictionary(source)
+        centroids = dictionary.centroids
+    # beside the run's own filters.png, never over it (or over an earlier redraw)
+    out = Path(args.out) if args.out else _free_path(source.parent / "filters-redrawn.png")
     plots.save_filters(out, centroids, size, channels, title=f"{centroids.shape[0]} centroids")
     print(out)
     return 0
@@ -111,10 +125,7 @@ def _cmd_predict(args) -> int:
 
     from kmjax.model import load, predict_images
 
-    try:
-        model = load(args.model)
-    except FileNotFoundError as e:
-        raise _UsageError(str(e)) from None
+    model = load(args.model)
     images = _read_images(args.images, args.resize, model.image_shape)
     if images.dtype != np.uint8:
         print("kmjax: warning: images are not uint8; they must be on the 0-255 scale of training",
@@ -138,22 +149,35 @@ def _expand(paths, n):
 
 
 def _cmd_info(args) -> int:
+    import os
+
     import jax
 
     from kmjax import __version__
-    from kmjax.data import BATCHES_FOLDER, resolve_data_dir
+    from kmjax.data import BATCHES_FOLDER, ENV_VAR, _resolve
+    from kmjax.experiment.compile_cache import ENV_VAR as CACHE_VAR, default_folder
 
     print(f"kmjax {__version__}, jax {jax.__version__}, backend {jax.default_backend()}")
     for d in jax.devices():
         print(f"  device {d.id}: {d.device_kind} ({d.platform})")
-    root = resolve_data_dir(args.data_dir)
-    found = (root / BATCHES_FOLDER).is_dir()
-    print(f"data folder: {root} ({'CIFAR-10 found' if found else 'no CIFAR-10 yet: kmjax run downloads it'})")
+    root, source = _resolve(args.data_dir)
+    where = {"argument": "from --data-dir", "env": f"from {ENV_VAR}", "cache": "the download cache"}[source]
+    folder = root / BATCHES_FOLDER
+    needed = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    missing = [n for n in needed if not (folder / n).is_file()]
+    if not missing:
+        state = "CIFAR-10 found"
+    elif source == "cache":
+        state = "no CIFAR-10 yet: kmjax run downloads it here (163 MB, checksum verified)"
+    elif not folder.is_dir():
+        state = (f"no {BATCHES_FOLDER}/ here: kmjax run will stop with an error; point --data-dir or {ENV_VAR} at "
+                 f"the folder that contains {BATCHES_FOLDER}/, or set neither to download into the cache")
+    else:
+        state = f"incomplete, missing {', '.join(missing)}: runs that need those files will stop with an error"
+    print(f"data folder ({where}): {root}\n  {state}")
+    cache = os.environ.get(CACHE_VAR, str(default_folder()))
+    print(f"compile cache ({'from ' + CACHE_VAR if CACHE_VAR in os.environ else 'default'}): {cache}")
     return 0
-
-
-class _UsageError(Exception):
-    """Bad input to a command: exit code 2 with the message."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -166,18 +190,22 @@ def _parser() -> argparse.ArgumentParser:
                         "(default: $KMJAX_DATA_DIR, else download into ~/.cache/kmjax)")
 
     def config_args(sp):
-        sp.add_argument("config", help="TOML config file (see configs/)")
+        sp.add_argument("config", help="TOML config: a file, or the name of a shipped config "
+                        "(e.g. coates2011_triangle_1600; see kmjax info)")
         sp.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a config value, e.g. --set kmeans.k=400 (repeatable)")
         data_args(sp)
         sp.add_argument("--out", default="runs", help="parent folder of the run folder (default: runs)")
+        sp.add_argument("--compile-cache", metavar="DIR|off", help="JAX's persistent compilation cache "
+                        "(default: $KMJAX_COMPILE_CACHE, else ~/.cache/kmjax/jax; 'off' disables it)")
         sp.add_argument("-q", "--quiet", action="store_true", help="no progress output, only the summary")
 
     r = sub.add_parser("run", help="run one experiment from a TOML config",
                        description="Run one experiment: dictionary, features, classifier, evaluation.")
     config_args(r)
-    r.add_argument("--resume", metavar="RUN_DIR", help="continue in an existing run folder: finished stages "
-                   "whose config is unchanged are reused (after an interruption, or to retrain only the classifier)")
+    r.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run of the same config in its "
+                   "folder; with only classifier settings changed, run them in a new folder beside it that reuses "
+                   "its dictionary and features")
     r.add_argument("--cache", metavar="DIR",
                    help="folder of finished stages shared between runs (default: the run folder)")
     r.set_defaults(func=_cmd_run)
@@ -188,19 +216,15 @@ def _parser() -> argparse.ArgumentParser:
     config_args(s)
     s.add_argument("--grid", action="append", required=True, metavar="SECTION.KEY=V1,V2,...",
                    help="values to sweep, e.g. --grid kmeans.k=100,400,1600 (repeatable: the grid is the product)")
+    s.add_argument("--resume", metavar="SWEEP_DIR", help="continue an interrupted sweep in its folder")
     s.set_defaults(func=_cmd_sweep)
 
-    b = sub.add_parser("bench", help="benchmarks: k-means against scikit-learn/faiss, feature extraction speed",
-                       description="Run experiments/bench_WHAT.py; arguments after WHAT go to the script "
-                       "(kmjax bench kmeans --help).")
-    b.add_argument("what", choices=["kmeans", "features"])
-    b.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the benchmark script")
-    b.set_defaults(func=_cmd_bench)
-
-    f = sub.add_parser("filters", help="draw a dictionary's filters as an image")
-    f.add_argument("source", help="a run folder, or its model.npz or dictionary.npz")
-    f.add_argument("--out", help="PNG to write (default: filters.png beside the model)")
-    f.set_defaults(func=_cmd_filters)
+    e = sub.add_parser("export", help="write a finished run's features, labels and split to one .npz",
+                       description="Write the training and test features of a finished run, with their labels "
+                       "(and which training rows are mirror images), for a classifier of your own.")
+    e.add_argument("run_dir", help="a run folder")
+    e.add_argument("--out", required=True, help=".npz file to write")
+    e.set_defaults(func=_cmd_export)
 
     pr = sub.add_parser("predict", help="classify images with a trained model",
                         description="Classify PNG/JPEG files or .npy arrays (N, 32, 32, 3) on the 0-255 scale.")
@@ -210,21 +234,42 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--json", action="store_true", help="print JSON instead of lines")
     pr.set_defaults(func=_cmd_predict)
 
-    i = sub.add_parser("info", help="devices, versions and where the data is looked for")
+    f = sub.add_parser("filters", help="draw a dictionary's filters as an image")
+    f.add_argument("source", help="a run folder, or its model.npz or dictionary.npz")
+    f.add_argument("--out", help="PNG to write (default: filters-redrawn.png beside the source, never over a file)")
+    f.set_defaults(func=_cmd_filters)
+
+    b = sub.add_parser("bench", help="benchmarks: k-means against scikit-learn/faiss/PyTorch, feature extraction",
+                       description="Run a benchmark (kmjax.benchmarks.WHAT); arguments after WHAT go to it "
+                       "(kmjax bench kmeans --help).")
+    b.add_argument("what", choices=["kmeans", "features"])
+    b.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the benchmark")
+    b.set_defaults(func=_cmd_bench)
+
+    i = sub.add_parser("info", help="devices, versions, where the data and the compile cache are")
     data_args(i)
     i.set_defaults(func=_cmd_info)
     return p
 
 
+_USER_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOENT, errno.ENOTDIR,
+                errno.EISDIR}
+
+
 def main(argv=None) -> int:
-    from kmjax.config import ConfigError
     from kmjax.data import DataError
 
     args = _parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DataError, _UsageError, ValueError, FileNotFoundError) as e:
+    except (ValueError, DataError, _UsageError) as e:  # ConfigError, RunError, FileFormatError are ValueErrors
         print(f"kmjax: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in _USER_ERRNOS:
+            raise
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"kmjax: error: {e.strerror}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("kmjax: interrupted; finished stages are saved: rerun with --resume RUN_DIR", file=sys.stderr)

@@ -8,12 +8,22 @@ the key and lists what is valid.
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Config", "ConfigError", "load_config", "parse_config", "apply_overrides", "to_dict"]
+from kmjax._ops import PRECISIONS
+from kmjax.classify import CLASSIFIERS
+from kmjax.cluster import EMPTY_POLICIES, INITS
+from kmjax.dictionary import NORMALIZATIONS, SAMPLINGS
+from kmjax.encoders import ENCODERS
+from kmjax.pooling import POOLS
+
+__all__ = ["Config", "ConfigError", "load_config", "parse_config", "apply_overrides", "to_dict", "parse_value",
+           "check_name", "resolve_config", "shipped_configs"]
 
 
 class ConfigError(ValueError):
@@ -65,6 +75,7 @@ class FeaturesConfig:
     grid: int = 2  # pooling regions per side
     pool: str = "sum"  # "sum" or "max"
     memory_mb: float = 512.0  # budget for one batch's dense feature map
+    keep: bool = True  # false: delete the (multi-GB) feature files once the run has finished
     precision: str = "float32"  # encoder products: "float32", "tf32" (GPU default), "bfloat16"
 
 
@@ -90,16 +101,17 @@ class Config:
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
 
 
+# The vocabularies are defined once, beside the functions that implement them; the schema reads them.
 _CHOICES = {
-    ("patches", "sampling"): ("random", "grid"),
-    ("preprocess", "normalize"): ("patch", "dimension", "none"),
-    ("kmeans", "init"): ("randn", "k-means++", "random"),
-    ("kmeans", "empty"): ("zero", "reseed"),
-    ("features", "encoder"): ("triangle", "hard", "soft_threshold"),
-    ("features", "pool"): ("sum", "max"),
-    ("kmeans", "precision"): ("float32", "tf32", "bfloat16"),
-    ("features", "precision"): ("float32", "tf32", "bfloat16"),
-    ("classifier", "loss"): ("svm", "logistic", "ridge"),
+    ("patches", "sampling"): SAMPLINGS,
+    ("preprocess", "normalize"): NORMALIZATIONS,
+    ("kmeans", "init"): INITS,
+    ("kmeans", "empty"): EMPTY_POLICIES,
+    ("features", "encoder"): tuple(ENCODERS),
+    ("features", "pool"): tuple(POOLS),
+    ("kmeans", "precision"): PRECISIONS,
+    ("features", "precision"): PRECISIONS,
+    ("classifier", "loss"): CLASSIFIERS,
 }
 _POSITIVE = {("patches", "size"), ("patches", "num"), ("patches", "stride"), ("kmeans", "k"),
              ("kmeans", "max_iter"), ("features", "stride"), ("features", "grid"),
@@ -137,7 +149,19 @@ def _build(cls, values: dict, prefix: str):
     return cls(**out)
 
 
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._=,+-]*")
+
+
+def check_name(name: str) -> str:
+    """A run name is one folder name: letters, digits and ``._=,+-``, no separators, no ``..``."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name or len(name) > 200:
+        raise ConfigError(f"name = {name!r} is not a plain folder name: use letters, digits and . _ = , + - "
+                          "(no '/', no '..', not starting with '.')")
+    return name
+
+
 def _validate(cfg: Config) -> None:
+    check_name(cfg.name)
     for (section, key), choices in _CHOICES.items():
         value = getattr(getattr(cfg, section), key)
         if value not in choices:
@@ -171,7 +195,8 @@ def to_dict(cfg: Config) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def _parse_value(text: str):
+def parse_value(text: str):
+    """A value in TOML syntax (``100``, ``[1, 2]``, ``true``); a bare word is a string."""
     try:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
@@ -191,18 +216,41 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
             node = node.setdefault(t, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {t!r} is not a table")
-        node[key] = _parse_value(text.strip())
+        node[key] = parse_value(text.strip())
     return values
 
 
+def shipped_configs() -> dict[str, Path]:
+    """{name: file} of the configs that come with kmjax (the package's ``kmjax.configs`` when
+    installed, the clone's ``configs/`` in a source checkout)."""
+    try:
+        folder = importlib.resources.files("kmjax.configs")
+    except ModuleNotFoundError:  # an editable install of a clone: the folder beside the package
+        folder = Path(__file__).resolve().parents[1] / "configs"
+    return {Path(str(f)).stem: Path(str(f)) for f in folder.iterdir() if str(f).endswith(".toml")}
+
+
+def resolve_config(path_or_name) -> Path:
+    """A config file: the path if it exists, else the shipped config of that name (``quick``,
+    ``coates2011_triangle_1600``, or a missing ``configs/quick.toml`` outside a clone)."""
+    path = Path(path_or_name)
+    if path.is_file():
+        return path
+    shipped = shipped_configs()
+    if path.stem in shipped and path.suffix in ("", ".toml"):
+        return shipped[path.stem]
+    raise ConfigError(f"config file {path} does not exist, and kmjax ships no config of that name "
+                      f"(shipped: {', '.join(sorted(shipped))})")
+
+
 def load_config(path, overrides: list[str] = ()) -> Config:
-    """Read, override and validate a TOML config file."""
-    path = Path(path)
+    """Read, override and validate a TOML config: a file, or the name of a shipped config."""
+    path = resolve_config(path)
     try:
         values = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
     values.setdefault("name", path.stem)
     return parse_config(apply_overrides(values, list(overrides)))

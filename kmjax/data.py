@@ -62,6 +62,7 @@ ARCHIVE_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 ARCHIVE_MD5 = "c58f30108f718f92721af3b95e74349a"
 BATCHES_FOLDER = "cifar-10-batches-py"
 ENV_VAR = "KMJAX_DATA_DIR"
+_WHERE = "--data-dir DIR on the command line, data_dir= in Python"
 
 _IMAGE_SHAPE_CHW = (3, 32, 32)
 _PIXELS_PER_IMAGE = 3 * 32 * 32  # 3072
@@ -359,14 +360,14 @@ def load_cifar10(data_dir=None, split: str = "train", *, download: bool = True, 
             raise DataError(
                 f"cache folder {root} has no {BATCHES_FOLDER}/ and download=False; "
                 f"pass download=True, call download_cifar10({str(root)!r}), "
-                f"or pass the folder that contains {BATCHES_FOLDER}/ as data_dir"
+                f"or pass the folder that contains {BATCHES_FOLDER}/ ({_WHERE})"
             )
         else:
-            how = "data_dir" if source == "argument" else f"{ENV_VAR}"
+            how = "--data-dir / data_dir=" if source == "argument" else ENV_VAR
             raise DataError(
                 f"folder {root} (from {how}) has no {BATCHES_FOLDER}/; pass the folder that contains it, "
-                f"or unset {ENV_VAR} / omit data_dir to download into the cache, "
-                f"or call download_cifar10({str(root)!r})"
+                f"or set neither --data-dir nor {ENV_VAR} to download into the cache {_cache_dir()}, "
+                f"or call kmjax.download_cifar10({str(root)!r})"
             )
 
     fix = (
@@ -436,7 +437,7 @@ def download_cifar10(dest_dir, *, url: str = ARCHIVE_URL, md5: str = ARCHIVE_MD5
         raise DataError(f"could not create folder {dest} for CIFAR-10: {e}") from e
 
     by_hand = (
-        f"Download it by hand, extract it, and pass its folder as data_dir or set {ENV_VAR}"
+        f"Download it by hand, extract it, and pass its folder ({_WHERE}) or set {ENV_VAR}"
     )
     fd, archive_name = tempfile.mkstemp(dir=dest, prefix=".cifar-10-", suffix=".tar.gz.part")
     archive = pathlib.Path(archive_name)

@@ -1,4 +1,5 @@
-"""A trained single-layer system as one object, saved as plain ``.npz`` (arrays + JSON, no pickle).
+"""A trained single-layer system as one object, and the files of a run: ``model.npz`` and
+``dictionary.npz`` (arrays + JSON metadata through ``kmjax.checkpoint``: no pickle).
 
     model = kmjax.load("runs/coates2011_triangle_1600/model.npz")
     labels = kmjax.predict_images(model, images)      # (N, 32, 32, 3) on the 0-255 scale
@@ -6,21 +7,22 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kmjax._io import atomic_write
+from kmjax.checkpoint import FileFormatError, Slot, load_tree, read_meta, save_tree
 from kmjax.classify import LinearModel, Standardizer, predict, standardize
-from kmjax.features import FeatureSpec, extract_features
+from kmjax.dictionary import Dictionary, dictionary_template
+from kmjax.features import FeatureSpec, extract_features, feature_dim
 from kmjax.preprocess import ZCA
 
-__all__ = ["Model", "save", "load", "predict_images", "FORMAT_VERSION"]
+__all__ = ["Model", "save", "load", "predict_images", "save_dictionary", "load_dictionary", "FORMAT_VERSION"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 class Model(NamedTuple):
@@ -40,40 +42,75 @@ class Model(NamedTuple):
     image_shape: tuple
 
 
+def _arrays(model: Model) -> Model:
+    """The array part of a model (its other fields travel as metadata)."""
+    return model._replace(spec=None, class_names=None, image_shape=None)
+
+
 def save(path, model: Model) -> Path:
     """Write ``model`` to ``path`` (.npz), atomically: a crash never leaves a half-written file."""
-    path = Path(path)
-    meta = {"format_version": FORMAT_VERSION, "spec": model.spec._asdict(),
+    meta = {"kind": "model", "format_version": FORMAT_VERSION, "spec": model.spec._asdict(),
             "class_names": list(model.class_names), "image_shape": list(model.image_shape),
             "whitened": model.zca is not None}
-    arrays = {"centroids": np.asarray(model.centroids), "std_mean": np.asarray(model.standardizer.mean),
-              "std_scale": np.asarray(model.standardizer.scale), "weights": np.asarray(model.classifier.weights),
-              "meta": np.array(json.dumps(meta))}
-    if model.zca is not None:
-        arrays.update(zca_mean=np.asarray(model.zca.mean), zca_matrix=np.asarray(model.zca.matrix))
-    return atomic_write(path, lambda f: np.savez(f, **arrays))
+    return save_tree(path, jax.tree.map(np.asarray, _arrays(model)), meta)
+
+
+def _check_version(path: Path, meta: dict, what: str) -> None:
+    if meta.get("format_version", FORMAT_VERSION) != FORMAT_VERSION:
+        raise FileFormatError(f"{path} is a {what} of format {meta.get('format_version')}; this kmjax reads format "
+                              f"{FORMAT_VERSION}: rerun its config to write a new one")
 
 
 def load(path) -> Model:
-    """Read a model written by ``save``; a clear error if the file is not one."""
+    """Read a model written by ``save``; a ``FileFormatError`` saying what is wrong if it is not one."""
     path = Path(path)
+    what = "model file"
+    meta = read_meta(path, what, kind="model")
+    _check_version(path, meta, what)
     try:
-        with np.load(path, allow_pickle=False) as z:
-            meta = json.loads(str(z["meta"]))
-            arrays = {k: z[k] for k in z.files if k != "meta"}
-    except FileNotFoundError:
-        raise FileNotFoundError(f"model file {path} does not exist") from None
-    except (KeyError, ValueError, OSError) as e:
-        raise ValueError(f"{path} is not a kmjax model file ({e}); models are the model.npz of a run folder") from None
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path} has model format {meta.get('format_version')}, this kmjax reads {FORMAT_VERSION}")
-    zca = ZCA(jnp.asarray(arrays["zca_mean"]), jnp.asarray(arrays["zca_matrix"])) if meta["whitened"] else None
-    return Model(
-        spec=FeatureSpec(**meta["spec"]), zca=zca, centroids=jnp.asarray(arrays["centroids"]),
-        standardizer=Standardizer(jnp.asarray(arrays["std_mean"]), jnp.asarray(arrays["std_scale"])),
-        classifier=LinearModel(jnp.asarray(arrays["weights"])), class_names=tuple(meta["class_names"]),
-        image_shape=tuple(meta["image_shape"]),
-    )
+        spec = FeatureSpec(**meta["spec"])
+        class_names, image_shape = tuple(map(str, meta["class_names"])), tuple(int(s) for s in meta["image_shape"])
+        whitened = bool(meta["whitened"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise FileFormatError(f"{what} {path} has incomplete metadata ({type(e).__name__}: {e})") from None
+    like = Model(None, ZCA(Slot("D"), Slot("D", "D")) if whitened else None, Slot("K", "D"),
+                 Standardizer(Slot("F"), Slot("F")), LinearModel(Slot("F1", len(class_names))), None, None)
+    arrays, _ = load_tree(path, like, what)
+    k, d = arrays.centroids.shape
+    f = feature_dim(spec, k)
+    if len(image_shape) != 3 or d != spec.patch_size ** 2 * image_shape[2]:
+        raise FileFormatError(f"{what} {path}: centroids of dimension {d} do not fit {spec.patch_size}x"
+                              f"{spec.patch_size} patches of {image_shape} images")
+    if arrays.standardizer.mean.shape != (f,) or arrays.classifier.weights.shape[0] != f + 1:
+        raise FileFormatError(f"{what} {path}: {k} centroids with the {spec.encoder} encoder make {f} features, but "
+                              f"the standardizer has {arrays.standardizer.mean.shape[0]} and the weights "
+                              f"{arrays.classifier.weights.shape[0]} rows (expected {f + 1})")
+    arrays = jax.tree.map(jnp.asarray, arrays)
+    return arrays._replace(spec=spec, class_names=class_names, image_shape=image_shape)
+
+
+def save_dictionary(path, dictionary: Dictionary, patch_shape) -> Path:
+    """Write a learned dictionary (``dictionary.npz`` of a run: also runs without a classifier)."""
+    meta = {"kind": "dictionary", "format_version": FORMAT_VERSION, "patch_shape": [int(s) for s in patch_shape],
+            "whitened": dictionary.zca is not None}
+    return save_tree(path, jax.tree.map(np.asarray, dictionary), meta)
+
+
+def load_dictionary(path) -> tuple[Dictionary, tuple]:
+    """(Dictionary, patch shape (h, w, C)) from a file written by ``save_dictionary``."""
+    path = Path(path)
+    what = "dictionary file"
+    meta = read_meta(path, what, kind="dictionary")
+    _check_version(path, meta, what)
+    try:
+        patch_shape, whitened = tuple(int(s) for s in meta["patch_shape"]), bool(meta["whitened"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise FileFormatError(f"{what} {path} has incomplete metadata ({type(e).__name__}: {e})") from None
+    tree, _ = load_tree(path, dictionary_template(whitened), what)
+    if len(patch_shape) != 3 or tree.kmeans.centroids.shape[1] != int(np.prod(patch_shape)):
+        raise FileFormatError(f"{what} {path}: centroids of dimension {tree.kmeans.centroids.shape[1]} do not fit "
+                              f"patches of shape {patch_shape}")
+    return tree, patch_shape
 
 
 def predict_images(model: Model, images, **kwargs) -> np.ndarray:

@@ -16,3 +16,10 @@ def real_data_dir():
 
 requires_data = pytest.mark.skipif(real_data_dir() is None,
                                    reason="real CIFAR-10 not found: set KMJAX_DATA_DIR")
+
+
+def pytest_configure(config):
+    # runs compile into a cache of this test session, never into the user's ~/.cache
+    import tempfile
+
+    os.environ.setdefault("KMJAX_COMPILE_CACHE", tempfile.mkdtemp(prefix="kmjax-test-jit-"))

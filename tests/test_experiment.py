@@ -9,7 +9,8 @@ import pytest
 from conftest import real_data_dir, requires_data
 from kmjax.cli import main
 from kmjax.config import load_config
-from kmjax.experiment import new_run_dir, run
+from kmjax.experiment import RunError, new_run_dir, run
+from kmjax.model import load_dictionary
 
 pytestmark = pytest.mark.data
 
@@ -20,8 +21,8 @@ def test_seed_reproduces_the_blog_filters(tmp_path):
     results = run(cfg, data_dir=real_data_dir(), out=tmp_path, quiet=True)
     folder = tmp_path / "seed"
     assert (folder / "filters.png").stat().st_size > 0
-    dictionary = np.load(folder / "dictionary.npz")
-    assert dictionary["centroids"].shape == (64, 75)
+    dictionary, patch_shape = load_dictionary(folder / "dictionary.npz")
+    assert dictionary.centroids.shape == (64, 75) and patch_shape == (5, 5, 3)
     assert not (folder / "model.npz").exists()  # no classifier in the blog post's run
     k = results["kmeans"]
     assert k["n_patches"] == 360_000  # 10,000 images x 6 x 6 grid positions
@@ -85,20 +86,23 @@ TINY = ["data.n_train=2000", "data.n_test=500", "kmeans.k=32", "patches.num=2000
 
 
 @requires_data
-def test_resume_reuses_stages_and_retrains_only_the_classifier(tmp_path):
+def test_a_classifier_change_resumes_into_a_new_folder_reusing_the_stages(tmp_path):
     first = run(load_config("configs/quick.toml", TINY), data_dir=real_data_dir(), out=tmp_path, quiet=True)
     assert {"dictionary", "features", "classifier"} <= set(first["seconds"])
+    folder = Path(first["run_dir"])
+    before = {name: (folder / name).read_bytes() for name in ("results.json", "config.json", "model.npz")}
     changed = load_config("configs/quick.toml", TINY + ["classifier.C=1.0"])
-    second = run(changed, data_dir=real_data_dir(), resume=first["run_dir"], quiet=True)
-    assert second["run_dir"] == first["run_dir"]
+    second = run(changed, data_dir=real_data_dir(), resume=folder, quiet=True)
+    assert Path(second["run_dir"]) == tmp_path / "quick-2"  # beside it, never over it
+    assert {name: (folder / name).read_bytes() for name in before} == before
     assert "dictionary" not in second["seconds"] and "features" not in second["seconds"]  # loaded, not recomputed
-    assert "classifier" in second["seconds"]
-    assert second["classifier"]["C"] == 1.0
+    assert "classifier" in second["seconds"] and second["classifier"]["C"] == 1.0
+    assert second["reused_stages_of"] == str(folder)
     assert second["kmeans"]["objective"] == first["kmeans"]["objective"]
 
 
 def test_resume_needs_a_run_folder(tmp_path):
-    with pytest.raises(ValueError, match="not a run folder"):
+    with pytest.raises(RunError, match="not a run folder"):
         run(load_config("configs/quick.toml"), resume=tmp_path, data_dir=tmp_path, quiet=True)
 
 
@@ -117,7 +121,7 @@ def test_a_killed_run_resumes_from_its_last_finished_stage(tmp_path):
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     stages = tmp_path / "quick" / "stages"
     deadline = time.time() + 120
-    while not list(stages.glob("dictionary-*.done")) and proc.poll() is None and time.time() < deadline:
+    while not list(stages.glob("dictionary-*.npz")) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     was_running = proc.poll() is None
     os.kill(proc.pid, signal.SIGKILL)

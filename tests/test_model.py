@@ -40,15 +40,68 @@ def test_save_load_round_trip_gives_the_same_predictions(trained, tmp_path):
     assert (predict_images(model, images) == labels).mean() > 0.9  # the toy task is learned
     assert not list(tmp_path.glob("*.tmp"))
     with np.load(path, allow_pickle=False) as z:  # plain arrays + JSON, readable without pickle
-        assert json.loads(str(z["meta"]))["format_version"] == 1
+        assert json.loads(str(z["__meta__"]))["format_version"] == 2
+        assert {"centroids", "zca/mean", "standardizer/scale", "classifier/weights"} <= set(z.files)
+    assert save(tmp_path / "again.npz", model).read_bytes() == path.read_bytes()  # deterministic bytes
 
 
-def test_load_rejects_what_is_not_a_model(tmp_path):
-    np.savez(tmp_path / "other.npz", a=np.zeros(3))
-    with pytest.raises(ValueError, match="not a kmjax model"):
-        load(tmp_path / "other.npz")
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+def _damaged(trained, tmp_path, how):
+    """A model.npz damaged in one way; returns its path."""
+    model, _, _ = trained
+    path = save(tmp_path / "model.npz", model)
+    data = path.read_bytes()
+    if how == "empty":
+        path.write_bytes(b"")
+    elif how == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "corrupted":  # bytes flipped inside the weights' data: the zip CRC catches it
+        i = data.index(b"classifier/weights.npy") + 200  # past its local header and .npy header
+        path.write_bytes(data[:i] + bytes(b ^ 0xFF for b in data[i : i + 32]) + data[i + 32 :])
+    elif how == "missing-key":
+        kmjax.checkpoint.save_tree(path, {"centroids": np.asarray(model.centroids)}, kmjax.checkpoint.read_meta(path))
+    elif how == "wrong-shape":
+        kmjax.save(path, model._replace(classifier=kmjax.LinearModel(np.zeros((7, 2), np.float32))))
+    elif how == "nan-weights":
+        w = np.asarray(model.classifier.weights).copy()
+        w[0, 0] = np.nan
+        kmjax.save(path, model._replace(classifier=kmjax.LinearModel(w)))
+    elif how == "not-a-model":
+        np.savez(path, a=np.zeros(3))
+    return path
+
+
+DAMAGE = {"empty": "truncated or corrupt", "truncated": "truncated or corrupt", "corrupted": "unreadable",
+          "missing-key": "has no array 'zca/mean'", "wrong-shape": "expected 33",
+          "nan-weights": "'classifier/weights' holds NaN", "not-a-model": "has no array '__meta__'"}
+
+
+@pytest.mark.parametrize("how", sorted(DAMAGE))
+def test_damaged_model_files_are_clear_errors(trained, tmp_path, capsys, how):
+    path = _damaged(trained, tmp_path, how)
+    with pytest.raises(kmjax.FileFormatError, match=DAMAGE[how]) as e:
+        load(path)
+    assert str(path) in str(e.value)
+    for cmd in (["predict", str(path), str(tmp_path / "x.npy")], ["filters", str(path)]):
+        np.save(tmp_path / "x.npy", trained[1][:1])
+        assert main(cmd) == 2
+        assert DAMAGE[how].split("'")[0] in capsys.readouterr().err
+
+
+def test_load_of_a_missing_file(tmp_path):
+    with pytest.raises(kmjax.FileFormatError, match="does not exist"):
         load(tmp_path / "missing.npz")
+
+
+def test_a_nan_image_is_refused(trained, capsys, tmp_path):
+    model, images, _ = trained
+    bad = images[:3].astype(np.float32)
+    bad[1, 2, 3, 0] = np.nan
+    with pytest.raises(ValueError, match="1 NaN or Inf values, in 1 of 3 images \\(the first: index 1\\)"):
+        predict_images(model, bad)
+    path = save(tmp_path / "model.npz", model)
+    np.save(tmp_path / "bad.npy", bad)
+    assert main(["predict", str(path), str(tmp_path / "bad.npy")]) == 2
+    assert "NaN" in capsys.readouterr().err
 
 
 def test_predict_images_checks_the_shape(trained):
@@ -99,7 +152,7 @@ def test_cli_filters_draws_the_dictionary(trained, tmp_path):
 def test_cli_info_and_help(capsys):
     assert main(["info"]) == 0
     assert "jax" in capsys.readouterr().out
-    for cmd in ("run", "sweep", "bench", "filters", "predict", "info"):
+    for cmd in ("run", "sweep", "export", "bench", "filters", "predict", "info"):
         with pytest.raises(SystemExit) as e:
             main([cmd, "--help"])
         assert e.value.code == 0

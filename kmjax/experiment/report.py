@@ -1,0 +1,167 @@
+"""What a run tells its user: progress lines, stage timers (run and compile seconds), provenance,
+and the closing summary."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import jax
+
+__all__ = ["log", "Timer", "progress", "environment", "summary", "CompileCounter"]
+
+# The three events of one compilation: tracing, lowering to MLIR, and the backend's compilation
+# (or its fetch from the persistent cache).
+_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                   "/jax/core/compile/backend_compile_duration")
+
+
+def log(msg: str, quiet: bool = False) -> None:
+    if not quiet:
+        print(msg, file=sys.stderr, flush=True)
+
+
+class CompileCounter:
+    """Seconds spent compiling, and executables built, since the process started (all threads).
+
+    One listener per process on ``jax.monitoring``'s compile events; read it before and after a
+    piece of work to get that work's share.
+    """
+
+    _lock = threading.Lock()
+    seconds = 0.0
+    executables = 0
+    _installed = False
+
+    @classmethod
+    def _listen(cls, event: str, duration: float, **_) -> None:
+        if event in _COMPILE_EVENTS:
+            with cls._lock:
+                cls.seconds += duration
+                cls.executables += event == _COMPILE_EVENTS[2]
+
+    @classmethod
+    def install(cls) -> None:
+        with cls._lock:
+            if not cls._installed:
+                jax.monitoring.register_event_duration_secs_listener(cls._listen)
+                cls._installed = True
+
+    @classmethod
+    def read(cls) -> tuple[float, int]:
+        cls.install()
+        with cls._lock:
+            return cls.seconds, cls.executables
+
+
+class Timer:
+    """Wall seconds and compile seconds per named stage."""
+
+    def __init__(self, quiet: bool):
+        self.seconds: dict[str, float] = {}
+        self.compile_seconds: dict[str, float] = {}
+        self.quiet = quiet
+        CompileCounter.install()
+
+    @contextmanager
+    def stage(self, name: str):
+        log(f"[{name}] ...", self.quiet)
+        t0, (c0, _) = time.perf_counter(), CompileCounter.read()
+        yield
+        self.seconds[name] = round(time.perf_counter() - t0, 3)
+        self.compile_seconds[name] = round(CompileCounter.read()[0] - c0, 3)
+        log(f"[{name}] {self.seconds[name]:.1f} s (compiling {self.compile_seconds[name]:.1f} s)", self.quiet)
+
+
+def progress(label: str, quiet: bool, unit: str = "images"):
+    """A reporter ``report(done, total, value=None)``: a live line on a terminal, a line per 10%
+    in a log file, with the time remaining; None when quiet."""
+    if quiet:
+        return None
+    t0 = time.perf_counter()
+    live = sys.stderr.isatty()
+    last = [-1.0]
+
+    def report(done, total, value=None):
+        done, total = int(done), int(total)
+        elapsed = time.perf_counter() - t0
+        if live:
+            if done < total and elapsed - last[0] < 0.5:
+                return
+        elif done < total and int(10 * done / total) == int(10 * last[0]):
+            return
+        last[0] = elapsed if live else done / total
+        rate = done / max(elapsed, 1e-9)
+        extra = "" if value is None else f", objective {float(value):.6g}"
+        left = f", {(total - done) / rate:.0f} s left" if 0 < done < total else ""
+        end = "\n" if done == total or not live else "\r"
+        print(f"  {label}: {done}/{total} {unit} ({rate:.3g}/s{left}{extra})", end=end, file=sys.stderr, flush=True)
+
+    return report
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _source_commit() -> dict | None:
+    """The git commit of the kmjax source tree itself, when kmjax runs from a git checkout of kmjax
+    (not when it is installed inside some other repository)."""
+    root = Path(__file__).resolve().parents[2]
+    if not ((root / ".git").exists() and (root / "kmjax" / "__init__.py").is_file()
+            and (root / "pyproject.toml").is_file() and 'name = "kmjax"' in (root / "pyproject.toml").read_text()):
+        return None
+    try:
+        def git(*args):
+            return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
+                                  timeout=5).stdout.strip()
+
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"commit": commit, "dirty": dirty} if commit else None
+
+
+def environment() -> dict:
+    """Provenance for results.json: package versions, device, the kmjax source commit if any."""
+    from kmjax import __version__
+
+    return {
+        "kmjax": __version__,
+        "versions": {p: _version(p) for p in ("jax", "jaxlib", "optax", "numpy", "matplotlib")},
+        "python": platform.python_version(),
+        "platform": jax.default_backend(),
+        "device": str(jax.devices()[0].device_kind),
+        "device_count": jax.device_count(),
+        "cpu_count": os.cpu_count(),
+        "git": _source_commit(),
+    }
+
+
+def summary(results: dict) -> str:
+    """A few lines for the terminal."""
+    lines = [f"{results['name']}: {results['run_dir']}"]
+    k = results["kmeans"]
+    lines.append(f"  k-means: {k['n_iter']} iterations, objective {k['inertia']:.6g}, "
+                 f"{k['empty_clusters']} empty clusters")
+    if "train_accuracy" in results:
+        lines.append(f"  train accuracy: {100 * results['train_accuracy']:.2f}%")
+    if "test_accuracy" in results:
+        lines.append(f"  test accuracy:  {100 * results['test_accuracy']:.2f}%")
+    s = results["seconds"]
+    lines.append("  seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in s.items()))
+    if results.get("compile_seconds"):
+        lines.append(f"  of which compiling: {sum(results['compile_seconds'].values()):.1f}")
+    lines.append(f"  peak memory: {results['peak_memory_mb']:.0f} MB")
+    return "\n".join(lines)

@@ -1,0 +1,322 @@
+"""``run``: one experiment from a config, stage by stage, into one run folder.
+
+Stages: load data -> dictionary (``learn_dictionary``) -> dense features (``extract_features``,
+written to disk) -> classifier (``fit_classifier``: C chosen on a held-out split if asked) ->
+evaluation. Everything random comes from ``jax.random.key(config.seed)``: the same config and seed
+give the same numbers on the same machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kmjax import __version__, plots
+from kmjax.checkpoint import Slot, save_tree
+from kmjax.classify import LinearModel, Standardizer, fit_classifier, predict_features
+from kmjax.config import Config, parse_config, to_dict
+from kmjax.data import DataError, load_cifar10
+from kmjax.dictionary import Dictionary, dictionary_template, learn_dictionary
+from kmjax.experiment.compile_cache import use_compile_cache
+from kmjax.experiment.report import Timer, environment, log, progress
+from kmjax.experiment.store import (RunError, RunLock, StageStore, config_differences, data_id, new_run_dir,
+                                    stage_keys, write_json)
+from kmjax.features import FeatureSpec, extract_features, feature_dim
+from kmjax.model import Model, save_dictionary
+from kmjax.model import save as save_model
+
+__all__ = ["run", "export_features", "feature_spec", "dictionary_options", "load_data"]
+
+
+def feature_spec(cfg: Config) -> FeatureSpec:
+    return FeatureSpec(
+        patch_size=cfg.patches.size,
+        stride=cfg.features.stride,
+        eps_norm=cfg.preprocess.eps_norm if cfg.preprocess.normalize == "patch" else None,
+        encoder=cfg.features.encoder,
+        alpha=cfg.features.alpha,
+        grid=cfg.features.grid,
+        pool=cfg.features.pool,
+    )
+
+
+def _copies(cfg: Config) -> int:
+    """Training rows per image: 2 with mirrored copies (rows i and i + N are an image and its mirror)."""
+    return 2 if cfg.features.train_flip else 1
+
+
+def dictionary_options(cfg: Config) -> dict:
+    """The keyword arguments of ``learn_dictionary`` a config asks for."""
+    p, pre, km = cfg.patches, cfg.preprocess, cfg.kmeans
+    return dict(k=km.k, patch_size=p.size, n_patches=p.num, sampling=p.sampling, stride=p.stride,
+                normalize=pre.normalize, eps_norm=pre.eps_norm, whiten=pre.whiten, eps_zca=pre.eps_zca,
+                init=km.init, max_iter=km.max_iter, tol=None if km.tol < 0 else km.tol, empty=km.empty,
+                spherical=km.spherical, chunk_size=km.chunk_size or None, precision=km.precision)
+
+
+def load_data(cfg: Config, data_dir):
+    """(train, test or None): the images and labels a config uses, their counts checked."""
+    d = cfg.data
+    train = load_cifar10(data_dir, "train", batches=d.train_batches)
+    if d.n_train > len(train.labels):
+        raise DataError(f"data.n_train = {d.n_train} but data.train_batches = {d.train_batches} hold "
+                        f"{len(train.labels)} images; lower n_train or list more batches")
+    if d.n_train:
+        train = train._replace(images=train.images[: d.n_train], labels=train.labels[: d.n_train])
+    test = None
+    if cfg.features.enabled and d.n_test != -1:
+        test = load_cifar10(data_dir, "test")
+        if d.n_test > len(test.labels):
+            raise DataError(f"data.n_test = {d.n_test} but the test set holds {len(test.labels)} images")
+        if d.n_test:
+            test = test._replace(images=test.images[: d.n_test], labels=test.labels[: d.n_test])
+    return train, test
+
+
+def _plan_resume(cfg: Config, resume: Path):
+    """(run folder, finished results or None) for ``--resume``; refuses another experiment's folder."""
+    config_file = resume / "config.json"
+    if not config_file.is_file():
+        raise RunError(f"{resume} is not a run folder (no config.json); pass the folder a run wrote")
+    try:
+        before = json.loads(config_file.read_text())
+    except ValueError as e:
+        raise RunError(f"{config_file} is unreadable ({e}); start a new run instead of resuming") from None
+    diffs = config_differences(before, to_dict(cfg))
+    if not diffs:
+        results = resume / "results.json"
+        return resume, (json.loads(results.read_text()) if results.is_file() else None)
+    listed = "; ".join(f"{k}: {a!r} there, {b!r} here" for k, a, b in ((k, *v) for k, v in diffs.items()))
+    if all(k.startswith("classifier.") for k in diffs):
+        return None, None  # a new folder beside it, sharing its stages
+    raise RunError(f"the config differs from the one in {config_file} ({listed}); --resume continues the same "
+                   "experiment, and only classifier settings may change (into a new folder beside it). "
+                   "Run without --resume to start a new experiment.")
+
+
+def run(cfg: Config, *, data_dir=None, out: str | os.PathLike = "runs", resume: str | os.PathLike | None = None,
+        cache: str | os.PathLike | None = None, quiet: bool = False, compile_cache=None) -> dict:
+    """Run one experiment; write its folder; return the results dict (also ``results.json``).
+
+    Args:
+      cfg: the validated config.
+      data_dir: the CIFAR-10 folder (default: KMJAX_DATA_DIR, else the download cache).
+      out: parent of the new run folder ``out/NAME`` (``NAME-2``, ... if taken).
+      resume: an existing run folder of the same config: its finished stages are loaded and the
+        rest computed; a finished run is returned as it is. A config that differs only in the
+        classifier section runs in a new folder beside it that reuses its stages; any other
+        difference is an error (``RunError``).
+      cache: a folder for finished stages shared between runs (a sweep's); default: the run folder.
+      quiet: print nothing but errors.
+      compile_cache: JAX's persistent compilation cache folder, or "off" (default: ``KMJAX_COMPILE_CACHE``,
+        else ``~/.cache/kmjax/jax``; see ``kmjax.experiment.compile_cache``).
+    """
+    use_compile_cache(compile_cache)
+    if cfg.features.enabled and cfg.preprocess.normalize == "dimension":
+        raise RunError("preprocess.normalize = 'dimension' is for dictionaries only (features.enabled = false); "
+                       "the dense features use per-patch normalization: set it to 'patch' or 'none'")
+    run_dir = stages = None
+    if resume is not None:
+        resume = Path(resume)
+        run_dir, finished = _plan_resume(cfg, resume)
+        if finished is not None:
+            log(f"{run_dir} has finished already: its results are returned as they are", quiet)
+            return finished
+        if run_dir is None:  # only the classifier changed
+            stages = resume / "stages"
+            out = resume.parent
+            log(f"only classifier settings differ from {resume}: a new run folder beside it, reusing its stages",
+                quiet)
+    t_start = time.perf_counter()
+    timer = Timer(quiet)
+    with timer.stage("load"):
+        train, test = load_data(cfg, data_dir)
+        keys = stage_keys(to_dict(cfg), data_id(train.images, train.labels),
+                          None if test is None else data_id(test.images, test.labels), __version__)
+    fresh = run_dir is None
+    if fresh:
+        run_dir = new_run_dir(Path(out), cfg.name)
+    try:
+        with RunLock(run_dir):
+            if fresh:
+                link = Path(cache) if cache is not None else stages
+                if link is not None:
+                    Path(link).mkdir(parents=True, exist_ok=True)
+                    os.symlink(os.path.relpath(Path(link).resolve(), run_dir.resolve()), run_dir / "stages")
+            results = _run_stages(cfg, train, test, keys, run_dir, StageStore(run_dir / "stages"), timer, quiet)
+    except BaseException:
+        if fresh and not StageStore(run_dir / "stages").any_finished():
+            shutil.rmtree(run_dir, ignore_errors=True)  # nothing to resume: the name is free again
+        raise
+    if resume is not None and fresh:
+        results["reused_stages_of"] = str(resume)
+    results["seconds"] = {**timer.seconds, "total": round(time.perf_counter() - t_start, 3)}
+    results["compile_seconds"] = timer.compile_seconds
+    results["peak_memory_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    results["environment"] = environment()
+    write_json(run_dir / "results.json", results)
+    return results
+
+
+def _run_stages(cfg, train, test, keys, run_dir, store, timer, quiet) -> dict:
+    log(f"run folder: {run_dir}", quiet)
+    key_dict, key_val = jax.random.split(jax.random.key(cfg.seed))
+    results: dict = {"name": cfg.name, "seed": cfg.seed, "config": to_dict(cfg), "run_dir": str(run_dir),
+                     "stage_keys": keys, "n_train": len(train.labels),
+                     "n_test": 0 if test is None else len(test.labels)}
+    write_json(run_dir / "config.json", results["config"])
+
+    dictionary = _dictionary_stage(cfg, train.images, key_dict, store, keys["dictionary"], timer)
+    km = dictionary.kmeans
+    n_iter = int(km.n_iter)
+    results["kmeans"] = {
+        "n_patches": int(dictionary.n_patches), "n_iter": n_iter, "converged": bool(km.converged),
+        "inertia": float(km.inertia), "objective": [float(v) for v in np.asarray(km.objective)[:n_iter]],
+        "empty_clusters": int((np.asarray(km.counts) == 0).sum()),
+    }
+    channels = train.images.shape[-1]
+    centroids = np.asarray(km.centroids)
+    plots.save_filters(run_dir / "filters.png", centroids, cfg.patches.size, channels,
+                       title=f"{cfg.name}: {cfg.kmeans.k} centroids")
+    plots.save_objective(run_dir / "objective.png", km.objective)
+    save_dictionary(run_dir / "dictionary.npz", dictionary, (cfg.patches.size, cfg.patches.size, channels))
+    if not cfg.features.enabled:
+        return results
+
+    copies = _copies(cfg)
+    feats = _features_stage(cfg, train, test, dictionary, store, keys["features"], timer, quiet)
+    f_train, f_test, labels = feats["train"], feats.get("test"), np.asarray(feats["train_labels"])
+    num_classes = len(train.class_names)
+    fit = _classifier_stage(cfg, f_train, labels, num_classes, copies, key_val, store, keys["classifier"], timer,
+                            quiet)
+    results["classifier"] = {"loss": cfg.classifier.loss, "C": fit["C"]}
+    if fit.get("n_iter") is not None:  # a direct solve has no iterations, objective or gradient to report
+        results["classifier"].update(n_iter=fit["n_iter"], objective=fit["objective"], grad_norm=fit["grad_norm"])
+    if fit["scores"]:
+        results["C_validation"] = fit["scores"]
+    std, model = fit["standardizer"], fit["model"]
+    with timer.stage("evaluate"):  # in blocks: no standardized copy of all the features
+        results["train_accuracy"] = float(np.mean(predict_features(std, model, f_train) == labels))
+        if test is not None:
+            pred = predict_features(std, model, f_test)
+            conf = np.zeros((num_classes, num_classes), np.int64)
+            np.add.at(conf, (test.labels, pred), 1)
+            results["test_accuracy"] = float((pred == test.labels).mean())
+            results["per_class_accuracy"] = {
+                name: float(conf[i, i] / max(conf[i].sum(), 1)) for i, name in enumerate(test.class_names)}
+            results["confusion"] = conf.tolist()
+            plots.save_confusion(run_dir / "confusion.png", conf, test.class_names)
+    save_model(run_dir / "model.npz", Model(feature_spec(cfg), dictionary.zca, jnp.asarray(centroids), std, model,
+                                            train.class_names, tuple(train.images.shape[1:])))
+    if not cfg.features.keep:
+        del f_train, f_test, feats
+        store.delete_arrays("features", keys["features"], ("train", "test", "train_labels", "test_labels"))
+        log("[features] stage files deleted (features.keep = false)", quiet)
+    return results
+
+
+def _dictionary_stage(cfg, images, key, store, stage_key, timer) -> Dictionary:
+    saved = store.load_tree("dictionary", stage_key, dictionary_template(cfg.preprocess.whiten, cfg.kmeans.max_iter))
+    if saved is not None:
+        log(f"[dictionary] reusing {store.folder}", timer.quiet)
+        return saved[0]
+    with timer.stage("dictionary"):
+        dictionary = learn_dictionary(key, images, **dictionary_options(cfg),
+                                      progress=progress("k-means", timer.quiet, "iterations"))
+        dictionary = jax.tree.map(np.asarray, dictionary)
+    store.save_tree("dictionary", stage_key, dictionary, {"kind": "dictionary"})
+    return dictionary
+
+
+def _features_stage(cfg, train, test, dictionary, store, stage_key, timer, quiet):
+    """{"train": features, "train_labels": labels, and "test", "test_labels" with a test set}: memmaps
+    of the stage files (the labels saved beside the features, so that they can be exported alone)."""
+    copies = _copies(cfg)
+    parts = {"train": train} if test is None else {"train": train, "test": test}
+    names = [n for part in parts for n in (part, f"{part}_labels")]
+    saved = store.load_arrays("features", stage_key, names)
+    if saved is not None:
+        log(f"[features] reusing {store.folder}", quiet)
+        return saved
+    spec = feature_spec(cfg)
+    dim = feature_dim(spec, dictionary.centroids.shape[0])
+    rows = {"train": copies * len(train.labels), "test": 0 if test is None else len(test.labels)}
+    store.check_space(4 * dim * sum(rows.values()))
+    saved = {}
+    with timer.stage("features"):
+        for name, data in parts.items():
+            images, labels = data.images, data.labels
+            if name == "train" and copies == 2:  # mirror images are as likely as the originals
+                images, labels = np.concatenate([images, images[:, :, ::-1]]), np.concatenate([labels, labels])
+            # written straight to disk: the features of a large dictionary need not fit in memory
+            saved[name] = extract_features(images, dictionary.centroids, dictionary.zca, spec,
+                                           memory_mb=cfg.features.memory_mb, precision=cfg.features.precision,
+                                           progress=progress(name, quiet),
+                                           out=store.new_array("features", stage_key, name, (len(images), dim)))
+            saved[f"{name}_labels"] = store.new_array("features", stage_key, f"{name}_labels", labels.shape, np.int32)
+            saved[f"{name}_labels"][:] = labels
+    store.commit_arrays("features", stage_key, saved)
+    return store.load_arrays("features", stage_key, names)
+
+
+def _classifier_template():
+    return {"standardizer": Standardizer(Slot("F"), Slot("F")), "model": LinearModel(Slot(None, "classes"))}
+
+
+def _classifier_stage(cfg, features, labels, num_classes, copies, key, store, stage_key, timer, quiet) -> dict:
+    saved = store.load_tree("classifier", stage_key, _classifier_template())
+    if saved is not None:
+        log(f"[classifier] reusing {store.folder}", quiet)
+        tree, meta = saved
+    else:
+        c = cfg.classifier
+        with timer.stage("classifier"):
+            fit = fit_classifier(features, labels, num_classes=num_classes, loss=c.loss, C=c.C, C_grid=c.C_grid,
+                                 val_fraction=c.val_fraction, key=key, copies=copies, max_iter=c.max_iter, tol=c.tol,
+                                 progress=lambda label, unit: progress(label, quiet, unit),
+                                 log=lambda line: log(line, quiet))
+        tree = {"standardizer": jax.tree.map(np.asarray, fit.standardizer), "model": jax.tree.map(np.asarray, fit.model)}
+        meta = {"kind": "classifier", "C": fit.C, "scores": {f"{C:g}": a for C, a in fit.scores.items()},
+                "n_iter": fit.n_iter, "objective": fit.objective, "grad_norm": fit.grad_norm}
+        store.save_tree("classifier", stage_key, tree, meta)
+    std = Standardizer(*map(jnp.asarray, tree["standardizer"]))
+    model = LinearModel(*map(jnp.asarray, tree["model"]))
+    return {**meta, "standardizer": std, "model": model}
+
+
+def export_features(run_dir, out) -> Path:
+    """Write the features of a finished run, with their labels, to one ``.npz`` (``kmjax.checkpoint``
+    layout): ``train/features`` (N, F) float32, ``train/labels``, ``train/mirrored`` (bool: the row is
+    the mirror image of row i - N/2), and ``test/features``, ``test/labels`` when the run had a test
+    set; its metadata holds the run's config and feature spec."""
+    run_dir = Path(run_dir)
+    results_file = run_dir / "results.json"
+    if not results_file.is_file():
+        raise RunError(f"{run_dir} holds no finished run (no results.json); finish it first (kmjax run CONFIG "
+                       f"--resume {run_dir})")
+    results = json.loads(results_file.read_text())
+    cfg = parse_config(results["config"])
+    if not cfg.features.enabled:
+        raise RunError(f"{run_dir} is a dictionary-only run (features.enabled = false): it has no features")
+    store = StageStore(run_dir / "stages")
+    names = ["train", "train_labels"] + (["test", "test_labels"] if results.get("n_test") else [])
+    saved = store.load_arrays("features", results["stage_keys"]["features"], names)
+    if saved is None:
+        raise RunError(f"the features of {run_dir} are not kept (features.keep = false, or the stage files were "
+                       f"deleted); recompute them with kmjax run CONFIG --set features.keep=true")
+    n = len(saved["train_labels"])
+    tree = {"train": {"features": saved["train"], "labels": saved["train_labels"],
+                      "mirrored": np.arange(n) >= n // _copies(cfg) if _copies(cfg) == 2 else np.zeros(n, bool)}}
+    if "test" in saved:
+        tree["test"] = {"features": saved["test"], "labels": saved["test_labels"]}
+    meta = {"kind": "features", "config": results["config"], "spec": feature_spec(cfg)._asdict(),
+            "run_dir": str(run_dir)}
+    return save_tree(out, tree, meta)

@@ -1,0 +1,203 @@
+"""Run folders and the finished stages kept in them.
+
+A run folder holds one experiment: ``config.json`` first, ``results.json`` last, and ``stages/``
+(or a link to a stage folder shared by a sweep). A stage is saved under a key that hashes
+everything its output depends on (kmjax's version, the config entries that matter, the identity
+of the data), so a later run whose key matches loads it instead of recomputing it. Writes are
+atomic, and a folder in use is locked against a second process.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from kmjax._io import atomic_write
+from kmjax.checkpoint import load_tree, save_tree
+from kmjax.config import check_name
+
+__all__ = ["RunError", "new_run_dir", "RunLock", "StageStore", "stage_keys", "data_id", "config_differences",
+           "write_json"]
+
+# Config entries that change how fast a run goes, never its numbers.
+SPEED_ONLY = ("features.memory_mb", "features.keep")
+
+
+class RunError(ValueError):
+    """A run folder that cannot be used as asked; the message says why and what to do."""
+
+
+def _unwritable(folder: Path, e: OSError) -> RunError:
+    return RunError(f"cannot write in {folder}: {e.strerror or e}; pass --out (or out=) a folder you can write to")
+
+
+def new_run_dir(out: Path, name: str) -> Path:
+    """A fresh folder out/name, or out/name-2, -3, ...: an earlier run is never overwritten."""
+    check_name(name)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for i in range(1, 10_000):
+            path = out / (name if i == 1 else f"{name}-{i}")
+            try:
+                path.mkdir()
+                return path
+            except FileExistsError:
+                continue
+    except OSError as e:
+        raise _unwritable(out, e) from None
+    raise RunError(f"no free run folder name under {out}")
+
+
+def write_json(path: Path, obj) -> None:
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
+
+
+class RunLock:
+    """An exclusive lock on a folder (``.lock``, released when the process ends, even killed)."""
+
+    def __init__(self, folder: Path):
+        self.path = Path(folder) / ".lock"
+        self.fd = None
+
+    def __enter__(self):
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise _unwritable(self.path.parent, e) from None
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "another"
+            os.close(self.fd)
+            raise RunError(f"{self.path.parent} is in use by another kmjax process (pid {holder}); wait for it to "
+                           "finish, or stop it, before resuming this folder") from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, str(os.getpid()).encode(), 0)
+        return self
+
+    def __exit__(self, *exc):
+        os.close(self.fd)
+
+
+def data_id(*arrays) -> str:
+    """A short hash of arrays' contents: the identity of the data a stage was computed from."""
+    h = hashlib.blake2b(digest_size=8)
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype}{a.shape}".encode())
+        h.update(memoryview(a).cast("B"))
+    return h.hexdigest()
+
+
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def stage_keys(config: dict, train_id: str, test_id: str | None, version: str) -> dict[str, str]:
+    """A key per stage of everything that determines its output, and its inputs' keys."""
+    c = config
+    feats = {k: v for k, v in c["features"].items() if f"features.{k}" not in SPEED_ONLY}
+    parts = {"dictionary": [version, c["seed"], c["data"]["train_batches"], c["data"]["n_train"], train_id,
+                            c["patches"], c["preprocess"], c["kmeans"]]}
+    parts["features"] = [parts["dictionary"], feats, c["data"]["n_test"], test_id]
+    parts["classifier"] = [parts["features"], c["classifier"]]
+    return {name: _hash(v) for name, v in parts.items()}
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_differences(before: dict, after: dict) -> dict[str, tuple]:
+    """{dotted key: (before, after)} for every entry that differs and can change results."""
+    a, b = _flatten(before), _flatten(after)
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k) and k not in SPEED_ONLY}
+
+
+class StageStore:
+    """Finished stages in one folder: trees as ``STAGE-KEY.npz``, large arrays as ``.npy`` files
+    (filled in place as ``.partial`` files, renamed when the stage is done, then a ``.done``
+    marker). Anything without its final name was interrupted and is recomputed."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+
+    def _path(self, stage, key, suffix):
+        return self.folder / f"{stage}-{key}{suffix}"
+
+    def _mkdir(self):
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise _unwritable(self.folder, e) from None
+
+    def load_tree(self, stage, key, like):
+        """(tree, meta) of a finished stage, or None."""
+        path = self._path(stage, key, ".npz")
+        return load_tree(path, like, "stage file") if path.is_file() else None
+
+    def save_tree(self, stage, key, tree, meta):
+        self._mkdir()
+        save_tree(self._path(stage, key, ".npz"), tree, meta)
+
+    def load_arrays(self, stage, key, names):
+        """{name: read-only memmap} of a finished array stage, or None."""
+        if not self._path(stage, key, ".done").is_file():
+            return None
+        return {n: np.load(self._path(f"{stage}.{n}", key, ".npy"), mmap_mode="r") for n in names}
+
+    def check_space(self, nbytes: int) -> None:
+        self._mkdir()
+        free = shutil.disk_usage(self.folder).free
+        if free < nbytes:
+            raise RunError(f"{self.folder} has {free / 1e9:.2f} GB free, the features need {nbytes / 1e9:.2f} GB "
+                           f"({nbytes} bytes); free some space or put the stages elsewhere (--cache DIR)")
+
+    def new_array(self, stage, key, name, shape, dtype=np.float32):
+        """An array on disk to fill in place, its space reserved now: a full disk is an error here,
+        never a crash (SIGBUS) later when a page of the mapping is written."""
+        self._mkdir()
+        path = self._path(f"{stage}.{name}", key, f".{os.getpid()}.npy.partial")
+        a = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=tuple(shape))
+        try:
+            with open(path, "r+b") as f:
+                os.posix_fallocate(f.fileno(), 0, os.path.getsize(path))
+        except OSError as e:
+            del a
+            path.unlink(missing_ok=True)
+            if e.errno == errno.ENOSPC:
+                nbytes = np.dtype(dtype).itemsize * int(np.prod(shape))
+                raise RunError(f"no space left in {self.folder} for {path.name} ({nbytes / 1e9:.2f} GB, {nbytes} "
+                               "bytes); free some space or put the stages elsewhere (--cache DIR)") from None
+            raise
+        return a
+
+    def commit_arrays(self, stage, key, arrays: dict) -> None:
+        """Give arrays from ``new_array`` their final names, then mark the stage done."""
+        for n, a in arrays.items():
+            a.flush()
+            os.replace(a.filename, self._path(f"{stage}.{n}", key, ".npy"))
+        # written last: a stage without its marker was interrupted and is recomputed
+        atomic_write(self._path(stage, key, ".done"), lambda f: f.write(" ".join(arrays).encode()))
+
+    def delete_arrays(self, stage, key, names) -> None:
+        self._path(stage, key, ".done").unlink(missing_ok=True)
+        for n in names:
+            self._path(f"{stage}.{n}", key, ".npy").unlink(missing_ok=True)
+
+    def any_finished(self) -> bool:
+        return self.folder.is_dir() and (any(self.folder.glob("*.npz")) or any(self.folder.glob("*.done")))

@@ -1,0 +1,90 @@
+"""``sweep``: every combination of a grid of config values, one table and one plot.
+
+The runs share one stage cache, so a stage that a grid key does not affect (the dictionary when
+only the encoder changes, the features when only the classifier does) is computed once. A sweep
+folder can be resumed: finished runs are kept as they are, unfinished ones continue.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import os
+from pathlib import Path
+
+from kmjax import plots
+from kmjax._io import atomic_write
+from kmjax.config import ConfigError, load_config, parse_value
+from kmjax.experiment.report import log
+from kmjax.experiment.runner import run
+from kmjax.experiment.store import RunError, RunLock, new_run_dir, write_json
+
+__all__ = ["sweep", "parse_grid"]
+
+_COLUMNS = ["train_accuracy", "test_accuracy", "seconds", "run_dir"]
+
+
+def parse_grid(items: list[str]) -> dict[str, list]:
+    """``["kmeans.k=100,200", "preprocess.whiten=true,false"]`` -> {"kmeans.k": ["100", "200"], ...}."""
+    grid = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"grid {item!r} must look like section.key=value1,value2,...")
+        key, values = item.split("=", 1)
+        grid[key.strip()] = [v.strip() for v in values.split(",") if v.strip()]
+        if not grid[key.strip()]:
+            raise ConfigError(f"grid {item!r} lists no values")
+    return grid
+
+
+def _safe_name(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_.=,+" else "_" for c in name)
+
+
+def sweep(config_path, grid: dict[str, list], *, overrides: list[str] = (), data_dir=None,
+          out: str | os.PathLike = "runs", resume: str | os.PathLike | None = None, quiet: bool = False,
+          compile_cache=None) -> list[dict]:
+    """Run every combination of ``grid`` values on top of a config; return one row per run.
+
+    ``sweep.csv`` / ``sweep.json`` are rewritten after each run, so an interrupted sweep keeps every
+    finished row; ``resume`` (the sweep folder) continues it: finished runs are read back, an
+    interrupted one resumes from its last finished stage, the others run.
+    """
+    base = load_config(config_path, list(overrides))  # validate every combination before any work
+    keys = list(grid)
+    configs = []
+    for combo in itertools.product(*(grid[k] for k in keys)):
+        label = ",".join(f"{k.split('.')[-1]}={v}" for k, v in zip(keys, combo))
+        sets = list(overrides) + [f"{k}={v}" for k, v in zip(keys, combo)]
+        configs.append((combo, load_config(config_path, sets + [f"name={_safe_name(base.name + '_' + label)}"])))
+    if resume is None:
+        sweep_dir = new_run_dir(Path(out), f"{base.name}-sweep")
+    else:
+        sweep_dir = Path(resume)
+        if not (sweep_dir / "cache").is_dir():
+            raise RunError(f"{sweep_dir} is not a sweep folder (no cache/); pass the folder a sweep wrote")
+    log(f"sweep folder: {sweep_dir} ({len(configs)} runs)", quiet)
+    rows = []
+    with RunLock(sweep_dir):
+        for i, (combo, cfg) in enumerate(configs):
+            log(f"=== sweep run {i + 1}/{len(configs)}: {cfg.name}", quiet)
+            previous = sweep_dir / "runs" / cfg.name
+            res = run(cfg, data_dir=data_dir, out=sweep_dir / "runs", cache=sweep_dir / "cache", quiet=quiet,
+                      compile_cache=compile_cache,
+                      resume=previous if resume is not None and (previous / "config.json").is_file() else None)
+            rows.append({**dict(zip(keys, (parse_value(v) for v in combo))),
+                         "train_accuracy": res.get("train_accuracy"), "test_accuracy": res.get("test_accuracy"),
+                         "seconds": res["seconds"]["total"], "run_dir": res["run_dir"]})
+            _write_sweep(sweep_dir, keys, rows)
+    plots.save_sweep(sweep_dir / "sweep.png", keys, rows)
+    return rows
+
+
+def _write_sweep(sweep_dir: Path, keys, rows) -> None:
+    write_json(sweep_dir / "sweep.json", rows)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=keys + _COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(sweep_dir / "sweep.csv", lambda f: f.write(buf.getvalue().encode()))

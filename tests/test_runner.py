@@ -1,0 +1,279 @@
+"""The runner's own logic on a small synthetic data set in CIFAR layout (no real data needed):
+resume rules, the run-folder lock, stage keys, failures that leave nothing behind, disk space,
+exports, and what the CLI says about each."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kmjax.checkpoint import read_meta
+from kmjax.cli import main
+from kmjax.config import ConfigError, load_config, to_dict
+from kmjax.data import DataError
+from kmjax.experiment import RunError, export_features, run, sweep
+from kmjax.experiment import runner as runner_module
+from kmjax.experiment.store import RunLock, StageStore
+from synthetic_cifar import make_cifar
+
+SMALL = ["data.train_batches=[1,2]", "data.n_train=0", "data.n_test=0", "patches.num=2000", "kmeans.k=8", "kmeans.max_iter=3",
+         "classifier.max_iter=10", "features.grid=2"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cifar")
+    make_cifar(root, n=40)
+    return root
+
+
+def config(*extra):
+    return load_config("quick", SMALL + list(extra))
+
+
+def go(data_dir, out, *extra, **kw):
+    return run(config(*extra), data_dir=data_dir, out=out, quiet=True, **kw)
+
+
+def stage_names(folder: Path) -> set[str]:
+    return {p.name for p in (folder / "stages").iterdir()}
+
+
+def test_a_run_writes_its_folder(data_dir, tmp_path):
+    res = go(data_dir, tmp_path)
+    folder = Path(res["run_dir"])
+    assert folder == tmp_path / "quick"
+    for name in ("config.json", "results.json", "model.npz", "dictionary.npz", "filters.png", "objective.png",
+                 "confusion.png"):
+        assert (folder / name).is_file(), name
+    assert res["n_train"] == 80 and res["n_test"] == 40
+    assert sum(map(sum, res["confusion"])) == 40
+    assert set(res["compile_seconds"]) >= {"dictionary", "features", "classifier"}
+    env = res["environment"]
+    assert env["kmjax"] == "0.2.0" and set(env["versions"]) == {"jax", "jaxlib", "optax", "numpy", "matplotlib"}
+    assert all(env["versions"].values())
+    with RunLock(folder):  # released at the end of the run
+        pass
+
+
+def test_same_config_twice_gives_byte_identical_models(data_dir, tmp_path):
+    a, b = go(data_dir, tmp_path), go(data_dir, tmp_path)
+    assert a["run_dir"] != b["run_dir"]
+    assert (Path(a["run_dir"]) / "model.npz").read_bytes() == (Path(b["run_dir"]) / "model.npz").read_bytes()
+    assert (Path(a["run_dir"]) / "dictionary.npz").read_bytes() == (Path(b["run_dir"]) / "dictionary.npz").read_bytes()
+
+
+def test_resume_of_a_finished_run_changes_nothing(data_dir, tmp_path):
+    first = go(data_dir, tmp_path)
+    folder = Path(first["run_dir"])
+    before = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+    again = go(data_dir, tmp_path, resume=folder)
+    assert again == first
+    assert {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} == before
+    assert not (tmp_path / "quick-2").exists()
+
+
+def test_resume_refuses_another_experiments_folder(data_dir, tmp_path, capsys):
+    folder = Path(go(data_dir, tmp_path)["run_dir"])
+    before = (folder / "results.json").read_bytes()
+    with pytest.raises(RunError, match=r"kmeans\.k: 8 there, 9 here.*only classifier settings may change"):
+        go(data_dir, tmp_path, "kmeans.k=9", resume=folder)
+    args = ["run", "quick", "--data-dir", str(data_dir), "--resume", str(folder), "-q"]
+    for s in SMALL + ["kmeans.k=9", "features.encoder=hard"]:
+        args += ["--set", s]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "kmeans.k" in err and "features.encoder" in err
+    assert (folder / "results.json").read_bytes() == before
+
+
+def test_an_interrupted_run_resumes_in_place_from_its_last_stage(data_dir, tmp_path, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner_module, "fit_classifier", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        go(data_dir, tmp_path)
+    folder = tmp_path / "quick"
+    assert not (folder / "results.json").exists() and (folder / "config.json").is_file()  # kept: stages finished
+    monkeypatch.undo()
+    res = go(data_dir, tmp_path, resume=folder)
+    assert res["run_dir"] == str(folder)
+    assert "dictionary" not in res["seconds"] and "features" not in res["seconds"] and "classifier" in res["seconds"]
+
+
+def test_a_failed_run_leaves_no_folder(data_dir, tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(runner_module, "learn_dictionary", broken)
+    with pytest.raises(RuntimeError, match="boom"):
+        go(data_dir, tmp_path)
+    assert not (tmp_path / "quick").exists()
+    monkeypatch.undo()
+    with pytest.raises(DataError):  # missing data: no folder either
+        go(tmp_path / "nowhere", tmp_path)
+    assert list(tmp_path.iterdir()) == []
+    assert go(data_dir, tmp_path)["run_dir"] == str(tmp_path / "quick")  # the name was not used up
+
+
+def test_a_locked_folder_is_refused(data_dir, tmp_path):
+    folder = tmp_path / "quick"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(to_dict(config())))  # an unfinished run of this config
+    with RunLock(folder):  # as another process would hold it
+        with pytest.raises(RunError, match=f"in use by another kmjax process \\(pid {os.getpid()}\\)"):
+            go(data_dir, tmp_path, resume=folder)
+
+
+def test_stage_keys_follow_the_version_and_the_data(data_dir, tmp_path, monkeypatch):
+    first = go(data_dir, tmp_path / "a")
+    other = tmp_path / "other-data"
+    make_cifar(other, n=40, seed=7)
+    changed_data = go(other, tmp_path / "b")
+    assert changed_data["stage_keys"]["dictionary"] != first["stage_keys"]["dictionary"]
+    monkeypatch.setattr(runner_module, "__version__", "9.9.9")
+    changed_code = go(data_dir, tmp_path / "c")
+    assert len({first["stage_keys"]["features"], changed_data["stage_keys"]["features"],
+                changed_code["stage_keys"]["features"]}) == 3
+    # a shared stage cache: a code change recomputes instead of reusing stale stages
+    cache = tmp_path / "cache"
+    monkeypatch.setattr(runner_module, "__version__", "0.2.0")
+    go(data_dir, tmp_path / "d", cache=cache)
+    monkeypatch.setattr(runner_module, "__version__", "9.9.9")
+    assert "dictionary" in go(data_dir, tmp_path / "e", cache=cache)["seconds"]
+
+
+def test_too_many_training_images_is_an_error(data_dir, tmp_path):
+    with pytest.raises(DataError, match="data.n_train = 100 but data.train_batches = \\[1, 2\\] hold 80 images"):
+        go(data_dir, tmp_path, "data.n_train=100")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["../../x", "a/b", ".hidden", "..", ""])
+def test_run_names_are_plain_folder_names(name):
+    with pytest.raises(ConfigError, match="not a plain folder name"):
+        config(f"name='{name}'")
+
+
+def test_not_enough_disk_space_is_said_before_the_features(data_dir, tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
+    with pytest.raises(RunError, match=r"has 0\.00 GB free, the features need .* \(\d+ bytes\)"):
+        go(data_dir, tmp_path)
+
+
+def test_a_full_disk_while_reserving_the_features_is_a_message(data_dir, tmp_path, monkeypatch):
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(RunError, match=r"no space left in .*stages for features\.train.*bytes"):
+        go(data_dir, tmp_path)
+    assert not list((tmp_path / "quick" / "stages").glob("*.partial"))
+
+
+def test_an_unwritable_out_folder_is_a_message(data_dir, tmp_path, monkeypatch, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    args = ["run", "quick", "--data-dir", str(data_dir), "--out", str(blocker / "runs"), "-q"]
+    for s in SMALL:
+        args += ["--set", s]
+    assert main(args) == 2
+    assert "cannot write in" in capsys.readouterr().err
+
+
+def test_export_writes_features_labels_and_mirrors(data_dir, tmp_path, capsys):
+    res = go(data_dir, tmp_path, "features.train_flip=true")
+    out = tmp_path / "features.npz"
+    assert main(["export", res["run_dir"], "--out", str(out)]) == 0
+    meta = read_meta(out, kind="features")
+    assert meta["config"]["features"]["train_flip"] is True
+    with np.load(out) as z:
+        train, labels, mirrored = z["train/features"], z["train/labels"], z["train/mirrored"]
+        assert train.shape == (160, 4 * 8) and z["test/features"].shape == (40, 32)
+        assert mirrored.sum() == 80 and mirrored[80:].all()
+        np.testing.assert_array_equal(labels[:80], labels[80:])
+
+
+def test_features_keep_false_deletes_the_stage_files(data_dir, tmp_path):
+    res = go(data_dir, tmp_path, "features.keep=false")
+    folder = Path(res["run_dir"])
+    assert not any("features" in name for name in stage_names(folder))
+    assert "test_accuracy" in res
+    with pytest.raises(RunError, match="features.keep = false"):
+        export_features(folder, tmp_path / "x.npz")
+
+
+def test_filters_are_redrawn_beside_the_run_not_over_it(data_dir, tmp_path, capsys):
+    folder = Path(go(data_dir, tmp_path)["run_dir"])
+    original = (folder / "filters.png").read_bytes()
+    assert main(["filters", str(folder)]) == 0
+    assert main(["filters", str(folder / "dictionary.npz")]) == 0
+    assert (folder / "filters.png").read_bytes() == original
+    assert (folder / "filters-redrawn.png").is_file() and (folder / "filters-redrawn-2.png").is_file()
+
+
+def test_sweeps_resume(data_dir, tmp_path, monkeypatch):
+    calls = []
+    real = runner_module.fit_classifier
+
+    def flaky(*args, **kwargs):
+        calls.append(kwargs["C"])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner_module, "fit_classifier", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        sweep("quick", {"classifier.C": ["1", "10"]}, overrides=SMALL, data_dir=data_dir, out=tmp_path, quiet=True)
+    folder = tmp_path / "quick-sweep"
+    assert len(json.loads((folder / "sweep.json").read_text())) == 1  # the finished row was kept
+    rows = sweep("quick", {"classifier.C": ["1", "10"]}, overrides=SMALL, data_dir=data_dir, out=tmp_path,
+                 resume=folder, quiet=True)
+    assert [r["classifier.C"] for r in rows] == [1, 10]
+    assert calls == [1.0, 10.0, 10.0]  # the finished run was read back, not run again
+    second = json.loads((Path(rows[1]["run_dir"]) / "results.json").read_text())
+    assert "features" not in second["seconds"]  # the interrupted run kept its stages
+
+
+def test_info_tells_the_truth_about_the_data_folder(data_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("KMJAX_DATA_DIR", raising=False)
+    assert main(["info", "--data-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "from --data-dir" in out and "will stop with an error" in out and "downloads" not in out
+    assert main(["info", "--data-dir", str(data_dir)]) == 0
+    assert "CIFAR-10 found" in capsys.readouterr().out
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert main(["info"]) == 0
+    assert "kmjax run downloads it" in capsys.readouterr().out
+
+
+def test_cli_errors_name_cli_flags(tmp_path, capsys):
+    assert main(["run", "quick", "--data-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "--data-dir" in err and "data_dir)" not in err
+
+
+def test_shipped_configs_run_by_name(data_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no configs/ folder here
+    res = go(data_dir, tmp_path / "runs")
+    assert res["name"] == "quick"
+    with pytest.raises(ConfigError, match="ships no config of that name.*coates2011_triangle_1600"):
+        load_config("no_such_config")
+
+
+def test_classifier_stage_file_holds_its_report(data_dir, tmp_path):
+    res = go(data_dir, tmp_path, "classifier.C_grid=[1,10]")
+    store = StageStore(Path(res["run_dir"]) / "stages")
+    tree, meta = store.load_tree("classifier", res["stage_keys"]["classifier"], runner_module._classifier_template())
+    assert meta["C"] == res["classifier"]["C"] and set(meta["scores"]) == {"1", "10"}
+    assert tree["model"].weights.shape == (33, 10)
