@@ -101,18 +101,22 @@ class Config:
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
 
 
-# The vocabularies are defined once, beside the functions that implement them; the schema reads them.
-_CHOICES = {
-    ("patches", "sampling"): SAMPLINGS,
-    ("preprocess", "normalize"): NORMALIZATIONS,
-    ("kmeans", "init"): INITS,
-    ("kmeans", "empty"): EMPTY_POLICIES,
-    ("features", "encoder"): tuple(ENCODERS),
-    ("features", "pool"): tuple(POOLS),
-    ("kmeans", "precision"): PRECISIONS,
-    ("features", "precision"): PRECISIONS,
-    ("classifier", "loss"): CLASSIFIERS,
-}
+def _choices() -> dict:
+    """The valid values of the keys that name a method. The vocabularies are defined once, beside
+    the functions that implement them; the schema reads them at validation time."""
+    return {
+        ("patches", "sampling"): SAMPLINGS,
+        ("preprocess", "normalize"): NORMALIZATIONS,
+        ("kmeans", "init"): INITS,
+        ("kmeans", "empty"): EMPTY_POLICIES,
+        ("features", "encoder"): tuple(ENCODERS),
+        ("features", "pool"): tuple(POOLS),
+        ("kmeans", "precision"): PRECISIONS,
+        ("features", "precision"): PRECISIONS,
+        ("classifier", "loss"): CLASSIFIERS,
+    }
+
+
 _POSITIVE = {("patches", "size"), ("patches", "num"), ("patches", "stride"), ("kmeans", "k"),
              ("kmeans", "max_iter"), ("features", "stride"), ("features", "grid"),
              ("features", "memory_mb"), ("classifier", "C"), ("classifier", "max_iter")}
@@ -162,7 +166,7 @@ def check_name(name: str) -> str:
 
 def _validate(cfg: Config) -> None:
     check_name(cfg.name)
-    for (section, key), choices in _CHOICES.items():
+    for (section, key), choices in _choices().items():
         value = getattr(getattr(cfg, section), key)
         if value not in choices:
             raise ConfigError(f"{section}.{key} = {value!r} is not one of {choices}")

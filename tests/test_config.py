@@ -55,8 +55,16 @@ def test_section_must_be_table():
         parse_config({"kmeans": 5})
 
 
-def test_config_error_is_value_error():
-    assert issubclass(ConfigError, ValueError)
+def test_a_registered_encoder_is_a_valid_config_value(monkeypatch):
+    # the vocabularies are defined once, beside the functions: registering an encoder is the one edit
+    from kmjax import encoders
+    from kmjax.features import FeatureSpec, feature_dim
+
+    with pytest.raises(ConfigError, match="features.encoder = 'cube'"):
+        parse_config({"features": {"encoder": "cube"}})
+    monkeypatch.setitem(encoders.ENCODERS, "cube", encoders.Encoder(lambda x, c, alpha, precision: x @ c.T, 3))
+    assert parse_config({"features": {"encoder": "cube"}}).features.encoder == "cube"
+    assert feature_dim(FeatureSpec(encoder="cube"), 10) == 4 * 3 * 10
 
 
 def test_wrong_type_names_key():
@@ -228,5 +236,8 @@ def test_shipped_configs_load(path):
     assert parse_config(to_dict(cfg)) == cfg
 
 
-def test_shipped_configs_exist():
-    assert len(glob.glob(str(CONFIG_DIR / "*.toml"))) >= 1
+def test_shipped_configs_are_the_configs_folder():
+    from kmjax.config import shipped_configs
+
+    assert set(shipped_configs()) == {Path(p).stem for p in glob.glob(str(CONFIG_DIR / "*.toml"))}
+    assert {"quick", "coates2011_triangle_1600", "seed"} <= set(shipped_configs())
