@@ -57,3 +57,11 @@ def positive_int(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return int(value)
+
+
+def host_only(name: str, instead: str, *values) -> None:
+    """Refuse traced values in one line: ``kmjax.name`` is a host-level entry point (it loops on the
+    host, or returns NumPy arrays or Python numbers), and ``instead`` works inside ``jax.jit``."""
+    if any(is_tracer(v) for v in values):
+        raise TypeError(f"kmjax.{name} is a host-level entry point and cannot run inside jax.jit; "
+                        f"inside jit use {instead}")

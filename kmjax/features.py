@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kmjax._checks import check_images, check_matrix, is_tracer, positive_int
+from kmjax._checks import check_images, check_matrix, host_only, positive_int
 from kmjax._ops import check_precision
 from kmjax.encoders import ENCODERS, encode, num_outputs
 from kmjax.patches import _extract, grid_size
@@ -112,11 +112,9 @@ def prepare_features(images, centroids, zca, spec: FeatureSpec, *, precision: st
     ``kmjax.parallel.extract_features_sharded`` (a batch split over ``shards`` devices, ``step``
     images per product on each): both accept and refuse the same inputs with the same messages.
     """
+    host_only("extract_features", "kmjax.batch_features (one batch, no checks)", images, centroids)
     check_images(images)
     check_precision(precision)
-    if is_tracer(images) or is_tracer(centroids):
-        raise TypeError("extract_features is a host-level entry point (it loops over batches and returns a "
-                        "NumPy array); inside jax.jit use kmjax.features.batch_features")
     centroids = jnp.asarray(centroids, jnp.float32)
     check_matrix(centroids, "centroids")
     _check_spec(spec, images, centroids, zca)

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kmjax._checks import host_only
 from kmjax.checkpoint import FileFormatError, Slot, load_tree, read_meta, save_tree
 from kmjax.classify import LinearModel, Standardizer, predict, standardize
 from kmjax.dictionary import Dictionary, dictionary_template
@@ -115,6 +116,8 @@ def load_dictionary(path) -> tuple[Dictionary, tuple]:
 
 def predict_images(model: Model, images, **kwargs) -> np.ndarray:
     """Class indices of (N, H, W, C) images on the scale the model was trained on (0-255)."""
+    host_only("predict_images", "kmjax.predict(model.classifier, kmjax.standardize(model.standardizer, "
+              "kmjax.batch_features(images, model.zca, model.centroids, spec=model.spec)))", images)
     images = np.asarray(images)
     if images.ndim == 3 and tuple(images.shape) == tuple(model.image_shape):
         images = images[None]

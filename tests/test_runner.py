@@ -277,3 +277,44 @@ def test_classifier_stage_file_holds_its_report(data_dir, tmp_path):
     tree, meta = store.load_tree("classifier", res["stage_keys"]["classifier"], runner_module._classifier_template())
     assert meta["C"] == res["classifier"]["C"] and set(meta["scores"]) == {"1", "10"}
     assert tree["model"].weights.shape == (33, 10)
+
+
+def test_provenance_names_the_kmjax_commit_only(tmp_path):
+    import subprocess
+
+    from kmjax.experiment.report import source_commit
+
+    here = Path(__file__).resolve().parents[1]
+    if (here / ".git").exists():
+        head = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+        assert source_commit()["commit"] == head.strip()
+    other = tmp_path / "someone-elses-repo"  # kmjax installed inside another project's repository
+    (other / "kmjax").mkdir(parents=True)
+    (other / "kmjax" / "__init__.py").write_text("")
+    (other / "pyproject.toml").write_text('[project]\nname = "their-app"\n')
+    subprocess.run(["git", "init", "-q", str(other)], check=True)
+    assert source_commit(other) is None
+
+
+def test_stage_files_count_only_once_committed(tmp_path):
+    store = StageStore(tmp_path / "stages")
+    a = store.new_array("features", "k1", "train", (3, 2))
+    a[:] = 1.0
+    assert store.load_arrays("features", "k1", ["train"]) is None  # still .partial: an interrupted stage
+    assert not store.any_finished()
+    store.commit_arrays("features", "k1", {"train": a})
+    assert not list((tmp_path / "stages").glob("*.partial"))
+    np.testing.assert_array_equal(store.load_arrays("features", "k1", ["train"])["train"], np.ones((3, 2)))
+    assert store.load_arrays("features", "k2", ["train"]) is None  # another key is another stage
+    (tmp_path / "stages" / "features-k1.done").unlink()  # a marker-less stage is recomputed
+    assert store.load_arrays("features", "k1", ["train"]) is None
+    store.save_tree("dictionary", "k1", {"x": np.zeros(2)}, {"kind": "dictionary"})
+    assert store.any_finished()
+
+
+def test_bench_runs_from_the_package(tmp_path):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "features", "--k", "8", "--images", "8", "--repeats", "1", "--batch-wide-step", "8",
+                 "--json", str(out)]) == 0
+    records = json.loads(out.read_text())
+    assert {r["variant"] for r in records} == {"default", "batch-wide"} and all(r["images_per_s"] > 0 for r in records)

@@ -17,6 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from kmjax._checks import host_only, is_tracer
+from kmjax._progress import emit, reporting
+
 __all__ = [
     "Standardizer", "fit_standardizer", "standardize",
     "LinearModel", "svm_loss", "softmax_loss", "LOSSES", "TrainInfo", "train_linear", "predict", "accuracy",
@@ -37,6 +40,8 @@ def fit_standardizer(features, eps: float = 0.01, block: int = 1024) -> Standard
     """Training mean and sqrt(var + eps) per feature, as the authors' code (eps = 0.01; the unbiased
     variance of MATLAB's ``var``). Accumulated in float64 over row blocks: no float64 copy of the
     (N, F) features (6.4 GB at N = 50,000, K = 4000) is ever made."""
+    host_only("fit_standardizer", "the mean and standard deviation of the features with jnp (this one sums "
+              "in float64 on the host)", features)
     f = features
     if np.ndim(f) != 2 or np.shape(f)[0] < 2:
         raise ValueError(f"features must be (N, F) with N >= 2 to estimate a variance, got shape {np.shape(f)}")
@@ -114,8 +119,8 @@ class TrainInfo(NamedTuple):
     n_iter: jax.Array
 
 
-@partial(jax.jit, static_argnames=("loss", "num_classes", "max_iter", "memory", "progress"))
-def _train(x, labels, C, tol, *, loss, num_classes, max_iter, memory, progress):
+@partial(jax.jit, static_argnames=("loss", "num_classes", "max_iter", "memory", "report"))
+def _train(x, labels, C, tol, *, loss, num_classes, max_iter, memory, report):
     fun = partial(LOSSES[loss], x=x, labels=labels, C=C, xt=x.T.copy())
     opt = optax.lbfgs(memory_size=memory)
     value_and_grad = optax.value_and_grad_from_state(fun)
@@ -125,8 +130,8 @@ def _train(x, labels, C, tol, *, loss, num_classes, max_iter, memory, progress):
         w, state, _, it = carry
         value, grad = value_and_grad(w, state=state)
         updates, state = opt.update(grad, state, w, value=value, grad=grad, value_fn=fun)
-        if progress is not None:  # host callback, outside the numerics
-            jax.debug.callback(progress, it + 1, max_iter, value)
+        if report:  # host callback, outside the numerics
+            emit("lbfgs", it + 1, max_iter, value)
         return w + updates, state, optax.tree.norm(grad), it + 1
 
     def cond(carry):
@@ -151,7 +156,11 @@ def train_linear(x, labels, *, loss: str = "svm", C: float = 100.0, num_classes:
       max_iter: L-BFGS iterations at most. tol: stop once the gradient norm is below it.
       memory: L-BFGS history length.
       progress: optional ``progress(iteration, max_iter, loss)`` called on the host after each
-        iteration (through ``jax.debug.callback``).
+        iteration (any function: nothing is compiled again for a new one; the call then waits for
+        the result).
+
+    Works inside ``jax.jit`` when ``num_classes`` is given (the values of traced labels and C are
+    then not checked).
 
     Returns:
       (LinearModel, TrainInfo).
@@ -162,14 +171,18 @@ def train_linear(x, labels, *, loss: str = "svm", C: float = 100.0, num_classes:
     labels = jnp.asarray(labels, jnp.int32)
     if x.ndim != 2 or labels.shape != (x.shape[0],):
         raise ValueError(f"x must be (N, F) and labels (N,), got {x.shape} and {labels.shape}")
-    if not C > 0:
+    if not is_tracer(C) and not C > 0:
         raise ValueError(f"C must be > 0, got {C!r}")
     if num_classes is None:
+        if is_tracer(labels):
+            raise ValueError("inside jax.jit, pass num_classes: it cannot be read from traced labels")
         num_classes = int(labels.max()) + 1
-    if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
+    if not is_tracer(labels) and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
         raise ValueError(f"labels must lie in [0, {num_classes}), got {int(labels.min())}..{int(labels.max())}")
-    return _train(x, labels, jnp.float32(C), jnp.float32(tol), loss=loss, num_classes=int(num_classes),
-                  max_iter=int(max_iter), memory=int(memory), progress=progress)
+    with reporting("lbfgs", progress) as report:
+        out = _train(x, labels, jnp.float32(C), jnp.float32(tol), loss=loss, num_classes=int(num_classes),
+                     max_iter=int(max_iter), memory=int(memory), report=report)
+        return jax.block_until_ready(out) if report else out
 
 
 @jax.jit
@@ -179,13 +192,31 @@ def predict(model: LinearModel, x):
 
 
 def accuracy(model: LinearModel, x, labels) -> float:
-    """Fraction of rows whose predicted class equals the label."""
+    """Fraction of rows whose predicted class equals the label (a Python float: host-level)."""
+    host_only("accuracy", "jnp.mean(kmjax.predict(model, x) == labels)", x, labels)
     return float(jnp.mean(predict(model, x) == jnp.asarray(labels)))
+
+
+@jax.jit
+def _predict_raw(standardizer: Standardizer, model: LinearModel, features):
+    return predict(model, standardize(standardizer, features))
 
 
 def predict_features(standardizer: Standardizer, model: LinearModel, features, block: int = 4096) -> np.ndarray:
     """Class index of each row of raw (N, F) features, standardized and scored ``block`` rows at a
-    time: the (N, F + 1) standardized copy of a large data set is never made."""
+    time: the (N, F + 1) standardized copy of a large data set is never made.
+
+    Every block is padded to one size (``block``, or the power of two that holds a smaller data
+    set), so a whole run compiles the scoring once per feature width, whatever its data sizes.
+    """
+    host_only("predict_features", "kmjax.predict(model, kmjax.standardize(standardizer, features))", features)
     n = features.shape[0]
-    return np.concatenate([np.asarray(predict(model, standardize(standardizer, np.asarray(features[i : i + block]))))
-                           for i in range(0, n, block)] or [np.zeros(0, np.int32)])
+    size = min(block, 1 << max(n - 1, 0).bit_length())
+    out = np.empty(n, np.int32)
+    for i in range(0, n, size):
+        rows = np.asarray(features[i : i + size], np.float32)
+        m = rows.shape[0]
+        if m < size:
+            rows = np.concatenate([rows, np.zeros((size - m, rows.shape[1]), np.float32)])
+        out[i : i + m] = np.asarray(_predict_raw(standardizer, model, rows))[:m]
+    return out

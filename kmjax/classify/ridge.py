@@ -13,6 +13,8 @@ from typing import NamedTuple
 import jax.numpy as jnp
 import numpy as np
 
+from kmjax._checks import host_only
+
 from kmjax.classify.linear import LinearModel, Standardizer
 from kmjax.classify.tiled import _add_gram, _cholesky, _cholesky_solve, _mirror_tiles, _row_tiles_matmul
 
@@ -88,6 +90,7 @@ def accumulate_gram(stats: GramStats, features, labels, *, rows=None, block: int
         float64 accumulation). Each block's products are float32 (BLAS ``syrk``), summed in float64.
       progress: optional ``progress(done, total)`` after each block.
     """
+    host_only("accumulate_gram", "nothing: the ridge statistics are accumulated on the host in float64: fit outside jit, or train_linear inside it", features, labels)
     f, num_classes = stats.cross.shape
     if np.ndim(features) != 2 or np.shape(features)[1] != f:
         raise ValueError(f"`stats` holds statistics of {f} features and {num_classes} classes, these rows have "
@@ -125,6 +128,7 @@ def gram_stats(features, labels, num_classes: int, *, rows=None, shift=None, blo
       shift: (F,) to subtract first; default the mean of the first block of rows (read once more,
         to make the empty statistics).
     """
+    host_only("gram_stats", "nothing: the ridge statistics are accumulated on the host in float64: fit outside jit, or train_linear inside it", features, labels)
     labels = np.asarray(labels)
     if np.ndim(features) != 2:
         raise ValueError(f"features must be (N, F), got shape {np.shape(features)}")
@@ -154,6 +158,7 @@ def fit_ridge(stats: GramStats, C: float, eps: float = 0.01, refine: int = 3) ->
     Returns:
       (Standardizer, LinearModel) usable exactly like those of the L-BFGS classifiers.
     """
+    host_only("fit_ridge", "nothing: the ridge statistics are accumulated on the host in float64: fit outside jit, or train_linear inside it", C, *stats)
     if not C > 0:
         raise ValueError(f"C must be > 0, got {C!r}")
     # a Python float, as before count became an array: with a NumPy float64 scalar, ``a[diag] += lam``

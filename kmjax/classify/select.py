@@ -14,7 +14,7 @@ from typing import Callable, NamedTuple
 import jax
 import numpy as np
 
-from kmjax._checks import positive_int
+from kmjax._checks import host_only, positive_int
 from kmjax.classify.linear import (LOSSES, LinearModel, Standardizer, accuracy, fit_standardizer, predict_features,
                                    standardize, train_linear)
 from kmjax.classify.ridge import accumulate_gram, fit_ridge, gram_stats
@@ -50,6 +50,7 @@ def validation_split(n_rows: int, key, *, val_fraction: float = 0.1, copies: int
     and only the originals are scored. ``round(val_fraction * n)`` images (at least one) are held
     out, the first of ``jax.random.permutation(key, n)``.
     """
+    host_only("validation_split", "jax.random.permutation", key)
     n_rows, copies = positive_int(n_rows, "n_rows"), positive_int(copies, "copies")
     if n_rows % copies:
         raise ValueError(f"{n_rows} rows are not {copies} copies of the same images: copies must divide the rows")
@@ -146,6 +147,7 @@ def fit_classifier(features, labels, *, num_classes: int, loss: str = "svm", C: 
     Returns:
       ClassifierFit(standardizer, model, C, scores, n_iter, objective, grad_norm).
     """
+    host_only("fit_classifier", "kmjax.train_linear (L-BFGS, with num_classes given)", features, labels, C)
     if loss not in CLASSIFIERS:
         raise ValueError(f"unknown loss {loss!r}; choose one of {CLASSIFIERS}")
     num_classes = positive_int(num_classes, "num_classes")

@@ -114,10 +114,11 @@ def _version(package: str) -> str | None:
         return None
 
 
-def _source_commit() -> dict | None:
-    """The git commit of the kmjax source tree itself, when kmjax runs from a git checkout of kmjax
-    (not when it is installed inside some other repository)."""
-    root = Path(__file__).resolve().parents[2]
+def source_commit(root: Path | None = None) -> dict | None:
+    """{"commit", "dirty"} of the kmjax source tree itself, when kmjax runs from a git checkout of
+    kmjax (``root``: the folder above the package); None when it is installed anywhere else, even
+    inside some other git repository."""
+    root = Path(__file__).resolve().parents[2] if root is None else Path(root)
     if not ((root / ".git").exists() and (root / "kmjax" / "__init__.py").is_file()
             and (root / "pyproject.toml").is_file() and 'name = "kmjax"' in (root / "pyproject.toml").read_text()):
         return None
@@ -145,7 +146,7 @@ def environment() -> dict:
         "device": str(jax.devices()[0].device_kind),
         "device_count": jax.device_count(),
         "cpu_count": os.cpu_count(),
-        "git": _source_commit(),
+        "git": source_commit(),
     }
 
 
