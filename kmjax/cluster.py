@@ -244,7 +244,7 @@ def _lloyd_loop(x, w, centroids, tol, spec: LloydSpec, axis_name=None):
         jnp.int32(0),
         jnp.bool_(False),
     )
-    s = jax.lax.while_loop(cond, body, start)
+    s = jax.lax.while_loop(cond, body, start) if spec.max_iter else start  # 0: the init is the result
     _, weights, total = accumulate(s.centroids)
     return KMeansResult(s.centroids, weights, objective(total), s.objective, s.it, s.converged)
 
@@ -336,7 +336,8 @@ def prepare_kmeans(x, k, *, init, max_iter, tol, chunk_size, empty, spherical, w
     check_matrix(x)
     n, d = np.shape(x)
     k = _check_k(x, k)
-    max_iter = positive_int(max_iter, "max_iter")
+    if isinstance(max_iter, bool) or not isinstance(max_iter, (int, np.integer)) or max_iter < 0:
+        raise ValueError(f"max_iter must be an integer >= 0, got {max_iter!r}")
     check_precision(precision)
     if empty not in EMPTY_POLICIES:
         raise ValueError(f"unknown empty-cluster policy {empty!r}; choose one of {EMPTY_POLICIES}")
@@ -385,7 +386,9 @@ def kmeans(
       k: number of centroids, 1 <= k <= N.
       init: "k-means++", "random", "randn" (see ``init_centroids``) or a (k, D) array of
         starting centroids, to compare runs with other libraries.
-      max_iter: maximum number of Lloyd iterations.
+      max_iter: maximum number of Lloyd iterations; 0 returns the initial centroids (with their
+        counts and inertia): with ``init="random"`` and ``spherical=True``, a dictionary of random
+        unit-norm data points.
       tol: stop when the objective decreased by at most ``tol`` times its previous value in an
         iteration (0 stops at a fixed point); None never stops early.
       chunk_size: points per matrix product; memory is O(chunk_size * k). Default: about 2M

@@ -57,7 +57,7 @@ class PreprocessConfig:
 class KMeansConfig:
     k: int = 1600
     init: str = "randn"  # "randn" (authors'), "k-means++", "random"
-    max_iter: int = 50
+    max_iter: int = 50  # 0: no iterations, the init is the dictionary (init="random": random patches)
     tol: float = -1.0  # relative objective decrease to stop at; negative: always run max_iter
     empty: str = "zero"  # "zero" (authors') or "reseed"
     spherical: bool = False  # OMP-1 / gain-shape dictionary
@@ -118,7 +118,7 @@ def _choices() -> dict:
 
 
 _POSITIVE = {("patches", "size"), ("patches", "num"), ("patches", "stride"), ("kmeans", "k"),
-             ("kmeans", "max_iter"), ("features", "stride"), ("features", "grid"),
+             ("features", "stride"), ("features", "grid"),
              ("features", "memory_mb"), ("classifier", "C"), ("classifier", "max_iter")}
 
 
@@ -181,6 +181,9 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"classifier.C_grid must be a list of numbers > 0, got {cfg.classifier.C_grid!r}")
     if not 0 < cfg.classifier.val_fraction < 1:
         raise ConfigError(f"classifier.val_fraction must be in (0, 1), got {cfg.classifier.val_fraction!r}")
+    if cfg.kmeans.max_iter < 0:
+        raise ConfigError(f"kmeans.max_iter must be >= 0 (0: the initial centroids are the dictionary), "
+                          f"got {cfg.kmeans.max_iter}")
     if cfg.data.n_train < 0 or cfg.data.n_test < -1:
         raise ConfigError("data.n_train must be >= 0 and data.n_test >= -1")
     if cfg.preprocess.eps_norm < 0 or cfg.preprocess.eps_zca < 0:

@@ -86,7 +86,7 @@ def unit_data(n=150, d=3, k=4, seed=0):
 # ---------------------------------------------------------------- Lloyd vs references
 
 
-@pytest.mark.parametrize("max_iter", [1, 6])
+@pytest.mark.parametrize("max_iter", [0, 1, 6])
 def test_lloyd_matches_numpy_reference(max_iter):
     x, c0 = unit_data(seed=1)
     res = kmeans(KEY, x, 4, init=c0, tol=None, max_iter=max_iter, empty="zero")
@@ -464,9 +464,9 @@ def test_error_unknown_empty_policy(small):
         kmeans(KEY, small, 2, empty="drop")
 
 
-@pytest.mark.parametrize("max_iter", [0, -3])
+@pytest.mark.parametrize("max_iter", [-3, 1.5, True])
 def test_error_max_iter(small, max_iter):
-    with pytest.raises(ValueError, match=r"max_iter must be a positive integer"):
+    with pytest.raises(ValueError, match=r"max_iter must be an integer >= 0"):
         kmeans(KEY, small, 2, max_iter=max_iter)
 
 

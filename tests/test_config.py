@@ -109,11 +109,17 @@ def test_value_outside_choices_lists_choices(section, key, value):
 
 @pytest.mark.parametrize("section,key,value", [
     ("kmeans", "k", 0), ("kmeans", "k", -5), ("patches", "size", 0), ("features", "grid", 0),
-    ("classifier", "C", 0.0), ("classifier", "C", -1.0), ("kmeans", "max_iter", 0),
+    ("classifier", "C", 0.0), ("classifier", "C", -1.0),
 ])
 def test_non_positive_rejected(section, key, value):
     with pytest.raises(ConfigError, match=rf"{section}\.{key} must be > 0"):
         parse_config({section: {key: value}})
+
+
+def test_kmeans_max_iter_zero_means_the_init_is_the_dictionary():
+    assert parse_config({"kmeans": {"max_iter": 0}}).kmeans.max_iter == 0
+    with pytest.raises(ConfigError, match="kmeans.max_iter must be >= 0"):
+        parse_config({"kmeans": {"max_iter": -1}})
 
 
 @pytest.mark.parametrize("batches", [[0], [6], [], [1, 7], [1.0]])
