@@ -118,13 +118,13 @@ def prepare_features(images, centroids, zca, spec: FeatureSpec, *, precision: st
     centroids = jnp.asarray(centroids, jnp.float32)
     check_matrix(centroids, "centroids")
     _check_spec(spec, images, centroids, zca)
-    n, k = images.shape[0], centroids.shape[0]
-    if step is None:
-        step = _default_step(spec, k, images.shape[1:], memory_mb)
-    step = min(positive_int(step, "step"), -(-n // shards))
+    k = centroids.shape[0]
+    # Neither size depends on the number of images: one compiled shape for a training set, a test
+    # set and a single image alike (the last batch is padded).
+    step = positive_int(_default_step(spec, k, images.shape[1:], memory_mb) if step is None else step, "step")
     unit = step * shards
     batch_size = max(step, 128) * shards if batch_size is None else positive_int(batch_size, "batch_size")
-    return centroids, step, min(-(-batch_size // unit) * unit, -(-n // unit) * unit)
+    return centroids, step, -(-batch_size // unit) * unit
 
 
 def extract_features(
@@ -147,7 +147,8 @@ def extract_features(
       centroids: (K, D) dictionary, D = patch_size**2 * C, in whitened space.
       zca: the whitening fitted on the training patches, or None for raw patches.
       spec: the ``FeatureSpec``.
-      batch_size: images per compiled call (rounded up to a multiple of ``step``).
+      batch_size: images per compiled call (rounded up to a multiple of ``step``; the last batch
+        is padded to it, so every data set size compiles one program).
       step: images per encoder matrix product; their (step, H', W', F) map is the largest
         intermediate. Default: 1 on CPU (cache-resident), else what ``memory_mb`` allows.
       memory_mb: budget for one step's float32 feature map.

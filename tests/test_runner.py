@@ -318,3 +318,22 @@ def test_bench_runs_from_the_package(tmp_path):
                  "--json", str(out)]) == 0
     records = json.loads(out.read_text())
     assert {r["variant"] for r in records} == {"default", "batch-wide"} and all(r["images_per_s"] > 0 for r in records)
+
+
+def test_a_run_compiles_each_function_once_and_a_rerun_nothing(data_dir, tmp_path):
+    from collections import Counter
+
+    from kmjax.experiment.report import CompileCounter
+
+    extra = ["kmeans.k=11", "classifier.C_grid=[1,10]"]  # shapes no other test compiles
+    start = len(CompileCounter.compiled) if CompileCounter.read() else 0
+    go(data_dir, tmp_path, *extra)
+    first = Counter(CompileCounter.compiled[start:])
+    # train and test features, train and test evaluation: one compiled shape each, whatever the sizes
+    for name in ("_lloyd_loop", "batch_features", "_predict_raw"):
+        assert first[f"jit({name})"] == 1, first
+    # the L-BFGS loop: one shape for the C search (the fitted part), one for the final fit
+    assert first["jit(_train)"] == 2, first
+    again = len(CompileCounter.compiled)
+    go(data_dir, tmp_path, *extra)  # a second run in the same process reuses every compiled program
+    assert CompileCounter.compiled[again:] == []

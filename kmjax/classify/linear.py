@@ -206,12 +206,11 @@ def predict_features(standardizer: Standardizer, model: LinearModel, features, b
     """Class index of each row of raw (N, F) features, standardized and scored ``block`` rows at a
     time: the (N, F + 1) standardized copy of a large data set is never made.
 
-    Every block is padded to one size (``block``, or the power of two that holds a smaller data
-    set), so a whole run compiles the scoring once per feature width, whatever its data sizes.
+    Every block is padded to ``block`` rows, so a whole run compiles the scoring once per feature
+    width, whatever its data sizes.
     """
     host_only("predict_features", "kmjax.predict(model, kmjax.standardize(standardizer, features))", features)
-    n = features.shape[0]
-    size = min(block, 1 << max(n - 1, 0).bit_length())
+    n, size = features.shape[0], block
     out = np.empty(n, np.int32)
     for i in range(0, n, size):
         rows = np.asarray(features[i : i + size], np.float32)

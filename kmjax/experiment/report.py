@@ -37,15 +37,16 @@ class CompileCounter:
 
     _lock = threading.Lock()
     seconds = 0.0
-    executables = 0
+    compiled: list = []  # the names of the functions compiled (or fetched from the persistent cache)
     _installed = False
 
     @classmethod
-    def _listen(cls, event: str, duration: float, **_) -> None:
+    def _listen(cls, event: str, duration: float, fun_name: str = "?", **_) -> None:
         if event in _COMPILE_EVENTS:
             with cls._lock:
                 cls.seconds += duration
-                cls.executables += event == _COMPILE_EVENTS[2]
+                if event == _COMPILE_EVENTS[2]:
+                    cls.compiled.append(fun_name)
 
     @classmethod
     def install(cls) -> None:
@@ -56,9 +57,10 @@ class CompileCounter:
 
     @classmethod
     def read(cls) -> tuple[float, int]:
+        """(compile seconds, executables built) so far."""
         cls.install()
         with cls._lock:
-            return cls.seconds, cls.executables
+            return cls.seconds, len(cls.compiled)
 
 
 class Timer:
