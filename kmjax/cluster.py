@@ -19,12 +19,20 @@ from kmjax._checks import check_matrix, is_tracer, positive_int
 from kmjax._ops import check_precision, matmul, max_argmax
 from kmjax._progress import emit, reporting
 
+_HIGHEST = jax.lax.Precision.HIGHEST
+
 __all__ = ["KMeansResult", "LloydSpec", "kmeans", "assign", "init_centroids", "prepare_kmeans", "INITS",
-           "EMPTY_POLICIES"]
+           "EMPTY_POLICIES", "UPDATES"]
 
 INITS = ("k-means++", "random", "randn")
 EMPTY_POLICIES = ("reseed", "zero")
-_CHUNK_ELEMENTS = 1 << 21  # chunk * K scores per chunk: about 8 MB of float32, cache-sized on CPU
+# How a pass adds the points to their centroids' sums: "scatter" (segment_sum; a sequential loop on
+# CPUs, atomic adds on GPUs, whose order varies from run to run) or "matmul" (one-hot^T @ points:
+# GEMM-shaped, and deterministic on every backend).
+UPDATES = ("scatter", "matmul")
+# Scores per chunk: on a CPU about 8 MB of float32 (cache-sized); on an accelerator as wide as
+# 256 MB allows (at K = 1600, 40,000 rows per product instead of hundreds of small products).
+_CHUNK_ELEMENTS = {"cpu": 1 << 21, "accelerator": 1 << 26}
 
 
 class KMeansResult(NamedTuple):
@@ -49,8 +57,14 @@ class KMeansResult(NamedTuple):
 
 
 def _default_chunk(n: int, k: int) -> int:
-    chunk = max(256, _CHUNK_ELEMENTS // max(k, 1))
-    return int(min(chunk, n))
+    elements = _CHUNK_ELEMENTS["cpu" if jax.default_backend() == "cpu" else "accelerator"]
+    return int(min(max(256, elements // max(k, 1)), n))
+
+
+def _default_update() -> str:
+    """"scatter" on CPUs (measured faster there, and deterministic), "matmul" on accelerators
+    (same seed, same bits: GPU scatter-adds are atomic and their order varies)."""
+    return "scatter" if jax.default_backend() == "cpu" else "matmul"
 
 
 def _chunks(x, chunk, body, init):
@@ -78,8 +92,8 @@ def _chunks(x, chunk, body, init):
 class LloydSpec(NamedTuple):
     """The static settings of a Lloyd run, one hashable value (a ``jit`` static argument).
 
-    max_iter, chunk_size, empty, spherical, precision: as ``kmeans``. weighted: whether the
-    passes multiply by point weights (False: unit weights, no multiply in the hot loop). m:
+    max_iter, chunk_size, empty, spherical, precision, update: as ``kmeans``. weighted: whether
+    the passes multiply by point weights (False: unit weights, no multiply in the hot loop). m:
     min(K, N) re-seeding candidates (global N). report: whether to emit progress.
     """
 
@@ -91,6 +105,7 @@ class LloydSpec(NamedTuple):
     weighted: bool
     m: int
     report: bool = False
+    update: str = "scatter"
 
 
 def _nearest(xc, centroids, spec: LloydSpec):
@@ -125,10 +140,17 @@ def _accumulate(x, w, centroids, spec: LloydSpec, axis_name=None):
             contrib, gain = xc * (code * wc)[:, None], best * best
         else:
             contrib, gain = (xc if w is None else xc * wc[:, None]), 2.0 * best
-        target = jnp.where(real, index, k)  # index k is dropped by segment_sum
-        carry = (sums + jax.ops.segment_sum(contrib, target, k),
-                 weights + jax.ops.segment_sum(wc, target, k),
-                 total + jnp.sum(wc * gain))
+        target = jnp.where(real, index, k)  # index k is dropped by segment_sum / one_hot
+        if spec.update == "matmul":
+            onehot = jax.nn.one_hot(target, k, dtype=jnp.float32)
+            if spec.spherical or w is not None:
+                part = jnp.matmul(onehot.T, contrib, precision=_HIGHEST)
+                counts = jnp.matmul(onehot.T, wc, precision=_HIGHEST)
+            else:
+                part, counts = jnp.matmul(onehot.T, xc, precision=_HIGHEST), jnp.sum(onehot, axis=0)
+        else:
+            part, counts = jax.ops.segment_sum(contrib, target, k), jax.ops.segment_sum(wc, target, k)
+        carry = (sums + part, weights + counts, total + jnp.sum(wc * gain))
         return carry, None
 
     init = (jnp.zeros((k, d), jnp.float32), jnp.zeros((k,), jnp.float32), jnp.float32(0.0))
@@ -326,7 +348,7 @@ def init_centroids(key, x, k: int, method: str = "k-means++", *, weights=None, s
 
 
 def prepare_kmeans(x, k, *, init, max_iter, tol, chunk_size, empty, spherical, weights, precision,
-                   shards: int = 1, report: bool = False):
+                   update=None, shards: int = 1, report: bool = False):
     """Check the arguments of a k-means call; return (k, init array or name, tol, LloydSpec).
 
     The one argument-checking path of ``kmeans`` and ``kmjax.parallel.kmeans_sharded`` (whose
@@ -341,6 +363,9 @@ def prepare_kmeans(x, k, *, init, max_iter, tol, chunk_size, empty, spherical, w
     check_precision(precision)
     if empty not in EMPTY_POLICIES:
         raise ValueError(f"unknown empty-cluster policy {empty!r}; choose one of {EMPTY_POLICIES}")
+    update = _default_update() if update is None else update
+    if update not in UPDATES:
+        raise ValueError(f"unknown update {update!r}; choose one of {UPDATES}")
     rows = -(-n // shards)
     chunk_size = _default_chunk(rows, k) if chunk_size is None else positive_int(chunk_size, "chunk_size")
     if isinstance(init, str):
@@ -356,7 +381,7 @@ def prepare_kmeans(x, k, *, init, max_iter, tol, chunk_size, empty, spherical, w
     tol = jnp.float32(-jnp.inf if tol is None else tol)
     spec = LloydSpec(max_iter=int(max_iter), chunk_size=int(min(chunk_size, rows)), empty=empty,
                      spherical=bool(spherical), precision=precision, weighted=weights is not None,
-                     m=min(k, n), report=report)
+                     m=min(k, n), report=report, update=update)
     return k, init, tol, spec
 
 
@@ -373,6 +398,7 @@ def kmeans(
     spherical: bool = False,
     weights=None,
     precision: str = "float32",
+    update: str | None = None,
     progress=None,
 ) -> KMeansResult:
     """Lloyd's k-means on (N, D) points, in bounded memory.
@@ -392,7 +418,7 @@ def kmeans(
       tol: stop when the objective decreased by at most ``tol`` times its previous value in an
         iteration (0 stops at a fixed point); None never stops early.
       chunk_size: points per matrix product; memory is O(chunk_size * k). Default: about 2M
-        scores per chunk.
+        scores per chunk on a CPU (cache-sized), 64M (256 MB) on an accelerator.
       empty: "reseed" moves an empty cluster onto the point worst served by the current
         centroids (distinct points for distinct clusters); "zero" sets it to the origin, as
         the authors' code does.
@@ -401,6 +427,8 @@ def kmeans(
       weights: optional (N,) non-negative point weights.
       precision: of the distance products: "float32" (default), "tf32" (the backend's default:
         TF32 on recent NVIDIA GPUs) or "bfloat16" (bf16 operands, float32 accumulation).
+      update: how each pass sums the points per centroid: "scatter" or "matmul" (see ``UPDATES``);
+        default "scatter" on CPUs, "matmul" on accelerators (deterministic there).
       progress: optional ``progress(iteration, max_iter, objective)`` called on the host after
         each iteration (any function: nothing is compiled again for a new one; the call then
         waits for the result).
@@ -411,7 +439,7 @@ def kmeans(
     with reporting("kmeans", progress) as report:
         k, init, tol, spec = prepare_kmeans(x, k, init=init, max_iter=max_iter, tol=tol, chunk_size=chunk_size,
                                             empty=empty, spherical=spherical, weights=weights,
-                                            precision=precision, report=report)
+                                            precision=precision, update=update, report=report)
         x = jnp.asarray(x)
         w = _weights(x, weights)
         c0 = init_centroids(key, x, k, init, weights=w, spherical=spherical) if isinstance(init, str) else init

@@ -515,3 +515,22 @@ def test_bfloat16_products_are_close_to_float32_but_not_equal():
     assert 0 < rel < 1e-2
     with pytest.raises(ValueError, match="unknown precision"):
         kmeans(KEY, x, 8, precision="float16")
+
+
+@pytest.mark.parametrize("spherical", [False, True])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_matmul_update_equals_scatter_update(spherical, weighted):
+    # "matmul" (one-hot^T @ points, the accelerators' default: deterministic there) sums the same
+    # points per centroid as "scatter" (segment_sum), in another order: float32 rounding only
+    x, c0 = unit_data(n=400, d=6, k=5, seed=3)
+    w = np.random.default_rng(0).uniform(0.5, 2, len(x)).astype(np.float32) if weighted else None
+    kw = dict(init=c0, tol=None, max_iter=8, spherical=spherical, weights=w, chunk_size=64, empty="zero")
+    a = kmeans(KEY, x, 5, update="scatter", **kw)
+    b = kmeans(KEY, x, 5, update="matmul", **kw)
+    np.testing.assert_allclose(np.asarray(b.centroids), np.asarray(a.centroids), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(b.counts), np.asarray(a.counts), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(b.objective), np.asarray(a.objective), rtol=1e-5)
+    again = kmeans(KEY, x, 5, update="matmul", **kw)
+    np.testing.assert_array_equal(np.asarray(again.centroids), np.asarray(b.centroids))  # same bits
+    with pytest.raises(ValueError, match="unknown update"):
+        kmeans(KEY, x, 5, update="atomic", **kw)

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from kmjax.cluster import kmeans
+from kmjax.features import FeatureSpec, extract_features
 from kmjax.parallel import data_mesh, extract_features_sharded, kmeans_sharded
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -154,3 +155,46 @@ def test_argument_errors():
         kmeans_sharded(jax.random.key(0), x, 2, init=np.zeros((3, 3)))
     with pytest.raises(TypeError, match="Mesh"):
         extract_features_sharded(np.zeros((2, 8, 8, 3)), np.zeros((4, 48)), None, mesh="data")
+
+
+_X = np.random.default_rng(0).normal(size=(20, 3)).astype(np.float32)
+_BAD_KMEANS = {
+    "precision": dict(precision="float16"), "empty": dict(empty="drop"), "k": dict(k=21),
+    "init shape": dict(init=np.zeros((3, 3))), "init name": dict(init="kmeans++"), "chunk": dict(chunk_size=0),
+    "max_iter": dict(max_iter=-1), "tol": dict(tol=-1.0), "update": dict(update="atomic"),
+    "weights shape": dict(weights=np.ones(3)), "weights values": dict(weights=-np.ones(20)),
+    "nan points": dict(x=np.where(np.eye(20, 3) > 0, np.nan, _X)), "1-d points": dict(x=_X[:, 0]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_BAD_KMEANS))
+def test_sharded_kmeans_rejects_what_kmeans_rejects(case):
+    # one argument-checking path: the same inputs refused with the same message
+    kw = dict(x=_X, k=2, init="random", max_iter=2)
+    kw.update(_BAD_KMEANS[case])
+    x, k = kw.pop("x"), kw.pop("k")
+    with pytest.raises(ValueError) as single:
+        kmeans(jax.random.key(0), x, k, **kw)
+    with pytest.raises(ValueError) as sharded:
+        kmeans_sharded(jax.random.key(0), x, k, mesh=data_mesh(1), **kw)
+    assert str(sharded.value) == str(single.value)
+
+
+_IMAGES = np.random.default_rng(1).uniform(0, 255, (3, 8, 8, 3)).astype(np.float32)
+_BAD_FEATURES = {
+    "precision": dict(precision="float16"), "step": dict(step=0), "batch": dict(batch_size=0),
+    "centroid width": dict(centroids=np.zeros((4, 5), np.float32)),
+    "nan image": dict(images=np.where(_IMAGES > 250, np.nan, _IMAGES)), "3-d images": dict(images=_IMAGES[0]),
+    "encoder": dict(spec=FeatureSpec(patch_size=2, encoder="cube")),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_BAD_FEATURES))
+def test_sharded_features_reject_what_extract_features_rejects(case):
+    kw = dict(images=_IMAGES, centroids=np.zeros((4, 12), np.float32), zca=None, spec=FeatureSpec(patch_size=2))
+    kw.update(_BAD_FEATURES[case])
+    with pytest.raises(ValueError) as single:
+        extract_features(**kw)
+    with pytest.raises(ValueError) as sharded:
+        extract_features_sharded(**kw, mesh=data_mesh(1))
+    assert str(sharded.value) == str(single.value)
