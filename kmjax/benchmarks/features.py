@@ -22,24 +22,11 @@ import platform
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
+from kmjax.benchmarks.common import matmul_peak
 from kmjax.features import FeatureSpec, extract_features
 from kmjax.preprocess import fit_zca
-
-
-def matmul_peak(n: int = 4096, repeats: int = 3) -> float:
-    """Measured float32 GFLOP/s of one n x n x n jitted matrix product (median of repeats)."""
-    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n), np.float32))
-    f = jax.jit(lambda a: jnp.matmul(a, a, precision="highest"))  # float32, no TF32 on GPUs
-    f(a).block_until_ready()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        f(a).block_until_ready()
-        times.append(time.perf_counter() - t0)
-    return 2 * n**3 / float(np.median(times)) / 1e9
 
 
 def main(argv=None):
@@ -67,7 +54,7 @@ def main(argv=None):
         kw["precision"] = args.precision
     for kw in variants.values():  # compile outside the timing
         extract_features(images[: kw.get("batch_size", 128)], centroids, zca, spec, **kw)
-    peak = matmul_peak()
+    peak = matmul_peak(args.precision)  # the peak of the precision the products use
     times = {name: [] for name in variants}
     for _ in range(args.repeats):  # interleaved, so that drifts in machine load hit both
         for name, kw in variants.items():

@@ -1,4 +1,4 @@
-"""Time one Lloyd k-means iteration: kmjax against scikit-learn and faiss (CPU).
+"""Time one Lloyd k-means iteration: kmjax against scikit-learn, faiss and a plain PyTorch loop.
 
 What it measures
   For each problem (N points x D dims, K centroids) every library starts from the same
@@ -19,6 +19,10 @@ What it measures
             with an ``IndexFlatL2`` from the provided centroids; ``train`` is timed. The number
             of ``iteration_stats`` is checked against iters.
 
+  * torch   the plain Lloyd loop a GPU user would write (``TorchRunner``): all scores at once,
+            argmax, ``index_add_``, ``bincount``; with --precision tf32 it allows TF32 products.
+            On the GPU when torch sees one. torch is never a kmjax dependency: skipped if absent.
+
   Repeats are interleaved (for each repeat, each library once) and the median is reported, as
   ms/iter, GFLOP/s of the distance product (2*N*K*D per iteration) and the ratios to faiss and
   to scikit-learn (< 1: faster). The machine's float32 matmul peak (4096^3, numpy and jitted
@@ -31,7 +35,9 @@ What it measures
   and kmjax's per-iteration objective is compared with faiss's.
 
 Problems: seed = 360,000 x 75, K 64; paper = 400,000 x 108, K 1600; scale = 1,000,000 x 128,
-K 4096 (not run by default: several minutes per library on 2 cores).
+K 4096 (not run by default: several minutes per library on 2 cores). ``--ks 64,256,1024,4096``
+adds problems of ``--kn`` x ``--kd`` points at each K: time per iteration against K. Each time
+is also printed as a fraction of the measured matrix-product peak of the precision it used.
 
 Run (from the repository root):
 
@@ -58,12 +64,14 @@ import warnings
 
 import numpy as np
 
+from kmjax.benchmarks.common import matmul_peak, numpy_peak
+
 PROBLEMS = {
     "seed": (360_000, 75, 64),
     "paper": (400_000, 108, 1600),
     "scale": (1_000_000, 128, 4096),
 }
-ALL_LIBS = ("kmjax", "sklearn", "faiss")
+ALL_LIBS = ("kmjax", "sklearn", "faiss", "torch")
 SEED = 0
 OPENBLAS_VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 
@@ -121,6 +129,9 @@ def _import_libs(libs):
             elif lib == "faiss":
                 import faiss
                 mods[lib] = faiss
+            elif lib == "torch":
+                import torch
+                mods[lib] = torch
             else:
                 print(f"note: unknown library {lib!r}, skipped")
         except Exception as e:  # ImportError, or a broken binary
@@ -227,41 +238,64 @@ class FaissRunner:
         return dt, info
 
 
+class TorchRunner:
+    """The plain PyTorch Lloyd loop a GPU user would write: s = x @ c.T - |c|^2 / 2, argmax,
+    index_add_ of the points, bincount; empty clusters keep their centroid. Like kmjax and
+    scikit-learn it ends with one more assignment pass (the final inertia). The scores of all N
+    points at once, as such a loop does, unless they exceed 4 GB (then blocks of rows)."""
+
+    precision = "float32"  # set from --precision: "tf32" allows TF32 products on NVIDIA GPUs
+
+    def __init__(self, torch, x, c0, k, iters):
+        self.torch, self.k, self.iters = torch, k, iters
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.x = torch.from_numpy(x).to(self.device)
+        self.c0 = torch.from_numpy(c0).to(self.device)
+        self.rows = max(1, min(len(x), (1 << 30) // k))
+
+    def _assign(self, c):
+        t, best, index = self.torch, [], []
+        half = 0.5 * (c * c).sum(1)
+        for start in range(0, len(self.x), self.rows):
+            s = self.x[start : start + self.rows] @ c.T - half
+            b, i = s.max(1)
+            best.append(b)
+            index.append(i)
+        return t.cat(best), t.cat(index)
+
+    def _lloyd(self):
+        t = self.torch
+        t.backends.cuda.matmul.allow_tf32 = self.precision == "tf32"
+        c = self.c0.clone()
+        for _ in range(self.iters):
+            _, index = self._assign(c)
+            sums = t.zeros_like(c).index_add_(0, index, self.x)
+            counts = t.bincount(index, minlength=self.k).to(c.dtype)
+            c = t.where(counts[:, None] > 0, sums / counts.clamp(min=1)[:, None], c)
+        best, _ = self._assign(c)
+        inertia = float((self.x * self.x).sum() - 2 * best.sum())
+        if self.device == "cuda":
+            t.cuda.synchronize()
+        return c, inertia
+
+    def warmup(self):
+        t = time.perf_counter()
+        self._lloyd()
+        return time.perf_counter() - t
+
+    def run(self):
+        t = time.perf_counter()
+        c, inertia = self._lloyd()
+        dt = time.perf_counter() - t
+        return dt, {"centroids": c.cpu().numpy(), "inertia_reported": inertia, "n_iter": self.iters}
+
+
 def make_runner(lib, mods, x, c0, k, iters):
-    cls = {"kmjax": KmjaxRunner, "sklearn": SklearnRunner, "faiss": FaissRunner}[lib]
+    cls = {"kmjax": KmjaxRunner, "sklearn": SklearnRunner, "faiss": FaissRunner, "torch": TorchRunner}[lib]
     return cls(mods[lib], x, c0, k, iters)
 
 
 # ----------------------------------------------------------------------------- matmul peak
-
-
-def matmul_peak(size: int = 4096, repeats: int = 3):
-    """Median GFLOP/s of a float32 size^3 product: numpy, and jitted jax (None if no jax)."""
-    rng = np.random.default_rng(SEED)
-    a = rng.standard_normal((size, size), dtype=np.float32)
-    b = rng.standard_normal((size, size), dtype=np.float32)
-    flops = 2.0 * size ** 3
-
-    def med(fn):
-        fn()  # warm-up
-        ts = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t)
-        return flops / statistics.median(ts) / 1e9
-
-    np_gf = med(lambda: a @ b)
-    try:
-        import jax
-        import jax.numpy as jnp
-        f = jax.jit(lambda a, b: jnp.matmul(a, b, precision="highest"))  # float32, no TF32 on GPUs
-        ja, jb = jax.device_put(a), jax.device_put(b)
-        jax_gf = med(lambda: f(ja, jb).block_until_ready())
-    except Exception as e:
-        print(f"note: jax matmul peak not measured ({type(e).__name__}: {e})")
-        jax_gf = None
-    return np_gf, jax_gf
 
 
 # ----------------------------------------------------------------------------- metadata
@@ -305,10 +339,15 @@ def main(argv=None):
                    help=f"comma list from {','.join(PROBLEMS)} (default seed,paper)")
     p.add_argument("--iters", type=int, default=10, help="Lloyd iterations per timed run")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per library (median)")
-    p.add_argument("--libs", default=",".join(ALL_LIBS), help="comma list from kmjax,sklearn,faiss")
+    p.add_argument("--libs", default=",".join(ALL_LIBS),
+                   help="comma list from kmjax,sklearn,faiss,torch (those not importable are skipped)")
+    p.add_argument("--ks", default="", help="also time these K on one N x D problem (e.g. 64,256,1024,4096): "
+                   "time per iteration against K")
+    p.add_argument("--kn", type=int, default=100_000, help="N of the --ks problems (default 100,000)")
+    p.add_argument("--kd", type=int, default=108, help="D of the --ks problems (default 108)")
     p.add_argument("--json", default=None, metavar="PATH", help="write the records here")
     p.add_argument("--precision", default="float32", choices=("float32", "tf32", "bfloat16"),
-                   help="kmjax's distance products (tf32/bfloat16: faster on GPUs; default float32)")
+                   help="kmjax's distance products, and PyTorch's with tf32 (tf32/bfloat16: faster on GPUs)")
     p.add_argument("--n-frac", type=float, default=1.0,
                    help="use this fraction of each problem's N (quick smoke tests only)")
     args = p.parse_args(argv)
@@ -317,10 +356,13 @@ def main(argv=None):
     for name in problems:
         if name not in PROBLEMS:
             p.error(f"unknown problem {name!r}; choose from {','.join(PROBLEMS)}")
+    for k in (int(v) for v in args.ks.split(",") if v.strip()):
+        PROBLEMS[f"k{k}"] = (args.kn, args.kd, k)
+        problems.append(f"k{k}")
     if args.iters < 1 or args.repeats < 1:
         p.error("--iters and --repeats must be >= 1")
     libs = [s.strip() for s in args.libs.split(",") if s.strip()]
-    KmjaxRunner.precision = args.precision
+    KmjaxRunner.precision = TorchRunner.precision = args.precision
 
     set_vars = {v: os.environ[v] for v in OPENBLAS_VARS if v in os.environ}
     if set_vars:
@@ -337,12 +379,13 @@ def main(argv=None):
           f"({meta['device_kind']}), numpy {meta['numpy_version']}, sklearn "
           f"{meta['sklearn_version']}, faiss {meta['faiss_version']}")
 
-    np_gf, jax_gf = matmul_peak()
-    jax_txt = "n/a" if jax_gf is None else f"{jax_gf:.1f}"
-    print(f"float32 matmul peak (4096^3, median of 3): numpy {np_gf:.1f} GFLOP/s, "
-          f"jax {jax_txt} GFLOP/s")
+    np_gf, jax_gf = numpy_peak(), matmul_peak("float32")
+    peaks = {"float32": jax_gf, args.precision: matmul_peak(args.precision)}
+    jax_txt = ", ".join(f"{p} {g:.1f}" for p, g in peaks.items())
+    print(f"matmul peak (4096^3, median of 3): numpy float32 {np_gf:.1f} GFLOP/s; jax {jax_txt} GFLOP/s")
     meta["peak_gflops"] = np_gf
     meta["peak_gflops_jax"] = jax_gf
+    meta["peak_gflops_by_precision"] = peaks
 
     records = [dict(meta, library="matmul_peak", gflops=np_gf, gflops_jax=jax_gf, size=4096)]
     rows = []
@@ -355,9 +398,10 @@ def main(argv=None):
         print(f"\n[{name}] N={n} D={d} K={k}, {args.iters} iters x {args.repeats} repeats "
               f"(data {time.perf_counter() - t:.1f} s)")
         runners = {lib: make_runner(lib, mods, x, c0, k, args.iters) for lib in libs}
-        if "kmjax" in runners:
-            wt = runners["kmjax"].warmup()
-            print(f"  kmjax warm-up (compile + one run): {wt:.2f} s")
+        for lib in ("kmjax", "torch"):
+            if lib in runners:
+                wt = runners[lib].warmup()
+                print(f"  {lib} warm-up (compile + one run): {wt:.2f} s")
         times = {lib: [] for lib in libs}
         utils = {lib: [] for lib in libs}
         infos = {}
@@ -379,9 +423,10 @@ def main(argv=None):
         evals = {lib: evaluate_inertia(x, infos[lib]["centroids"]) for lib in libs}
         for lib in libs:
             rec = dict(meta)
+            precision = args.precision if lib == "kmjax" or (lib == "torch" and args.precision == "tf32") else "float32"
             rec.update(
                 problem=name, n=n, d=d, k=k, library=lib, iters=args.iters,
-                precision=args.precision if lib == "kmjax" else "float32",
+                precision=precision, fraction_of_peak=flop / med[lib] / 1e9 / peaks[precision],
                 n_iter=infos[lib]["n_iter"],
                 ms_per_iter=med[lib] * 1e3,
                 ms_per_iter_all=[t * 1e3 for t in times[lib]],
@@ -424,12 +469,19 @@ def main(argv=None):
         del x, c0
 
     print("\n" + f"{'problem':8s} {'n':>9s} {'d':>4s} {'k':>5s} {'library':8s} {'ms/iter':>10s} "
-          f"{'GFLOP/s':>8s} {'vs faiss':>9s} {'vs sklearn':>10s}")
+          f"{'GFLOP/s':>8s} {'of peak':>8s} {'vs faiss':>9s} {'vs sklearn':>10s} {'vs torch':>9s}")
     for rec in rows:
+        vs_torch = None
+        if "torch" in libs:
+            torch_rec = next(r for r in rows if r["problem"] == rec["problem"] and r["library"] == "torch")
+            vs_torch = rec["ms_per_iter"] / torch_rec["ms_per_iter"]
+        rec["ratio_to_torch"] = vs_torch
         print(f"{rec['problem']:8s} {rec['n']:9d} {rec['d']:4d} {rec['k']:5d} {rec['library']:8s} "
-              f"{rec['ms_per_iter']:10.1f} {rec['gflops']:8.1f} "
-              f"{_fmt_ratio(rec['ratio_to_faiss']):>9s} {_fmt_ratio(rec['ratio_to_sklearn']):>10s}")
-    print(f"(matmul peak: numpy {np_gf:.1f} GFLOP/s, jax {jax_txt} GFLOP/s; ratios < 1 = faster)")
+              f"{rec['ms_per_iter']:10.1f} {rec['gflops']:8.1f} {rec['fraction_of_peak']:8.1%} "
+              f"{_fmt_ratio(rec['ratio_to_faiss']):>9s} {_fmt_ratio(rec['ratio_to_sklearn']):>10s} "
+              f"{_fmt_ratio(vs_torch):>9s}")
+    print(f"(matmul peak: numpy float32 {np_gf:.1f} GFLOP/s, jax {jax_txt} GFLOP/s; of peak: of the precision "
+          "used; ratios < 1 = faster)")
 
     if args.json:
         with open(args.json, "w") as f:
