@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -198,6 +199,8 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--out", default="runs", help="parent folder of the run folder (default: runs)")
         sp.add_argument("--compile-cache", metavar="DIR|off", help="JAX's persistent compilation cache "
                         "(default: $KMJAX_COMPILE_CACHE, else ~/.cache/kmjax/jax; 'off' disables it)")
+        sp.add_argument("--devices", type=int, metavar="N", help="k-means and features data-parallel on N local "
+                        "devices (0: all; the config key `devices`); on a CPU, splits it into N devices")
         sp.add_argument("-q", "--quiet", action="store_true", help="no progress output, only the summary")
 
     r = sub.add_parser("run", help="run one experiment from a TOML config",
@@ -260,6 +263,12 @@ def main(argv=None) -> int:
     from kmjax.data import DataError
 
     args = _parser().parse_args(argv)
+    if getattr(args, "devices", None) is not None:
+        args.set = list(args.set) + [f"devices={args.devices}"]
+        if args.devices > 1 and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+            # before JAX starts its CPU backend (a GPU's devices are what they are)
+            flags = os.environ.get("XLA_FLAGS", "")
+            os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={args.devices}".strip()
     try:
         return args.func(args)
     except (ValueError, DataError, _UsageError) as e:  # ConfigError, RunError, FileFormatError are ValueErrors

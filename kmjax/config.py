@@ -93,6 +93,7 @@ class ClassifierConfig:
 class Config:
     name: str = "experiment"
     seed: int = 0
+    devices: int = 1  # k-means and features data-parallel on this many local devices (0: all of them)
     data: DataConfig = field(default_factory=DataConfig)
     patches: PatchesConfig = field(default_factory=PatchesConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
@@ -181,6 +182,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"classifier.C_grid must be a list of numbers > 0, got {cfg.classifier.C_grid!r}")
     if not 0 < cfg.classifier.val_fraction < 1:
         raise ConfigError(f"classifier.val_fraction must be in (0, 1), got {cfg.classifier.val_fraction!r}")
+    if cfg.devices < 0:
+        raise ConfigError(f"devices must be >= 0 (0: every local device), got {cfg.devices}")
     if cfg.kmeans.max_iter < 0:
         raise ConfigError(f"kmeans.max_iter must be >= 0 (0: the initial centroids are the dictionary), "
                           f"got {cfg.kmeans.max_iter}")

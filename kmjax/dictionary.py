@@ -72,6 +72,7 @@ def learn_dictionary(
     chunk_size: int | None = None,
     precision: str = "float32",
     progress=None,
+    mesh=None,
 ) -> Dictionary:
     """Learn a K-atom dictionary from patches of ``images``.
 
@@ -86,6 +87,8 @@ def learn_dictionary(
       whiten, eps_zca: ZCA whitening and its eigenvalue eps.
       init, max_iter, tol, empty, spherical, chunk_size, precision, progress: as ``kmjax.kmeans``
         (defaults: the authors' 0.1 * randn init, 50 iterations, empty clusters zeroed).
+      mesh: a ``jax.sharding.Mesh``: k-means runs data-parallel on its devices
+        (``kmjax.parallel.kmeans_sharded``, axis "data"; no progress reports); None: one device.
 
     Returns:
       ``Dictionary``.
@@ -110,6 +113,12 @@ def learn_dictionary(
     if whiten:
         zca = fit_zca(x, eps_zca)
         x = apply_zca(zca, x)
-    result = kmeans(key_kmeans, x, k, init=init, max_iter=max_iter, tol=tol, empty=empty, spherical=spherical,
-                    chunk_size=chunk_size, precision=precision, progress=progress)
+    options = dict(init=init, max_iter=max_iter, tol=tol, empty=empty, spherical=spherical, chunk_size=chunk_size,
+                   precision=precision)
+    if mesh is None:
+        result = kmeans(key_kmeans, x, k, progress=progress, **options)
+    else:
+        from kmjax.parallel import kmeans_sharded
+
+        result = kmeans_sharded(key_kmeans, x, k, mesh=mesh, **options)
     return Dictionary(zca, result, jnp.int32(x.shape[0]))

@@ -28,7 +28,8 @@ Start one process per host and call ``jax.distributed.initialize()`` in each bef
 call. Build the mesh over the *global* device list (``jax.make_mesh`` uses ``jax.devices()``,
 which then spans every host) and give each process only its own rows: every process loads a
 different slice of the points and ``jax.make_array_from_process_local_data`` stitches the slices
-into one global array, sharded along the mesh axis. Not exercised by the tests::
+into one global array, sharded along the mesh axis (tests/test_parallel.py runs this with two
+processes and a localhost coordinator)::
 
     import jax
     import numpy as np
@@ -207,11 +208,12 @@ def extract_features_sharded(
     memory_mb: float = 512.0,
     precision: str = "float32",
     progress: Callable[[int, int], None] | None = None,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """``kmjax.extract_features`` with each batch of images split over the devices of ``mesh``.
 
     Args:
-      images, centroids, zca, spec, precision, progress: as in ``extract_features``.
+      images, centroids, zca, spec, precision, progress, out: as in ``extract_features``.
       mesh: a ``jax.sharding.Mesh`` with an axis ``axis_name``, all of whose devices belong to
         this process; default: a 1-D mesh over this process's devices (``jax.local_devices()``).
       axis_name: the mesh axis the images of a batch are split along.
@@ -240,4 +242,4 @@ def extract_features_sharded(
         return _sharded_features(jax.device_put(batch, rows), zca, centroids, mesh=mesh,
                                        axis_name=axis_name, spec=spec, step=step, precision=precision)
 
-    return run_batches(images, batch_size, feature_dim(spec, k), compute, progress)
+    return run_batches(images, batch_size, feature_dim(spec, k), compute, progress, out)

@@ -1,12 +1,13 @@
-"""Spatial pooling of a dense feature map over a grid of regions."""
+"""Spatial pooling of a dense feature map: over a grid of regions, or over overlapping windows."""
 
 from __future__ import annotations
 
 import math
+import numbers
 
 import jax.numpy as jnp
 
-__all__ = ["POOLS", "grid_edges", "pool"]
+__all__ = ["POOLS", "grid_edges", "window_starts", "num_regions", "pool"]
 
 POOLS = {"sum": jnp.sum, "max": jnp.max}  # the vocabulary of pooling operations, defined once
 
@@ -19,27 +20,63 @@ def grid_edges(n: int, grid: int) -> list[int]:
     return [int(math.floor(i * n / grid + 0.5)) for i in range(grid + 1)]
 
 
-def pool(feature_map, grid: int = 2, op: str = "sum"):
-    """Pool an (N, H, W, F) map over a grid x grid partition of its positions.
+def _window_args(size, stride) -> tuple[int, int]:
+    stride = size if stride is None else stride
+    for name, v in (("size", size), ("stride", stride)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+            raise ValueError(f"pooling window {name} must be a positive integer, got {v!r}")
+    return int(size), int(stride)
+
+
+def window_starts(n: int, size: int, stride: int) -> list[int]:
+    """First positions of the ``size``-long windows every ``stride`` positions along an n-long axis.
+
+    Whole windows only (PyTorch's floor mode): 15 / 6 on 27 positions gives 0, 6, 12; positions
+    after the last window (none there) are not pooled. ValueError if one window does not fit.
+    """
+    size, stride = _window_args(size, stride)
+    if size > n:
+        raise ValueError(f"pooling windows of {size} positions do not fit an axis of {n} positions")
+    return list(range(0, n - size + 1, stride))
+
+
+def num_regions(h: int, w: int, grid: int = 2, size: int | None = None, stride: int | None = None) -> int:
+    """Regions that ``pool`` pools an (N, h, w, F) map over, with the same arguments."""
+    if size is None:
+        return grid * grid
+    return len(window_starts(h, size, stride)) * len(window_starts(w, size, stride))
+
+
+def pool(feature_map, grid: int = 2, op: str = "sum", size: int | None = None, stride: int | None = None):
+    """Pool an (N, H, W, F) map over a grid x grid partition of its positions, or over windows.
 
     Args:
       feature_map: (N, H, W, F).
-      grid: regions per side; 2 gives the paper's four quadrants.
+      grid: regions per side; 2 gives the paper's four quadrants. Not used when ``size`` is given.
       op: "sum" (the paper) or "max".
+      size: if given, pool square windows of size x size positions instead of the partition, their
+        corners every ``stride`` positions along each axis (``window_starts``): overlapping when
+        stride < size, as Recht et al.'s 15 / 6 on a 27 x 27 map (3 x 3 windows at 0, 6, 12).
+      stride: the windows' step (default: ``size``, windows side by side); only with ``size``.
 
     Returns:
-      (N, grid * grid * F), region-major: top-left, top-right, ..., bottom-right.
+      (N, R * F) with R = ``num_regions(H, W, grid, size, stride)``, region-major: top-left,
+      top-right, ..., bottom-right.
     """
     if op not in POOLS:
         raise ValueError(f"unknown pooling {op!r}; choose one of {tuple(POOLS)}")
     _, h, w, _ = feature_map.shape
-    if not isinstance(grid, int) or grid < 1 or grid > min(h, w):
-        raise ValueError(f"grid must be an integer from 1 to {min(h, w)} for a {h}x{w} map, got {grid!r}")
+    if size is None:
+        if stride is not None:
+            raise ValueError(f"a pooling stride ({stride!r}) needs a window size: pass size= too")
+        if not isinstance(grid, int) or grid < 1 or grid > min(h, w):
+            raise ValueError(f"grid must be an integer from 1 to {min(h, w)} for a {h}x{w} map, got {grid!r}")
+        rows, cols = grid_edges(h, grid), grid_edges(w, grid)
+        row_spans, col_spans = list(zip(rows[:-1], rows[1:])), list(zip(cols[:-1], cols[1:]))
+    else:
+        size, stride = _window_args(size, stride)
+        row_spans = [(r, r + size) for r in window_starts(h, size, stride)]
+        col_spans = [(c, c + size) for c in window_starts(w, size, stride)]
     reduce = POOLS[op]
-    rows, cols = grid_edges(h, grid), grid_edges(w, grid)
-    regions = [
-        reduce(feature_map[:, r0:r1, c0:c1, :], axis=(1, 2))
-        for r0, r1 in zip(rows[:-1], rows[1:])
-        for c0, c1 in zip(cols[:-1], cols[1:])
-    ]
+    regions = [reduce(feature_map[:, r0:r1, c0:c1, :], axis=(1, 2)) for r0, r1 in row_spans for c0, c1 in col_spans]
     return jnp.concatenate(regions, axis=1)

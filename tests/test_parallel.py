@@ -198,3 +198,58 @@ def test_sharded_features_reject_what_extract_features_rejects(case):
     with pytest.raises(ValueError) as sharded:
         extract_features_sharded(**kw, mesh=data_mesh(1))
     assert str(sharded.value) == str(single.value)
+
+
+_TWO_PROCESS_WORKER = """
+import sys
+import jax
+pid, port = int(sys.argv[1]), sys.argv[2]
+jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=2, process_id=pid)
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from kmjax.cluster import kmeans
+from kmjax.features import FeatureSpec, extract_features
+from kmjax.parallel import data_mesh, extract_features_sharded, kmeans_sharded
+
+assert (jax.process_count(), jax.device_count(), jax.local_device_count()) == (2, 4, 2)
+rng = np.random.default_rng(0)
+x = rng.normal(size=(1000, 6)).astype(np.float32)
+c0 = x[:5].copy()
+c0[4] = 40.0  # an empty cluster: the re-seeding gathers candidates across the processes
+mesh = data_mesh()  # every device of both processes
+local = x[pid * 500 : (pid + 1) * 500]  # each process holds only its own rows
+xg = jax.make_array_from_process_local_data(NamedSharding(mesh, P("data")), local)
+for init, empty in ((c0, "reseed"), ("random", "zero")):
+    b = kmeans_sharded(jax.random.key(3), xg, 5, mesh=mesh, init=init, max_iter=10, tol=None, empty=empty)
+    a = kmeans(jax.random.key(3), x, 5, init=init, max_iter=10, tol=None, empty=empty)
+    np.testing.assert_allclose(np.asarray(b.centroids), np.asarray(a.centroids), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(float(b.inertia), float(a.inertia), rtol=1e-5)
+
+# features: each process on its own images, over its own devices
+images = rng.uniform(0, 255, size=(10, 10, 10, 3)).astype(np.float32)[pid * 5 : (pid + 1) * 5]
+spec = FeatureSpec(patch_size=3, grid=2)
+centroids = rng.normal(size=(4, 27)).astype(np.float32)
+got = extract_features_sharded(images, centroids, None, spec)
+np.testing.assert_allclose(got, extract_features(images, centroids, None, spec), rtol=1e-5, atol=1e-5)
+print("ok", pid)
+"""
+
+
+def test_two_processes_with_a_localhost_coordinator(tmp_path):
+    # the multi-host recipe of kmjax.parallel, on this machine: 2 processes x 2 CPU devices each,
+    # rows split between the processes, the same centroids as one device
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    script = tmp_path / "worker.py"
+    script.write_text(_TWO_PROCESS_WORKER)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    procs = [subprocess.Popen([sys.executable, str(script), str(i), str(port)], env=env, cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in (0, 1)]
+    outs = [p.communicate(timeout=240) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, f"stdout:\n{out}\nstderr:\n{err[-3000:]}"
+    assert [out.strip().splitlines()[-1] for out, _ in outs] == ["ok 0", "ok 1"]

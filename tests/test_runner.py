@@ -337,3 +337,38 @@ def test_a_run_compiles_each_function_once_and_a_rerun_nothing(data_dir, tmp_pat
     again = len(CompileCounter.compiled)
     go(data_dir, tmp_path, *extra)  # a second run in the same process reuses every compiled program
     assert CompileCounter.compiled[again:] == []
+
+
+def test_more_devices_than_there_are_is_a_message(data_dir, tmp_path):
+    import jax
+
+    n = len(jax.local_devices())
+    with pytest.raises(RunError, match=f"devices = {n + 1} but this process sees {n}"):
+        go(data_dir, tmp_path, f"devices={n + 1}")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_run_on_two_devices_matches_one(data_dir, tmp_path):
+    # kmjax run --devices 2 on a CPU split into two devices (in a fresh process: JAX fixes the count
+    # when it starts): the same dictionary and features as one device, to float32 rounding
+    import subprocess
+    import sys
+
+    args = ["run", "quick", "--data-dir", str(data_dir), "-q"] + [a for s in SMALL for a in ("--set", s)]
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "JAX_PLATFORMS": "cpu"}
+    for devices in (1, 2):
+        proc = subprocess.run([sys.executable, "-m", "kmjax.cli", *args, "--out", str(tmp_path / str(devices)),
+                               "--devices", str(devices)], env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+    one, two = (json.loads((tmp_path / d / "quick" / "results.json").read_text()) for d in ("1", "2"))
+    assert two["config"]["devices"] == 2 and two["stage_keys"]["dictionary"] != one["stage_keys"]["dictionary"]
+    np.testing.assert_allclose(two["kmeans"]["objective"], one["kmeans"]["objective"], rtol=1e-5)
+    from kmjax.model import load
+
+    a, b = (load(tmp_path / d / "quick" / "model.npz") for d in ("1", "2"))
+    np.testing.assert_allclose(np.asarray(b.centroids), np.asarray(a.centroids), rtol=1e-4, atol=1e-4)
+    store = {d: StageStore(tmp_path / d / "quick" / "stages") for d in ("1", "2")}
+    fa = store["1"].load_arrays("features", one["stage_keys"]["features"], ["train"])["train"]
+    fb = store["2"].load_arrays("features", two["stage_keys"]["features"], ["train"])["train"]
+    np.testing.assert_allclose(fb, fa, rtol=1e-3, atol=1e-3)

@@ -48,6 +48,20 @@ def feature_spec(cfg: Config) -> FeatureSpec:
     )
 
 
+def _mesh(cfg: Config):
+    """The 1-D mesh of local devices a config asks for, or None for one device."""
+    if cfg.devices == 1:
+        return None
+    from kmjax.parallel import data_mesh
+
+    available = len(jax.local_devices())
+    if cfg.devices > available:
+        raise RunError(f"devices = {cfg.devices} but this process sees {available} "
+                       f"({jax.local_devices()[0].platform}); on a CPU, start with "
+                       f"XLA_FLAGS=--xla_force_host_platform_device_count={cfg.devices} (kmjax run --devices does)")
+    return data_mesh(cfg.devices or None, local=True)
+
+
 def _copies(cfg: Config) -> int:
     """Training rows per image: 2 with mirrored copies (rows i and i + N are an image and its mirror)."""
     return 2 if cfg.features.train_flip else 1
@@ -139,7 +153,9 @@ def run(cfg: Config, *, data_dir=None, out: str | os.PathLike = "runs", resume: 
     timer = Timer(quiet)
     with timer.stage("load"):
         train, test = load_data(cfg, data_dir)
-        keys = stage_keys(to_dict(cfg), data_id(train.images, train.labels),
+        mesh = _mesh(cfg)
+        devices = 1 if mesh is None else mesh.size  # the actual count: float sums depend on it
+        keys = stage_keys({**to_dict(cfg), "devices": devices}, data_id(train.images, train.labels),
                           None if test is None else data_id(test.images, test.labels), __version__)
     fresh = run_dir is None
     if fresh:
@@ -151,7 +167,8 @@ def run(cfg: Config, *, data_dir=None, out: str | os.PathLike = "runs", resume: 
                 if link is not None:
                     Path(link).mkdir(parents=True, exist_ok=True)
                     os.symlink(os.path.relpath(Path(link).resolve(), run_dir.resolve()), run_dir / "stages")
-            results = _run_stages(cfg, train, test, keys, run_dir, StageStore(run_dir / "stages"), timer, quiet)
+            results = _run_stages(cfg, train, test, keys, run_dir, StageStore(run_dir / "stages"), timer, quiet,
+                                  mesh)
     except BaseException:
         if fresh and not StageStore(run_dir / "stages").any_finished():
             shutil.rmtree(run_dir, ignore_errors=True)  # nothing to resume: the name is free again
@@ -166,7 +183,7 @@ def run(cfg: Config, *, data_dir=None, out: str | os.PathLike = "runs", resume: 
     return results
 
 
-def _run_stages(cfg, train, test, keys, run_dir, store, timer, quiet) -> dict:
+def _run_stages(cfg, train, test, keys, run_dir, store, timer, quiet, mesh) -> dict:
     log(f"run folder: {run_dir}", quiet)
     key_dict, key_val = jax.random.split(jax.random.key(cfg.seed))
     results: dict = {"name": cfg.name, "seed": cfg.seed, "config": to_dict(cfg), "run_dir": str(run_dir),
@@ -174,7 +191,7 @@ def _run_stages(cfg, train, test, keys, run_dir, store, timer, quiet) -> dict:
                      "n_test": 0 if test is None else len(test.labels)}
     write_json(run_dir / "config.json", results["config"])
 
-    dictionary = _dictionary_stage(cfg, train.images, key_dict, store, keys["dictionary"], timer)
+    dictionary = _dictionary_stage(cfg, train.images, key_dict, store, keys["dictionary"], timer, mesh)
     km = dictionary.kmeans
     n_iter = int(km.n_iter)
     results["kmeans"] = {
@@ -192,7 +209,7 @@ def _run_stages(cfg, train, test, keys, run_dir, store, timer, quiet) -> dict:
         return results
 
     copies = _copies(cfg)
-    feats = _features_stage(cfg, train, test, dictionary, store, keys["features"], timer, quiet)
+    feats = _features_stage(cfg, train, test, dictionary, store, keys["features"], timer, quiet, mesh)
     f_train, f_test, labels = feats["train"], feats.get("test"), np.asarray(feats["train_labels"])
     num_classes = len(train.class_names)
     fit = _classifier_stage(cfg, f_train, labels, num_classes, copies, key_val, store, keys["classifier"], timer,
@@ -223,20 +240,20 @@ def _run_stages(cfg, train, test, keys, run_dir, store, timer, quiet) -> dict:
     return results
 
 
-def _dictionary_stage(cfg, images, key, store, stage_key, timer) -> Dictionary:
+def _dictionary_stage(cfg, images, key, store, stage_key, timer, mesh) -> Dictionary:
     saved = store.load_tree("dictionary", stage_key, dictionary_template(cfg.preprocess.whiten, cfg.kmeans.max_iter))
     if saved is not None:
         log(f"[dictionary] reusing {store.folder}", timer.quiet)
         return saved[0]
     with timer.stage("dictionary"):
-        dictionary = learn_dictionary(key, images, **dictionary_options(cfg),
+        dictionary = learn_dictionary(key, images, **dictionary_options(cfg), mesh=mesh,
                                       progress=progress("k-means", timer.quiet, "iterations"))
         dictionary = jax.tree.map(np.asarray, dictionary)
     store.save_tree("dictionary", stage_key, dictionary, {"kind": "dictionary"})
     return dictionary
 
 
-def _features_stage(cfg, train, test, dictionary, store, stage_key, timer, quiet):
+def _features_stage(cfg, train, test, dictionary, store, stage_key, timer, quiet, mesh):
     """{"train": features, "train_labels": labels, and "test", "test_labels" with a test set}: memmaps
     of the stage files (the labels saved beside the features, so that they can be exported alone)."""
     copies = _copies(cfg)
@@ -250,6 +267,13 @@ def _features_stage(cfg, train, test, dictionary, store, stage_key, timer, quiet
     dim = feature_dim(spec, dictionary.centroids.shape[0])
     rows = {"train": copies * len(train.labels), "test": 0 if test is None else len(test.labels)}
     store.check_space(4 * dim * sum(rows.values()))
+    if mesh is None:
+        extract = extract_features
+    else:
+        from kmjax.parallel import extract_features_sharded
+
+        def extract(*args, **kwargs):
+            return extract_features_sharded(*args, mesh=mesh, **kwargs)
     saved = {}
     with timer.stage("features"):
         for name, data in parts.items():
@@ -257,10 +281,10 @@ def _features_stage(cfg, train, test, dictionary, store, stage_key, timer, quiet
             if name == "train" and copies == 2:  # mirror images are as likely as the originals
                 images, labels = np.concatenate([images, images[:, :, ::-1]]), np.concatenate([labels, labels])
             # written straight to disk: the features of a large dictionary need not fit in memory
-            saved[name] = extract_features(images, dictionary.centroids, dictionary.zca, spec,
-                                           memory_mb=cfg.features.memory_mb, precision=cfg.features.precision,
-                                           progress=progress(name, quiet),
-                                           out=store.new_array("features", stage_key, name, (len(images), dim)))
+            saved[name] = extract(images, dictionary.centroids, dictionary.zca, spec,
+                                  memory_mb=cfg.features.memory_mb, precision=cfg.features.precision,
+                                  progress=progress(name, quiet),
+                                  out=store.new_array("features", stage_key, name, (len(images), dim)))
             saved[f"{name}_labels"] = store.new_array("features", stage_key, f"{name}_labels", labels.shape, np.int32)
             saved[f"{name}_labels"][:] = labels
     store.commit_arrays("features", stage_key, saved)

@@ -105,7 +105,7 @@ def stage_keys(config: dict, train_id: str, test_id: str | None, version: str) -
     c = config
     feats = {k: v for k, v in c["features"].items() if f"features.{k}" not in SPEED_ONLY}
     parts = {"dictionary": [version, c["seed"], c["data"]["train_batches"], c["data"]["n_train"], train_id,
-                            c["patches"], c["preprocess"], c["kmeans"]]}
+                            c["patches"], c["preprocess"], c["kmeans"], c["devices"]]}
     parts["features"] = [parts["dictionary"], feats, c["data"]["n_test"], test_id]
     parts["classifier"] = [parts["features"], c["classifier"]]
     return {name: _hash(v) for name, v in parts.items()}
