@@ -1,61 +1,93 @@
 #!/usr/bin/env bash
-# The accelerator check, as one script for one short device session: GPU correctness (the unit
-# tests and a real-data run compared with the CPU's), the two benchmarks, and the triangle-1600
-# pipeline end to end at full size. Every step has its own time limit, so that one slow step
-# cannot take the others' results with it. Logs and JSON go to $OUT (default ./device_out).
+# Every GPU measurement of the accelerator issue, as one script for one short device session
+# (about 9 minutes in all on an H100): GPU correctness (unit tests, the same seed twice gives the
+# same bytes), the compile cache (cold and warm end-to-end runs), k-means against the plain PyTorch
+# loop (float32 and TF32, time against K), feature extraction per precision, and the best
+# config's timing. Every step has its own time limit, so that one slow step cannot take the others'
+# results with it. Logs and JSON go to $OUT (default ./device_out), packed into one archive.
 #
-#   OUT=out DATA=folder [STEPS='tests e2e_full'] bash experiments/device_check.sh
+#   OUT=out DATA=folder [STEPS='tests determinism'] bash experiments/device_check.sh
+#   DRY=1 OUT=/tmp/dry DATA=../shared/data bash experiments/device_check.sh   # every step, tiny, on a CPU
 #
 # DATA holds cifar-10-batches-py with at least data_batch_1, test_batch and batches.meta (the
-# whole data set is larger than what travels to the device machine). The full-size timing run
-# reads data_batch_1 five times over, as batches 1-5: its times are those of 50,000 training
-# images, its accuracy is not a result (10,000 distinct images, each five times).
+# whole data set is larger than what travels to a device machine). Full-size timing runs read
+# data_batch_1 five times over, as batches 1-5: their times are those of 50,000 training images,
+# their accuracy is not a result (10,000 distinct images, each five times).
 set -uo pipefail
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" XLA_PYTHON_CLIENT_PREALLOCATE=false
 OUT=${OUT:-device_out}
 DATA=${DATA:-.devdata}
-STEPS=${STEPS:-e2e_slice bench_features bench_kmeans e2e_full tests}  # a subset reruns only those
+DRY=${DRY:-0}
+STEPS=${STEPS:-device tests determinism e2e_cold e2e_warm bench_kmeans bench_kmeans_k bench_features best_config}
 mkdir -p "$OUT"
+OUT=$(realpath "$OUT")
 # at most a few files come back from a device machine: pack the logs and JSON into one archive
-trap 'rm -rf "$OUT/runs"; tar czf device_check.tgz -C "$OUT" . && rm -f "$OUT"/* && mv device_check.tgz "$OUT/"' EXIT
+trap 'rm -rf "$OUT/runs" "$OUT/jit"; tar czf "$OUT/../device_check.tgz" -C "$OUT" . && rm -rf "$OUT"/* && mv "$OUT/../device_check.tgz" "$OUT/"' EXIT
 
 step() {  # step NAME SECONDS COMMAND...: run with a limit, log to $OUT/NAME.log
     local name=$1 limit=$2
     shift 2
     [[ " $STEPS " == *" $name "* ]] || return 0
     echo "=== $name (limit ${limit}s) $(date +%T)"
-    timeout "$limit" "$@" > >(tee "$OUT/$name.log") 2>&1
+    timeout "$limit" bash -c '"$@"' _ "$@" > >(tee "$OUT/$name.log") 2>&1  # bash: steps may be functions
     echo "=== $name rc=$? $(date +%T)"
 }
 
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
-python3 -c "import jax; print('jax', jax.__version__, jax.devices())" | tee -a "$OUT/device.txt"
-
-# Real data, 10,000 training images: the same config runs on the CPU for the accuracy comparison.
-step e2e_slice 90 python3 -m kmjax.cli run configs/coates2011_triangle_1600.toml --data-dir "$DATA" \
-    --set data.train_batches=[1] --set name=gpu_slice --out "$OUT/runs"
-cp "$OUT"/runs/gpu_slice/results.json "$OUT/e2e_slice.json" 2>/dev/null
-
-step bench_features 60 sh -c "python3 experiments/bench_features.py --images 16384 --batch-wide-step 256 \
-    --json $OUT/bench_features_float32.json && python3 experiments/bench_features.py --images 16384 \
-    --batch-wide-step 256 --precision tf32 --json $OUT/bench_features_tf32.json"
-step bench_kmeans 120 sh -c "python3 experiments/bench_kmeans.py --libs kmjax,sklearn --problems seed,paper \
-    --iters 10 --repeats 3 --json $OUT/bench_kmeans_float32.json && python3 experiments/bench_kmeans.py \
-    --libs kmjax --problems seed,paper,scale --iters 10 --repeats 3 --precision tf32 \
-    --json $OUT/bench_kmeans_tf32.json && python3 experiments/bench_kmeans.py --libs kmjax,sklearn \
-    --problems scale --iters 3 --repeats 1 --json $OUT/bench_kmeans_scale.json"
-
 # Full size: 50,000 training images (data_batch_1 five times), 10,000 test images.
-full=$(mktemp -d)/cifar-10-batches-py
-mkdir -p "$full"
-for i in 1 2 3 4 5; do ln -s "$(realpath "$DATA")/cifar-10-batches-py/data_batch_1" "$full/data_batch_$i"; done
-ln -s "$(realpath "$DATA")/cifar-10-batches-py/test_batch" "$full/test_batch"
-ln -s "$(realpath "$DATA")/cifar-10-batches-py/batches.meta" "$full/batches.meta"
-step e2e_full 100 python3 -m kmjax.cli run configs/coates2011_triangle_1600.toml --data-dir "$(dirname "$full")" \
-    --set name=gpu_full_timing --out "$OUT/runs"
-cp "$OUT"/runs/gpu_full_timing/results.json "$OUT/e2e_full.json" 2>/dev/null
+full=$(mktemp -d)
+mkdir -p "$full/cifar-10-batches-py"
+for i in 1 2 3 4 5; do ln -s "$(realpath "$DATA")/cifar-10-batches-py/data_batch_1" "$full/cifar-10-batches-py/data_batch_$i"; done
+for f in test_batch batches.meta; do ln -s "$(realpath "$DATA")/cifar-10-batches-py/$f" "$full/cifar-10-batches-py/$f"; done
 
-step tests 100 env -u KMJAX_DATA_DIR python3 -m pytest -q -p no:cacheprovider --durations=5 \
+if [ "$DRY" = 1 ]; then  # the same steps at toy sizes, to check the script itself on a CPU
+    SMALL="--set data.n_train=2000 --set data.n_test=500 --set kmeans.k=64 --set patches.num=20000 --set kmeans.max_iter=5 --set classifier.max_iter=50"
+    KM="--n-frac 0.01 --iters 2 --repeats 1"; KS="--ks 64,256 --kn 5000"; FEAT="--images 64 --k 64 --repeats 1"
+else
+    SMALL=""; KM="--iters 10 --repeats 3"; KS="--ks 64,256,1024,4096 --kn 1000000 --kd 128"; FEAT="--images 16384"
+fi
+run() {  # run CONFIG NAME [args...]: kmjax run on the full-size timing data
+    local config=$1 name=$2
+    shift 2
+    python3 -m kmjax.cli run "$config" --data-dir "$full" --set name="$name" --out "$OUT/runs" $SMALL "$@" &&
+        cp "$OUT/runs/$name/results.json" "$OUT/$name.json"
+}
+
+export OUT DATA SMALL full
+export -f run
+
+step device 30 sh -c "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; \
+    python3 -m kmjax.cli info --data-dir $DATA; python3 -c 'import torch; print(\"torch\", torch.__version__)'"
+
+# GPU correctness: the unit tests (the scikit-learn estimator checks among them), then the same
+# config twice: byte-identical model.npz (order-dependent GPU sums would differ)
+step tests 120 env -u KMJAX_DATA_DIR python3 -m pytest -q -x -p no:cacheprovider --durations=5 -m "not data" \
     tests/test_cluster.py tests/test_features.py tests/test_classify.py tests/test_encoders.py \
-    tests/test_preprocess.py tests/test_patches.py tests/test_pooling.py tests/test_model.py \
-    tests/test_properties.py
+    tests/test_preprocess.py tests/test_sklearn.py tests/test_select.py tests/test_jit.py tests/test_model.py
+determinism() {
+    for i in 1 2; do
+        python3 -m kmjax.cli run quick --data-dir "$DATA" --set name="twice_$i" --out "$OUT/runs" -q $SMALL || return 1
+    done
+    cmp "$OUT/runs/twice_1/model.npz" "$OUT/runs/twice_2/model.npz" && echo "model.npz: identical bytes"
+    cmp "$OUT/runs/twice_1/dictionary.npz" "$OUT/runs/twice_2/dictionary.npz" && echo "dictionary.npz: identical bytes"
+}
+export -f determinism
+step determinism 120 determinism
+
+# The compile cache: the paper's config from an empty cache, then again with it warm
+export KMJAX_COMPILE_CACHE="$OUT/jit"
+step e2e_cold 150 run coates2011_triangle_1600 e2e_cold
+step e2e_warm 100 run coates2011_triangle_1600 e2e_warm
+
+# k-means: one Lloyd iteration against the plain PyTorch loop, float32 and TF32, and against K
+step bench_kmeans 200 sh -c "python3 -m kmjax.cli bench kmeans --libs kmjax,torch --problems paper,scale $KM \
+    --json $OUT/bench_kmeans_float32.json && python3 -m kmjax.cli bench kmeans --libs kmjax,torch \
+    --problems paper,scale $KM --precision tf32 --json $OUT/bench_kmeans_tf32.json"
+step bench_kmeans_k 120 python3 -m kmjax.cli bench kmeans --libs kmjax,torch --problems '' $KS $KM \
+    --json "$OUT/bench_kmeans_k.json"
+
+# Dense features per precision
+step bench_features 90 sh -c "for p in float32 tf32 bfloat16; do python3 -m kmjax.cli bench features $FEAT \
+    --batch-wide-step 256 --precision \$p --json $OUT/bench_features_\$p.json || exit 1; done"
+
+# The best config of the CPU machine, timed on the GPU (its ridge classifier runs on the host)
+step best_config 200 run omp1_soft_3200_flip best_config

@@ -17,7 +17,6 @@ import numpy as np
 
 from kmjax._checks import check_matrix, is_tracer, positive_int
 from kmjax._ops import check_precision, matmul, max_argmax
-from kmjax._progress import emit, reporting
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -94,7 +93,7 @@ class LloydSpec(NamedTuple):
 
     max_iter, chunk_size, empty, spherical, precision, update: as ``kmeans``. weighted: whether
     the passes multiply by point weights (False: unit weights, no multiply in the hot loop). m:
-    min(K, N) re-seeding candidates (global N). report: whether to emit progress.
+    min(K, N) re-seeding candidates (global N).
     """
 
     max_iter: int
@@ -104,7 +103,6 @@ class LloydSpec(NamedTuple):
     precision: str
     weighted: bool
     m: int
-    report: bool = False
     update: str = "scatter"
 
 
@@ -226,52 +224,62 @@ class _LoopState(NamedTuple):
     converged: jax.Array
 
 
-def _lloyd_loop(x, w, centroids, tol, spec: LloydSpec, axis_name=None):
-    """Lloyd iterations until ``spec.max_iter`` or convergence, then a final pass for the inertia.
+def _start(centroids, spec: LloydSpec) -> _LoopState:
+    return _LoopState(centroids.astype(jnp.float32), jnp.full((spec.max_iter,), jnp.nan, jnp.float32), jnp.int32(0),
+                      jnp.bool_(False))
 
-    The one implementation of the loop: called under ``jit`` on one device (``_lloyd``), and
-    inside ``shard_map`` with ``axis_name`` on a shard of the points per device
-    (``kmjax.parallel``), where every pass's sums are ``psum``-ed, so that the centroids and the
-    whole loop state stay identical on all devices.
-    """
-    x = x.astype(jnp.float32)
-    w = w.astype(jnp.float32)
-    pass_w = w if spec.weighted else None  # unit weights: no multiply in the hot loop
+
+def _prepared(x, w, spec: LloydSpec, axis_name):
+    """float32 points, their weights, the weights a pass multiplies by (None: unit weights, no multiply
+    in the hot loop) and sum w ||x||^2 (global)."""
+    x, w = x.astype(jnp.float32), w.astype(jnp.float32)
     total_sq = jnp.sum(w * jnp.sum(x * x, axis=1))
     if axis_name is not None:
         total_sq = jax.lax.psum(total_sq, axis_name)
+    return x, w, (w if spec.weighted else None), total_sq
 
-    def accumulate(c):
-        return _accumulate(x, pass_w, c, spec, axis_name)
 
-    def objective(total):
-        return jnp.maximum(total_sq - total, 0.0)
+def _lloyd_iterate(x, w, state: _LoopState, tol, until, spec: LloydSpec, axis_name=None) -> _LoopState:
+    """Lloyd iterations from ``state`` until iteration ``until`` (a traced number: one compiled
+    program for any split of the loop), ``spec.max_iter``, or convergence."""
+    x, w, pass_w, total_sq = _prepared(x, w, spec, axis_name)
 
     def cond(s):
-        return (s.it < spec.max_iter) & ~s.converged
+        return (s.it < jnp.minimum(until, spec.max_iter)) & ~s.converged
 
     def body(s):
-        sums, weights, total = accumulate(s.centroids)
-        obj = objective(total)
+        sums, weights, total = _accumulate(x, pass_w, s.centroids, spec, axis_name)
+        obj = jnp.maximum(total_sq - total, 0.0)
         prev = s.objective[jnp.maximum(s.it - 1, 0)]
         converged = (s.it > 0) & ((prev - obj) <= tol * jnp.abs(prev))
         new = _update(x, w, s.centroids, sums, weights, spec, axis_name)
-        if spec.report:  # host callback, outside the numerics
-            emit("kmeans", s.it + 1, spec.max_iter, obj)
         return _LoopState(new, s.objective.at[s.it].set(obj), s.it + 1, converged)
 
-    start = _LoopState(
-        centroids.astype(jnp.float32),
-        jnp.full((spec.max_iter,), jnp.nan, jnp.float32),
-        jnp.int32(0),
-        jnp.bool_(False),
-    )
-    s = jax.lax.while_loop(cond, body, start) if spec.max_iter else start  # 0: the init is the result
-    _, weights, total = accumulate(s.centroids)
-    return KMeansResult(s.centroids, weights, objective(total), s.objective, s.it, s.converged)
+    return jax.lax.while_loop(cond, body, state) if spec.max_iter else state  # 0: the init is the result
 
 
-_lloyd = jax.jit(_lloyd_loop, static_argnames=("spec", "axis_name"))
+def _lloyd_finish(x, w, state: _LoopState, spec: LloydSpec, axis_name=None) -> KMeansResult:
+    """The final pass: counts and inertia of the last centroids."""
+    x, w, pass_w, total_sq = _prepared(x, w, spec, axis_name)
+    _, weights, total = _accumulate(x, pass_w, state.centroids, spec, axis_name)
+    return KMeansResult(state.centroids, weights, jnp.maximum(total_sq - total, 0.0), state.objective, state.it,
+                        state.converged)
+
+
+def _lloyd_loop(x, w, centroids, tol, spec: LloydSpec, axis_name=None) -> KMeansResult:
+    """Lloyd iterations until ``spec.max_iter`` or convergence, then a final pass for the inertia.
+
+    The one implementation of the loop: on one device as the compiled pieces ``_lloyd_iterate`` and
+    ``_lloyd_finish`` (see ``kmeans``), and inside ``shard_map`` with ``axis_name`` on a shard of the
+    points per device (``kmjax.parallel``), where every pass's sums are ``psum``-ed, so that the
+    centroids and the whole loop state stay identical on all devices.
+    """
+    state = _lloyd_iterate(x, w, _start(centroids, spec), tol, spec.max_iter, spec, axis_name)
+    return _lloyd_finish(x, w, state, spec, axis_name)
+
+
+_lloyd_iterate_jit = jax.jit(_lloyd_iterate, static_argnames=("spec", "axis_name"))
+_lloyd_finish_jit = jax.jit(_lloyd_finish, static_argnames=("spec", "axis_name"))
 
 
 @partial(jax.jit, static_argnames=("k", "method", "spherical"))
@@ -348,7 +356,7 @@ def init_centroids(key, x, k: int, method: str = "k-means++", *, weights=None, s
 
 
 def prepare_kmeans(x, k, *, init, max_iter, tol, chunk_size, empty, spherical, weights, precision,
-                   update=None, shards: int = 1, report: bool = False):
+                   update=None, shards: int = 1):
     """Check the arguments of a k-means call; return (k, init array or name, tol, LloydSpec).
 
     The one argument-checking path of ``kmeans`` and ``kmjax.parallel.kmeans_sharded`` (whose
@@ -381,7 +389,7 @@ def prepare_kmeans(x, k, *, init, max_iter, tol, chunk_size, empty, spherical, w
     tol = jnp.float32(-jnp.inf if tol is None else tol)
     spec = LloydSpec(max_iter=int(max_iter), chunk_size=int(min(chunk_size, rows)), empty=empty,
                      spherical=bool(spherical), precision=precision, weighted=weights is not None,
-                     m=min(k, n), report=report, update=update)
+                     m=min(k, n), update=update)
     return k, init, tol, spec
 
 
@@ -429,22 +437,28 @@ def kmeans(
         TF32 on recent NVIDIA GPUs) or "bfloat16" (bf16 operands, float32 accumulation).
       update: how each pass sums the points per centroid: "scatter" or "matmul" (see ``UPDATES``);
         default "scatter" on CPUs, "matmul" on accelerators (deterministic there).
-      progress: optional ``progress(iteration, max_iter, objective)`` called on the host after
-        each iteration (any function: nothing is compiled again for a new one; the call then
-        waits for the result).
+      progress: optional ``progress(iteration, max_iter, objective)`` called after each iteration
+        (the loop then runs one iteration per call of the same compiled program: the same numbers,
+        nothing compiled again for a new function, and no host callback inside the program, which
+        would keep JAX's persistent cache from storing it).
 
     Returns:
       ``KMeansResult``.
     """
-    with reporting("kmeans", progress) as report:
-        k, init, tol, spec = prepare_kmeans(x, k, init=init, max_iter=max_iter, tol=tol, chunk_size=chunk_size,
-                                            empty=empty, spherical=spherical, weights=weights,
-                                            precision=precision, update=update, report=report)
-        x = jnp.asarray(x)
-        w = _weights(x, weights)
-        c0 = init_centroids(key, x, k, init, weights=w, spherical=spherical) if isinstance(init, str) else init
-        result = _lloyd(x, w, c0, tol, spec)
-        return jax.block_until_ready(result) if report else result
+    k, init, tol, spec = prepare_kmeans(x, k, init=init, max_iter=max_iter, tol=tol, chunk_size=chunk_size,
+                                        empty=empty, spherical=spherical, weights=weights, precision=precision,
+                                        update=update)
+    x = jnp.asarray(x)
+    w = _weights(x, weights)
+    c0 = init_centroids(key, x, k, init, weights=w, spherical=spherical) if isinstance(init, str) else init
+    state = _start(jnp.asarray(c0), spec)
+    if progress is None:  # the whole loop in one call
+        state = _lloyd_iterate_jit(x, w, state, tol, jnp.int32(spec.max_iter), spec)
+    else:  # the same compiled loop, one iteration per call: a report between calls, no host callback
+        while (it := int(state.it)) < spec.max_iter and not bool(state.converged):  # host reads: nothing compiles
+            state = _lloyd_iterate_jit(x, w, state, tol, jnp.int32(it + 1), spec)
+            progress(it + 1, spec.max_iter, float(np.asarray(state.objective)[it]))
+    return _lloyd_finish_jit(x, w, state, spec)
 
 
 @partial(jax.jit, static_argnames=("spec",))

@@ -371,3 +371,22 @@ def test_tiled_cholesky_solves_like_numpy():
     l = _cholesky(a.copy(), tile=7)  # ragged last tile
     np.testing.assert_allclose(np.tril(l), np.linalg.cholesky(a.astype(np.float64)), atol=1e-5)
     np.testing.assert_allclose(_cholesky_solve(l, r, tile=7), want, rtol=1e-4, atol=1e-5)
+
+
+def test_progress_reports_change_nothing():
+    # with a reporter the loop runs in pieces of the same compiled program: the same bits
+    from kmjax.classify import standardize, fit_standardizer, train_linear
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 8)).astype(np.float32)
+    labels = (x[:, 0] > 0).astype(np.int32) + 2 * (x[:, 1] > 0)
+    xs = standardize(fit_standardizer(x), x)
+    quiet_model, quiet_info = train_linear(xs, labels, C=10.0, max_iter=35, tol=0.0)
+    seen = []
+    model, info = train_linear(xs, labels, C=10.0, max_iter=35, tol=0.0, progress=lambda *a: seen.append(a))
+    np.testing.assert_array_equal(np.asarray(model.weights), np.asarray(quiet_model.weights))
+    assert int(info.n_iter) == int(quiet_info.n_iter) == 35
+    assert [s[0] for s in seen] == [10, 20, 30, 35] and all(s[1] == 35 for s in seen)
+    values = [s[2] for s in seen]
+    assert all(b <= a + 1e-4 * abs(a) for a, b in zip(values, values[1:]))  # the objective decreases
+    np.testing.assert_allclose(values[-1], float(info.loss), rtol=1e-5)  # and ends at the final one

@@ -534,3 +534,14 @@ def test_matmul_update_equals_scatter_update(spherical, weighted):
     np.testing.assert_array_equal(np.asarray(again.centroids), np.asarray(b.centroids))  # same bits
     with pytest.raises(ValueError, match="unknown update"):
         kmeans(KEY, x, 5, update="atomic", **kw)
+
+
+def test_progress_reports_change_nothing():
+    x, c0 = unit_data(n=300, d=4, k=5, seed=5)
+    quiet = kmeans(KEY, x, 5, init=c0, max_iter=7, tol=None)
+    seen = []
+    loud = kmeans(KEY, x, 5, init=c0, max_iter=7, tol=None, progress=lambda *a: seen.append(a))
+    for a, b in zip(quiet, loud):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # the same compiled loop, in pieces
+    assert [s[:2] for s in seen] == [(i, 7) for i in range(1, 8)]
+    np.testing.assert_array_equal([s[2] for s in seen], np.asarray(quiet.objective))

@@ -18,7 +18,6 @@ import numpy as np
 import optax
 
 from kmjax._checks import host_only, is_tracer
-from kmjax._progress import emit, reporting
 
 __all__ = [
     "Standardizer", "fit_standardizer", "standardize",
@@ -119,28 +118,53 @@ class TrainInfo(NamedTuple):
     n_iter: jax.Array
 
 
-@partial(jax.jit, static_argnames=("loss", "num_classes", "max_iter", "memory", "report"))
-def _train(x, labels, C, tol, *, loss, num_classes, max_iter, memory, report):
-    fun = partial(LOSSES[loss], x=x, labels=labels, C=C, xt=x.T.copy())
-    opt = optax.lbfgs(memory_size=memory)
+class _Fit(NamedTuple):
+    loss: str
+    num_classes: int
+    max_iter: int
+    memory: int
+
+
+def _objective(x, xt, labels, C, fit: _Fit):
+    return partial(LOSSES[fit.loss], x=x, labels=labels, C=C, xt=xt)
+
+
+@partial(jax.jit, static_argnames=("fit",))
+def _lbfgs_start(x, fit: _Fit):
+    w0 = jnp.zeros((x.shape[1], fit.num_classes), jnp.float32)
+    return w0, optax.lbfgs(memory_size=fit.memory).init(w0), jnp.float32(jnp.inf), jnp.int32(0)
+
+
+@partial(jax.jit, static_argnames=("fit",))
+def _lbfgs_iterate(x, xt, labels, C, tol, state, until, fit: _Fit):
+    """L-BFGS iterations from ``state`` until iteration ``until`` (traced: one compiled program
+    however the loop is split), ``fit.max_iter``, or a gradient norm below ``tol``."""
+    fun = _objective(x, xt, labels, C, fit)
+    opt = optax.lbfgs(memory_size=fit.memory)
     value_and_grad = optax.value_and_grad_from_state(fun)
-    w0 = jnp.zeros((x.shape[1], num_classes), jnp.float32)
 
     def step(carry):
         w, state, _, it = carry
         value, grad = value_and_grad(w, state=state)
         updates, state = opt.update(grad, state, w, value=value, grad=grad, value_fn=fun)
-        if report:  # host callback, outside the numerics
-            emit("lbfgs", it + 1, max_iter, value)
         return w + updates, state, optax.tree.norm(grad), it + 1
 
     def cond(carry):
         _, _, gnorm, it = carry
-        return (it < max_iter) & (gnorm > tol)
+        return (it < jnp.minimum(until, fit.max_iter)) & (gnorm > tol)
 
-    w, _, _, it = jax.lax.while_loop(cond, step, (w0, opt.init(w0), jnp.float32(jnp.inf), jnp.int32(0)))
-    value, grad = jax.value_and_grad(fun)(w)
+    return jax.lax.while_loop(cond, step, state)
+
+
+@partial(jax.jit, static_argnames=("fit",))
+def _lbfgs_finish(x, xt, labels, C, state, fit: _Fit):
+    w, _, _, it = state
+    value, grad = jax.value_and_grad(_objective(x, xt, labels, C, fit))(w)
     return LinearModel(w), TrainInfo(value, optax.tree.norm(grad), it)
+
+
+# The transposed copy of the features that the gradient reads (see _scores), made once per fit.
+_transpose = jax.jit(lambda x: x.T.copy())
 
 
 def train_linear(x, labels, *, loss: str = "svm", C: float = 100.0, num_classes: int | None = None,
@@ -155,9 +179,9 @@ def train_linear(x, labels, *, loss: str = "svm", C: float = 100.0, num_classes:
       num_classes: default max(labels) + 1.
       max_iter: L-BFGS iterations at most. tol: stop once the gradient norm is below it.
       memory: L-BFGS history length.
-      progress: optional ``progress(iteration, max_iter, loss)`` called on the host after each
-        iteration (any function: nothing is compiled again for a new one; the call then waits for
-        the result).
+      progress: optional ``progress(iteration, max_iter, loss)`` called every few iterations (the
+        loop then runs in pieces of the same compiled program: the same numbers, and no host
+        callback inside it, which would keep JAX's persistent cache from storing it).
 
     Works inside ``jax.jit`` when ``num_classes`` is given (the values of traced labels and C are
     then not checked).
@@ -179,10 +203,20 @@ def train_linear(x, labels, *, loss: str = "svm", C: float = 100.0, num_classes:
         num_classes = int(labels.max()) + 1
     if not is_tracer(labels) and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
         raise ValueError(f"labels must lie in [0, {num_classes}), got {int(labels.min())}..{int(labels.max())}")
-    with reporting("lbfgs", progress) as report:
-        out = _train(x, labels, jnp.float32(C), jnp.float32(tol), loss=loss, num_classes=int(num_classes),
-                     max_iter=int(max_iter), memory=int(memory), report=report)
-        return jax.block_until_ready(out) if report else out
+    fit = _Fit(loss, int(num_classes), int(max_iter), int(memory))
+    C, tol, xt = jnp.float32(C), jnp.float32(tol), _transpose(x)
+    state = _lbfgs_start(x, fit)
+    if progress is None:  # the whole loop in one call
+        state = _lbfgs_iterate(x, xt, labels, C, tol, state, jnp.int32(fit.max_iter), fit)
+    else:  # the same compiled loop, a few iterations per call: a report between calls
+        while (it := int(state[3])) < fit.max_iter and float(state[2]) > float(tol):  # host reads only
+            state = _lbfgs_iterate(x, xt, labels, C, tol, state, jnp.int32(it + _REPORT_EVERY), fit)
+            # the objective at the current weights, as the line search left it in the optimizer state
+            progress(int(state[3]), fit.max_iter, float(np.asarray(optax.tree_utils.tree_get(state[1], "value"))))
+    return _lbfgs_finish(x, xt, labels, C, state, fit)
+
+
+_REPORT_EVERY = 10  # L-BFGS iterations between progress reports
 
 
 @jax.jit
