@@ -139,7 +139,19 @@ def _import_libs(libs):
     return mods
 
 
-class KmjaxRunner:
+class _Timed:
+    """A runner whose ``_call()`` is timed by ``run`` and run once untimed by ``warmup`` (compiling)."""
+
+    def _timed(self):
+        t = time.perf_counter()
+        out = self._call()
+        return time.perf_counter() - t, out
+
+    def warmup(self):
+        return self._timed()[0]
+
+
+class KmjaxRunner(_Timed):
     precision = "float32"  # set from --precision
 
     def __init__(self, mods, x, c0, k, iters):
@@ -155,15 +167,8 @@ class KmjaxRunner:
                              precision=self.precision)
         return self.jax.block_until_ready(res)
 
-    def warmup(self):
-        t = time.perf_counter()
-        self._call()
-        return time.perf_counter() - t
-
     def run(self):
-        t = time.perf_counter()
-        res = self._call()
-        dt = time.perf_counter() - t
+        dt, res = self._timed()
         n_iter = int(res.n_iter)
         if n_iter != self.iters:
             warnings.warn(f"kmjax ran {n_iter} iterations, expected {self.iters}")
@@ -238,7 +243,7 @@ class FaissRunner:
         return dt, info
 
 
-class TorchRunner:
+class TorchRunner(_Timed):
     """The plain PyTorch Lloyd loop a GPU user would write: s = x @ c.T - |c|^2 / 2, argmax,
     index_add_ of the points, bincount; empty clusters keep their centroid. Like kmjax and
     scikit-learn it ends with one more assignment pass (the final inertia). The scores of all N
@@ -263,7 +268,7 @@ class TorchRunner:
             index.append(i)
         return t.cat(best), t.cat(index)
 
-    def _lloyd(self):
+    def _call(self):
         t = self.torch
         t.backends.cuda.matmul.allow_tf32 = self.precision == "tf32"
         c = self.c0.clone()
@@ -278,15 +283,8 @@ class TorchRunner:
             t.cuda.synchronize()
         return c, inertia
 
-    def warmup(self):
-        t = time.perf_counter()
-        self._lloyd()
-        return time.perf_counter() - t
-
     def run(self):
-        t = time.perf_counter()
-        c, inertia = self._lloyd()
-        dt = time.perf_counter() - t
+        dt, (c, inertia) = self._timed()
         return dt, {"centroids": c.cpu().numpy(), "inertia_reported": inertia, "n_iter": self.iters}
 
 
