@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from kmjax._ops import PRECISIONS
-from kmjax.classify import CLASSIFIERS
+from kmjax.classify import CLASSIFIERS, SOLVERS
 from kmjax.cluster import EMPTY_POLICIES, INITS
 from kmjax.dictionary import NORMALIZATIONS, SAMPLINGS
 from kmjax.encoders import ENCODERS
@@ -69,6 +69,7 @@ class KMeansConfig:
 class FeaturesConfig:
     enabled: bool = True  # false: stop after the dictionary (the blog post's filters-only run)
     train_flip: bool = False  # add horizontally flipped copies of the training images
+    test_flip: bool = False  # classify each test image by its and its mirror's summed scores
     encoder: str = "triangle"  # "triangle", "hard", "soft_threshold"
     alpha: float = 0.25  # soft threshold
     stride: int = 1
@@ -87,6 +88,8 @@ class ClassifierConfig:
     val_fraction: float = 0.1  # held-out share used to choose C
     max_iter: int = 1000
     tol: float = 1e-3  # gradient-norm stop
+    solver: str = "gram"  # ridge: "gram" (exact, from the F x F Gram matrix) or "cg" (for wider features)
+    rank: int = 1024  # ridge with solver "cg": the rank of its Nystrom preconditioner
 
 
 @dataclass(frozen=True)
@@ -115,12 +118,13 @@ def _choices() -> dict:
         ("kmeans", "precision"): PRECISIONS,
         ("features", "precision"): PRECISIONS,
         ("classifier", "loss"): CLASSIFIERS,
+        ("classifier", "solver"): SOLVERS,
     }
 
 
 _POSITIVE = {("patches", "size"), ("patches", "num"), ("patches", "stride"), ("kmeans", "k"),
              ("features", "stride"), ("features", "grid"),
-             ("features", "memory_mb"), ("classifier", "C"), ("classifier", "max_iter")}
+             ("features", "memory_mb"), ("classifier", "C"), ("classifier", "max_iter"), ("classifier", "rank")}
 
 
 def _check_type(where: str, value, default):

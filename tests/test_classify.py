@@ -390,3 +390,66 @@ def test_progress_reports_change_nothing():
     values = [s[2] for s in seen]
     assert all(b <= a + 1e-4 * abs(a) for a, b in zip(values, values[1:]))  # the objective decreases
     np.testing.assert_allclose(values[-1], float(info.loss), rtol=1e-5)  # and ends at the final one
+
+
+def _correlated_problem(n=1500, f=300, seed=0):
+    # columns of low rank plus noise, far from zero mean: the hard case for iterative solvers
+    rng = np.random.default_rng(seed)
+    base = rng.normal(size=(n, 20))
+    x = (base @ rng.normal(size=(20, f)) + 0.5 * rng.normal(size=(n, f)) + 3).astype(np.float32)
+    return x, (base[:, 0] > 0).astype(np.int64) + 2 * (base[:, 1] > 0)
+
+
+@pytest.mark.parametrize("C", [1.0, 100.0])
+def test_cg_ridge_reaches_the_exact_ridge_solution(C, tmp_path):
+    from kmjax.classify import prepare_cg_ridge, solve_cg_ridge
+
+    x, labels = _correlated_problem()
+    np.save(tmp_path / "f.npy", x)
+    on_disk = np.load(tmp_path / "f.npy", mmap_mode="r")  # read-only: never written
+    std, model = fit_ridge(gram_stats(x, labels, 4), C)
+    prep = prepare_cg_ridge(on_disk, labels, 4, rank=64)
+    std2, model2, info = solve_cg_ridge(prep, on_disk, C, tol=1e-8)
+    assert info["converged"] and info["residual"] <= 1e-8
+    np.testing.assert_allclose(np.asarray(std2.mean), np.asarray(std.mean), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(std2.scale), np.asarray(std.scale), rtol=1e-5)
+    w, w2 = np.asarray(model.weights), np.asarray(model2.weights)
+    # float32 products summed in float64 on both sides: 1e-4 of the largest weight
+    np.testing.assert_allclose(w2, w, atol=1e-4 * np.abs(w).max())
+    np.testing.assert_array_equal(predict_features(std2, model2, x), predict_features(std, model, x))
+    # a warm start from the solution needs (almost) no pass
+    assert solve_cg_ridge(prep, on_disk, C, init=w2[:-1], tol=1e-6)[2]["iterations"] <= 2
+
+
+def test_fit_classifier_ridge_cg_matches_the_gram_solver():
+    import jax
+
+    from kmjax.classify import fit_classifier
+
+    x, labels = _correlated_problem(n=1200, f=200, seed=1)
+    kw = dict(num_classes=4, loss="ridge", C_grid=[1.0, 10.0], key=jax.random.key(0), copies=2)
+    exact = fit_classifier(x, labels, **kw)
+    cg = fit_classifier(x, labels, solver="cg", rank=64, **kw)
+    assert cg.C == exact.C and set(cg.scores) == set(exact.scores)
+    for C in exact.scores:
+        assert abs(cg.scores[C] - exact.scores[C]) <= 2 / 60  # at most a held-out image or two differ
+    np.testing.assert_allclose(np.asarray(cg.model.weights), np.asarray(exact.model.weights),
+                               atol=1e-3 * np.abs(np.asarray(exact.model.weights)).max())
+    with pytest.raises(ValueError, match="solver 'cg' is for loss='ridge'"):
+        fit_classifier(x, labels, num_classes=4, loss="svm", solver="cg")
+
+
+def test_mirror_averaging_sums_the_two_views_scores():
+    from kmjax.classify import fit_classifier
+
+    x, labels = _correlated_problem(n=400, f=30, seed=2)
+    std, model = fit_ridge(gram_stats(x, labels, 4), 1.0)
+    rng = np.random.default_rng(0)
+    other = x + rng.normal(size=x.shape).astype(np.float32)
+    scores = [np.asarray(standardize(std, v) @ model.weights) for v in (x, other)]
+    np.testing.assert_array_equal(predict_features(std, model, x, mirrors=other, block=64),
+                                  np.argmax(scores[0] + scores[1], axis=1))
+    with pytest.raises(ValueError, match="mirrors must have"):
+        predict_features(std, model, x, mirrors=other[:5])
+    with pytest.raises(ValueError, match="mirror_scoring needs the mirrored rows"):
+        fit_classifier(x, labels, num_classes=4, mirror_scoring=True)

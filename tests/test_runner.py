@@ -375,3 +375,26 @@ def test_run_on_two_devices_matches_one(data_dir, tmp_path):
     fa = store["1"].load_arrays("features", one["stage_keys"]["features"], ["train"])["train"]
     fb = store["2"].load_arrays("features", two["stage_keys"]["features"], ["train"])["train"]
     np.testing.assert_allclose(fb, fa, rtol=1e-3, atol=1e-3)
+
+
+def test_mirrored_test_images_and_the_cg_solver(data_dir, tmp_path):
+    res = go(data_dir, tmp_path, "features.train_flip=true", "features.test_flip=true", "classifier.loss=ridge",
+             "classifier.solver=cg", "classifier.rank=8", "classifier.C_grid=[1,10]")
+    folder = Path(res["run_dir"])
+    saved = StageStore(folder / "stages").load_arrays("features", res["stage_keys"]["features"],
+                                                      ["test", "test_mirror"])
+    assert saved["test_mirror"].shape == saved["test"].shape == (40, 32)
+    assert not np.array_equal(saved["test_mirror"], saved["test"])
+    from kmjax.classify import predict_features
+    from kmjax.model import load
+
+    model = load(folder / "model.npz")
+    pred = predict_features(model.standardizer, model.classifier, saved["test"], mirrors=saved["test_mirror"])
+    assert res["test_accuracy"] == float(np.mean(pred == np.asarray(
+        StageStore(folder / "stages").load_arrays("features", res["stage_keys"]["features"], ["test_labels"])
+        ["test_labels"])))
+    assert set(res["C_validation"]) == {"1", "10"}
+    out = tmp_path / "f.npz"
+    export_features(folder, out)
+    with np.load(out) as z:
+        assert z["test/mirrored_features"].shape == (40, 32)

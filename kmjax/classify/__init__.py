@@ -6,6 +6,8 @@
   ``fit_ridge``): the features are read in row blocks, never held in memory at once.
 - ``tiled``: the tiled F x F linear algebra under ``ridge`` (whole-matrix OpenBLAS calls crash
   at F = 32,000).
+- ``cg``: the same ridge objective by conjugate gradients over features read from disk (a
+  Nystrom preconditioner), for features too wide for the F x F Gram matrix.
 - ``select``: model selection: ``validation_split``, ``search_C`` and ``fit_classifier``, the one
   entry point that chooses C on held-out rows and fits any of the three classifiers.
 """
@@ -14,13 +16,15 @@ from kmjax.classify.linear import (
     LOSSES, LinearModel, Standardizer, TrainInfo, accuracy, fit_standardizer, predict, predict_features, softmax_loss,
     standardize, svm_loss, train_linear,
 )
+from kmjax.classify.cg import CGRidge, prepare_cg_ridge, solve_cg_ridge
 from kmjax.classify.ridge import GramStats, accumulate_gram, empty_gram_stats, fit_ridge, gram_stats
-from kmjax.classify.select import CLASSIFIERS, ClassifierFit, fit_classifier, search_C, validation_split
+from kmjax.classify.select import CLASSIFIERS, SOLVERS, ClassifierFit, fit_classifier, search_C, validation_split
 
 __all__ = [
     "Standardizer", "fit_standardizer", "standardize",
     "LinearModel", "svm_loss", "softmax_loss", "LOSSES", "TrainInfo", "train_linear", "predict", "accuracy",
     "predict_features",
     "GramStats", "empty_gram_stats", "accumulate_gram", "gram_stats", "fit_ridge",
-    "CLASSIFIERS", "ClassifierFit", "validation_split", "search_C", "fit_classifier",
+    "CGRidge", "prepare_cg_ridge", "solve_cg_ridge",
+    "CLASSIFIERS", "SOLVERS", "ClassifierFit", "validation_split", "search_C", "fit_classifier",
 ]

@@ -232,24 +232,34 @@ def accuracy(model: LinearModel, x, labels) -> float:
 
 
 @jax.jit
-def _predict_raw(standardizer: Standardizer, model: LinearModel, features):
-    return predict(model, standardize(standardizer, features))
+def _scores_raw(standardizer: Standardizer, model: LinearModel, features):
+    return jnp.matmul(standardize(standardizer, features), model.weights, precision=_HIGHEST)
 
 
-def predict_features(standardizer: Standardizer, model: LinearModel, features, block: int = 4096) -> np.ndarray:
+def predict_features(standardizer: Standardizer, model: LinearModel, features, block: int = 4096,
+                     mirrors=None) -> np.ndarray:
     """Class index of each row of raw (N, F) features, standardized and scored ``block`` rows at a
     time: the (N, F + 1) standardized copy of a large data set is never made.
+
+    mirrors: optional (N, F) features of the same images mirrored: each image's class is then the
+    best of the two views' summed scores (test-time averaging over an image and its mirror).
 
     Every block is padded to ``block`` rows, so a whole run compiles the scoring once per feature
     width, whatever its data sizes.
     """
     host_only("predict_features", "kmjax.predict(model, kmjax.standardize(standardizer, features))", features)
     n, size = features.shape[0], block
+    if mirrors is not None and np.shape(mirrors) != np.shape(features):
+        raise ValueError(f"mirrors must have the features' shape {np.shape(features)}, got {np.shape(mirrors)}")
+
+    def scores(x, i):
+        rows = np.asarray(x[i : i + size], np.float32)
+        if rows.shape[0] < size:
+            rows = np.concatenate([rows, np.zeros((size - rows.shape[0], rows.shape[1]), np.float32)])
+        return np.asarray(_scores_raw(standardizer, model, rows))
+
     out = np.empty(n, np.int32)
     for i in range(0, n, size):
-        rows = np.asarray(features[i : i + size], np.float32)
-        m = rows.shape[0]
-        if m < size:
-            rows = np.concatenate([rows, np.zeros((size - m, rows.shape[1]), np.float32)])
-        out[i : i + m] = np.asarray(_predict_raw(standardizer, model, rows))[:m]
+        s = scores(features, i) if mirrors is None else scores(features, i) + scores(mirrors, i)
+        out[i : i + size] = np.argmax(s, axis=1)[: min(size, n - i)]
     return out

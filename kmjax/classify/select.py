@@ -15,13 +15,15 @@ import jax
 import numpy as np
 
 from kmjax._checks import host_only, positive_int
-from kmjax.classify.linear import (LOSSES, LinearModel, Standardizer, accuracy, fit_standardizer, predict_features,
-                                   standardize, train_linear)
+from kmjax.classify.linear import (LOSSES, LinearModel, Standardizer, fit_standardizer, predict_features, standardize,
+                                   train_linear)
+from kmjax.classify.cg import prepare_cg_ridge, solve_cg_ridge
 from kmjax.classify.ridge import accumulate_gram, fit_ridge, gram_stats
 
-__all__ = ["CLASSIFIERS", "ClassifierFit", "validation_split", "search_C", "fit_classifier"]
+__all__ = ["CLASSIFIERS", "SOLVERS", "ClassifierFit", "validation_split", "search_C", "fit_classifier"]
 
 CLASSIFIERS = (*LOSSES, "ridge")  # the ``loss`` names fit_classifier accepts
+SOLVERS = ("gram", "cg")  # how ridge is solved: exactly from the Gram matrix, or by conjugate gradients
 
 
 class ClassifierFit(NamedTuple):
@@ -87,44 +89,86 @@ def search_C(grid, score: Callable[[float], float], log: Callable[[str], None] |
     return max(scores, key=lambda C: (scores[C], -C)), scores
 
 
-def _lbfgs_search(features, labels, split, C_grid, fit_args, log):
-    # a function of its own: the standardized copies of both parts are freed before the final fit
+def _scorer(features, labels, scored, mirror: bool):
+    """score(standardizer, model): accuracy on the held-out originals, with their mirrors' scores
+    added when ``mirror`` (rows i and i + N/2 are an image and its mirror)."""
+    xv, yv = np.asarray(features[scored]), labels[scored]
+    xm = np.asarray(features[scored + features.shape[0] // 2]) if mirror else None
+
+    def score(std, model):
+        return float(np.mean(predict_features(std, model, xv, mirrors=xm) == yv))
+
+    return score
+
+
+def _lbfgs_search(features, labels, split, C_grid, fit_args, mirror, log):
+    # a function of its own: the standardized copy of the fitted part is freed before the final fit
     fit, _, scored = split
     std = fit_standardizer(features[fit])
-    xf, xv = standardize(std, features[fit]), standardize(std, features[scored])
-
-    def score(C):
-        model, _ = train_linear(xf, labels[fit], C=C, **fit_args)
-        return accuracy(model, xv, labels[scored])
-
-    return search_C(C_grid, score, log)
+    xf = standardize(std, features[fit])
+    score = _scorer(features, labels, scored, mirror)
+    return search_C(C_grid, lambda C: score(std, train_linear(xf, labels[fit], C=C, **fit_args)[0]), log)
 
 
-def _fit_lbfgs(features, labels, C, C_grid, split, fit_args, report, log) -> ClassifierFit:
+def _fit_lbfgs(features, labels, C, C_grid, split, fit_args, mirror, report, log) -> ClassifierFit:
     scores = {}
     if C_grid:
-        C, scores = _lbfgs_search(features, labels, split, C_grid, fit_args, log)
+        C, scores = _lbfgs_search(features, labels, split, C_grid, fit_args, mirror, log)
     std = fit_standardizer(features)
     model, info = train_linear(standardize(std, features), labels, C=C, progress=report("L-BFGS", "iterations"),
                                **fit_args)
     return ClassifierFit(std, model, float(C), scores, int(info.n_iter), float(info.loss), float(info.grad_norm))
 
 
-def _fit_ridge(features, labels, num_classes, C, C_grid, split, report, log) -> ClassifierFit:
+def _fit_ridge(features, labels, num_classes, C, C_grid, split, mirror, report, log) -> ClassifierFit:
     if not C_grid:
         stats = gram_stats(features, labels, num_classes, progress=report("Gram", "rows"))
         return ClassifierFit(*fit_ridge(stats, C), float(C), {}, None, None, None)
     fit, val, scored = split
     stats = gram_stats(features, labels, num_classes, rows=fit, progress=report("Gram", "rows"))
-    xv, yv = np.asarray(features[scored]), labels[scored]
-    best, scores = search_C(C_grid, lambda C: float(np.mean(predict_features(*fit_ridge(stats, C), xv) == yv)), log)
-    del xv
+    score = _scorer(features, labels, scored, mirror)
+    best, scores = search_C(C_grid, lambda C: score(*fit_ridge(stats, C)), log)
+    del score
     accumulate_gram(stats, features, labels, rows=val)  # the held-out rows join the final fit
     return ClassifierFit(*fit_ridge(stats, best), best, scores, None, None, None)
 
 
+def _fit_ridge_cg(features, labels, num_classes, C, C_grid, split, mirror, rank, max_iter, report, log):
+    """The ridge objective by conjugate gradients (``cg.py``): for features too wide for the Gram
+    matrix. The C search warm-starts each C from the previous one's weights."""
+    def solve(prep, C, init):
+        std, model, info = solve_cg_ridge(prep, features, C, init=init, max_iter=max_iter,
+                                          progress=report(f"CG at C = {C:g}", "passes"))
+        if log is not None:
+            log(f"  C = {C:g}: {info['iterations']} passes, residual {info['residual']:.1e}"
+                + ("" if info["converged"] else " (not converged: raise classifier.max_iter)"))
+        return std, model, np.asarray(model.weights[:-1], np.float64)
+
+    scores = {}
+    if C_grid:
+        fit, _, scored = split
+        prep = prepare_cg_ridge(features, labels, num_classes, rows=fit, rank=rank, progress=report("CG set-up", "passes"))
+        score = _scorer(features, labels, scored, mirror)
+        weights = {}
+
+        def fit_and_score(C):  # each C starts from the last one's weights
+            std, model, weights[C] = solve(prep, C, list(weights.values())[-1] if weights else None)
+            return score(std, model)
+
+        C, scores = search_C(sorted(C_grid), fit_and_score, log)  # small C first: the fastest to converge
+        basis = prep.basis, prep.eigenvalues * (labels.shape[0] / fit.size)  # the sketch of the fitted rows, rescaled
+        init = weights[C]
+    else:
+        basis, init = None, None
+    prep = prepare_cg_ridge(features, labels, num_classes, rank=rank, sketch=basis,
+                            progress=report("CG set-up", "passes"))
+    std, model, _ = solve(prep, C, init)
+    return ClassifierFit(std, model, float(C), scores, None, None, None)
+
+
 def fit_classifier(features, labels, *, num_classes: int, loss: str = "svm", C: float = 100.0, C_grid=(),
                    val_fraction: float = 0.1, key=None, copies: int = 1, max_iter: int = 1000, tol: float = 1e-3,
+                   solver: str = "gram", rank: int = 1024, mirror_scoring: bool = False,
                    progress=None, log=None) -> ClassifierFit:
     """Fit a linear classifier to raw (N, F) features, choosing C on a held-out split if asked.
 
@@ -139,9 +183,16 @@ def fit_classifier(features, labels, *, num_classes: int, loss: str = "svm", C: 
         scored on its held-out originals; the best (ties: the smaller C) is refitted on all rows.
       val_fraction, copies: as for ``validation_split`` (copies = 2: rows i and i + N/2 are an
         image and its mirror). key: a ``jax.random`` key for the split, required with a grid.
-      max_iter, tol: L-BFGS iterations at most, and the gradient norm to stop at (not ridge).
+      max_iter, tol: L-BFGS iterations at most, and the gradient norm to stop at; for ridge with
+        the "cg" solver, max_iter caps the passes over the features.
+      solver: for ridge, "gram" (the exact solve from the F x F Gram matrix: up to ~32,000
+        features in 20 GB) or "cg" (conjugate gradients over the features on disk, a rank-``rank``
+        Nystrom preconditioner: for wider features; see ``kmjax.classify.cg``).
+      mirror_scoring: with copies = 2, score each held-out image by the summed scores of the image
+        and its mirror (as the runner's ``features.test_flip`` does on the test set).
       progress: optional factory ``progress(label, unit)`` returning None or a reporter
-        ``report(done, total, value=None)``, asked for ("Gram", "rows") and ("L-BFGS", "iterations").
+        ``report(done, total, value=None)``, asked for ("Gram", "rows"), ("L-BFGS", "iterations"), and
+        the CG solver's set-up and passes.
       log: optional callable given one line of text per C tried.
 
     Returns:
@@ -170,6 +221,12 @@ def fit_classifier(features, labels, *, num_classes: int, loss: str = "svm", C: 
         raise ValueError(f"labels must lie in [0, {num_classes}), got {labels.min()}..{labels.max()}")
     if shape[0] % copies:
         raise ValueError(f"{shape[0]} rows are not {copies} copies of the same images: copies must divide the rows")
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown solver {solver!r}; choose one of {SOLVERS}")
+    if solver != "gram" and loss != "ridge":
+        raise ValueError(f"solver {solver!r} is for loss='ridge'; the {loss} loss is trained with L-BFGS")
+    if mirror_scoring and copies != 2:
+        raise ValueError("mirror_scoring needs the mirrored rows: copies=2 (rows i and i + N/2)")
     split = None
     if C_grid:
         if key is None:
@@ -179,7 +236,10 @@ def fit_classifier(features, labels, *, num_classes: int, loss: str = "svm", C: 
     def report(label, unit):
         return None if progress is None else progress(label, unit)
 
+    if loss == "ridge" and solver == "cg":
+        return _fit_ridge_cg(features, labels, num_classes, C, C_grid, split, mirror_scoring, rank, max_iter, report,
+                             log)
     if loss == "ridge":
-        return _fit_ridge(features, labels, num_classes, C, C_grid, split, report, log)
+        return _fit_ridge(features, labels, num_classes, C, C_grid, split, mirror_scoring, report, log)
     fit_args = dict(loss=loss, num_classes=num_classes, max_iter=max_iter, tol=tol)
-    return _fit_lbfgs(features, labels, C, C_grid, split, fit_args, report, log)
+    return _fit_lbfgs(features, labels, C, C_grid, split, fit_args, mirror_scoring, report, log)

@@ -211,6 +211,7 @@ def _run_stages(cfg, train, test, keys, run_dir, store, timer, quiet, mesh) -> d
     copies = _copies(cfg)
     feats = _features_stage(cfg, train, test, dictionary, store, keys["features"], timer, quiet, mesh)
     f_train, f_test, labels = feats["train"], feats.get("test"), np.asarray(feats["train_labels"])
+    f_mirror = feats.get("test_mirror")
     num_classes = len(train.class_names)
     fit = _classifier_stage(cfg, f_train, labels, num_classes, copies, key_val, store, keys["classifier"], timer,
                             quiet)
@@ -223,7 +224,7 @@ def _run_stages(cfg, train, test, keys, run_dir, store, timer, quiet, mesh) -> d
     with timer.stage("evaluate"):  # in blocks: no standardized copy of all the features
         results["train_accuracy"] = float(np.mean(predict_features(std, model, f_train) == labels))
         if test is not None:
-            pred = predict_features(std, model, f_test)
+            pred = predict_features(std, model, f_test, mirrors=f_mirror)
             conf = np.zeros((num_classes, num_classes), np.int64)
             np.add.at(conf, (test.labels, pred), 1)
             results["test_accuracy"] = float((pred == test.labels).mean())
@@ -234,8 +235,9 @@ def _run_stages(cfg, train, test, keys, run_dir, store, timer, quiet, mesh) -> d
     save_model(run_dir / "model.npz", Model(feature_spec(cfg), dictionary.zca, jnp.asarray(centroids), std, model,
                                             train.class_names, tuple(train.images.shape[1:])))
     if not cfg.features.keep:
-        del f_train, f_test, feats
-        store.delete_arrays("features", keys["features"], ("train", "test", "train_labels", "test_labels"))
+        names = list(feats)
+        del f_train, f_test, f_mirror, feats
+        store.delete_arrays("features", keys["features"], names)
         log("[features] stage files deleted (features.keep = false)", quiet)
     return results
 
@@ -258,6 +260,8 @@ def _features_stage(cfg, train, test, dictionary, store, stage_key, timer, quiet
     of the stage files (the labels saved beside the features, so that they can be exported alone)."""
     copies = _copies(cfg)
     parts = {"train": train} if test is None else {"train": train, "test": test}
+    if test is not None and cfg.features.test_flip:
+        parts["test_mirror"] = test._replace(images=test.images[:, :, ::-1])
     names = [n for part in parts for n in (part, f"{part}_labels")]
     saved = store.load_arrays("features", stage_key, names)
     if saved is not None:
@@ -265,8 +269,7 @@ def _features_stage(cfg, train, test, dictionary, store, stage_key, timer, quiet
         return saved
     spec = feature_spec(cfg)
     dim = feature_dim(spec, dictionary.centroids.shape[0])
-    rows = {"train": copies * len(train.labels), "test": 0 if test is None else len(test.labels)}
-    store.check_space(4 * dim * sum(rows.values()))
+    store.check_space(4 * dim * sum((copies if name == "train" else 1) * len(d.labels) for name, d in parts.items()))
     if mesh is None:
         extract = extract_features
     else:
@@ -305,6 +308,7 @@ def _classifier_stage(cfg, features, labels, num_classes, copies, key, store, st
         with timer.stage("classifier"):
             fit = fit_classifier(features, labels, num_classes=num_classes, loss=c.loss, C=c.C, C_grid=c.C_grid,
                                  val_fraction=c.val_fraction, key=key, copies=copies, max_iter=c.max_iter, tol=c.tol,
+                                 solver=c.solver, rank=c.rank, mirror_scoring=copies == 2 and cfg.features.test_flip,
                                  progress=lambda label, unit: progress(label, quiet, unit),
                                  log=lambda line: log(line, quiet))
         tree = {"standardizer": jax.tree.map(np.asarray, fit.standardizer), "model": jax.tree.map(np.asarray, fit.model)}
@@ -320,7 +324,8 @@ def export_features(run_dir, out) -> Path:
     """Write the features of a finished run, with their labels, to one ``.npz`` (``kmjax.checkpoint``
     layout): ``train/features`` (N, F) float32, ``train/labels``, ``train/mirrored`` (bool: the row is
     the mirror image of row i - N/2), and ``test/features``, ``test/labels`` when the run had a test
-    set; its metadata holds the run's config and feature spec."""
+    set (and ``test/mirrored_features`` with ``features.test_flip``); its metadata holds the run's
+    config and feature spec."""
     run_dir = Path(run_dir)
     results_file = run_dir / "results.json"
     if not results_file.is_file():
@@ -332,6 +337,7 @@ def export_features(run_dir, out) -> Path:
         raise RunError(f"{run_dir} is a dictionary-only run (features.enabled = false): it has no features")
     store = StageStore(run_dir / "stages")
     names = ["train", "train_labels"] + (["test", "test_labels"] if results.get("n_test") else [])
+    names += ["test_mirror"] if results.get("n_test") and cfg.features.test_flip else []
     saved = store.load_arrays("features", results["stage_keys"]["features"], names)
     if saved is None:
         raise RunError(f"the features of {run_dir} are not kept (features.keep = false, or the stage files were "
@@ -341,6 +347,8 @@ def export_features(run_dir, out) -> Path:
                       "mirrored": np.arange(n) >= n // _copies(cfg) if _copies(cfg) == 2 else np.zeros(n, bool)}}
     if "test" in saved:
         tree["test"] = {"features": saved["test"], "labels": saved["test_labels"]}
+    if "test_mirror" in saved:
+        tree["test"]["mirrored_features"] = saved["test_mirror"]
     meta = {"kind": "features", "config": results["config"], "spec": feature_spec(cfg)._asdict(),
             "run_dir": str(run_dir)}
     return save_tree(out, tree, meta)
