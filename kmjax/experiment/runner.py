@@ -169,17 +169,17 @@ def run(cfg: Config, *, data_dir=None, out: str | os.PathLike = "runs", resume: 
                     os.symlink(os.path.relpath(Path(link).resolve(), run_dir.resolve()), run_dir / "stages")
             results = _run_stages(cfg, train, test, keys, run_dir, StageStore(run_dir / "stages"), timer, quiet,
                                   mesh)
+            if resume is not None and fresh:
+                results["reused_stages_of"] = str(resume)
+            results["seconds"] = {**timer.seconds, "total": round(time.perf_counter() - t_start, 3)}
+            results["compile_seconds"] = timer.compile_seconds
+            results["peak_memory_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+            results["environment"] = environment()
+            write_json(run_dir / "results.json", results)  # last, and still under the lock
     except BaseException:
         if fresh and not StageStore(run_dir / "stages").any_finished():
             shutil.rmtree(run_dir, ignore_errors=True)  # nothing to resume: the name is free again
         raise
-    if resume is not None and fresh:
-        results["reused_stages_of"] = str(resume)
-    results["seconds"] = {**timer.seconds, "total": round(time.perf_counter() - t_start, 3)}
-    results["compile_seconds"] = timer.compile_seconds
-    results["peak_memory_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-    results["environment"] = environment()
-    write_json(run_dir / "results.json", results)
     return results
 
 
