@@ -1,12 +1,13 @@
 """kmjax: Coates-Lee-Ng single-layer k-means features on CIFAR-10, as pure JAX functions.
 
-Data flows through the modules in this order: data -> patches -> preprocess -> cluster ->
-dictionary -> encoders -> pooling -> features -> classify -> model. The shell around them:
+Data flows through the modules in this order: data -> (augment) -> patches -> preprocess ->
+cluster -> dictionary -> encoders -> pooling -> features -> classify -> model. The shell around them:
 experiment (runner, stage store, sweep), config, plots, cli; checkpoint writes every artifact.
 """
 
 __version__ = "0.2.0"  # the one version number (pyproject reads it); part of every stage key
 
+from kmjax.augment import mirror, random_crops
 from kmjax.checkpoint import FileFormatError
 from kmjax.classify import (
     ClassifierFit, GramStats, LinearModel, Standardizer, accumulate_gram, accuracy, fit_classifier, fit_ridge,
@@ -16,7 +17,7 @@ from kmjax.classify import (
 from kmjax.cluster import KMeansResult, assign, init_centroids, kmeans
 from kmjax.data import Cifar10, DataError, download_cifar10, load_cifar10, resolve_data_dir
 from kmjax.dictionary import Dictionary, learn_dictionary
-from kmjax.encoders import encode, hard, soft_threshold, triangle
+from kmjax.encoders import encode, hard, nearest_q, soft_threshold, triangle
 from kmjax.features import FeatureSpec, batch_features, extract_features, feature_dim
 from kmjax.model import Model, load, load_dictionary, predict_images, save, save_dictionary
 from kmjax.patches import extract_patches, sample_patches
@@ -29,7 +30,7 @@ __all__ = [
     "normalize_patches", "standardize_dimensions", "ZCA", "fit_zca", "apply_zca",
     "KMeansResult", "kmeans", "assign", "init_centroids",
     "Dictionary", "learn_dictionary",
-    "encode", "triangle", "hard", "soft_threshold", "pool",
+    "encode", "triangle", "hard", "soft_threshold", "nearest_q", "pool", "mirror", "random_crops",
     "FeatureSpec", "extract_features", "batch_features", "feature_dim",
     "Standardizer", "fit_standardizer", "standardize", "LinearModel", "svm_loss", "softmax_loss",
     "train_linear", "predict", "accuracy", "GramStats", "gram_stats", "accumulate_gram", "fit_ridge",

@@ -70,11 +70,15 @@ class FeaturesConfig:
     enabled: bool = True  # false: stop after the dictionary (the blog post's filters-only run)
     train_flip: bool = False  # add horizontally flipped copies of the training images
     test_flip: bool = False  # classify each test image by its and its mirror's summed scores
+    train_crops: int = 0  # add this many copies of the training images, each randomly cropped (zero pad 4)
     encoder: str = "triangle"  # "triangle", "hard", "soft_threshold"
     alpha: float = 0.25  # soft threshold
     stride: int = 1
     grid: int = 2  # pooling regions per side
     pool: str = "sum"  # "sum" or "max"
+    pool_size: int = 0  # > 0: pool over windows of this many positions (15 with stride 6: a 3x3 overlapping grid)
+    pool_stride: int = 0  # the windows' step (0: pool_size)
+    q: int = 0  # encoder "nearest_q": atoms coded per sign
     memory_mb: float = 512.0  # budget for one batch's dense feature map
     keep: bool = True  # false: delete the (multi-GB) feature files once the run has finished
     precision: str = "float32"  # encoder products: "float32", "tf32" (GPU default), "bfloat16"
@@ -186,6 +190,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"classifier.C_grid must be a list of numbers > 0, got {cfg.classifier.C_grid!r}")
     if not 0 < cfg.classifier.val_fraction < 1:
         raise ConfigError(f"classifier.val_fraction must be in (0, 1), got {cfg.classifier.val_fraction!r}")
+    if min(cfg.features.pool_size, cfg.features.pool_stride, cfg.features.q, cfg.features.train_crops) < 0:
+        raise ConfigError("features.pool_size, pool_stride, q and train_crops must be >= 0")
     if cfg.devices < 0:
         raise ConfigError(f"devices must be >= 0 (0: every local device), got {cfg.devices}")
     if cfg.kmeans.max_iter < 0:

@@ -3,6 +3,9 @@
 Per batch (one jit-compiled function): every patch at ``stride`` -> per-patch normalization ->
 whitening -> encoding against the dictionary -> pooling. Only the batch's (B, H', W', F) map
 lives in memory at once, and its size is what ``batch_size`` (or ``memory_mb``) bounds.
+
+Augmented copies of a data set (``kmjax.augment``) are just other images: the features of the
+mirror images are ``extract_features(mirror(images), ...)``.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from kmjax._checks import check_images, check_matrix, host_only, positive_int
 from kmjax._ops import check_precision
 from kmjax.encoders import ENCODERS, encode, num_outputs
 from kmjax.patches import _extract, grid_size
-from kmjax.pooling import POOLS, pool
+from kmjax.pooling import POOLS, num_regions, pool
 from kmjax.preprocess import ZCA, apply_zca, normalize_patches
 
 __all__ = ["FeatureSpec", "extract_features", "batch_features", "feature_dim", "auto_batch_size", "prepare_features"]
@@ -30,6 +33,10 @@ class FeatureSpec(NamedTuple):
     patch_size: window side in pixels. stride: step of the dense grid. eps_norm: per-patch
     normalization eps (None: no normalization). encoder: one of ``ENCODERS``. alpha: the soft
     threshold. grid: pooling regions per side. pool: "sum" or "max".
+    pool_size, pool_stride: if pool_size > 0, pool over pool_size x pool_size windows of positions
+    every pool_stride positions (0: pool_size) instead of the grid x grid partition (see
+    ``kmjax.pool``); 15 / 6 is Recht et al.'s 3 x 3 overlapping windows on a 27 x 27 map.
+    q: atoms coded per sign by the "nearest_q" encoder (1 <= q < K).
     """
 
     patch_size: int = 6
@@ -39,11 +46,35 @@ class FeatureSpec(NamedTuple):
     alpha: float = 0.25
     grid: int = 2
     pool: str = "sum"
+    # Fields added later go here, with defaults: saved models rebuild FeatureSpec(**dict) from older dicts.
+    pool_size: int = 0
+    pool_stride: int = 0
+    q: int = 0
 
 
-def feature_dim(spec: FeatureSpec, k: int) -> int:
-    """Length of one image's feature vector."""
-    return spec.grid * spec.grid * num_outputs(spec.encoder, k)
+def _windows(spec: FeatureSpec) -> tuple:
+    """(size, stride) of the pooling windows, or (None, None) for the grid partition."""
+    if spec.pool_size == 0:
+        return None, None
+    return spec.pool_size, spec.pool_stride or spec.pool_size
+
+
+def feature_dim(spec: FeatureSpec, k: int, image_shape=None) -> int:
+    """Length of one image's feature vector.
+
+    image_shape: (H, W) or (H, W, C) of the images; needed only with pooling windows
+    (``spec.pool_size`` > 0), whose number depends on the size of the map of positions.
+    """
+    size, stride = _windows(spec)
+    if size is None:
+        regions = spec.grid * spec.grid
+    elif image_shape is None:
+        raise ValueError(f"with pooling windows (pool_size = {spec.pool_size}) the number of features depends on "
+                         "the image size: pass feature_dim(spec, k, image_shape=(H, W, C))")
+    else:
+        gh, gw = grid_size(image_shape[0], image_shape[1], spec.patch_size, spec.stride)
+        regions = num_regions(gh, gw, spec.grid, size, stride)
+    return regions * num_outputs(spec.encoder, k)
 
 
 def auto_batch_size(spec: FeatureSpec, k: int, image_shape, memory_mb: float = 512.0) -> int:
@@ -76,8 +107,8 @@ def batch_features(images, zca, centroids, *, spec: FeatureSpec, step: int = 1, 
         x = apply_zca(zca, x)
 
     def encode_pool(xs):  # (step, gh * gw, D) -> (step, feature_dim)
-        codes = encode(xs.reshape(-1, d), centroids, spec.encoder, spec.alpha, precision)
-        return pool(codes.reshape(xs.shape[0], gh, gw, -1), spec.grid, spec.pool)
+        codes = encode(xs.reshape(-1, d), centroids, spec.encoder, spec.alpha, precision, q=spec.q)
+        return pool(codes.reshape(xs.shape[0], gh, gw, -1), spec.grid, spec.pool, *_windows(spec))
 
     feats = jax.lax.map(encode_pool, x.reshape(b // step, step, gh * gw, d))
     return feats.reshape(b, -1)
@@ -100,8 +131,21 @@ def _check_spec(spec: FeatureSpec, images, centroids, zca) -> None:
     if zca is not None and zca.matrix.shape != (d, d):
         raise ValueError(f"the ZCA transform is for dimension {zca.matrix.shape[0]}, patches have {d}")
     gh, gw = grid_size(h, w, spec.patch_size, spec.stride)
-    if spec.grid > min(gh, gw):
-        raise ValueError(f"pooling grid {spec.grid} is finer than the {gh}x{gw} map of positions")
+    for name in ("pool_size", "pool_stride", "q"):
+        v = getattr(spec, name)
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+            raise ValueError(f"FeatureSpec.{name} must be an integer >= 0, got {v!r}")
+    if spec.pool_size == 0:
+        if spec.pool_stride:
+            raise ValueError(f"pool_stride = {spec.pool_stride} needs pooling windows: set pool_size too")
+        if spec.grid > min(gh, gw):
+            raise ValueError(f"pooling grid {spec.grid} is finer than the {gh}x{gw} map of positions")
+    elif spec.pool_size > min(gh, gw):
+        raise ValueError(f"pooling windows of pool_size = {spec.pool_size} positions do not fit the {gh}x{gw} map "
+                         f"of positions ({h}x{w} images, patch_size {spec.patch_size}, stride {spec.stride})")
+    if "q" in ENCODERS[spec.encoder].params and not 1 <= spec.q < centroids.shape[0]:
+        raise ValueError(f"the {spec.encoder} encoder codes q atoms per sign, 1 <= q < K = {centroids.shape[0]}; "
+                         f"got q = {spec.q} (e.g. q = {max(1, int(0.4 * centroids.shape[0]))}: 0.4 K, Thiry et al.)")
 
 
 def prepare_features(images, centroids, zca, spec: FeatureSpec, *, precision: str, step, batch_size,
@@ -158,8 +202,8 @@ def extract_features(
         when the features of a data set do not fit in memory.
 
     Returns:
-      (N, feature_dim(spec, K)) float32 NumPy array (host memory: features of a whole data set
-      are the largest array of the pipeline and stay off the accelerator).
+      (N, feature_dim(spec, K, images.shape[1:])) float32 NumPy array (host memory: features of
+      a whole data set are the largest array of the pipeline and stay off the accelerator).
     """
     centroids, step, batch_size = prepare_features(images, centroids, zca, spec, precision=precision, step=step,
                                                    batch_size=batch_size, memory_mb=memory_mb)
@@ -168,7 +212,7 @@ def extract_features(
     def compute(batch):
         return batch_features(jnp.asarray(batch), zca, centroids, spec=spec, step=step, precision=precision)
 
-    return run_batches(images, batch_size, feature_dim(spec, k), compute, progress, out)
+    return run_batches(images, batch_size, feature_dim(spec, k, images.shape[1:]), compute, progress, out)
 
 
 def run_batches(images, batch_size: int, dim: int, compute, progress=None, out=None) -> np.ndarray:

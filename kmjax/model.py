@@ -78,7 +78,7 @@ def load(path) -> Model:
                  Standardizer(Slot("F"), Slot("F")), LinearModel(Slot("F1", len(class_names))), None, None)
     arrays, _ = load_tree(path, like, what)
     k, d = arrays.centroids.shape
-    f = feature_dim(spec, k)
+    f = feature_dim(spec, k, image_shape)
     if len(image_shape) != 3 or d != spec.patch_size ** 2 * image_shape[2]:
         raise FileFormatError(f"{what} {path}: centroids of dimension {d} do not fit {spec.patch_size}x"
                               f"{spec.patch_size} patches of {image_shape} images")

@@ -223,7 +223,7 @@ def extract_features_sharded(
       memory_mb: per-device budget for one step's float32 feature map.
 
     Returns:
-      (N, feature_dim(spec, K)) float32 NumPy array, equal to ``extract_features``'s.
+      (N, feature_dim(spec, K, images.shape[1:])) float32 NumPy array, equal to ``extract_features``'s.
     """
     mesh = _resolve_mesh(mesh, axis_name, local=True)
     if not all(dev.process_index == jax.process_index() for dev in mesh.devices.flat):
@@ -242,4 +242,4 @@ def extract_features_sharded(
         return _sharded_features(jax.device_put(batch, rows), zca, centroids, mesh=mesh,
                                        axis_name=axis_name, spec=spec, step=step, precision=precision)
 
-    return run_batches(images, batch_size, feature_dim(spec, k), compute, progress, out)
+    return run_batches(images, batch_size, feature_dim(spec, k, images.shape[1:]), compute, progress, out)

@@ -357,7 +357,7 @@ class CoatesFeatures(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEsti
         self.centroids_ = np.asarray(dictionary.centroids)
         self.n_iter_ = int(dictionary.kmeans.n_iter)
         self.image_shape_ = tuple(int(s) for s in images.shape[1:])
-        self._n_features_out = feature_dim(spec, k)
+        self._n_features_out = feature_dim(spec, k, images.shape[1:])
         return self
 
     def transform(self, X):

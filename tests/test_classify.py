@@ -451,5 +451,5 @@ def test_mirror_averaging_sums_the_two_views_scores():
                                   np.argmax(scores[0] + scores[1], axis=1))
     with pytest.raises(ValueError, match="mirrors must have"):
         predict_features(std, model, x, mirrors=other[:5])
-    with pytest.raises(ValueError, match="mirror_scoring needs the mirrored rows"):
+    with pytest.raises(ValueError, match="mirror_scoring needs the mirrored rows: copies >= 2"):
         fit_classifier(x, labels, num_classes=4, mirror_scoring=True)

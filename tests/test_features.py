@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import kmjax
+from kmjax.augment import mirror
 from kmjax.features import FeatureSpec, auto_batch_size, extract_features, feature_dim
 
 N, H, W, C = 4, 10, 10, 3
@@ -26,7 +27,7 @@ def reference_features(images, centroids, zca, spec):
     p, s = spec.patch_size, spec.stride
     gh, gw = (h - p) // s + 1, (w - p) // s + 1
     k = len(cent)
-    f = 2 * k if spec.encoder == "soft_threshold" else k
+    f = 2 * k if spec.encoder in ("soft_threshold", "nearest_q") else k
     fmap = np.zeros((n, gh, gw, f))
     for b in range(n):
         for i in range(gh):
@@ -42,18 +43,28 @@ def reference_features(images, centroids, zca, spec):
                 elif spec.encoder == "hard":
                     code = np.zeros(k)
                     code[np.argmin(dist)] = 1.0
+                elif spec.encoder == "nearest_q":  # atom j coded iff at most q atoms are as near
+                    d_neg = ((cent + x) ** 2).sum(axis=1)  # ||-x - c||^2
+                    code = np.concatenate([[float((dist ** 2 <= dist[j] ** 2).sum() <= spec.q) for j in range(k)],
+                                           [float((d_neg <= d_neg[j]).sum() <= spec.q) for j in range(k)]])
                 else:
                     proj = cent @ x
                     code = np.concatenate([np.maximum(0, proj - spec.alpha), np.maximum(0, -proj - spec.alpha)])
                 fmap[b, i, j] = code
-    g = spec.grid
-    re = [mround(t * gh / g) for t in range(g + 1)]
-    ce = [mround(t * gw / g) for t in range(g + 1)]
+    if spec.pool_size:  # windows with corners every pool_stride positions, whole windows only
+        size, step = spec.pool_size, spec.pool_stride or spec.pool_size
+        spans = lambda n: [(t, t + size) for t in range(0, n, step) if t + size <= n]
+        rows, cols = spans(gh), spans(gw)
+    else:
+        g = spec.grid
+        re = [mround(t * gh / g) for t in range(g + 1)]
+        ce = [mround(t * gw / g) for t in range(g + 1)]
+        rows, cols = list(zip(re[:-1], re[1:])), list(zip(ce[:-1], ce[1:]))
     out = []
     red = np.sum if spec.pool == "sum" else np.max
-    for gi in range(g):
-        for gj in range(g):
-            out.append(red(fmap[:, re[gi]:re[gi + 1], ce[gj]:ce[gj + 1], :], axis=(1, 2)))
+    for r0, r1 in rows:
+        for c0, c1 in cols:
+            out.append(red(fmap[:, r0:r1, c0:c1, :], axis=(1, 2)))
     return np.concatenate(out, axis=1)
 
 
@@ -219,3 +230,131 @@ def test_error_bad_batch_size(setup):
     images, centroids, zca = setup
     with pytest.raises(ValueError, match="batch_size"):
         extract_features(images, centroids, zca, FeatureSpec(patch_size=P, stride=2), batch_size=0)
+
+
+# 10x10 images, patch 3: an 8x8 map at stride 1, 4x4 at stride 2
+@pytest.mark.parametrize("stride,size,step,pool", [(1, 5, 3, "sum"), (1, 4, 2, "max"), (2, 3, 1, "sum"),
+                                                   (2, 4, 0, "sum")])
+def test_pooling_windows_match_reference(setup, stride, size, step, pool):
+    images, centroids, zca = setup
+    spec = FeatureSpec(patch_size=P, stride=stride, encoder="soft_threshold", pool=pool, pool_size=size,
+                       pool_stride=step)
+    got = extract_features(images, centroids, zca, spec)
+    gh = (H - P) // stride + 1
+    n_windows = len(range(0, gh - size + 1, step or size)) ** 2
+    assert got.shape == (N, n_windows * 2 * K) == (N, feature_dim(spec, K, images.shape[1:]))
+    np.testing.assert_allclose(got, reference_features(images, centroids, zca, spec), rtol=RTOL, atol=ATOL)
+
+
+def test_recht_windows_on_cifar_sized_images():
+    # 32x32 images, 6x6 patches: a 27x27 map; windows of 15 every 6 -> 3 x 3 = 9 regions
+    spec = FeatureSpec(encoder="soft_threshold", pool_size=15, pool_stride=6)
+    assert feature_dim(spec, 100, (32, 32, 3)) == 9 * 2 * 100
+    assert feature_dim(spec, 100, (32, 32)) == 9 * 2 * 100
+    assert feature_dim(spec._replace(pool_size=5, pool_stride=3), 100, (32, 32, 3)) == 8 * 8 * 2 * 100
+    assert feature_dim(FeatureSpec(grid=3), 100, (32, 32, 3)) == feature_dim(FeatureSpec(grid=3), 100) == 900
+
+
+def test_feature_dim_with_windows_needs_the_image_shape():
+    with pytest.raises(ValueError, match="image_shape"):
+        feature_dim(FeatureSpec(pool_size=15, pool_stride=6), 100)
+
+
+@pytest.mark.parametrize("q", [1, 2, K - 1])
+def test_nearest_q_features_match_reference(setup, q):
+    images, centroids, zca = setup
+    spec = FeatureSpec(patch_size=P, stride=2, encoder="nearest_q", q=q, grid=2)
+    got = extract_features(images, centroids, zca, spec)
+    assert got.shape == (N, feature_dim(spec, K)) == (N, 4 * 2 * K)
+    # counts of coded atoms: integers, exact (no two of the 5 distances within float32 rounding)
+    np.testing.assert_array_equal(got, reference_features(images, centroids, zca, spec))
+    # q atoms per sign at each of the 4 positions of each quadrant of the 4x4 map
+    np.testing.assert_array_equal(got.reshape(N, 4, 2, K).sum(-1), 4 * q)
+
+
+def test_nearest_q_with_windows(setup):
+    images, centroids, zca = setup
+    spec = FeatureSpec(patch_size=P, encoder="nearest_q", q=2, pool_size=5, pool_stride=3)
+    got = extract_features(images, centroids, zca, spec)
+    np.testing.assert_array_equal(got, reference_features(images, centroids, zca, spec))
+
+
+@pytest.mark.parametrize("q", [0, K, -1])
+def test_error_nearest_q_needs_q(setup, q):
+    images, centroids, zca = setup
+    with pytest.raises(ValueError, match="q"):
+        extract_features(images, centroids, zca, FeatureSpec(patch_size=P, encoder="nearest_q", q=q))
+
+
+@pytest.mark.parametrize("changes,match", [
+    (dict(pool_size=9), "do not fit the 8x8 map"),
+    (dict(stride=4, pool_size=3), "do not fit the 2x2 map"),
+    (dict(pool_stride=2), "needs pooling windows"),
+    (dict(pool_size=-1), "pool_size must be an integer"),
+    (dict(pool_size=2.5), "pool_size must be an integer"),
+    (dict(pool_size=3, pool_stride=True), "pool_stride must be an integer"),
+])
+def test_error_pooling_windows(setup, changes, match):
+    images, centroids, zca = setup
+    with pytest.raises(ValueError, match=match):
+        extract_features(images, centroids, zca, FeatureSpec(patch_size=P, **changes))
+
+
+def test_feature_spec_fields_only_appended():
+    # saved models rebuild FeatureSpec(**dict) from the dicts of older versions: the old fields keep
+    # their order and defaults, the new ones default to "off"
+    old = dict(patch_size=6, stride=1, eps_norm=10.0, encoder="triangle", alpha=0.25, grid=2, pool="sum")
+    assert FeatureSpec._fields[:7] == tuple(old)
+    spec = FeatureSpec(**old)
+    assert spec == FeatureSpec() and (spec.pool_size, spec.pool_stride, spec.q) == (0, 0, 0)
+
+
+def test_mirror_images_go_straight_in(setup):
+    # test-time mirror averaging: the features of the mirror images are extract_features(mirror(x))
+    images, centroids, zca = setup
+    spec = FeatureSpec(patch_size=P, stride=2, encoder="soft_threshold")
+    got = extract_features(mirror(images), centroids, zca, spec)  # a NumPy view with a negative stride
+    np.testing.assert_array_equal(got, extract_features(np.ascontiguousarray(images[:, :, ::-1]), centroids, zca, spec))
+    np.testing.assert_allclose(got, reference_features(images[:, :, ::-1], centroids, zca, spec), rtol=RTOL, atol=ATOL)
+
+
+def test_zca_eps_scales_with_the_square_of_the_pixel_scale():
+    """Without per-patch normalization, "pixels on [0, 1] with ZCA eps e" is "pixels on 0-255 with
+    eps e * 255**2": no pixel-scale option is needed, only the rescaled eps.
+
+    For patches x' = x / s (s = 255): mean' = mean / s and cov' = cov / s**2, with the same
+    eigenvectors V and eigenvalues lambda / s**2, so
+    P' = V diag(1 / sqrt(lambda / s**2 + e)) V^T = s V diag(1 / sqrt(lambda + s**2 e)) V^T = s P,
+    P the whitening of the 0-255 patches with eps s**2 e, and (x' - mean') P' = (x - mean) P: the
+    same whitened patches, hence the same dictionary and the same features. Recht et al.'s
+    eps = 1e-3 on [0, 1] pixels is eps = 65.025 on the 0-255 scale. (With per-patch normalization
+    it is the other way round: (x - mean(x)) / sqrt(var(x) + eps_norm) is unchanged by the pixel
+    scale when eps_norm scales with s**2, so the normalized patches, and the ZCA eps that suits
+    them, do not depend on the scale.) Only float32 rounding differs: the covariance, its
+    eigendecomposition and the products are computed on numbers 255 or 255**2 times larger.
+    """
+    rng = np.random.default_rng(5)
+    # smooth random images (neighbouring pixels correlated, as in natural images), 0-255
+    base = rng.uniform(0, 255, size=(40, 5, 5, 3))
+    images = np.clip(np.kron(base, np.ones((1, 2, 2, 1))) + rng.normal(0, 12, size=(40, 10, 10, 3)), 0, 255)
+    images = images.astype(np.uint8)
+    patches = kmjax.extract_patches(images, P).reshape(-1, D)
+    e = 1e-3
+    zca_255 = kmjax.fit_zca(np.asarray(patches, np.float32), e * 255.0**2)
+    zca_01 = kmjax.fit_zca(np.asarray(patches, np.float32) / 255.0, e)
+    w_255 = np.asarray(kmjax.apply_zca(zca_255, np.asarray(patches, np.float32)))
+    w_01 = np.asarray(kmjax.apply_zca(zca_01, np.asarray(patches, np.float32) / 255.0))
+    # whitened entries are O(1) (up to ~3); float32 covariances and eigendecompositions at the two
+    # scales (eigenvalues ~500 to ~2e4 on 0-255) differ by rounding: 1.6e-5 measured, 1e-4 allowed
+    assert np.abs(w_255).max() > 1.0
+    np.testing.assert_allclose(w_01, w_255, rtol=0, atol=1e-4)
+    # so the features agree too (soft threshold on the same whitened patches; unit-norm atoms)
+    atoms = w_255[rng.choice(len(w_255), K, replace=False)]
+    atoms /= np.linalg.norm(atoms, axis=1, keepdims=True)
+    spec = FeatureSpec(patch_size=P, eps_norm=None, encoder="soft_threshold", alpha=0.5)
+    f_255 = extract_features(images, atoms, zca_255, spec)
+    f_01 = extract_features(images.astype(np.float32) / 255.0, atoms, zca_01, spec)
+    np.testing.assert_allclose(f_01, f_255, rtol=1e-4, atol=1e-3)
+    # and the other scale of eps is a different whitening (the test can tell them apart)
+    w_wrong = np.asarray(kmjax.apply_zca(kmjax.fit_zca(np.asarray(patches, np.float32), e), patches.astype(np.float32)))
+    assert np.abs(w_wrong - w_255).max() > 0.1

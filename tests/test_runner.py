@@ -398,3 +398,18 @@ def test_mirrored_test_images_and_the_cg_solver(data_dir, tmp_path):
     export_features(folder, out)
     with np.load(out) as z:
         assert z["test/mirrored_features"].shape == (40, 32)
+
+
+def test_random_crops_are_extra_training_copies(data_dir, tmp_path):
+    res = go(data_dir, tmp_path, "features.train_flip=true", "features.train_crops=2", "classifier.loss=ridge",
+             "classifier.C_grid=[1,10]", "features.test_flip=true")
+    assert res["n_train"] == 80
+    saved = StageStore(Path(res["run_dir"]) / "stages").load_arrays("features", res["stage_keys"]["features"],
+                                                                    ["train", "train_labels"])
+    train, labels = saved["train"], np.asarray(saved["train_labels"])
+    assert train.shape == (4 * 80, 32)  # the images, their mirrors, two crops of each
+    np.testing.assert_array_equal(labels.reshape(4, 80), np.tile(labels[:80], (4, 1)))
+    assert not np.array_equal(train[160:240], train[240:])  # two different crops
+    again = go(data_dir, tmp_path, "features.train_flip=true", "features.train_crops=2", "classifier.loss=ridge",
+               "classifier.C_grid=[1,10]", "features.test_flip=true")
+    assert (Path(again["run_dir"]) / "model.npz").read_bytes() == (Path(res["run_dir"]) / "model.npz").read_bytes()

@@ -89,11 +89,11 @@ def search_C(grid, score: Callable[[float], float], log: Callable[[str], None] |
     return max(scores, key=lambda C: (scores[C], -C)), scores
 
 
-def _scorer(features, labels, scored, mirror: bool):
+def _scorer(features, labels, scored, mirror_offset):
     """score(standardizer, model): accuracy on the held-out originals, with their mirrors' scores
-    added when ``mirror`` (rows i and i + N/2 are an image and its mirror)."""
+    added when ``mirror_offset`` (rows i and i + mirror_offset are an image and its mirror)."""
     xv, yv = np.asarray(features[scored]), labels[scored]
-    xm = np.asarray(features[scored + features.shape[0] // 2]) if mirror else None
+    xm = None if mirror_offset is None else np.asarray(features[scored + mirror_offset])
 
     def score(std, model):
         return float(np.mean(predict_features(std, model, xv, mirrors=xm) == yv))
@@ -188,8 +188,8 @@ def fit_classifier(features, labels, *, num_classes: int, loss: str = "svm", C: 
       solver: for ridge, "gram" (the exact solve from the F x F Gram matrix: up to ~32,000
         features in 20 GB) or "cg" (conjugate gradients over the features on disk, a rank-``rank``
         Nystrom preconditioner: for wider features; see ``kmjax.classify.cg``).
-      mirror_scoring: with copies = 2, score each held-out image by the summed scores of the image
-        and its mirror (as the runner's ``features.test_flip`` does on the test set).
+      mirror_scoring: score each held-out image by the summed scores of the image and its mirror,
+        the second copy (rows i + N/copies; as the runner's ``features.test_flip`` does on the test set).
       progress: optional factory ``progress(label, unit)`` returning None or a reporter
         ``report(done, total, value=None)``, asked for ("Gram", "rows"), ("L-BFGS", "iterations"), and
         the CG solver's set-up and passes.
@@ -225,8 +225,9 @@ def fit_classifier(features, labels, *, num_classes: int, loss: str = "svm", C: 
         raise ValueError(f"unknown solver {solver!r}; choose one of {SOLVERS}")
     if solver != "gram" and loss != "ridge":
         raise ValueError(f"solver {solver!r} is for loss='ridge'; the {loss} loss is trained with L-BFGS")
-    if mirror_scoring and copies != 2:
-        raise ValueError("mirror_scoring needs the mirrored rows: copies=2 (rows i and i + N/2)")
+    if mirror_scoring and copies < 2:
+        raise ValueError("mirror_scoring needs the mirrored rows: copies >= 2 (rows i and i + N/copies)")
+    mirror = shape[0] // copies if mirror_scoring else None
     split = None
     if C_grid:
         if key is None:
@@ -237,9 +238,8 @@ def fit_classifier(features, labels, *, num_classes: int, loss: str = "svm", C: 
         return None if progress is None else progress(label, unit)
 
     if loss == "ridge" and solver == "cg":
-        return _fit_ridge_cg(features, labels, num_classes, C, C_grid, split, mirror_scoring, rank, max_iter, report,
-                             log)
+        return _fit_ridge_cg(features, labels, num_classes, C, C_grid, split, mirror, rank, max_iter, report, log)
     if loss == "ridge":
-        return _fit_ridge(features, labels, num_classes, C, C_grid, split, mirror_scoring, report, log)
+        return _fit_ridge(features, labels, num_classes, C, C_grid, split, mirror, report, log)
     fit_args = dict(loss=loss, num_classes=num_classes, max_iter=max_iter, tol=tol)
-    return _fit_lbfgs(features, labels, C, C_grid, split, fit_args, mirror_scoring, report, log)
+    return _fit_lbfgs(features, labels, C, C_grid, split, fit_args, mirror, report, log)

@@ -29,6 +29,7 @@ from kmjax.experiment.compile_cache import use_compile_cache
 from kmjax.experiment.report import Timer, environment, log, progress
 from kmjax.experiment.store import (RunError, RunLock, StageStore, config_differences, data_id, new_run_dir,
                                     stage_keys, write_json)
+from kmjax.augment import mirror, random_crops
 from kmjax.features import FeatureSpec, extract_features, feature_dim
 from kmjax.model import Model, save_dictionary
 from kmjax.model import save as save_model
@@ -45,6 +46,9 @@ def feature_spec(cfg: Config) -> FeatureSpec:
         alpha=cfg.features.alpha,
         grid=cfg.features.grid,
         pool=cfg.features.pool,
+        pool_size=cfg.features.pool_size,
+        pool_stride=cfg.features.pool_stride,
+        q=cfg.features.q,
     )
 
 
@@ -63,8 +67,17 @@ def _mesh(cfg: Config):
 
 
 def _copies(cfg: Config) -> int:
-    """Training rows per image: 2 with mirrored copies (rows i and i + N are an image and its mirror)."""
-    return 2 if cfg.features.train_flip else 1
+    """Training rows per image: the image, its mirror with ``train_flip`` (rows i and i + N), then
+    ``train_crops`` random crops (rows i + 2N, ...)."""
+    return 1 + cfg.features.train_flip + cfg.features.train_crops
+
+
+def _training_images(cfg: Config, images):
+    """The training images and their augmented copies, in the order of ``_copies``."""
+    copies = [images] + ([mirror(images)] if cfg.features.train_flip else [])
+    key = jax.random.fold_in(jax.random.key(cfg.seed), 1)  # a stream of its own: the other draws stay as they were
+    copies += [random_crops(k, images) for k in jax.random.split(key, cfg.features.train_crops)]
+    return np.concatenate(copies) if len(copies) > 1 else images
 
 
 def dictionary_options(cfg: Config) -> dict:
@@ -261,14 +274,14 @@ def _features_stage(cfg, train, test, dictionary, store, stage_key, timer, quiet
     copies = _copies(cfg)
     parts = {"train": train} if test is None else {"train": train, "test": test}
     if test is not None and cfg.features.test_flip:
-        parts["test_mirror"] = test._replace(images=test.images[:, :, ::-1])
+        parts["test_mirror"] = test._replace(images=mirror(test.images))
     names = [n for part in parts for n in (part, f"{part}_labels")]
     saved = store.load_arrays("features", stage_key, names)
     if saved is not None:
         log(f"[features] reusing {store.folder}", quiet)
         return saved
     spec = feature_spec(cfg)
-    dim = feature_dim(spec, dictionary.centroids.shape[0])
+    dim = feature_dim(spec, dictionary.centroids.shape[0], train.images.shape[1:])
     store.check_space(4 * dim * sum((copies if name == "train" else 1) * len(d.labels) for name, d in parts.items()))
     if mesh is None:
         extract = extract_features
@@ -281,8 +294,8 @@ def _features_stage(cfg, train, test, dictionary, store, stage_key, timer, quiet
     with timer.stage("features"):
         for name, data in parts.items():
             images, labels = data.images, data.labels
-            if name == "train" and copies == 2:  # mirror images are as likely as the originals
-                images, labels = np.concatenate([images, images[:, :, ::-1]]), np.concatenate([labels, labels])
+            if name == "train" and copies > 1:  # mirrored and cropped images are as likely as the originals
+                images, labels = _training_images(cfg, images), np.concatenate([labels] * copies)
             # written straight to disk: the features of a large dictionary need not fit in memory
             saved[name] = extract(images, dictionary.centroids, dictionary.zca, spec,
                                   memory_mb=cfg.features.memory_mb, precision=cfg.features.precision,
@@ -308,7 +321,8 @@ def _classifier_stage(cfg, features, labels, num_classes, copies, key, store, st
         with timer.stage("classifier"):
             fit = fit_classifier(features, labels, num_classes=num_classes, loss=c.loss, C=c.C, C_grid=c.C_grid,
                                  val_fraction=c.val_fraction, key=key, copies=copies, max_iter=c.max_iter, tol=c.tol,
-                                 solver=c.solver, rank=c.rank, mirror_scoring=copies == 2 and cfg.features.test_flip,
+                                 solver=c.solver, rank=c.rank,
+                                 mirror_scoring=cfg.features.train_flip and cfg.features.test_flip,
                                  progress=lambda label, unit: progress(label, quiet, unit),
                                  log=lambda line: log(line, quiet))
         tree = {"standardizer": jax.tree.map(np.asarray, fit.standardizer), "model": jax.tree.map(np.asarray, fit.model)}
