@@ -258,7 +258,8 @@ class CoatesFeatures(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEsti
     whiten, eps_zca : ZCA whitening and its eigenvalue eps.
     init, max_iter, tol, empty : k-means options (see ``kmjax.kmeans``); tol=None always runs
         ``max_iter`` iterations, as the authors did.
-    encoder, alpha, stride, grid, pool : the ``FeatureSpec`` of ``transform``.
+    encoder, alpha, stride, grid, pool, pool_size, pool_stride, q : the ``FeatureSpec`` of
+        ``transform`` (pool_size 15, pool_stride 6: 3 x 3 overlapping windows; q: "nearest_q").
     image_shape : None or (H, W, C) (or (H, W) for one channel), for 2-D input.
     random_state : None (means 0), int, RandomState or Generator.
 
@@ -273,8 +274,8 @@ class CoatesFeatures(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEsti
 
     def __init__(self, n_centroids=1600, *, patch_size=6, n_patches=400_000, eps_norm=10.0,
                  whiten=True, eps_zca=0.1, init="randn", max_iter=50, tol=None, empty="zero",
-                 encoder="triangle", alpha=0.25, stride=1, grid=2, pool="sum", image_shape=None,
-                 random_state=None):
+                 encoder="triangle", alpha=0.25, stride=1, grid=2, pool="sum", pool_size=0, pool_stride=0, q=0,
+                 image_shape=None, random_state=None):
         self.n_centroids = n_centroids
         self.patch_size = patch_size
         self.n_patches = n_patches
@@ -290,6 +291,9 @@ class CoatesFeatures(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEsti
         self.stride = stride
         self.grid = grid
         self.pool = pool
+        self.pool_size = pool_size
+        self.pool_stride = pool_stride
+        self.q = q
         self.image_shape = image_shape
         self.random_state = random_state
 
@@ -306,7 +310,8 @@ class CoatesFeatures(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEsti
             stride=_check_int(self.stride, "stride"),
             eps_norm=None if self.eps_norm is None else float(self.eps_norm),
             encoder=self.encoder, alpha=float(self.alpha), grid=_check_int(self.grid, "grid"),
-            pool=self.pool,
+            pool=self.pool, pool_size=_check_int(self.pool_size, "pool_size", 0),
+            pool_stride=_check_int(self.pool_stride, "pool_stride", 0), q=_check_int(self.q, "q", 0),
         )
 
     def _images(self, X, reset: bool):

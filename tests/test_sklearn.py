@@ -205,3 +205,13 @@ def test_coates_in_pipeline_and_grid_search(images):
     assert len(search.cv_results_["mean_test_score"]) == 2
     assert search.best_score_ == max(search.cv_results_["mean_test_score"])
     assert (search.predict(images) == y).mean() > 0.9  # the features carry the brightness
+
+
+def test_coates_pooling_windows_and_nearest_q(images):
+    est = CoatesFeatures(**_SMALL, encoder="nearest_q", q=3, pool_size=5, pool_stride=2).fit(images)
+    feats = est.transform(images)
+    spec = kmjax.FeatureSpec(patch_size=4, encoder="nearest_q", q=3, pool_size=5, pool_stride=2)
+    assert feats.shape == (20, kmjax.feature_dim(spec, 8, images.shape[1:])) == (20, 9 * 2 * 8)  # 3x3 windows on 9x9
+    np.testing.assert_array_equal(feats, kmjax.extract_features(images, est.centroids_, est.zca_, spec))
+    with pytest.raises(ValueError, match="pool_size"):
+        CoatesFeatures(**_SMALL, pool_size=-1).fit(images)
