@@ -153,6 +153,7 @@ class _Timed:
 
 class KmjaxRunner(_Timed):
     precision = "float32"  # set from --precision
+    update = None  # set from --update (None: the backend's default)
 
     def __init__(self, mods, x, c0, k, iters):
         jax, km = mods
@@ -164,7 +165,7 @@ class KmjaxRunner(_Timed):
 
     def _call(self):
         res = self.km.kmeans(self.key, self.x, self.k, init=self.c0, max_iter=self.iters, tol=None,
-                             precision=self.precision)
+                             precision=self.precision, update=self.update)
         return self.jax.block_until_ready(res)
 
     def run(self):
@@ -346,6 +347,8 @@ def main(argv=None):
     p.add_argument("--json", default=None, metavar="PATH", help="write the records here")
     p.add_argument("--precision", default="float32", choices=("float32", "tf32", "bfloat16"),
                    help="kmjax's distance products, and PyTorch's with tf32 (tf32/bfloat16: faster on GPUs)")
+    p.add_argument("--update", choices=("scatter", "matmul"), default=None,
+                   help="kmjax's centroid update (default: the backend's, scatter on CPUs, matmul elsewhere)")
     p.add_argument("--n-frac", type=float, default=1.0,
                    help="use this fraction of each problem's N (quick smoke tests only)")
     args = p.parse_args(argv)
@@ -361,6 +364,7 @@ def main(argv=None):
         p.error("--iters and --repeats must be >= 1")
     libs = [s.strip() for s in args.libs.split(",") if s.strip()]
     KmjaxRunner.precision = TorchRunner.precision = args.precision
+    KmjaxRunner.update = args.update
 
     set_vars = {v: os.environ[v] for v in OPENBLAS_VARS if v in os.environ}
     if set_vars:
