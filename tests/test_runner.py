@@ -413,3 +413,84 @@ def test_random_crops_are_extra_training_copies(data_dir, tmp_path):
     again = go(data_dir, tmp_path, "features.train_flip=true", "features.train_crops=2", "classifier.loss=ridge",
                "classifier.C_grid=[1,10]", "features.test_flip=true")
     assert (Path(again["run_dir"]) / "model.npz").read_bytes() == (Path(res["run_dir"]) / "model.npz").read_bytes()
+
+
+def test_feature_arrays_resume_from_their_last_recorded_rows(tmp_path):
+    store = StageStore(tmp_path / "stages")
+    a, done = store.open_array("features", "k1", "train", (6, 2))
+    assert done == 0
+    a[:4] = 7.0
+    store.mark_rows(a, 4)
+    del a
+    b, done = store.open_array("features", "k1", "train", (6, 2))
+    assert done == 4
+    np.testing.assert_array_equal(b[:4], 7.0)
+    assert store.open_array("features", "k1", "train", (5, 2))[1] == 0  # another shape: started again
+    assert store.open_array("features", "k2", "train", (6, 2))[1] == 0  # another stage key: its own file
+    c, _ = store.open_array("features", "k1", "train", (6, 2))
+    store.commit_arrays("features", "k1", {"train": c})
+    assert sorted(p.name for p in (tmp_path / "stages").iterdir()) == [
+        "features-k1.done", "features.train-k1.npy", "features.train-k2.npy.partial"]
+
+
+def test_an_interrupted_features_stage_resumes_after_its_last_segment(data_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(runner_module, "_SEGMENT", 16)
+    mark_rows, calls = StageStore.mark_rows, []
+
+    def interrupted(self, a, rows):
+        mark_rows(self, a, rows)
+        calls.append(rows)
+        if len(calls) == 2:  # 32 of the 80 training images written
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(StageStore, "mark_rows", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        go(data_dir, tmp_path / "a")
+    monkeypatch.setattr(StageStore, "mark_rows", mark_rows)
+    extract, images = runner_module.extract_features, []
+
+    def counted(x, *args, **kwargs):
+        images.append(len(x))
+        return extract(x, *args, **kwargs)
+
+    monkeypatch.setattr(runner_module, "extract_features", counted)
+    res = run(config(), data_dir=data_dir, out=tmp_path / "a", resume=tmp_path / "a" / "quick")
+    assert "[features] train: resuming after 32 of 80 images" in capsys.readouterr().err
+    assert sum(images) == 48 + 40  # the rest of the training images, then the test images
+    assert "features" in res["seconds"]
+    folder = Path(res["run_dir"])
+    assert not list((folder / "stages").glob("*.partial")) and not list((folder / "stages").glob("*.rows"))
+    fresh = go(data_dir, tmp_path / "b")  # uninterrupted: the same features, the same model
+    assert (folder / "model.npz").read_bytes() == (Path(fresh["run_dir"]) / "model.npz").read_bytes()
+
+
+@pytest.mark.parametrize("solver", ["gram", "cg"])
+def test_an_interrupted_ridge_fit_resumes_from_its_checkpoints(data_dir, tmp_path, monkeypatch, solver):
+    from kmjax.classify import select
+
+    extra = ["classifier.loss=ridge", f"classifier.solver={solver}", "classifier.rank=8", "classifier.C_grid=[1,10]"]
+    search_C = select.search_C
+
+    def interrupted(grid, score, log=None):
+        search_C(grid, score, log)  # every C of the grid fitted (and, for CG, checkpointed), then a crash
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(select, "search_C", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        go(data_dir, tmp_path / "a", *extra)
+    stages = tmp_path / "a" / "quick" / "stages"
+    kept = sorted(p.name.rsplit("-", 1)[0] for p in stages.glob("classifier.*.npz"))
+    assert kept == (["classifier.gram"] if solver == "gram" else ["classifier.cg-search-C1", "classifier.cg-search-C10"])
+    monkeypatch.undo()
+    gram_calls = []
+    if solver == "gram":
+        monkeypatch.setattr(select, "gram_stats", lambda *a, **k: gram_calls.append(1))
+    res = run(config(*extra), data_dir=data_dir, out=tmp_path / "a", resume=tmp_path / "a" / "quick", quiet=True)
+    monkeypatch.undo()
+    assert not gram_calls  # the Gram statistics were read back, not accumulated again
+    assert not list(stages.glob("classifier.*.npz"))  # the checkpoints are gone with the finished stage
+    fresh = go(data_dir, tmp_path / "b", *extra)
+    if solver == "gram":  # the same statistics: the same model, byte for byte
+        assert (stages.parent / "model.npz").read_bytes() == (Path(fresh["run_dir"]) / "model.npz").read_bytes()
+    assert res["C_validation"] == fresh["C_validation"] and res["classifier"]["C"] == fresh["classifier"]["C"]
+    assert abs(res["test_accuracy"] - fresh["test_accuracy"]) <= 1 / 40

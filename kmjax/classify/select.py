@@ -15,10 +15,11 @@ import jax
 import numpy as np
 
 from kmjax._checks import host_only, positive_int
+from kmjax.checkpoint import Slot
 from kmjax.classify.linear import (LOSSES, LinearModel, Standardizer, fit_standardizer, predict_features, standardize,
                                    train_linear)
 from kmjax.classify.cg import prepare_cg_ridge, solve_cg_ridge
-from kmjax.classify.ridge import accumulate_gram, fit_ridge, gram_stats
+from kmjax.classify.ridge import GramStats, accumulate_gram, fit_ridge, gram_stats
 
 __all__ = ["CLASSIFIERS", "SOLVERS", "ClassifierFit", "validation_split", "search_C", "fit_classifier"]
 
@@ -120,12 +121,29 @@ def _fit_lbfgs(features, labels, C, C_grid, split, fit_args, mirror, report, log
     return ClassifierFit(std, model, float(C), scores, int(info.n_iter), float(info.loss), float(info.grad_norm))
 
 
-def _fit_ridge(features, labels, num_classes, C, C_grid, split, mirror, report, log) -> ClassifierFit:
+def _checkpointed(checkpoints, name, like, compute):
+    """``compute()``, or what ``checkpoints`` holds under ``name`` from an interrupted fit; saved
+    there when computed."""
+    saved = None if checkpoints is None else checkpoints.load(name, like)
+    if saved is not None:
+        return saved
+    value = compute()
+    if checkpoints is not None:
+        checkpoints.save(name, value)
+    return value
+
+
+_GRAM_LIKE = GramStats(Slot(), Slot("F"), Slot("F"), Slot("F", "F"), Slot("F", "classes"), Slot("classes"))
+
+
+def _fit_ridge(features, labels, num_classes, C, C_grid, split, mirror, report, log, checkpoints) -> ClassifierFit:
+    rows = None if not C_grid else split[0]
+    # the Gram matrix is most of the time of a ridge fit: kept, so that an interruption after it costs little
+    stats = _checkpointed(checkpoints, "gram", _GRAM_LIKE, lambda: gram_stats(
+        features, labels, num_classes, rows=rows, progress=report("Gram", "rows")))
     if not C_grid:
-        stats = gram_stats(features, labels, num_classes, progress=report("Gram", "rows"))
         return ClassifierFit(*fit_ridge(stats, C), float(C), {}, None, None, None)
-    fit, val, scored = split
-    stats = gram_stats(features, labels, num_classes, rows=fit, progress=report("Gram", "rows"))
+    _, val, scored = split
     score = _scorer(features, labels, scored, mirror)
     best, scores = search_C(C_grid, lambda C: score(*fit_ridge(stats, C)), log)
     del score
@@ -133,16 +151,22 @@ def _fit_ridge(features, labels, num_classes, C, C_grid, split, mirror, report, 
     return ClassifierFit(*fit_ridge(stats, best), best, scores, None, None, None)
 
 
-def _fit_ridge_cg(features, labels, num_classes, C, C_grid, split, mirror, rank, max_iter, report, log):
+def _fit_ridge_cg(features, labels, num_classes, C, C_grid, split, mirror, rank, max_iter, report, log, checkpoints):
     """The ridge objective by conjugate gradients (``cg.py``): for features too wide for the Gram
-    matrix. The C search warm-starts each C from the previous one's weights."""
-    def solve(prep, C, init):
+    matrix. The C search warm-starts each C from the previous one's weights; each solution is
+    checkpointed, and an interrupted fit restarts each C from its saved solution (a pass or two)."""
+    def solve(prep, C, init, name):
+        saved = None if checkpoints is None else checkpoints.load(name, Slot("F", "classes"))
+        init = init if saved is None else saved
         std, model, info = solve_cg_ridge(prep, features, C, init=init, max_iter=max_iter,
                                           progress=report(f"CG at C = {C:g}", "passes"))
         if log is not None:
             log(f"  C = {C:g}: {info['iterations']} passes, residual {info['residual']:.1e}"
                 + ("" if info["converged"] else " (not converged: raise classifier.max_iter)"))
-        return std, model, np.asarray(model.weights[:-1], np.float64)
+        weights = np.asarray(model.weights[:-1], np.float64)
+        if checkpoints is not None:
+            checkpoints.save(name, weights)
+        return std, model, weights
 
     scores = {}
     if C_grid:
@@ -152,7 +176,8 @@ def _fit_ridge_cg(features, labels, num_classes, C, C_grid, split, mirror, rank,
         weights = {}
 
         def fit_and_score(C):  # each C starts from the last one's weights
-            std, model, weights[C] = solve(prep, C, list(weights.values())[-1] if weights else None)
+            init = list(weights.values())[-1] if weights else None
+            std, model, weights[C] = solve(prep, C, init, f"cg-search-C{C:g}")
             return score(std, model)
 
         C, scores = search_C(sorted(C_grid), fit_and_score, log)  # small C first: the fastest to converge
@@ -162,14 +187,14 @@ def _fit_ridge_cg(features, labels, num_classes, C, C_grid, split, mirror, rank,
         basis, init = None, None
     prep = prepare_cg_ridge(features, labels, num_classes, rank=rank, sketch=basis,
                             progress=report("CG set-up", "passes"))
-    std, model, _ = solve(prep, C, init)
+    std, model, _ = solve(prep, C, init, "cg-final")
     return ClassifierFit(std, model, float(C), scores, None, None, None)
 
 
 def fit_classifier(features, labels, *, num_classes: int, loss: str = "svm", C: float = 100.0, C_grid=(),
                    val_fraction: float = 0.1, key=None, copies: int = 1, max_iter: int = 1000, tol: float = 1e-3,
                    solver: str = "gram", rank: int = 1024, mirror_scoring: bool = False,
-                   progress=None, log=None) -> ClassifierFit:
+                   progress=None, log=None, checkpoints=None) -> ClassifierFit:
     """Fit a linear classifier to raw (N, F) features, choosing C on a held-out split if asked.
 
     Args:
@@ -194,6 +219,11 @@ def fit_classifier(features, labels, *, num_classes: int, loss: str = "svm", C: 
         ``report(done, total, value=None)``, asked for ("Gram", "rows"), ("L-BFGS", "iterations"), and
         the CG solver's set-up and passes.
       log: optional callable given one line of text per C tried.
+      checkpoints: optional store of a ridge fit's intermediate results, so that an interrupted
+        fit resumes: an object with ``load(name, like)`` (the tree saved under ``name``, in the
+        structure of the ``kmjax.checkpoint.Slot`` template ``like``, or None) and ``save(name,
+        tree)``. Ridge keeps its Gram statistics ("gram"), the CG solver each C's weights. The
+        caller keys it by everything that determines the fit (the runner: the classifier stage key).
 
     Returns:
       ClassifierFit(standardizer, model, C, scores, n_iter, objective, grad_norm).
@@ -238,8 +268,9 @@ def fit_classifier(features, labels, *, num_classes: int, loss: str = "svm", C: 
         return None if progress is None else progress(label, unit)
 
     if loss == "ridge" and solver == "cg":
-        return _fit_ridge_cg(features, labels, num_classes, C, C_grid, split, mirror, rank, max_iter, report, log)
+        return _fit_ridge_cg(features, labels, num_classes, C, C_grid, split, mirror, rank, max_iter, report, log,
+                             checkpoints)
     if loss == "ridge":
-        return _fit_ridge(features, labels, num_classes, C, C_grid, split, mirror, report, log)
+        return _fit_ridge(features, labels, num_classes, C, C_grid, split, mirror, report, log, checkpoints)
     fit_args = dict(loss=loss, num_classes=num_classes, max_iter=max_iter, tol=tol)
     return _fit_lbfgs(features, labels, C, C_grid, split, fit_args, mirror, report, log)

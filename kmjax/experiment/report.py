@@ -82,9 +82,10 @@ class Timer:
         log(f"[{name}] {self.seconds[name]:.1f} s (compiling {self.compile_seconds[name]:.1f} s)", self.quiet)
 
 
-def progress(label: str, quiet: bool, unit: str = "images"):
+def progress(label: str, quiet: bool, unit: str = "images", start: int = 0):
     """A reporter ``report(done, total, value=None)``: a live line on a terminal, a line per 10%
-    in a log file, with the time remaining; None when quiet."""
+    in a log file, with the time remaining; None when quiet. ``start``: the count already done
+    before this reporter (a resumed job), left out of the rate."""
     if quiet:
         return None
     t0 = time.perf_counter()
@@ -100,7 +101,7 @@ def progress(label: str, quiet: bool, unit: str = "images"):
         elif done < total and int(10 * done / total) == int(10 * last[0]):
             return
         last[0] = elapsed if live else done / total
-        rate = done / max(elapsed, 1e-9)
+        rate = max(done - start, 1) / max(elapsed, 1e-9)
         extra = "" if value is None else f", objective {float(value):.6g}"
         left = f", {(total - done) / rate:.0f} s left" if 0 < done < total else ""
         end = "\n" if done == total or not live else "\r"

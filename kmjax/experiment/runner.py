@@ -36,6 +36,8 @@ from kmjax.model import save as save_model
 
 __all__ = ["run", "export_features", "feature_spec", "dictionary_options", "load_data"]
 
+_SEGMENT = 2048  # images between two records of the feature rows written (resume points)
+
 
 def feature_spec(cfg: Config) -> FeatureSpec:
     return FeatureSpec(
@@ -282,7 +284,8 @@ def _features_stage(cfg, train, test, dictionary, store, stage_key, timer, quiet
         return saved
     spec = feature_spec(cfg)
     dim = feature_dim(spec, dictionary.centroids.shape[0], train.images.shape[1:])
-    store.check_space(4 * dim * sum((copies if name == "train" else 1) * len(d.labels) for name, d in parts.items()))
+    store.check_space(4 * dim * sum((copies if name == "train" else 1) * len(d.labels) for name, d in parts.items()),
+                      "features", stage_key)
     if mesh is None:
         extract = extract_features
     else:
@@ -296,11 +299,19 @@ def _features_stage(cfg, train, test, dictionary, store, stage_key, timer, quiet
             images, labels = data.images, data.labels
             if name == "train" and copies > 1:  # mirrored and cropped images are as likely as the originals
                 images, labels = _training_images(cfg, images), np.concatenate([labels] * copies)
-            # written straight to disk: the features of a large dictionary need not fit in memory
-            saved[name] = extract(images, dictionary.centroids, dictionary.zca, spec,
-                                  memory_mb=cfg.features.memory_mb, precision=cfg.features.precision,
-                                  progress=progress(name, quiet),
-                                  out=store.new_array("features", stage_key, name, (len(images), dim)))
+            # written straight to disk (the features of a large dictionary need not fit in memory),
+            # in segments whose rows are recorded: an interrupted run resumes after the last one
+            out, done = store.open_array("features", stage_key, name, (len(images), dim))
+            if done:
+                log(f"[features] {name}: resuming after {done} of {len(images)} images", quiet)
+            report = progress(name, quiet, start=done)
+            for start in range(done, len(images), _SEGMENT):
+                stop = min(start + _SEGMENT, len(images))
+                extract(images[start:stop], dictionary.centroids, dictionary.zca, spec,
+                        memory_mb=cfg.features.memory_mb, precision=cfg.features.precision, out=out[start:stop],
+                        progress=None if report is None else lambda i, _n, a=start: report(a + i, len(images)))
+                store.mark_rows(out, stop)
+            saved[name] = out
             saved[f"{name}_labels"] = store.new_array("features", stage_key, f"{name}_labels", labels.shape, np.int32)
             saved[f"{name}_labels"][:] = labels
     store.commit_arrays("features", stage_key, saved)
@@ -318,17 +329,19 @@ def _classifier_stage(cfg, features, labels, num_classes, copies, key, store, st
         tree, meta = saved
     else:
         c = cfg.classifier
+        checkpoints = store.checkpoints("classifier", stage_key, lambda line: log(line, quiet))
         with timer.stage("classifier"):
             fit = fit_classifier(features, labels, num_classes=num_classes, loss=c.loss, C=c.C, C_grid=c.C_grid,
                                  val_fraction=c.val_fraction, key=key, copies=copies, max_iter=c.max_iter, tol=c.tol,
                                  solver=c.solver, rank=c.rank,
                                  mirror_scoring=cfg.features.train_flip and cfg.features.test_flip,
                                  progress=lambda label, unit: progress(label, quiet, unit),
-                                 log=lambda line: log(line, quiet))
+                                 log=lambda line: log(line, quiet), checkpoints=checkpoints)
         tree = {"standardizer": jax.tree.map(np.asarray, fit.standardizer), "model": jax.tree.map(np.asarray, fit.model)}
         meta = {"kind": "classifier", "C": fit.C, "scores": {f"{C:g}": a for C, a in fit.scores.items()},
                 "n_iter": fit.n_iter, "objective": fit.objective, "grad_norm": fit.grad_norm}
         store.save_tree("classifier", stage_key, tree, meta)
+        checkpoints.clear()  # the stage is saved whole: its intermediate results are no longer needed
     std = Standardizer(*map(jnp.asarray, tree["standardizer"]))
     model = LinearModel(*map(jnp.asarray, tree["model"]))
     return {**meta, "standardizer": std, "model": model}

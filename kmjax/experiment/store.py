@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from kmjax._io import atomic_write
-from kmjax.checkpoint import load_tree, save_tree
+from kmjax.checkpoint import FileFormatError, load_tree, save_tree
 from kmjax.config import check_name
 
 __all__ = ["RunError", "new_run_dir", "RunLock", "StageStore", "stage_keys", "data_id", "config_differences",
@@ -131,7 +131,8 @@ def config_differences(before: dict, after: dict) -> dict[str, tuple]:
 class StageStore:
     """Finished stages in one folder: trees as ``STAGE-KEY.npz``, large arrays as ``.npy`` files
     (filled in place as ``.partial`` files, renamed when the stage is done, then a ``.done``
-    marker). Anything without its final name was interrupted and is recomputed."""
+    marker). A ``.partial`` file keeps the rows its ``.rows`` file counts (``mark_rows``): an
+    interrupted stage resumes from there; anything else unfinished is recomputed."""
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
@@ -160,18 +161,42 @@ class StageStore:
             return None
         return {n: np.load(self._path(f"{stage}.{n}", key, ".npy"), mmap_mode="r") for n in names}
 
-    def check_space(self, nbytes: int) -> None:
+    def check_space(self, nbytes: int, stage: str, key: str) -> None:
+        """Refuse to start writing ``nbytes`` of ``stage`` arrays unless the disk has room for
+        them (the ``.partial`` files of an interrupted run of the stage already hold theirs)."""
         self._mkdir()
+        held = sum(p.stat().st_size for p in self.folder.glob(f"{stage}.*-{key}.npy.partial"))
         free = shutil.disk_usage(self.folder).free
-        if free < nbytes:
+        if free < nbytes - held:
             raise RunError(f"{self.folder} has {free / 1e9:.2f} GB free, the features need {nbytes / 1e9:.2f} GB "
                            f"({nbytes} bytes); free some space or put the stages elsewhere (--cache DIR)")
 
     def new_array(self, stage, key, name, shape, dtype=np.float32):
-        """An array on disk to fill in place, its space reserved now: a full disk is an error here,
-        never a crash (SIGBUS) later when a page of the mapping is written."""
+        """An array on disk to fill in place (``.partial`` until committed), its space reserved now:
+        a full disk is an error here, never a crash (SIGBUS) later when a page of the mapping is
+        written."""
+        return self.open_array(stage, key, name, shape, dtype, resume=False)[0]
+
+    def _rows_file(self, a) -> Path:
+        return Path(a.filename).with_suffix(".rows")
+
+    def open_array(self, stage, key, name, shape, dtype=np.float32, *, resume=True):
+        """(array on disk to fill in place, rows already filled): with ``resume``, the ``.partial``
+        file an interrupted run left (same stage key, shape and dtype) is reopened, and its rows
+        recorded by ``mark_rows`` are kept; otherwise a new file (0 rows)."""
         self._mkdir()
-        path = self._path(f"{stage}.{name}", key, f".{os.getpid()}.npy.partial")
+        # one name per array and key (no process id): the run folder's lock lets one process in
+        path = self._path(f"{stage}.{name}", key, ".npy.partial")
+        rows_file = path.with_suffix(".rows")
+        if resume and path.is_file() and rows_file.is_file():
+            try:
+                a = np.load(path, mmap_mode="r+")
+                rows = int(rows_file.read_text())
+            except (OSError, ValueError):
+                a, rows = None, 0
+            if a is not None and a.shape == tuple(shape) and a.dtype == np.dtype(dtype) and 0 <= rows <= a.shape[0]:
+                return a, rows
+        rows_file.unlink(missing_ok=True)
         a = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=tuple(shape))
         try:
             with open(path, "r+b") as f:
@@ -184,13 +209,20 @@ class StageStore:
                 raise RunError(f"no space left in {self.folder} for {path.name} ({nbytes / 1e9:.2f} GB, {nbytes} "
                                "bytes); free some space or put the stages elsewhere (--cache DIR)") from None
             raise
-        return a
+        return a, 0
+
+    def mark_rows(self, a, rows: int) -> None:
+        """Record that the first ``rows`` rows of ``a`` (from ``open_array``) are written: flushed
+        to disk first, so that a crash after this call keeps them."""
+        a.flush()
+        atomic_write(self._rows_file(a), lambda f: f.write(str(int(rows)).encode()))
 
     def commit_arrays(self, stage, key, arrays: dict) -> None:
         """Give arrays from ``new_array`` their final names, then mark the stage done."""
         for n, a in arrays.items():
             a.flush()
             os.replace(a.filename, self._path(f"{stage}.{n}", key, ".npy"))
+            self._rows_file(a).unlink(missing_ok=True)
         # written last: a stage without its marker was interrupted and is recomputed
         atomic_write(self._path(stage, key, ".done"), lambda f: f.write(" ".join(arrays).encode()))
 
@@ -201,3 +233,32 @@ class StageStore:
 
     def any_finished(self) -> bool:
         return self.folder.is_dir() and (any(self.folder.glob("*.npz")) or any(self.folder.glob("*.done")))
+
+    def checkpoints(self, stage: str, key: str, log=None) -> "StageCheckpoints":
+        return StageCheckpoints(self, stage, key, log)
+
+
+class StageCheckpoints:
+    """Intermediate results of one unfinished stage (``fit_classifier(checkpoints=)``), saved as
+    ``STAGE.NAME-KEY.npz`` and deleted by ``clear`` once the stage is done. A file that does not
+    read back is ignored (recomputed), never an error: it holds no result of its own."""
+
+    def __init__(self, store: StageStore, stage: str, key: str, log=None):
+        self.store, self.stage, self.key, self.log = store, stage, key, log
+
+    def load(self, name, like):
+        try:
+            saved = self.store.load_tree(f"{self.stage}.{name}", self.key, like)
+        except FileFormatError:
+            return None
+        if saved is not None and self.log is not None:
+            self.log(f"[{self.stage}] resuming from its saved {name}")
+        return None if saved is None else saved[0]
+
+    def save(self, name, tree) -> None:
+        self.store.save_tree(f"{self.stage}.{name}", self.key, tree, {"kind": "checkpoint"})
+
+    def clear(self) -> None:
+        for path in self.store.folder.glob(f"{self.stage}.*-{self.key}.npz"):
+            path.unlink(missing_ok=True)
+
