@@ -54,6 +54,8 @@ def test_a_run_writes_its_folder(data_dir, tmp_path):
     assert res["n_train"] == 80 and res["n_test"] == 40
     assert sum(map(sum, res["confusion"])) == 40
     assert set(res["compile_seconds"]) >= {"dictionary", "features", "classifier"}
+    if Path("/proc/self/status").is_file():  # the process's own memory, below what counts mapped files too
+        assert 0 < res["peak_anon_memory_mb"] <= res["peak_memory_mb"]
     env = res["environment"]
     assert env["kmjax"] == "0.2.0" and set(env["versions"]) == {"jax", "jaxlib", "optax", "numpy", "matplotlib"}
     assert all(env["versions"].values())
@@ -494,3 +496,19 @@ def test_an_interrupted_ridge_fit_resumes_from_its_checkpoints(data_dir, tmp_pat
         assert (stages.parent / "model.npz").read_bytes() == (Path(fresh["run_dir"]) / "model.npz").read_bytes()
     assert res["C_validation"] == fresh["C_validation"] and res["classifier"]["C"] == fresh["classifier"]["C"]
     assert abs(res["test_accuracy"] - fresh["test_accuracy"]) <= 1 / 40
+
+
+def test_the_anonymous_memory_peak_sees_a_large_array():
+    from kmjax.experiment.report import AnonMemoryPeak
+
+    if not Path("/proc/self/status").is_file():
+        pytest.skip("no /proc: the peak is not sampled here")
+    with AnonMemoryPeak(interval=0.01) as before:
+        pass
+    with AnonMemoryPeak(interval=0.01) as memory:
+        a = np.ones(400 * 2**20 // 8)  # 400 MB of anonymous memory, held for a few samples
+        import time
+
+        time.sleep(0.1)
+        del a
+    assert memory.peak_mb >= before.peak_mb + 300

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import jax
 
-__all__ = ["log", "Timer", "progress", "environment", "summary", "CompileCounter"]
+__all__ = ["log", "Timer", "progress", "environment", "summary", "CompileCounter", "AnonMemoryPeak"]
 
 # The three events of one compilation: tracing, lowering to MLIR, and the backend's compilation
 # (or its fetch from the persistent cache).
@@ -26,6 +26,46 @@ _COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/
 def log(msg: str, quiet: bool = False) -> None:
     if not quiet:
         print(msg, file=sys.stderr, flush=True)
+
+
+class AnonMemoryPeak:
+    """The peak of the process's anonymous memory (``RssAnon`` of ``/proc/self/status``: its own
+    arrays, not the pages of memory-mapped files, which the kernel can drop and re-read), sampled
+    every ``interval`` seconds by a thread while the ``with`` block runs. ``peak_mb`` is None where
+    there is no ``/proc`` (not Linux). ``ru_maxrss`` counts the mapped pages of the feature files
+    too, so it reports more than a run needs."""
+
+    def __init__(self, interval: float = 0.2):
+        self.interval, self.peak_mb = interval, None
+        self._stop = threading.Event()
+
+    @staticmethod
+    def _read():
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith("RssAnon:"):
+                        return int(line.split()[1]) / 1024
+        except OSError:
+            return None
+        return None
+
+    def _sample(self):
+        while True:
+            mb = self._read()
+            if mb is not None:
+                self.peak_mb = mb if self.peak_mb is None else max(self.peak_mb, mb)
+            if self._stop.wait(self.interval):
+                return
+
+    def __enter__(self):
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
 
 
 class CompileCounter:
@@ -167,5 +207,7 @@ def summary(results: dict) -> str:
     lines.append("  seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in s.items()))
     if results.get("compile_seconds"):
         lines.append(f"  of which compiling: {sum(results['compile_seconds'].values()):.1f}")
-    lines.append(f"  peak memory: {results['peak_memory_mb']:.0f} MB")
+    anon = results.get("peak_anon_memory_mb")
+    lines.append(f"  peak memory: {results['peak_memory_mb']:.0f} MB resident"
+                 + ("" if anon is None else f", {anon:.0f} MB without the mapped feature files"))
     return "\n".join(lines)

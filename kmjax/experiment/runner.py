@@ -26,7 +26,7 @@ from kmjax.config import Config, parse_config, to_dict
 from kmjax.data import DataError, load_cifar10
 from kmjax.dictionary import Dictionary, dictionary_template, learn_dictionary
 from kmjax.experiment.compile_cache import use_compile_cache
-from kmjax.experiment.report import Timer, environment, log, progress
+from kmjax.experiment.report import AnonMemoryPeak, Timer, environment, log, progress
 from kmjax.experiment.store import (RunError, RunLock, StageStore, config_differences, data_id, new_run_dir,
                                     stage_keys, write_json)
 from kmjax.augment import mirror, random_crops
@@ -182,13 +182,15 @@ def run(cfg: Config, *, data_dir=None, out: str | os.PathLike = "runs", resume: 
                 if link is not None:
                     Path(link).mkdir(parents=True, exist_ok=True)
                     os.symlink(os.path.relpath(Path(link).resolve(), run_dir.resolve()), run_dir / "stages")
-            results = _run_stages(cfg, train, test, keys, run_dir, StageStore(run_dir / "stages"), timer, quiet,
-                                  mesh)
+            with AnonMemoryPeak() as memory:
+                results = _run_stages(cfg, train, test, keys, run_dir, StageStore(run_dir / "stages"), timer, quiet,
+                                      mesh)
             if resume is not None and fresh:
                 results["reused_stages_of"] = str(resume)
             results["seconds"] = {**timer.seconds, "total": round(time.perf_counter() - t_start, 3)}
             results["compile_seconds"] = timer.compile_seconds
             results["peak_memory_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+            results["peak_anon_memory_mb"] = None if memory.peak_mb is None else round(memory.peak_mb, 1)
             results["environment"] = environment()
             write_json(run_dir / "results.json", results)  # last, and still under the lock
     except BaseException:
