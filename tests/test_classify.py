@@ -350,7 +350,17 @@ def test_fit_ridge_refinement_reaches_float64_on_correlated_features():
     assert errors[0] > 10 * errors[3]  # and the refinement is what got it there
 
 
-def test_tiled_gram_equals_the_plain_product():
+@pytest.fixture(params=[False, True], ids=["numpy", "device"])
+def products(request, monkeypatch):
+    """The ridge solvers' float32 products through NumPy's BLAS (the CPU default) or through JAX, as
+    on an accelerator (here on the CPU device: the same code path, checked against NumPy)."""
+    from kmjax.classify import tiled
+
+    monkeypatch.setattr(tiled, "ON_DEVICE", request.param)
+    return request.param
+
+
+def test_tiled_gram_equals_the_plain_product(products):
     # gram_stats sums x^T x from tiles of at most 16,384 columns (NumPy's OpenBLAS crashes on x^T x
     # of 32,000 columns); small tiles with a ragged last one exercise the same code on a small x.
     x = np.random.default_rng(0).standard_normal((50, 23)).astype(np.float32)
@@ -362,7 +372,7 @@ def test_tiled_gram_equals_the_plain_product():
     np.testing.assert_allclose(_row_tiles_matmul(gram, v, tile=7), gram @ v, rtol=1e-12, atol=1e-10)
 
 
-def test_tiled_cholesky_solves_like_numpy():
+def test_tiled_cholesky_solves_like_numpy(products):
     rng = np.random.default_rng(4)
     b = rng.standard_normal((40, 23))
     a = (b.T @ b + 23 * np.eye(23)).astype(np.float32)
@@ -371,6 +381,26 @@ def test_tiled_cholesky_solves_like_numpy():
     l = _cholesky(a.copy(), tile=7)  # ragged last tile
     np.testing.assert_allclose(np.tril(l), np.linalg.cholesky(a.astype(np.float64)), atol=1e-5)
     np.testing.assert_allclose(_cholesky_solve(l, r, tile=7), want, rtol=1e-4, atol=1e-5)
+
+
+def test_ridge_solvers_give_the_same_model_with_products_on_the_device(monkeypatch, tmp_path):
+    # the whole ridge path (Gram statistics, tiled factorization, CG passes) through JAX against NumPy
+    from kmjax.classify import prepare_cg_ridge, solve_cg_ridge, tiled
+
+    x, labels = _correlated_problem(n=600, f=40, seed=3)
+    monkeypatch.setattr(tiled, "_TILE", 16)  # several tiles, a ragged last one
+    fits = {}
+    for device in (False, True):
+        monkeypatch.setattr(tiled, "ON_DEVICE", device)
+        stats = gram_stats(x, labels, 4, block=256)
+        std, model = fit_ridge(stats, 10.0)
+        prep = prepare_cg_ridge(x, labels, 4, rank=16)
+        cg = solve_cg_ridge(prep, x, 10.0, tol=1e-8)[1]
+        fits[device] = stats.gram, np.asarray(model.weights), np.asarray(cg.weights)
+    (g0, w0, c0), (g1, w1, c1) = fits[False], fits[True]
+    np.testing.assert_allclose(g1, g0, rtol=1e-6, atol=1e-6 * np.abs(g0).max())
+    np.testing.assert_allclose(w1, w0, atol=1e-5 * np.abs(w0).max())
+    np.testing.assert_allclose(c1, c0, atol=1e-4 * np.abs(c0).max())
 
 
 def test_progress_reports_change_nothing():

@@ -30,6 +30,7 @@ import numpy as np
 
 from kmjax._checks import host_only
 from kmjax.classify.linear import LinearModel, Standardizer
+from kmjax.classify.tiled import normal_product
 
 __all__ = ["CGRidge", "prepare_cg_ridge", "solve_cg_ridge"]
 
@@ -79,7 +80,7 @@ def _gram_product(features, rows, mean, scale, p):
     out = np.zeros((mean.shape[0], p.shape[1]))
     p32 = p.astype(np.float32)
     for _, z in _passes(features, rows, mean, scale):
-        out += z.T @ (z @ p32)
+        out += normal_product(z, p32)
     return out
 
 

@@ -87,7 +87,8 @@ def accumulate_gram(stats: GramStats, features, labels, *, rows=None, block: int
       labels: (N,) int class indices in [0, C), C the classes of ``stats``.
       rows: optional distinct indices of the rows to add (e.g. a training split), in any order.
       block: rows per product (8192: 1 GB of float32 at 32,000 features; larger blocks amortize the
-        float64 accumulation). Each block's products are float32 (BLAS ``syrk``), summed in float64.
+        float64 accumulation). Each block's products are float32 (BLAS ``syrk``; on an accelerator,
+        on the device: ``kmjax.classify.tiled``), summed in float64.
       progress: optional ``progress(done, total)`` after each block.
     """
     host_only("accumulate_gram", "nothing: the ridge statistics are accumulated on the host in float64: fit outside jit, or train_linear inside it", features, labels)

@@ -7,41 +7,92 @@ x^T x (``syrk``) at 32,000 columns, and the Cholesky factorization (``potrf``) i
 columns, and the factorization is done by tiles of at most ``_TILE``, whose diagonal blocks go
 through jaxlib's. The functions work in place on NumPy arrays: the F x F matrices (8 GB in
 float64 at F = 32,000) are never copied whole.
+
+Where the products run: with an accelerator as JAX's default device, the float32 products (the
+Gram tiles, the factorization's panel updates, the CG solver's passes) run there, exact float32
+(``precision=HIGHEST``), and only their results come back to be summed on the host in float64;
+on a CPU they stay NumPy's BLAS calls, so CPU results are those of a NumPy-only solver.
 """
 
 from __future__ import annotations
+
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 _TILE = 16384  # rows/columns per tile: below 32,000, where the whole-matrix calls crash
+ON_DEVICE: bool | None = None  # None: products on the default device when it is an accelerator; True/False: force
 
 
-def _add_gram(gram, x, tile: int = _TILE) -> None:
+def on_device() -> bool:
+    """Whether the float32 products run through JAX on its default device (see the module docstring)."""
+    return jax.default_backend() != "cpu" if ON_DEVICE is None else ON_DEVICE
+
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+@jax.jit
+def _tn(a, b):
+    return jnp.matmul(a.T, b, precision=_HIGHEST)
+
+
+@jax.jit
+def _nt(a, b):
+    return jnp.matmul(a, b.T, precision=_HIGHEST)
+
+
+@jax.jit
+def _normal(z, p):
+    return jnp.matmul(z.T, jnp.matmul(z, p, precision=_HIGHEST), precision=_HIGHEST)
+
+
+def matmul_tn(a, b):
+    """a^T b of float32 arrays as a float32 host array (on the device per ``on_device``); NumPy
+    computes a^T a with BLAS ``syrk`` when ``b`` is ``a``."""
+    return np.asarray(_tn(a, b)) if on_device() else a.T @ b
+
+
+def matmul_nt(a, b):
+    """a b^T of float32 arrays as a float32 host array (on the device per ``on_device``)."""
+    return np.asarray(_nt(a, b)) if on_device() else a @ b.T
+
+
+def normal_product(z, p):
+    """z^T (z p) of float32 arrays as a float32 host array, with one copy of ``z`` to the device."""
+    return np.asarray(_normal(z, p)) if on_device() else z.T @ (z @ p)
+
+
+def _add_gram(gram, x, tile: int | None = None) -> None:
     """gram[i, j] += x^T x on the tiles with i <= j (the upper triangle, tile-wise; diagonal tiles
     whole). The diagonal tiles are x_i^T x_i of at most ``tile`` columns, which NumPy computes with
     BLAS ``syrk`` (half the flops of a general product; its whole-matrix call crashes at 32,000
     columns); the tiles above them are general products."""
+    tile = _TILE if tile is None else tile
     f = x.shape[1]
+    if on_device():
+        x = jnp.asarray(x)  # copied to the device once, its tiles sliced there
     for i in range(0, f, tile):
-        xi = np.ascontiguousarray(x[:, i : i + tile])
-        gram[i : i + tile, i : i + tile] += xi.T @ xi
+        xi = x[:, i : i + tile] if on_device() else np.ascontiguousarray(x[:, i : i + tile])
+        gram[i : i + tile, i : i + tile] += matmul_tn(xi, xi)
         if i + tile < f:
-            gram[i : i + tile, i + tile :] += xi.T @ x[:, i + tile :]
+            gram[i : i + tile, i + tile :] += matmul_tn(xi, x[:, i + tile :])
 
 
-def _mirror_tiles(gram, tile: int = _TILE) -> None:
+def _mirror_tiles(gram, tile: int | None = None) -> None:
     """Fill the lower off-diagonal tiles from the upper ones (the inverse of _add_gram's skipping)."""
+    tile = _TILE if tile is None else tile
     f = gram.shape[0]
     for i in range(0, f, tile):
         if i + tile < f:
             gram[i + tile :, i : i + tile] = gram[i : i + tile, i + tile :].T
 
 
-def _row_tiles_matmul(a, b, tile: int = _TILE):
+def _row_tiles_matmul(a, b, tile: int | None = None):
     """a @ b by row tiles of ``a``, so that no BLAS call sees a whole F x F matrix (the module
     docstring says why)."""
+    tile = _TILE if tile is None else tile
     return np.concatenate([a[i : i + tile] @ b for i in range(0, a.shape[0], tile)])
 
 
@@ -49,12 +100,13 @@ def _triangular(l, b, trans: bool = False):
     return np.asarray(jax.scipy.linalg.solve_triangular(jnp.asarray(l), jnp.asarray(b), lower=True, trans=int(trans)))
 
 
-def _cholesky(a, tile: int = _TILE):
+def _cholesky(a, tile: int | None = None):
     """The lower Cholesky factor of a symmetric positive definite float32 ``a``, computed in place
     (its upper triangle is left as garbage) by tiles of at most ``tile``: the LAPACK factorization
     of a whole 32,000 x 32,000 matrix crashes (SIGSEGV) in the OpenBLAS that jaxlib ships, and
     NumPy's already at 16,384 (both seen on this project's AVX-512 machine), so the tiles go
     through jaxlib's."""
+    tile = _TILE if tile is None else tile
     f = a.shape[0]
     for i in range(0, f, tile):
         j = min(i + tile, f)
@@ -63,12 +115,13 @@ def _cholesky(a, tile: int = _TILE):
             panel = _triangular(a[i:j, i:j], a[j:, i:j].T).T  # L_ji = A_ji L_ii^-T
             a[j:, i:j] = panel
             for k in range(j, f, tile):  # A_22 -= L_j L_j^T, lower part, by column tiles
-                a[k:, k : k + tile] -= panel[k - j :] @ panel[k - j : k - j + tile].T
+                a[k:, k : k + tile] -= matmul_nt(panel[k - j :], panel[k - j : k - j + tile])
     return a
 
 
-def _cholesky_solve(l, r, tile: int = _TILE):
+def _cholesky_solve(l, r, tile: int | None = None):
     """Solve L L^T x = r with the tiled factor of ``_cholesky`` (forward, then back substitution)."""
+    tile = _TILE if tile is None else tile
     f = l.shape[0]
     x = np.array(r, np.float32)
     starts = range(0, f, tile)
