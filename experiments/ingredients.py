@@ -24,7 +24,7 @@ The test set is never loaded. Dictionaries are cached in the work folder, featur
 there as memory maps (deleted after each variant), and each finished variant's result is kept
 there too, so a rerun continues where it stopped.
 
-    nice -n 10 python experiments/ingredients.py --data-dir /work/shared/data
+    nice -n 10 python experiments/ingredients.py --data-dir DIR     # DIR holds cifar-10-batches-py/
     python experiments/ingredients.py --only base,mirror        # a subset
     python experiments/ingredients.py --combine pool_15_6,mirror   # choose the combination
 
