@@ -2,7 +2,7 @@
 # Every GPU measurement of the accelerator issue, as one script for one short device session
 # (about 9 minutes in all on an H100): GPU correctness (unit tests, the same seed twice gives the
 # same bytes), the compile cache (cold and warm end-to-end runs), k-means against the plain PyTorch
-# loop (float32 and TF32, time against K), feature extraction per precision, and the best
+# loop (float32 and TF32, time against K; the fused Pallas kernel), feature extraction per precision, and the best
 # config's timing. Every step has its own time limit, so that one slow step cannot take the others'
 # results with it. Logs and JSON go to $OUT (default ./device_out), packed into one archive.
 #
@@ -18,7 +18,7 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" XLA_PYTHO
 OUT=${OUT:-device_out}
 DATA=${DATA:-.devdata}
 DRY=${DRY:-0}
-STEPS=${STEPS:-device tests determinism e2e_cold e2e_warm bench_kmeans bench_kmeans_k bench_features best_config}
+STEPS=${STEPS:-device tests determinism e2e_cold e2e_warm bench_kmeans bench_pallas bench_kmeans_k bench_features best_config}
 mkdir -p "$OUT"
 OUT=$(realpath "$OUT")
 # at most a few files come back from a device machine: pack the logs and JSON into one archive
@@ -82,6 +82,9 @@ step e2e_warm 100 run coates2011_triangle_1600 e2e_warm
 step bench_kmeans 200 sh -c "python3 -m kmjax.cli bench kmeans --libs kmjax,torch --problems paper,scale $KM \
     --json $OUT/bench_kmeans_float32.json && python3 -m kmjax.cli bench kmeans --libs kmjax,torch \
     --problems paper,scale $KM --precision tf32 --json $OUT/bench_kmeans_tf32.json"
+# the fused Pallas nearest-centroid kernel against the plain path, float32 and TF32 (the paper's problem)
+step bench_pallas 120 sh -c "for p in float32 tf32; do python3 -m kmjax.cli bench kmeans --libs kmjax,torch \
+    --problems paper $KM --kernel pallas --precision \$p --json $OUT/bench_pallas_\$p.json || exit 1; done"
 step bench_kmeans_k 120 python3 -m kmjax.cli bench kmeans --libs kmjax,torch --problems '' $KS $KM \
     --json "$OUT/bench_kmeans_k.json"
 
@@ -89,5 +92,5 @@ step bench_kmeans_k 120 python3 -m kmjax.cli bench kmeans --libs kmjax,torch --p
 step bench_features 90 sh -c "for p in float32 tf32 bfloat16; do python3 -m kmjax.cli bench features $FEAT \
     --batch-wide-step 256 --precision \$p --json $OUT/bench_features_\$p.json || exit 1; done"
 
-# The best config of the CPU machine, timed on the GPU (its ridge classifier runs on the host)
+# The best config of the CPU machine, timed on the GPU (its ridge products run on the GPU too)
 step best_config 200 run omp1_soft_3200_flip best_config

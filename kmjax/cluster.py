@@ -21,7 +21,7 @@ from kmjax._ops import check_precision, matmul, max_argmax
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 __all__ = ["KMeansResult", "LloydSpec", "kmeans", "assign", "init_centroids", "prepare_kmeans", "INITS",
-           "EMPTY_POLICIES", "UPDATES"]
+           "EMPTY_POLICIES", "UPDATES", "KERNELS"]
 
 INITS = ("k-means++", "random", "randn")
 EMPTY_POLICIES = ("reseed", "zero")
@@ -29,6 +29,9 @@ EMPTY_POLICIES = ("reseed", "zero")
 # CPUs, atomic adds on GPUs, whose order varies from run to run) or "matmul" (one-hot^T @ points:
 # GEMM-shaped, and deterministic on every backend).
 UPDATES = ("scatter", "matmul")
+# How a pass finds each point's nearest centroid: "xla" (a chunk's scores from one product, then
+# their row maximum) or "pallas" (one fused kernel keeping a running best per row; kmjax/_pallas.py).
+KERNELS = ("xla", "pallas")
 # Scores per chunk: on a CPU about 8 MB of float32 (cache-sized); on an accelerator as wide as
 # 256 MB allows (at K = 1600, 40,000 rows per product instead of hundreds of small products).
 _CHUNK_ELEMENTS = {"cpu": 1 << 21, "accelerator": 1 << 26}
@@ -91,7 +94,7 @@ def _chunks(x, chunk, body, init):
 class LloydSpec(NamedTuple):
     """The static settings of a Lloyd run, one hashable value (a ``jit`` static argument).
 
-    max_iter, chunk_size, empty, spherical, precision, update: as ``kmeans``. weighted: whether
+    max_iter, chunk_size, empty, spherical, precision, update, kernel: as ``kmeans``. weighted: whether
     the passes multiply by point weights (False: unit weights, no multiply in the hot loop). m:
     min(K, N) re-seeding candidates (global N).
     """
@@ -104,6 +107,7 @@ class LloydSpec(NamedTuple):
     weighted: bool
     m: int
     update: str = "scatter"
+    kernel: str = "xla"
 
 
 def _nearest(xc, centroids, spec: LloydSpec):
@@ -111,6 +115,11 @@ def _nearest(xc, centroids, spec: LloydSpec):
 
     Lloyd: maximize x.c - ||c||^2 / 2. Spherical (OMP-1): maximize |x.c|.
     """
+    if spec.kernel == "pallas":
+        from kmjax._pallas import nearest_pallas
+
+        best, index, code = nearest_pallas(xc, centroids, spherical=spec.spherical, precision=spec.precision)
+        return best, index, code if spec.spherical else None
     proj = matmul(xc, centroids.T, spec.precision)
     scores = jnp.abs(proj) if spec.spherical else proj - 0.5 * jnp.sum(centroids * centroids, axis=1)
     best, index = max_argmax(scores)
@@ -356,7 +365,7 @@ def init_centroids(key, x, k: int, method: str = "k-means++", *, weights=None, s
 
 
 def prepare_kmeans(x, k, *, init, max_iter, tol, chunk_size, empty, spherical, weights, precision,
-                   update=None, shards: int = 1):
+                   update=None, kernel: str = "xla", shards: int = 1):
     """Check the arguments of a k-means call; return (k, init array or name, tol, LloydSpec).
 
     The one argument-checking path of ``kmeans`` and ``kmjax.parallel.kmeans_sharded`` (whose
@@ -374,6 +383,8 @@ def prepare_kmeans(x, k, *, init, max_iter, tol, chunk_size, empty, spherical, w
     update = _default_update() if update is None else update
     if update not in UPDATES:
         raise ValueError(f"unknown update {update!r}; choose one of {UPDATES}")
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown kernel {kernel!r}; choose one of {KERNELS}")
     rows = -(-n // shards)
     chunk_size = _default_chunk(rows, k) if chunk_size is None else positive_int(chunk_size, "chunk_size")
     if isinstance(init, str):
@@ -389,7 +400,7 @@ def prepare_kmeans(x, k, *, init, max_iter, tol, chunk_size, empty, spherical, w
     tol = jnp.float32(-jnp.inf if tol is None else tol)
     spec = LloydSpec(max_iter=int(max_iter), chunk_size=int(min(chunk_size, rows)), empty=empty,
                      spherical=bool(spherical), precision=precision, weighted=weights is not None,
-                     m=min(k, n), update=update)
+                     m=min(k, n), update=update, kernel=kernel)
     return k, init, tol, spec
 
 
@@ -407,6 +418,7 @@ def kmeans(
     weights=None,
     precision: str = "float32",
     update: str | None = None,
+    kernel: str = "xla",
     progress=None,
 ) -> KMeansResult:
     """Lloyd's k-means on (N, D) points, in bounded memory.
@@ -437,6 +449,9 @@ def kmeans(
         TF32 on recent NVIDIA GPUs) or "bfloat16" (bf16 operands, float32 accumulation).
       update: how each pass sums the points per centroid: "scatter" or "matmul" (see ``UPDATES``);
         default "scatter" on CPUs, "matmul" on accelerators (deterministic there).
+      kernel: how each pass finds the nearest centroids: "xla" (default: a chunk's scores from one
+        product, then their row maximum) or "pallas" (one fused kernel that never writes the
+        scores; see ``kmjax/_pallas.py``: interpreted, slowly, on a CPU; GPU speed not yet measured).
       progress: optional ``progress(iteration, max_iter, objective)`` called after each iteration
         (the loop then runs one iteration per call of the same compiled program: the same numbers,
         nothing compiled again for a new function, and no host callback inside the program, which
@@ -447,7 +462,7 @@ def kmeans(
     """
     k, init, tol, spec = prepare_kmeans(x, k, init=init, max_iter=max_iter, tol=tol, chunk_size=chunk_size,
                                         empty=empty, spherical=spherical, weights=weights, precision=precision,
-                                        update=update)
+                                        update=update, kernel=kernel)
     x = jnp.asarray(x)
     w = _weights(x, weights)
     c0 = init_centroids(key, x, k, init, weights=w, spherical=spherical) if isinstance(init, str) else init

@@ -146,11 +146,12 @@ def kmeans_sharded(
     weights=None,
     precision: str = "float32",
     update: str | None = None,
+    kernel: str = "xla",
 ) -> KMeansResult:
     """``kmjax.kmeans`` with the points sharded over the devices of ``mesh``.
 
     Args:
-      key, k, init, max_iter, tol, empty, spherical, weights, precision, update: as in ``kmjax.kmeans``;
+      key, k, init, max_iter, tol, empty, spherical, weights, precision, update, kernel: as in ``kmjax.kmeans``;
         the same arguments give the same result up to float32 rounding (an init string draws
         the same starting centroids as ``kmeans`` does for the same key).
       x: (N, D) points: a host array, or a ``jax.Array`` (on several hosts: a global array from
@@ -169,7 +170,7 @@ def kmeans_sharded(
     shards = mesh.shape[axis_name]
     k, init, tol, spec = prepare_kmeans(x, k, init=init, max_iter=max_iter, tol=tol, chunk_size=chunk_size,
                                         empty=empty, spherical=spherical, weights=weights, precision=precision,
-                                        update=update, shards=shards)
+                                        update=update, kernel=kernel, shards=shards)
     n = np.shape(x)[0]
     n_pad = -(-n // shards) * shards - n
     spec = spec._replace(weighted=spec.weighted or n_pad > 0)

@@ -536,6 +536,44 @@ def test_matmul_update_equals_scatter_update(spherical, weighted):
         kmeans(KEY, x, 5, update="atomic", **kw)
 
 
+@pytest.mark.parametrize("spherical", [False, True])
+def test_pallas_kernel_finds_the_same_nearest_centroids(spherical):
+    # the fused kernel (interpreted on the CPU) against NumPy in float64, with K and D not multiples
+    # of its blocks (padded centroids must never win) and rows spanning several row blocks
+    from kmjax._pallas import nearest_pallas
+
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((300, 27)).astype(np.float32)
+    c = rng.standard_normal((200, 27)).astype(np.float32)
+    best, index, code = map(np.asarray, nearest_pallas(x, c, spherical=spherical))
+    proj = x.astype(np.float64) @ c.T.astype(np.float64)
+    scores = np.abs(proj) if spherical else proj - 0.5 * np.sum(c.astype(np.float64) ** 2, axis=1)
+    want = scores.argmax(axis=1)
+    top2 = np.sort(scores, axis=1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 1e-4  # no near-tie that float32 rounding could flip
+    assert clear.mean() > 0.95
+    np.testing.assert_array_equal(index[clear], want[clear])
+    np.testing.assert_allclose(best, scores.max(axis=1), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(code[clear], proj[np.arange(300), want][clear], rtol=1e-5, atol=1e-5)
+    # ties go to the lowest index, as jnp.argmax: two copies of x[0] in different centroid blocks
+    twin = np.concatenate([x[:1], c[1:150], x[:1]])
+    twin_index = np.asarray(nearest_pallas(x, twin, spherical=spherical, block_k=64)[1])
+    assert np.any(twin_index == 0) and not np.any(twin_index == 150)
+
+
+@pytest.mark.parametrize("spherical", [False, True])
+def test_kmeans_with_the_pallas_kernel_equals_the_xla_path(spherical):
+    x, c0 = unit_data(n=400, d=6, k=5, seed=3)
+    kw = dict(init=c0, tol=None, max_iter=6, spherical=spherical, chunk_size=128, empty="zero")
+    a = kmeans(KEY, x, 5, **kw)
+    b = kmeans(KEY, x, 5, kernel="pallas", **kw)
+    np.testing.assert_allclose(np.asarray(b.centroids), np.asarray(a.centroids), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(b.counts), np.asarray(a.counts))
+    np.testing.assert_allclose(np.asarray(b.objective), np.asarray(a.objective), rtol=1e-5)
+    with pytest.raises(ValueError, match="unknown kernel"):
+        kmeans(KEY, x, 5, kernel="triton", **kw)
+
+
 def test_progress_reports_change_nothing():
     x, c0 = unit_data(n=300, d=4, k=5, seed=5)
     quiet = kmeans(KEY, x, 5, init=c0, max_iter=7, tol=None)

@@ -154,6 +154,7 @@ class _Timed:
 class KmjaxRunner(_Timed):
     precision = "float32"  # set from --precision
     update = None  # set from --update (None: the backend's default)
+    kernel = "xla"  # set from --kernel
 
     def __init__(self, mods, x, c0, k, iters):
         jax, km = mods
@@ -165,7 +166,7 @@ class KmjaxRunner(_Timed):
 
     def _call(self):
         res = self.km.kmeans(self.key, self.x, self.k, init=self.c0, max_iter=self.iters, tol=None,
-                             precision=self.precision, update=self.update)
+                             precision=self.precision, update=self.update, kernel=self.kernel)
         return self.jax.block_until_ready(res)
 
     def run(self):
@@ -349,6 +350,8 @@ def main(argv=None):
                    help="kmjax's distance products, and PyTorch's with tf32 (tf32/bfloat16: faster on GPUs)")
     p.add_argument("--update", choices=("scatter", "matmul"), default=None,
                    help="kmjax's centroid update (default: the backend's, scatter on CPUs, matmul elsewhere)")
+    p.add_argument("--kernel", choices=("xla", "pallas"), default="xla",
+                   help="kmjax's nearest-centroid pass: xla (default) or the fused Pallas kernel (GPU; interpreted on CPUs)")
     p.add_argument("--n-frac", type=float, default=1.0,
                    help="use this fraction of each problem's N (quick smoke tests only)")
     args = p.parse_args(argv)
@@ -365,6 +368,7 @@ def main(argv=None):
     libs = [s.strip() for s in args.libs.split(",") if s.strip()]
     KmjaxRunner.precision = TorchRunner.precision = args.precision
     KmjaxRunner.update = args.update
+    KmjaxRunner.kernel = args.kernel
 
     set_vars = {v: os.environ[v] for v in OPENBLAS_VARS if v in os.environ}
     if set_vars:
@@ -428,6 +432,7 @@ def main(argv=None):
             precision = args.precision if lib == "kmjax" or (lib == "torch" and args.precision == "tf32") else "float32"
             rec.update(
                 problem=name, n=n, d=d, k=k, library=lib, iters=args.iters,
+                kernel=args.kernel if lib == "kmjax" else None,
                 precision=precision, fraction_of_peak=flop / med[lib] / 1e9 / peaks[precision],
                 n_iter=infos[lib]["n_iter"],
                 ms_per_iter=med[lib] * 1e3,
