@@ -493,7 +493,8 @@ def test_fit_classifier_resumes_a_ridge_fit_from_its_checkpoints(solver):
               rank=64)
     store, first_log, again_log = _DictCheckpoints(), [], []
     first = fit_classifier(x, labels, checkpoints=store, log=first_log.append, **kw)
-    assert sorted(store.saved) == (["gram"] if solver == "gram" else ["cg-final", "cg-search-C1", "cg-search-C10"])
+    assert sorted(store.saved) == (["gram"] if solver == "gram" else
+                                   ["cg-final", "cg-prep-final", "cg-prep-search", "cg-search-C1", "cg-search-C10"])
     if solver == "gram":  # saved before the held-out rows join: the statistics of the fitted rows only
         assert float(store.saved["gram"].count) == 1080
     again = fit_classifier(x, labels, checkpoints=store, log=again_log.append, **kw)

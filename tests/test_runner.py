@@ -482,7 +482,8 @@ def test_an_interrupted_ridge_fit_resumes_from_its_checkpoints(data_dir, tmp_pat
         go(data_dir, tmp_path / "a", *extra)
     stages = tmp_path / "a" / "quick" / "stages"
     kept = sorted(p.name.rsplit("-", 1)[0] for p in stages.glob("classifier.*.npz"))
-    assert kept == (["classifier.gram"] if solver == "gram" else ["classifier.cg-search-C1", "classifier.cg-search-C10"])
+    assert kept == (["classifier.gram"] if solver == "gram" else
+                    ["classifier.cg-prep-search", "classifier.cg-search-C1", "classifier.cg-search-C10"])
     monkeypatch.undo()
     gram_calls = []
     if solver == "gram":

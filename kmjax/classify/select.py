@@ -18,7 +18,7 @@ from kmjax._checks import host_only, positive_int
 from kmjax.checkpoint import Slot
 from kmjax.classify.linear import (LOSSES, LinearModel, Standardizer, fit_standardizer, predict_features, standardize,
                                    train_linear)
-from kmjax.classify.cg import prepare_cg_ridge, solve_cg_ridge
+from kmjax.classify.cg import CGRidge, prepare_cg_ridge, solve_cg_ridge
 from kmjax.classify.ridge import GramStats, accumulate_gram, fit_ridge, gram_stats
 
 __all__ = ["CLASSIFIERS", "SOLVERS", "ClassifierFit", "validation_split", "search_C", "fit_classifier"]
@@ -133,6 +133,8 @@ def _checkpointed(checkpoints, name, like, compute):
     return value
 
 
+_CG_LIKE = CGRidge(Slot(None, kind="i"), Slot("F"), Slot("F"), Slot("F", "classes"), Slot("classes"), Slot("F", "rank"),
+                   Slot("rank"))
 _GRAM_LIKE = GramStats(Slot(), Slot("F"), Slot("F"), Slot("F", "F"), Slot("F", "classes"), Slot("classes"))
 
 
@@ -153,8 +155,9 @@ def _fit_ridge(features, labels, num_classes, C, C_grid, split, mirror, report, 
 
 def _fit_ridge_cg(features, labels, num_classes, C, C_grid, split, mirror, rank, max_iter, report, log, checkpoints):
     """The ridge objective by conjugate gradients (``cg.py``): for features too wide for the Gram
-    matrix. The C search warm-starts each C from the previous one's weights; each solution is
-    checkpointed, and an interrupted fit restarts each C from its saved solution (a pass or two)."""
+    matrix. The C search warm-starts each C from the previous one's weights. The set-up passes and
+    each solution are checkpointed: an interrupted fit skips the set-up and restarts each C from
+    its saved solution (a pass or two)."""
     def solve(prep, C, init, name):
         saved = None if checkpoints is None else checkpoints.load(name, Slot("F", "classes"))
         init = init if saved is None else saved
@@ -171,7 +174,8 @@ def _fit_ridge_cg(features, labels, num_classes, C, C_grid, split, mirror, rank,
     scores = {}
     if C_grid:
         fit, _, scored = split
-        prep = prepare_cg_ridge(features, labels, num_classes, rows=fit, rank=rank, progress=report("CG set-up", "passes"))
+        prep = _checkpointed(checkpoints, "cg-prep-search", _CG_LIKE, lambda: prepare_cg_ridge(
+            features, labels, num_classes, rows=fit, rank=rank, progress=report("CG set-up", "passes")))
         score = _scorer(features, labels, scored, mirror)
         weights = {}
 
@@ -185,8 +189,8 @@ def _fit_ridge_cg(features, labels, num_classes, C, C_grid, split, mirror, rank,
         init = weights[C]
     else:
         basis, init = None, None
-    prep = prepare_cg_ridge(features, labels, num_classes, rank=rank, sketch=basis,
-                            progress=report("CG set-up", "passes"))
+    prep = _checkpointed(checkpoints, "cg-prep-final", _CG_LIKE, lambda: prepare_cg_ridge(
+        features, labels, num_classes, rank=rank, sketch=basis, progress=report("CG set-up", "passes")))
     std, model, _ = solve(prep, C, init, "cg-final")
     return ClassifierFit(std, model, float(C), scores, None, None, None)
 
