@@ -26,17 +26,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-_HIGHEST = jax.lax.Precision.HIGHEST
-
-
-def _product(x, c, precision: str):
-    """x c^T with float32 results at the ``kmjax._ops.matmul`` precisions."""
-    dims = (((1,), (1,)), ((), ()))
-    if precision == "bfloat16":
-        return jax.lax.dot_general(x.astype(jnp.bfloat16), c.astype(jnp.bfloat16), dims,
-                                   preferred_element_type=jnp.float32)
-    prec = jax.lax.Precision.DEFAULT if precision == "tf32" else _HIGHEST
-    return jax.lax.dot_general(x, c, dims, precision=prec, preferred_element_type=jnp.float32)
+from kmjax._ops import matmul
 
 
 def _kernel(x_ref, c_ref, pen_ref, best_ref, idx_ref, code_ref, *, block_k, n_blocks, spherical, precision):
@@ -48,7 +38,7 @@ def _kernel(x_ref, c_ref, pen_ref, best_ref, idx_ref, code_ref, *, block_k, n_bl
     def body(j, carry):
         best, idx, code = carry
         start = pl.multiple_of(j * block_k, block_k)
-        proj = _product(x, c_ref[pl.ds(start, block_k), :], precision)
+        proj = matmul(x, c_ref[pl.ds(start, block_k), :].T, precision)
         scores = (jnp.abs(proj) if spherical else proj) - pen_ref[pl.ds(start, block_k)][None, :]
         top = jnp.max(scores, axis=1)
         iota = jax.lax.broadcasted_iota(jnp.int32, scores.shape, 1)

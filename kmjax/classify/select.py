@@ -226,7 +226,7 @@ def fit_classifier(features, labels, *, num_classes: int, loss: str = "svm", C: 
       checkpoints: optional store of a ridge fit's intermediate results, so that an interrupted
         fit resumes: an object with ``load(name, like)`` (the tree saved under ``name``, in the
         structure of the ``kmjax.checkpoint.Slot`` template ``like``, or None) and ``save(name,
-        tree)``. Ridge keeps its Gram statistics ("gram"), the CG solver each C's weights. The
+        tree)``. Ridge keeps its Gram statistics ("gram"), the CG solver its set-up and each C's weights. The
         caller keys it by everything that determines the fit (the runner: the classifier stage key).
 
     Returns:

@@ -16,7 +16,6 @@ on a CPU they stay NumPy's BLAS calls, so CPU results are those of a NumPy-only 
 
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kmjax import __version__, plots
+from kmjax.augment import mirror, random_crops
 from kmjax.checkpoint import Slot, save_tree
 from kmjax.classify import LinearModel, Standardizer, fit_classifier, predict_features
 from kmjax.config import Config, parse_config, to_dict
@@ -29,7 +30,6 @@ from kmjax.experiment.compile_cache import use_compile_cache
 from kmjax.experiment.report import AnonMemoryPeak, Timer, environment, log, progress
 from kmjax.experiment.store import (RunError, RunLock, StageStore, config_differences, data_id, new_run_dir,
                                     stage_keys, write_json)
-from kmjax.augment import mirror, random_crops
 from kmjax.features import FeatureSpec, extract_features, feature_dim
 from kmjax.model import Model, save_dictionary
 from kmjax.model import save as save_model

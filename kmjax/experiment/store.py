@@ -261,4 +261,3 @@ class StageCheckpoints:
     def clear(self) -> None:
         for path in self.store.folder.glob(f"{self.stage}.*-{self.key}.npz"):
             path.unlink(missing_ok=True)
-
