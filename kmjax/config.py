@@ -63,12 +63,13 @@ class KMeansConfig:
     spherical: bool = False  # OMP-1 / gain-shape dictionary
     chunk_size: int = 0  # points per distance product (0: automatic)
     precision: str = "float32"  # distance products: "float32", "tf32" (GPU default), "bfloat16"
+    flip_closed: bool = False  # learn k/2 atoms, add their mirror images (with features.train_flip: mirrors for free)
 
 
 @dataclass(frozen=True)
 class FeaturesConfig:
     enabled: bool = True  # false: stop after the dictionary (the blog post's filters-only run)
-    train_flip: bool = False  # add horizontally flipped copies of the training images
+    train_flip: bool = False  # add horizontally flipped copies (with kmeans.flip_closed: exactly, never encoded)
     test_flip: bool = False  # classify each test image by its and its mirror's summed scores
     train_crops: int = 0  # add this many copies of the training images, each randomly cropped (zero pad 4)
     encoder: str = "triangle"  # "triangle", "hard", "soft_threshold"
@@ -192,6 +193,13 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"classifier.val_fraction must be in (0, 1), got {cfg.classifier.val_fraction!r}")
     if min(cfg.features.pool_size, cfg.features.pool_stride, cfg.features.q, cfg.features.train_crops) < 0:
         raise ConfigError("features.pool_size, pool_stride, q and train_crops must be >= 0")
+    if cfg.kmeans.flip_closed and cfg.kmeans.k % 2:
+        raise ConfigError(f"kmeans.flip_closed = true needs an even kmeans.k (k/2 atoms and their mirrors), "
+                          f"got {cfg.kmeans.k}")
+    if cfg.kmeans.flip_closed and cfg.features.train_flip and cfg.features.train_crops:
+        raise ConfigError("kmeans.flip_closed with features.train_flip trains on the mirrors without encoding them, "
+                          "which covers the images and their mirrors only: set features.train_crops = 0, or "
+                          "train_flip = false to add crops with explicit features")
     if cfg.devices < 0:
         raise ConfigError(f"devices must be >= 0 (0: every local device), got {cfg.devices}")
     if cfg.kmeans.max_iter < 0:

@@ -16,6 +16,7 @@ from kmjax.checkpoint import Slot
 from kmjax.cluster import KMeansResult, kmeans
 from kmjax.patches import extract_patches, sample_patches
 from kmjax.preprocess import ZCA, apply_zca, fit_zca, normalize_patches, standardize_dimensions
+from kmjax.symmetry import close_dictionary, patch_mirror_index, symmetrize_zca
 
 __all__ = ["Dictionary", "learn_dictionary", "SAMPLINGS", "NORMALIZATIONS", "dictionary_template"]
 
@@ -71,6 +72,7 @@ def learn_dictionary(
     spherical: bool = False,
     chunk_size: int | None = None,
     precision: str = "float32",
+    flip_closed: bool = False,
     progress=None,
     mesh=None,
 ) -> Dictionary:
@@ -87,6 +89,11 @@ def learn_dictionary(
       whiten, eps_zca: ZCA whitening and its eigenvalue eps.
       init, max_iter, tol, empty, spherical, chunk_size, precision, progress: as ``kmjax.kmeans``
         (defaults: the authors' 0.1 * randn init, 50 iterations, empty clusters zeroed).
+      flip_closed: a flip-closed dictionary (``kmjax.symmetry``): the whitening is fitted on the
+        patches and their mirror images and made to commute with the flip exactly
+        (``symmetrize_zca``), k-means learns K/2 atoms, and their mirror images are appended
+        (``close_dictionary``: atoms K/2 + j mirror atoms j). ``kmeans.counts`` then repeats the
+        learned atoms' counts for their mirrors; its inertia and objective are the K/2-atom run's.
       mesh: a ``jax.sharding.Mesh``: k-means runs data-parallel on its devices
         (``kmjax.parallel.kmeans_sharded``, axis "data"; no progress reports); None: one device.
 
@@ -97,6 +104,8 @@ def learn_dictionary(
         raise ValueError(f"unknown sampling {sampling!r}; choose one of {SAMPLINGS}")
     if normalize not in NORMALIZATIONS:
         raise ValueError(f"unknown normalization {normalize!r}; choose one of {NORMALIZATIONS}")
+    if flip_closed and (isinstance(k, bool) or not isinstance(k, int) or k < 2 or k % 2):
+        raise ValueError(f"a flip-closed dictionary holds pairs of atoms: k must be even and >= 2, got {k!r}")
     key_patches, key_kmeans = jax.random.split(key)
     if sampling == "random":
         patches = sample_patches(key_patches, images, n_patches, patch_size)
@@ -110,15 +119,23 @@ def learn_dictionary(
     else:
         x = jnp.asarray(patches, jnp.float32)
     zca = None
-    if whiten:
+    if whiten and flip_closed:
+        zca = symmetrize_zca(fit_zca(jnp.concatenate([x, x[:, patch_mirror_index(patch_size, images.shape[-1])]]),
+                                     eps_zca), patch_size)
+    elif whiten:
         zca = fit_zca(x, eps_zca)
+    if zca is not None:
         x = apply_zca(zca, x)
     options = dict(init=init, max_iter=max_iter, tol=tol, empty=empty, spherical=spherical, chunk_size=chunk_size,
                    precision=precision)
+    learned = k // 2 if flip_closed else k
     if mesh is None:
-        result = kmeans(key_kmeans, x, k, progress=progress, **options)
+        result = kmeans(key_kmeans, x, learned, progress=progress, **options)
     else:
         from kmjax.parallel import kmeans_sharded
 
-        result = kmeans_sharded(key_kmeans, x, k, mesh=mesh, **options)
+        result = kmeans_sharded(key_kmeans, x, learned, mesh=mesh, **options)
+    if flip_closed:
+        result = result._replace(centroids=close_dictionary(result.centroids, patch_size),
+                                 counts=jnp.concatenate([result.counts, result.counts]))
     return Dictionary(zca, result, jnp.int32(x.shape[0]))

@@ -23,6 +23,7 @@ from kmjax.encoders import ENCODERS, encode, num_outputs
 from kmjax.patches import _extract, grid_size
 from kmjax.pooling import POOLS, num_regions, pool
 from kmjax.preprocess import ZCA, apply_zca, normalize_patches
+from kmjax.symmetry import check_flip_closed, check_mirror_symmetric, mirror_pairs, pair_sums
 
 __all__ = ["FeatureSpec", "extract_features", "batch_features", "feature_dim", "auto_batch_size", "prepare_features"]
 
@@ -37,6 +38,10 @@ class FeatureSpec(NamedTuple):
     every pool_stride positions (0: pool_size) instead of the grid x grid partition (see
     ``kmjax.pool``); 15 / 6 is Recht et al.'s 3 x 3 overlapping windows on a 27 x 27 map.
     q: atoms coded per sign by the "nearest_q" encoder (1 <= q < K).
+    mirror_sums: for a flip-closed dictionary (``kmjax.close_dictionary``) and mirror-symmetric
+    pooling: the F/2 sums (x_a + x_b) / sqrt(2) over the pairs of features that mirroring the
+    image swaps, instead of the F features (``kmjax.symmetry``: training on these is training
+    on the images and their mirrors, exactly, at half the width and without encoding a mirror).
     """
 
     patch_size: int = 6
@@ -50,6 +55,7 @@ class FeatureSpec(NamedTuple):
     pool_size: int = 0
     pool_stride: int = 0
     q: int = 0
+    mirror_sums: bool = False
 
 
 def _windows(spec: FeatureSpec) -> tuple:
@@ -74,7 +80,8 @@ def feature_dim(spec: FeatureSpec, k: int, image_shape=None) -> int:
     else:
         gh, gw = grid_size(image_shape[0], image_shape[1], spec.patch_size, spec.stride)
         regions = num_regions(gh, gw, spec.grid, size, stride)
-    return regions * num_outputs(spec.encoder, k)
+    full = regions * num_outputs(spec.encoder, k)
+    return full // 2 if spec.mirror_sums else full
 
 
 def auto_batch_size(spec: FeatureSpec, k: int, image_shape, memory_mb: float = 512.0) -> int:
@@ -110,8 +117,10 @@ def batch_features(images, zca, centroids, *, spec: FeatureSpec, step: int = 1, 
         codes = encode(xs.reshape(-1, d), centroids, spec.encoder, spec.alpha, precision, q=spec.q)
         return pool(codes.reshape(xs.shape[0], gh, gw, -1), spec.grid, spec.pool, *_windows(spec))
 
-    feats = jax.lax.map(encode_pool, x.reshape(b // step, step, gh * gw, d))
-    return feats.reshape(b, -1)
+    feats = jax.lax.map(encode_pool, x.reshape(b // step, step, gh * gw, d)).reshape(b, -1)
+    if spec.mirror_sums:
+        feats = pair_sums(feats, mirror_pairs(spec, centroids.shape[0], images.shape[1:]))
+    return feats
 
 
 def _check_spec(spec: FeatureSpec, images, centroids, zca) -> None:
@@ -143,6 +152,9 @@ def _check_spec(spec: FeatureSpec, images, centroids, zca) -> None:
     elif spec.pool_size > min(gh, gw):
         raise ValueError(f"pooling windows of pool_size = {spec.pool_size} positions do not fit the {gh}x{gw} map "
                          f"of positions ({h}x{w} images, patch_size {spec.patch_size}, stride {spec.stride})")
+    if spec.mirror_sums:
+        check_mirror_symmetric(spec, images.shape[1:])
+        check_flip_closed(centroids, spec.patch_size)
     if "q" in ENCODERS[spec.encoder].params and not 1 <= spec.q < centroids.shape[0]:
         raise ValueError(f"the {spec.encoder} encoder codes q atoms per sign, 1 <= q < K = {centroids.shape[0]}; "
                          f"got q = {spec.q} (e.g. q = {max(1, int(0.4 * centroids.shape[0]))}: 0.4 K, Thiry et al.)")

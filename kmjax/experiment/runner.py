@@ -32,6 +32,7 @@ from kmjax.experiment.store import (RunError, RunLock, StageStore, config_differ
                                     stage_keys, write_json)
 from kmjax.features import FeatureSpec, extract_features, feature_dim
 from kmjax.model import Model, save_dictionary
+from kmjax.symmetry import check_mirror_symmetric
 from kmjax.model import save as save_model
 
 __all__ = ["run", "export_features", "feature_spec", "dictionary_options", "load_data"]
@@ -51,7 +52,14 @@ def feature_spec(cfg: Config) -> FeatureSpec:
         pool_size=cfg.features.pool_size,
         pool_stride=cfg.features.pool_stride,
         q=cfg.features.q,
+        mirror_sums=_mirror_sums(cfg),
     )
+
+
+def _mirror_sums(cfg: Config) -> bool:
+    """Whether mirrored training rows come free (``kmjax.symmetry``): a flip-closed dictionary and
+    train_flip; the features are then the pair sums of the originals', and no mirror is encoded."""
+    return cfg.kmeans.flip_closed and cfg.features.train_flip
 
 
 def _mesh(cfg: Config):
@@ -71,6 +79,8 @@ def _mesh(cfg: Config):
 def _copies(cfg: Config) -> int:
     """Training rows per image: the image, its mirror with ``train_flip`` (rows i and i + N), then
     ``train_crops`` random crops (rows i + 2N, ...)."""
+    if _mirror_sums(cfg):
+        return 1  # the mirrors are in the features of the originals (pair sums)
     return 1 + cfg.features.train_flip + cfg.features.train_crops
 
 
@@ -88,7 +98,8 @@ def dictionary_options(cfg: Config) -> dict:
     return dict(k=km.k, patch_size=p.size, n_patches=p.num, sampling=p.sampling, stride=p.stride,
                 normalize=pre.normalize, eps_norm=pre.eps_norm, whiten=pre.whiten, eps_zca=pre.eps_zca,
                 init=km.init, max_iter=km.max_iter, tol=None if km.tol < 0 else km.tol, empty=km.empty,
-                spherical=km.spherical, chunk_size=km.chunk_size or None, precision=km.precision)
+                spherical=km.spherical, chunk_size=km.chunk_size or None, precision=km.precision,
+                flip_closed=km.flip_closed)
 
 
 def load_data(cfg: Config, data_dir):
@@ -168,6 +179,12 @@ def run(cfg: Config, *, data_dir=None, out: str | os.PathLike = "runs", resume: 
     timer = Timer(quiet)
     with timer.stage("load"):
         train, test = load_data(cfg, data_dir)
+        if _mirror_sums(cfg):
+            try:
+                check_mirror_symmetric(feature_spec(cfg), train.images.shape[1:])
+            except ValueError as e:
+                raise RunError(f"kmeans.flip_closed with features.train_flip needs mirror-symmetric features: {e}") \
+                    from None
         mesh = _mesh(cfg)
         devices = 1 if mesh is None else mesh.size  # the actual count: float sums depend on it
         keys = stage_keys({**to_dict(cfg), "devices": devices}, data_id(train.images, train.labels),
@@ -277,7 +294,7 @@ def _features_stage(cfg, train, test, dictionary, store, stage_key, timer, quiet
     of the stage files (the labels saved beside the features, so that they can be exported alone)."""
     copies = _copies(cfg)
     parts = {"train": train} if test is None else {"train": train, "test": test}
-    if test is not None and cfg.features.test_flip:
+    if test is not None and cfg.features.test_flip and not _mirror_sums(cfg):  # else predictions are mirror-invariant
         parts["test_mirror"] = test._replace(images=mirror(test.images))
     names = [n for part in parts for n in (part, f"{part}_labels")]
     saved = store.load_arrays("features", stage_key, names)
@@ -336,7 +353,7 @@ def _classifier_stage(cfg, features, labels, num_classes, copies, key, store, st
             fit = fit_classifier(features, labels, num_classes=num_classes, loss=c.loss, C=c.C, C_grid=c.C_grid,
                                  val_fraction=c.val_fraction, key=key, copies=copies, max_iter=c.max_iter, tol=c.tol,
                                  solver=c.solver, rank=c.rank,
-                                 mirror_scoring=cfg.features.train_flip and cfg.features.test_flip,
+                                 mirror_scoring=copies > 1 and cfg.features.train_flip and cfg.features.test_flip,
                                  progress=lambda label, unit: progress(label, quiet, unit),
                                  log=lambda line: log(line, quiet), checkpoints=checkpoints)
         tree = {"standardizer": jax.tree.map(np.asarray, fit.standardizer), "model": jax.tree.map(np.asarray, fit.model)}
@@ -352,7 +369,8 @@ def _classifier_stage(cfg, features, labels, num_classes, copies, key, store, st
 def export_features(run_dir, out) -> Path:
     """Write the features of a finished run, with their labels, to one ``.npz`` (``kmjax.checkpoint``
     layout): ``train/features`` (N, F) float32, ``train/labels``, ``train/mirrored`` (bool: the row is
-    the mirror image of row i - N/2), and ``test/features``, ``test/labels`` when the run had a test
+    the mirror image of row i - n, n the number of images, with ``features.train_flip``; crops
+    follow the mirrors and are not marked; with mirror sums no row is a mirror), and ``test/features``, ``test/labels`` when the run had a test
     set (and ``test/mirrored_features`` with ``features.test_flip``); its metadata holds the run's
     config and feature spec."""
     run_dir = Path(run_dir)
@@ -366,14 +384,17 @@ def export_features(run_dir, out) -> Path:
         raise RunError(f"{run_dir} is a dictionary-only run (features.enabled = false): it has no features")
     store = StageStore(run_dir / "stages")
     names = ["train", "train_labels"] + (["test", "test_labels"] if results.get("n_test") else [])
-    names += ["test_mirror"] if results.get("n_test") and cfg.features.test_flip else []
+    names += ["test_mirror"] if results.get("n_test") and cfg.features.test_flip and not _mirror_sums(cfg) else []
     saved = store.load_arrays("features", results["stage_keys"]["features"], names)
     if saved is None:
         raise RunError(f"the features of {run_dir} are not kept (features.keep = false, or the stage files were "
                        f"deleted); recompute them with kmjax run CONFIG --set features.keep=true")
     n = len(saved["train_labels"])
+    rows = np.arange(n)
+    originals = n // _copies(cfg)  # rows: the images, their mirrors (explicit train_flip), then the crops
+    explicit_flip = cfg.features.train_flip and not _mirror_sums(cfg)
     tree = {"train": {"features": saved["train"], "labels": saved["train_labels"],
-                      "mirrored": np.arange(n) >= n // _copies(cfg) if _copies(cfg) == 2 else np.zeros(n, bool)}}
+                      "mirrored": (rows >= originals) & (rows < 2 * originals) if explicit_flip else np.zeros(n, bool)}}
     if "test" in saved:
         tree["test"] = {"features": saved["test"], "labels": saved["test_labels"]}
     if "test_mirror" in saved:

@@ -1,0 +1,169 @@
+"""Mirror symmetry: features of a mirror image as a permutation of the image's own, and the exact
+reduction of mirror-augmented training to the original images.
+
+Write Pi for the left-right flip of one w x w x C patch (a permutation of its D coordinates,
+``patch_mirror_index``). Three conditions make the single-layer features mirror-equivariant:
+
+1. a flip-closed dictionary: the mirror image of every atom is an atom. kmjax's layout
+   (``close_dictionary``): atoms K/2 + j are the mirrors of atoms j, so atom k's partner is
+   (k + K/2) mod K;
+2. a whitening that commutes with the flip, Pi M Pi = M and Pi mu = mu (``symmetrize_zca``; fitted
+   on a flip-symmetric patch set it does up to rounding, and the symmetrization makes it exact);
+3. a mirror-symmetric map of positions and pooling regions: the dense grid reaches the right edge
+   ((W - w) divisible by the stride) and the mirror image of every pooling region is a region
+   (3 x 3 windows of 15 every 6 on 27 positions, grids of 1 or 3 are; the paper's 14 / 13
+   quadrants are not) (``check_mirror_symmetric``).
+
+Per-patch normalization is a function of the patch's values as a set, so it commutes with Pi. The
+patch at (i, j) of the mirrored image is Pi times the patch at (i, W' - 1 - j) of the image, and
+its code for atom k is the image patch's code for atom k's partner: for the soft threshold and
+``nearest_q`` (codes of c_k . x, with c_k . Pi x = (Pi c_k) . x), the triangle encoder (distances,
+and their mean over a closed dictionary) exactly; for ``hard`` up to ties between an atom and
+another at the same distance. Pooling then maps region r to its mirror region. So
+
+    phi(mirror x) = phi(x)[perm]            (``feature_mirror_permutation``)
+
+with ``perm`` an involution swapping feature (region r, output o, atom k) with (mirror(r), o,
+partner(k)); in kmjax's layout it has no fixed points (partners differ), so features come in D/2
+pairs (a, b).
+
+The reduction. Train on the images and their mirrors: rows z_i and P z_i, the same label, with a
+standardization whose mean and scale are P-invariant (mu_a = mu_b, s_a = s_b on each pair), e.g.
+the one below. The objective 1/2 ||W||^2 + C mean_rows loss(y, W^T z + b) is strictly convex and
+unchanged by W -> P W (P swaps the two rows of every image), so its unique minimizer has W = P W:
+w_a = w_b = v_j / sqrt(2) on each pair j. On such W both rows of an image have the same score
+W^T z = v^T u with u_j = (z_a + z_b) / sqrt(2), so the objective becomes
+1/2 ||v||^2 + C mean_i loss(y_i, v^T u_i + b) over the N original rows alone: the same problem, the
+same C (the mean over 2N rows of pairs of equal terms is the mean over N), over D/2 pair sums
+(for ridge: lambda = N / (2C) instead of 2N / (2C), i.e. lambda / 2). ``pair_sums`` gives
+r_j = (x_a + x_b) / sqrt(2) of the raw features; standardizing r by its own mean and standard
+deviation is the P-invariant standardization mu_a = mu_b = mean(r_j) / sqrt(2),
+s_a = s_b = std(r_j), under which u_j = (r_j - mean r_j) / std(r_j): so a classifier fitted on
+standardized pair sums IS the mirror-augmented classifier with that standardization, its
+predictions are mirror-invariant (test-time mirror averaging comes free: the two views score
+alike), and no mirrored image is ever encoded. The Gram matrix is a quarter of the mirrored
+one's size and an eighth of its arithmetic (half the rows, half the columns).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+import jax.numpy as jnp
+
+from kmjax.patches import grid_size
+from kmjax.pooling import grid_edges, window_starts
+from kmjax.preprocess import ZCA
+
+__all__ = ["patch_mirror_index", "close_dictionary", "symmetrize_zca", "check_flip_closed", "check_mirror_symmetric",
+           "feature_mirror_permutation", "mirror_pairs", "pair_sums"]
+
+
+def patch_mirror_index(patch_size: int, channels: int) -> np.ndarray:
+    """(D,) int: ``patch[..., index]`` is the patch of the mirror image, for patches flattened in
+    (row, column, channel) order (``kmjax.extract_patches``). An involution."""
+    grid = np.arange(patch_size * patch_size * channels).reshape(patch_size, patch_size, channels)
+    return grid[:, ::-1, :].reshape(-1)
+
+
+def _patch_index(d: int, patch_size: int) -> np.ndarray:
+    channels, rest = divmod(d, patch_size * patch_size)
+    if rest or channels < 1:
+        raise ValueError(f"vectors of length {d} are not {patch_size}x{patch_size}xC patches")
+    return patch_mirror_index(patch_size, channels)
+
+
+def close_dictionary(centroids, patch_size: int):
+    """(K, D) -> (2K, D): the atoms, then their mirror images in the same order (kmjax's layout of
+    a flip-closed dictionary: atom k's partner is (k + K) mod 2K)."""
+    c = jnp.asarray(centroids)
+    return jnp.concatenate([c, c[:, _patch_index(c.shape[1], patch_size)]])
+
+
+def symmetrize_zca(zca: ZCA, patch_size: int) -> ZCA:
+    """The whitening averaged with its mirror image: (M + Pi M Pi) / 2 and (mu + Pi mu) / 2, which
+    commute with the flip exactly (entry by entry the same two floats are added). Fitted on a
+    flip-symmetric patch set, the transform changes only by its rounding."""
+    idx = _patch_index(zca.mean.shape[0], patch_size)
+    matrix = 0.5 * (zca.matrix + zca.matrix[idx][:, idx])
+    return ZCA(0.5 * (zca.mean + zca.mean[idx]), 0.5 * (matrix + matrix.T))
+
+
+def check_flip_closed(centroids, patch_size: int, rtol: float = 1e-6) -> None:
+    """ValueError unless atoms K/2 + j are the mirror images of atoms j (``close_dictionary``)."""
+    c = np.asarray(centroids, np.float32)
+    k = c.shape[0]
+    if k % 2:
+        raise ValueError(f"a flip-closed dictionary has an even number of atoms (pairs), got K = {k}")
+    mirrored = c[: k // 2][:, _patch_index(c.shape[1], patch_size)]
+    err = np.abs(mirrored - c[k // 2 :]).max(initial=0.0)
+    scale = np.abs(c).max(initial=0.0)
+    if not err <= rtol * max(scale, 1e-30):
+        raise ValueError(f"the dictionary is not flip-closed: atoms K/2 + j must be the mirror images of atoms j "
+                         f"(largest difference {err:.3g} against atoms of size {scale:.3g}); build it with "
+                         "kmjax.close_dictionary or learn_dictionary(flip_closed=True)")
+
+
+def _spans(n: int, spec) -> list[tuple[int, int]]:
+    if spec.pool_size == 0:
+        edges = grid_edges(n, spec.grid)
+        return list(zip(edges[:-1], edges[1:]))
+    stride = spec.pool_stride or spec.pool_size
+    return [(s, s + spec.pool_size) for s in window_starts(n, spec.pool_size, stride)]
+
+
+def _mirror_columns(spec, image_shape) -> list[int]:
+    """Index of the mirror image of each column span of the pooling regions; ValueError if the
+    positions or the regions are not mirror-symmetric."""
+    h, w = image_shape[0], image_shape[1]
+    if (w - spec.patch_size) % spec.stride:
+        raise ValueError(f"the dense grid at stride {spec.stride} does not reach the right edge of {w}-pixel images "
+                         f"with {spec.patch_size}-pixel patches, so it is not mirror-symmetric; use a stride that "
+                         f"divides {w - spec.patch_size}")
+    _, gw = grid_size(h, w, spec.patch_size, spec.stride)
+    cols = _spans(gw, spec)
+    where = {span: i for i, span in enumerate(cols)}
+    mirrored = [where.get((gw - c1, gw - c0)) for c0, c1 in cols]
+    if None in mirrored:
+        raise ValueError(f"the pooling regions' columns {cols} on {gw} positions are not mirror-symmetric (the "
+                         "mirror image of a region must be a region): use 3x3 windows (pool_size = 15, pool_stride "
+                         "= 6 on 27 positions) or grid = 1 or 3, not the paper's 14 / 13 quadrants")
+    return mirrored
+
+
+def check_mirror_symmetric(spec, image_shape) -> None:
+    """ValueError saying what breaks the symmetry unless the features of ``spec`` on images of
+    ``image_shape`` (H, W[, C]) are mirror-equivariant for a flip-closed dictionary."""
+    _mirror_columns(spec, image_shape)
+
+
+def feature_mirror_permutation(spec, k: int, image_shape) -> np.ndarray:
+    """(F,) int ``perm`` with phi(mirror x) = phi(x)[perm] for the features of ``spec`` (not
+    reduced) with a flip-closed dictionary of ``k`` atoms in kmjax's layout. An involution."""
+    from kmjax.encoders import ENCODERS  # the encoders' output counts
+
+    if k % 2:
+        raise ValueError(f"a flip-closed dictionary has an even number of atoms, got K = {k}")
+    mirrored = _mirror_columns(spec, image_shape)
+    h, w = image_shape[0], image_shape[1]
+    gh, gw = grid_size(h, w, spec.patch_size, spec.stride)
+    n_rows, n_cols = len(_spans(gh, spec)), len(mirrored)
+    outputs = ENCODERS[spec.encoder].outputs
+    region = np.arange(n_rows * n_cols).reshape(n_rows, n_cols)[:, mirrored].reshape(-1)
+    atom = (np.arange(k) + k // 2) % k
+    # feature index = (region * outputs + output) * k + atom (``kmjax.pool``: region-major)
+    perm = (region[:, None, None] * outputs + np.arange(outputs)[None, :, None]) * k + atom[None, None, :]
+    return perm.reshape(-1)
+
+
+def mirror_pairs(spec, k: int, image_shape) -> tuple[np.ndarray, np.ndarray]:
+    """(first, second): the F/2 pairs of features that the mirror swaps, first < second."""
+    perm = feature_mirror_permutation(spec, k, image_shape)
+    first = np.flatnonzero(np.arange(perm.size) < perm)
+    return first, perm[first]
+
+
+def pair_sums(features, pairs):
+    """(..., F) -> (..., F/2): (x_a + x_b) / sqrt(2) over ``pairs`` = (first, second) (JAX or NumPy)."""
+    first, second = pairs
+    return (features[..., first] + features[..., second]) * np.float32(1 / np.sqrt(2))
