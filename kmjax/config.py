@@ -93,7 +93,7 @@ class ClassifierConfig:
     val_fraction: float = 0.1  # held-out share used to choose C
     max_iter: int = 1000
     tol: float = 1e-3  # gradient-norm stop
-    solver: str = "gram"  # ridge: "gram" (exact, from the F x F Gram matrix) or "cg" (for wider features)
+    solver: str = "auto"  # ridge: "gram" (F x F Gram matrix), "dual" (N x N kernel), "auto" (the smaller), "cg"
     rank: int = 1024  # ridge with solver "cg": the rank of its Nystrom preconditioner
 
 

@@ -6,6 +6,7 @@
   ``fit_ridge``): the features are read in row blocks, never held in memory at once.
 - ``tiled``: the tiled F x F linear algebra under ``ridge`` (whole-matrix OpenBLAS calls crash
   at F = 32,000).
+- ``dual``: the same ridge from the N x N kernel, for features that outnumber the rows.
 - ``cg``: the same ridge objective by conjugate gradients over features read from disk (a
   Nystrom preconditioner), for features too wide for the F x F Gram matrix.
 - ``select``: model selection: ``validation_split``, ``search_C`` and ``fit_classifier``, the one
@@ -16,6 +17,7 @@ from kmjax.classify.linear import (
     LOSSES, LinearModel, Standardizer, TrainInfo, accuracy, fit_standardizer, predict, predict_features, softmax_loss,
     standardize, svm_loss, train_linear,
 )
+from kmjax.classify.dual import KernelStats, accumulate_kernel, dual_scores, empty_kernel_stats, fit_dual, primal_model
 from kmjax.classify.cg import CGRidge, prepare_cg_ridge, solve_cg_ridge
 from kmjax.classify.ridge import GramStats, accumulate_gram, empty_gram_stats, fit_ridge, gram_stats
 from kmjax.classify.select import CLASSIFIERS, SOLVERS, ClassifierFit, fit_classifier, search_C, validation_split
@@ -26,5 +28,6 @@ __all__ = [
     "predict_features",
     "GramStats", "empty_gram_stats", "accumulate_gram", "gram_stats", "fit_ridge",
     "CGRidge", "prepare_cg_ridge", "solve_cg_ridge",
+    "KernelStats", "empty_kernel_stats", "accumulate_kernel", "fit_dual", "dual_scores", "primal_model",
     "CLASSIFIERS", "SOLVERS", "ClassifierFit", "validation_split", "search_C", "fit_classifier",
 ]

@@ -9,6 +9,7 @@ of them.
 from __future__ import annotations
 
 import numbers
+import time
 from typing import Callable, NamedTuple
 
 import jax
@@ -19,12 +20,18 @@ from kmjax.checkpoint import Slot
 from kmjax.classify.linear import (LOSSES, LinearModel, Standardizer, fit_standardizer, predict_features, standardize,
                                    train_linear)
 from kmjax.classify.cg import CGRidge, prepare_cg_ridge, solve_cg_ridge
+from kmjax.classify.dual import (KernelStats, accumulate_kernel, dual_scores, empty_kernel_stats, fit_dual,
+                                 kernel_memory, primal_model)
 from kmjax.classify.ridge import GramStats, accumulate_gram, fit_ridge, gram_stats
 
 __all__ = ["CLASSIFIERS", "SOLVERS", "ClassifierFit", "validation_split", "search_C", "fit_classifier"]
 
 CLASSIFIERS = (*LOSSES, "ridge")  # the ``loss`` names fit_classifier accepts
-SOLVERS = ("gram", "cg")  # how ridge is solved: exactly from the Gram matrix, or by conjugate gradients
+# how ridge is solved: exactly from the F x F Gram matrix ("gram") or the N x N kernel ("dual"), the
+# smaller of the two ("auto"), or by conjugate gradients ("cg")
+SOLVERS = ("auto", "gram", "dual", "cg")
+_KERNEL_LIKE = KernelStats(Slot(kind="i"), Slot("F"), Slot("F"), Slot("N", "N"))
+_SAVE_EVERY = 600.0  # seconds between two checkpoints of a growing kernel
 
 
 class ClassifierFit(NamedTuple):
@@ -195,9 +202,45 @@ def _fit_ridge_cg(features, labels, num_classes, C, C_grid, split, mirror, rank,
     return ClassifierFit(std, model, float(C), scores, None, None, None)
 
 
+def _fit_ridge_dual(features, labels, num_classes, C, C_grid, split, mirror, report, log, checkpoints):
+    """Ridge from the N x N kernel (``dual.py``), grown over column blocks of the features and
+    checkpointed as it grows (every ``_SAVE_EVERY`` seconds and when complete); each C of the grid
+    is one factorization of the fitted rows' block, scored on the held-out rows' cross-kernel."""
+    n, f = np.shape(features)
+    if log is not None:
+        log(f"  dual ridge ({f:,} features, {n:,} rows): a {n:,} x {n:,} float32 kernel and its factorization, "
+            f"{kernel_memory(n) / 2**30:.1f} GB")
+    stats = None if checkpoints is None else checkpoints.load("kernel", _KERNEL_LIKE)
+    if stats is None or stats.kernel.shape != (n, n) or stats.mean.shape != (f,):
+        stats = empty_kernel_stats(n, f)
+    stats = KernelStats(*(np.array(a) for a in stats))  # writeable copies
+    reporter = report("kernel", "features")
+    saved = time.monotonic()
+    while int(stats.columns) < f:
+        accumulate_kernel(stats, features, until=int(stats.columns) + 4 * 4096, progress=reporter)
+        done = int(stats.columns) == f
+        if checkpoints is not None and (done or time.monotonic() - saved > _SAVE_EVERY):
+            checkpoints.save("kernel", stats)
+            saved = time.monotonic()
+    scores = {}
+    if C_grid:
+        fit, _, scored = split
+
+        def score(C):
+            solution = fit_dual(stats, labels, C, num_classes=num_classes, rows=fit)
+            s = dual_scores(stats, solution, scored)
+            if mirror is not None:
+                s += dual_scores(stats, solution, scored + mirror)
+            return float(np.mean(np.argmax(s, axis=1) == labels[scored]))
+
+        C, scores = search_C(C_grid, score, log)
+    std, model = primal_model(stats, fit_dual(stats, labels, C, num_classes=num_classes), features)
+    return ClassifierFit(std, model, float(C), scores, None, None, None)
+
+
 def fit_classifier(features, labels, *, num_classes: int, loss: str = "svm", C: float = 100.0, C_grid=(),
                    val_fraction: float = 0.1, key=None, copies: int = 1, max_iter: int = 1000, tol: float = 1e-3,
-                   solver: str = "gram", rank: int = 1024, mirror_scoring: bool = False,
+                   solver: str = "auto", rank: int = 1024, mirror_scoring: bool = False,
                    progress=None, log=None, checkpoints=None) -> ClassifierFit:
     """Fit a linear classifier to raw (N, F) features, choosing C on a held-out split if asked.
 
@@ -214,9 +257,11 @@ def fit_classifier(features, labels, *, num_classes: int, loss: str = "svm", C: 
         image and its mirror). key: a ``jax.random`` key for the split, required with a grid.
       max_iter, tol: L-BFGS iterations at most, and the gradient norm to stop at; for ridge with
         the "cg" solver, max_iter caps the passes over the features.
-      solver: for ridge, "gram" (the exact solve from the F x F Gram matrix: up to ~32,000
-        features in 20 GB) or "cg" (conjugate gradients over the features on disk, a rank-``rank``
-        Nystrom preconditioner: for wider features; see ``kmjax.classify.cg``).
+      solver: for ridge, "gram" (the exact solve from the F x F Gram matrix: up to ~36,000
+        features in 20 GB), "dual" (the exact solve from the N x N kernel, ``kmjax.classify.dual``:
+        any width, up to ~50,000 rows in 20 GB), "auto" (the smaller of the two: "dual" when F > N)
+        or "cg" (conjugate gradients over the features on disk, a rank-``rank`` Nystrom
+        preconditioner, ``kmjax.classify.cg``).
       mirror_scoring: score each held-out image by the summed scores of the image and its mirror,
         the second copy (rows i + N/copies; as the runner's ``features.test_flip`` does on the test set).
       progress: optional factory ``progress(label, unit)`` returning None or a reporter
@@ -226,7 +271,7 @@ def fit_classifier(features, labels, *, num_classes: int, loss: str = "svm", C: 
       checkpoints: optional store of a ridge fit's intermediate results, so that an interrupted
         fit resumes: an object with ``load(name, like)`` (the tree saved under ``name``, in the
         structure of the ``kmjax.checkpoint.Slot`` template ``like``, or None) and ``save(name,
-        tree)``. Ridge keeps its Gram statistics ("gram"), the CG solver its set-up and each C's weights. The
+        tree)``. Ridge keeps its Gram statistics ("gram") or its kernel ("kernel"), the CG solver its set-up and each C's weights. The
         caller keys it by everything that determines the fit (the runner: the classifier stage key).
 
     Returns:
@@ -257,7 +302,7 @@ def fit_classifier(features, labels, *, num_classes: int, loss: str = "svm", C: 
         raise ValueError(f"{shape[0]} rows are not {copies} copies of the same images: copies must divide the rows")
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; choose one of {SOLVERS}")
-    if solver != "gram" and loss != "ridge":
+    if solver not in ("auto", "gram") and loss != "ridge":
         raise ValueError(f"solver {solver!r} is for loss='ridge'; the {loss} loss is trained with L-BFGS")
     if mirror_scoring and copies < 2:
         raise ValueError("mirror_scoring needs the mirrored rows: copies >= 2 (rows i and i + N/copies)")
@@ -271,6 +316,10 @@ def fit_classifier(features, labels, *, num_classes: int, loss: str = "svm", C: 
     def report(label, unit):
         return None if progress is None else progress(label, unit)
 
+    if solver == "auto":
+        solver = "dual" if shape[1] > shape[0] else "gram"
+    if loss == "ridge" and solver == "dual":
+        return _fit_ridge_dual(features, labels, num_classes, C, C_grid, split, mirror, report, log, checkpoints)
     if loss == "ridge" and solver == "cg":
         return _fit_ridge_cg(features, labels, num_classes, C, C_grid, split, mirror, rank, max_iter, report, log,
                              checkpoints)

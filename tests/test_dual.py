@@ -1,0 +1,113 @@
+"""The dual ridge (kmjax.classify.dual) against the primal solver and a float64 NumPy reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import kmjax
+from kmjax.classify import (accumulate_kernel, dual_scores, empty_kernel_stats, fit_dual, fit_ridge, gram_stats,
+                            predict_features, primal_model)
+from kmjax.classify.linear import _scores_raw
+
+
+def _problem(n=150, f=400, classes=4, seed=0):
+    """Features wider than the rows, correlated like pooled codes (non-negative, shared factors)."""
+    rng = np.random.default_rng(seed)
+    base = rng.gamma(1.5, 1.0, (n, 40)) @ rng.uniform(0, 1, (40, f)) / 10
+    x = (base + rng.gamma(1.0, 0.5, (n, f))).astype(np.float32)
+    labels = rng.integers(0, classes, n)
+    return x, labels, classes
+
+
+def _kernel(x, **kw):
+    return accumulate_kernel(empty_kernel_stats(x.shape[0], x.shape[1]), x, **kw)
+
+
+def test_final_fit_matches_the_primal_solver():
+    """All rows, one C: the dual's (Standardizer, LinearModel) is the primal ridge's, to float32
+    rounding (both standardize by all rows; the kernel and the Gram matrix are float32 products)."""
+    x, labels, classes = _problem()
+    C = 10.0
+    std_p, model_p = fit_ridge(gram_stats(x, labels, classes), C)
+    stats = _kernel(x, block=64)  # several column blocks
+    std_d, model_d = primal_model(stats, fit_dual(stats, labels, C, num_classes=classes), x, block=64)
+    np.testing.assert_allclose(std_d.mean, std_p.mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(std_d.scale, std_p.scale, rtol=1e-5)
+    w_p = np.asarray(model_p.weights)
+    np.testing.assert_allclose(model_d.weights, w_p, rtol=0, atol=2e-4 * np.abs(w_p).max())
+    x_test = _problem(seed=1)[0][:50]
+    s_p, s_d = (np.asarray(_scores_raw(s, m, x_test)) for s, m in ((std_p, model_p), (std_d, model_d)))
+    np.testing.assert_allclose(s_d, s_p, rtol=0, atol=2e-4 * np.abs(s_p).max())
+
+
+def test_subset_fit_and_scores_against_numpy():
+    """Fit on some rows, score others: against the float64 ridge on the same standardization
+    (mean and scale of all rows), the fitted rows centred on themselves, the bias unregularized."""
+    x, labels, classes = _problem(seed=2)
+    C = 3.0
+    rng = np.random.default_rng(3)
+    perm = rng.permutation(len(x))
+    fit_rows, held = np.sort(perm[:110]), np.sort(perm[110:])
+    stats = _kernel(x)
+    solution = fit_dual(stats, labels, C, num_classes=classes, rows=fit_rows)
+    scores = dual_scores(stats, solution, held)
+
+    x64 = x.astype(np.float64)
+    z = (x64 - x64.mean(0)) / np.sqrt(x64.var(0, ddof=1) + 0.01)
+    zf = z[fit_rows]
+    m = zf.mean(0)
+    t = 2.0 * np.eye(classes)[labels[fit_rows]] - 1.0
+    w = np.linalg.solve((zf - m).T @ (zf - m) + len(fit_rows) / (2 * C) * np.eye(x.shape[1]), (zf - m).T @ (t - t.mean(0)))
+    ref = (z[held] - m) @ w + t.mean(0)
+    np.testing.assert_allclose(scores, ref, rtol=0, atol=1e-4 * np.abs(ref).max())
+    # and the primal weights of that fit score the held-out rows the same way
+    std, model = primal_model(stats, solution, x)
+    np.testing.assert_allclose(np.asarray(_scores_raw(std, model, x[held])), ref, rtol=0, atol=1e-4 * np.abs(ref).max())
+
+
+def test_kernel_grows_in_pieces_bitwise():
+    """Stopping after some columns and continuing (a resumed run) gives the same kernel, bitwise."""
+    x, _, _ = _problem()
+    whole = _kernel(x, block=64)
+    part = _kernel(x, block=64, until=128)
+    assert int(part.columns) == 128
+    part = accumulate_kernel(part, x, block=64)
+    for a, b in zip(whole, part):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(whole.kernel, whole.kernel.T)
+    with pytest.raises(ValueError, match="150-row kernel of 400 features"):
+        accumulate_kernel(whole, x[:, :300])
+
+
+class _Store:
+    """The checkpoints protocol of fit_classifier, in memory, counting saves."""
+
+    def __init__(self):
+        self.trees, self.saves = {}, 0
+
+    def load(self, name, like):
+        return self.trees.get(name)
+
+    def save(self, name, tree):
+        self.trees[name] = type(tree)(*(np.array(a) for a in tree))
+        self.saves += 1
+
+
+def test_fit_classifier_chooses_the_dual_by_shape_and_resumes():
+    x, labels, classes = _problem()
+    primal = kmjax.fit_classifier(x, labels, num_classes=classes, loss="ridge", C=10.0, solver="gram")
+    store = _Store()
+    auto = kmjax.fit_classifier(x, labels, num_classes=classes, loss="ridge", C=10.0, checkpoints=store)
+    assert store.saves == 1 and int(store.trees["kernel"][0]) == x.shape[1]  # the dual ran, its kernel was kept
+    pred = predict_features(primal.standardizer, primal.model, x)
+    assert np.mean(predict_features(auto.standardizer, auto.model, x) == pred) == 1.0
+    # a run that stopped half-way resumes from the saved kernel: the same model
+    half = _kernel(x, until=200)
+    store.trees["kernel"] = half
+    resumed = kmjax.fit_classifier(x, labels, num_classes=classes, loss="ridge", C=10.0, checkpoints=store)
+    np.testing.assert_allclose(resumed.model.weights, auto.model.weights, rtol=0, atol=1e-6)
+    # with a grid: C chosen on held-out rows, like the primal solver's choice on this easy problem
+    grid = kmjax.fit_classifier(x, labels, num_classes=classes, loss="ridge", C_grid=[1, 10, 100],
+                                key=__import__("jax").random.key(0), solver="dual")
+    assert set(grid.scores) == {1.0, 10.0, 100.0} and grid.C in grid.scores
