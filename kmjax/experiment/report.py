@@ -177,6 +177,20 @@ def source_commit(root: Path | None = None) -> dict | None:
     return {"commit": commit, "dirty": dirty} if commit else None
 
 
+def cpu_model() -> str:
+    """The CPU's model name and its matrix extensions (AMX, AVX-512), e.g. "Intel(R) Xeon(R)
+    Processor (avx512f, amx_bf16)"; the machine type where /proc/cpuinfo is absent."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.machine()
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+                platform.machine())
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    extensions = [f for f in ("avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    return f"{name} ({', '.join(extensions)})" if extensions else name
+
+
 def environment() -> dict:
     """Provenance for results.json: package versions, device, the kmjax source commit if any."""
     from kmjax import __version__
@@ -189,6 +203,7 @@ def environment() -> dict:
         "device": str(jax.devices()[0].device_kind),
         "device_count": jax.device_count(),
         "cpu_count": os.cpu_count(),
+        "cpu": cpu_model(),
         "git": source_commit(),
     }
 
