@@ -14,6 +14,7 @@ across arrays), and finite; anything else is a ``FileFormatError`` naming the fi
 from __future__ import annotations
 
 import json
+import struct
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -85,11 +86,36 @@ def _open(path: Path, what: str):
         raise FileFormatError(f"{path} is not a readable {what} (truncated or corrupt: {e})") from None
 
 
-def _read(z, path: Path, name: str, what: str):
+def _mapped(path: Path, z, name: str):
+    """A read-only ``np.memmap`` of array ``name`` of the (uncompressed) file: its bytes are read
+    when used, and the page cache, not the process, holds them."""
+    info = z.zip.getinfo(name + ".npy")
+    if info.compress_type != zipfile.ZIP_STORED:
+        return z[name]
+    with open(path, "rb") as f:
+        f.seek(info.header_offset + 26)  # the local file header's name and extra-field lengths
+        n_name, n_extra = struct.unpack("<HH", f.read(4))
+        f.seek(info.header_offset + 30 + n_name + n_extra)
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(f)
+        offset = f.tell()
+    if dtype.hasobject or 0 in shape:
+        return z[name]
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")
+
+
+def _all_finite(a, chunk: int = 2**24) -> bool:
+    """np.all(np.isfinite(a)) by pieces of ``chunk`` elements: no array-sized temporary."""
+    flat = a.reshape(-1)
+    return all(np.isfinite(flat[i : i + chunk]).all() for i in range(0, flat.size, chunk))
+
+
+def _read(z, path: Path, name: str, what: str, mmap: bool = False):
     if name not in z.files:
         raise FileFormatError(f"{what} {path} has no array {name!r} (it holds {sorted(z.files)})")
     try:
-        return z[name]
+        return _mapped(path, z, name) if mmap else z[name]
     except Exception as e:  # a damaged member: CRC errors, truncated data, a bad header
         raise FileFormatError(f"{what} {path}: array {name!r} is unreadable ({type(e).__name__}: {e})") from None
 
@@ -111,8 +137,11 @@ def read_meta(path, what: str = "kmjax file", kind: str | None = None) -> dict:
     return meta
 
 
-def load_tree(path, like, what: str = "kmjax file"):
+def load_tree(path, like, what: str = "kmjax file", *, mmap: bool = False):
     """Read a file written by ``save_tree`` into the structure of ``like`` (leaves: ``Slot``).
+
+    mmap: return the arrays as read-only ``np.memmap`` s of the file instead of copies in memory
+    (for arrays larger than the memory one wants to hold, e.g. a dual ridge's kernel).
 
     Returns (tree of NumPy arrays, metadata dict). Raises ``FileFormatError`` for a missing,
     truncated or corrupt file, a missing array, or an array of the wrong dtype, shape or with
@@ -125,7 +154,7 @@ def load_tree(path, like, what: str = "kmjax file"):
     arrays = []
     with _open(path, what) as z:
         for name, slot in zip(names, slots):
-            a = _read(z, path, name, what)
+            a = _read(z, path, name, what, mmap)
             kinds = {"f": "f", "i": "iu", "b": "b"}[slot.kind]
             if a.dtype.kind not in kinds or a.ndim != len(slot.shape):
                 raise FileFormatError(f"{what} {path}: array {name!r} is {a.dtype} {a.shape}, expected "
@@ -139,7 +168,7 @@ def load_tree(path, like, what: str = "kmjax file"):
                     if seen[0] != got:
                         raise FileFormatError(f"{what} {path}: array {name!r} has {got} along axis {axis} but "
                                               f"{seen[1]!r} has {seen[0]} (they must agree)")
-            if slot.finite and a.dtype.kind == "f" and not np.all(np.isfinite(a)):
+            if slot.finite and a.dtype.kind == "f" and not _all_finite(a):
                 raise FileFormatError(f"{what} {path}: array {name!r} holds NaN or Inf values")
             arrays.append(a)
     return jax.tree_util.tree_unflatten(treedef, arrays), meta

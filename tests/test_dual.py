@@ -86,7 +86,7 @@ class _Store:
     def __init__(self):
         self.trees, self.saves = {}, 0
 
-    def load(self, name, like):
+    def load(self, name, like, mmap=False):
         return self.trees.get(name)
 
     def save(self, name, tree):
@@ -111,3 +111,21 @@ def test_fit_classifier_chooses_the_dual_by_shape_and_resumes():
     grid = kmjax.fit_classifier(x, labels, num_classes=classes, loss="ridge", C_grid=[1, 10, 100],
                                 key=__import__("jax").random.key(0), solver="dual")
     assert set(grid.scores) == {1.0, 10.0, 100.0} and grid.C in grid.scores
+
+
+def test_kernel_files_are_mapped_not_read(tmp_path):
+    """load_tree(mmap=True) gives read-only memmaps of the file with the saved values; a truncated
+    file is a clear error, not a crash."""
+    from kmjax.checkpoint import FileFormatError, load_tree, save_tree
+    from kmjax.classify.select import _KERNEL_LIKE
+
+    x, _, _ = _problem()
+    stats = _kernel(x)
+    path = save_tree(tmp_path / "kernel.npz", stats, {"kind": "checkpoint"})
+    mapped, _ = load_tree(path, _KERNEL_LIKE, mmap=True)
+    assert isinstance(mapped.kernel, np.memmap) and not mapped.kernel.flags.writeable
+    for a, b in zip(mapped, stats):
+        np.testing.assert_array_equal(a, b)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(FileFormatError):
+        load_tree(path, _KERNEL_LIKE, mmap=True)

@@ -206,6 +206,44 @@ def test_export_writes_features_labels_and_mirrors(data_dir, tmp_path, capsys):
         np.testing.assert_array_equal(labels[:80], labels[80:])
 
 
+def test_export_marks_the_mirrors_not_the_crops(data_dir, tmp_path):
+    """Rows: the images, their mirrors, then the crops: only the mirrors are marked; with crops
+    alone, none; with mirror sums (a flip-closed dictionary), none and no extra rows."""
+    cases = {("features.train_flip=true", "features.train_crops=2", "classifier.loss=ridge"): (320, range(80, 160)),
+             ("features.train_crops=1", "classifier.loss=ridge"): (160, range(0)),
+             ("features.train_flip=true", "kmeans.flip_closed=true", "features.pool_size=15",
+              "features.pool_stride=6", "classifier.loss=ridge"): (80, range(0))}
+    for i, (extra, (rows, marked)) in enumerate(cases.items()):
+        res = go(data_dir, tmp_path / str(i), *extra)
+        out = export_features(res["run_dir"], tmp_path / f"f{i}.npz")
+        with np.load(out) as z:
+            assert z["train/features"].shape[0] == rows
+            np.testing.assert_array_equal(np.flatnonzero(z["train/mirrored"]), np.array(marked, int))
+
+
+def test_flip_closed_mirrors_come_free_and_predictions_are_mirror_invariant(data_dir, tmp_path, capsys):
+    from kmjax.augment import mirror
+    from kmjax.data import load_cifar10
+    from kmjax.model import load, predict_images
+
+    extra = ("kmeans.flip_closed=true", "features.train_flip=true", "features.test_flip=true",
+             "features.pool_size=15", "features.pool_stride=6", "features.encoder=soft_threshold",
+             "classifier.loss=ridge", "classifier.C_grid=[1,10]")
+    res = go(data_dir, tmp_path, *extra)
+    folder = Path(res["run_dir"])
+    saved = StageStore(folder / "stages").load_arrays("features", res["stage_keys"]["features"], ["train", "test"])
+    assert saved["train"].shape == (80, 9 * 2 * 8 // 2) and saved["test"].shape == (40, 72)  # pair sums, no mirrors
+    model = load(folder / "model.npz")
+    assert model.spec.mirror_sums and model.centroids.shape[0] == 8
+    test = load_cifar10(data_dir, "test")
+    np.testing.assert_array_equal(predict_images(model, test.images), predict_images(model, mirror(test.images)))
+    assert main(["run", "quick", "--data-dir", str(data_dir), "--out", str(tmp_path / "q"), "--quiet",
+                 *[f"--set={e}" for e in SMALL + ["kmeans.flip_closed=true", "features.train_flip=true"]]]) == 2
+    assert "not mirror-symmetric" in capsys.readouterr().err  # the paper's quadrants
+    with pytest.raises(ConfigError, match="even kmeans.k"):
+        config("kmeans.flip_closed=true", "kmeans.k=7")
+
+
 def test_features_keep_false_deletes_the_stage_files(data_dir, tmp_path):
     res = go(data_dir, tmp_path, "features.keep=false")
     folder = Path(res["run_dir"])
@@ -466,7 +504,7 @@ def test_an_interrupted_features_stage_resumes_after_its_last_segment(data_dir, 
     assert (folder / "model.npz").read_bytes() == (Path(fresh["run_dir"]) / "model.npz").read_bytes()
 
 
-@pytest.mark.parametrize("solver", ["gram", "cg"])
+@pytest.mark.parametrize("solver", ["gram", "cg", "dual"])
 def test_an_interrupted_ridge_fit_resumes_from_its_checkpoints(data_dir, tmp_path, monkeypatch, solver):
     from kmjax.classify import select
 
@@ -482,18 +520,19 @@ def test_an_interrupted_ridge_fit_resumes_from_its_checkpoints(data_dir, tmp_pat
         go(data_dir, tmp_path / "a", *extra)
     stages = tmp_path / "a" / "quick" / "stages"
     kept = sorted(p.name.rsplit("-", 1)[0] for p in stages.glob("classifier.*.npz"))
-    assert kept == (["classifier.gram"] if solver == "gram" else
-                    ["classifier.cg-prep-search", "classifier.cg-search-C1", "classifier.cg-search-C10"])
+    assert kept == {"gram": ["classifier.gram"], "dual": ["classifier.kernel"],
+                    "cg": ["classifier.cg-prep-search", "classifier.cg-search-C1", "classifier.cg-search-C10"]}[solver]
     monkeypatch.undo()
     gram_calls = []
-    if solver == "gram":
-        monkeypatch.setattr(select, "gram_stats", lambda *a, **k: gram_calls.append(1))
+    if solver in ("gram", "dual"):
+        name = "gram_stats" if solver == "gram" else "accumulate_kernel"
+        monkeypatch.setattr(select, name, lambda *a, **k: gram_calls.append(1))
     res = run(config(*extra), data_dir=data_dir, out=tmp_path / "a", resume=tmp_path / "a" / "quick", quiet=True)
     monkeypatch.undo()
     assert not gram_calls  # the Gram statistics were read back, not accumulated again
     assert not list(stages.glob("classifier.*.npz"))  # the checkpoints are gone with the finished stage
     fresh = go(data_dir, tmp_path / "b", *extra)
-    if solver == "gram":  # the same statistics: the same model, byte for byte
+    if solver in ("gram", "dual"):  # the same statistics: the same model, byte for byte
         assert (stages.parent / "model.npz").read_bytes() == (Path(fresh["run_dir"]) / "model.npz").read_bytes()
     assert res["C_validation"] == fresh["C_validation"] and res["classifier"]["C"] == fresh["classifier"]["C"]
     assert abs(res["test_accuracy"] - fresh["test_accuracy"]) <= 1 / 40

@@ -44,7 +44,7 @@ __all__ = ["KernelStats", "empty_kernel_stats", "accumulate_kernel", "kernel_mem
            "dual_scores", "primal_model"]
 
 _COLUMNS = 4096  # feature columns per block: 0.8 GB of float32 at N = 50,000
-_TILE_ROWS = 2048  # kernel rows per float64 product in the refinement
+_TILE_ROWS = 512  # kernel rows per float64 product (185 MB at N = 45,000)
 
 
 class KernelStats(NamedTuple):

@@ -210,18 +210,22 @@ def _fit_ridge_dual(features, labels, num_classes, C, C_grid, split, mirror, rep
     if log is not None:
         log(f"  dual ridge ({f:,} features, {n:,} rows): a {n:,} x {n:,} float32 kernel and its factorization, "
             f"{kernel_memory(n) / 2**30:.1f} GB")
-    stats = None if checkpoints is None else checkpoints.load("kernel", _KERNEL_LIKE)
+    # a saved kernel is mapped, not read: once complete, the solves read it through the page cache,
+    # and the process holds only one factorization
+    stats = None if checkpoints is None else checkpoints.load("kernel", _KERNEL_LIKE, mmap=True)
     if stats is None or stats.kernel.shape != (n, n) or stats.mean.shape != (f,):
         stats = empty_kernel_stats(n, f)
-    stats = KernelStats(*(np.array(a) for a in stats))  # writeable copies
-    reporter = report("kernel", "features")
-    saved = time.monotonic()
-    while int(stats.columns) < f:
-        accumulate_kernel(stats, features, until=int(stats.columns) + 4 * 4096, progress=reporter)
-        done = int(stats.columns) == f
-        if checkpoints is not None and (done or time.monotonic() - saved > _SAVE_EVERY):
-            checkpoints.save("kernel", stats)
-            saved = time.monotonic()
+    if int(stats.columns) < f:
+        stats = KernelStats(*(np.array(a) for a in stats))  # writeable copies to grow
+        reporter = report("kernel", "features")
+        saved = time.monotonic()
+        while int(stats.columns) < f:
+            accumulate_kernel(stats, features, until=int(stats.columns) + 4 * 4096, progress=reporter)
+            if checkpoints is not None and (int(stats.columns) == f or time.monotonic() - saved > _SAVE_EVERY):
+                checkpoints.save("kernel", stats)
+                saved = time.monotonic()
+        if checkpoints is not None:
+            stats = checkpoints.load("kernel", _KERNEL_LIKE, mmap=True)
     scores = {}
     if C_grid:
         fit, _, scored = split
@@ -269,10 +273,11 @@ def fit_classifier(features, labels, *, num_classes: int, loss: str = "svm", C: 
         the CG solver's set-up and passes.
       log: optional callable given one line of text per C tried.
       checkpoints: optional store of a ridge fit's intermediate results, so that an interrupted
-        fit resumes: an object with ``load(name, like)`` (the tree saved under ``name``, in the
-        structure of the ``kmjax.checkpoint.Slot`` template ``like``, or None) and ``save(name,
-        tree)``. Ridge keeps its Gram statistics ("gram") or its kernel ("kernel"), the CG solver its set-up and each C's weights. The
-        caller keys it by everything that determines the fit (the runner: the classifier stage key).
+        fit resumes: an object with ``load(name, like, mmap=False)`` (the tree saved under ``name``,
+        in the structure of the ``kmjax.checkpoint.Slot`` template ``like``, its arrays read-only
+        memmaps with ``mmap``; or None) and ``save(name, tree)``. Ridge keeps its Gram statistics
+        ("gram") or its kernel ("kernel"), the CG solver its set-up and each C's weights. The caller
+        keys it by everything that determines the fit (the runner: the classifier stage key).
 
     Returns:
       ClassifierFit(standardizer, model, C, scores, n_iter, objective, grad_norm).

@@ -146,10 +146,10 @@ class StageStore:
         except OSError as e:
             raise _unwritable(self.folder, e) from None
 
-    def load_tree(self, stage, key, like):
-        """(tree, meta) of a finished stage, or None."""
+    def load_tree(self, stage, key, like, mmap: bool = False):
+        """(tree, meta) of a finished stage, or None; ``mmap``: arrays as read-only memmaps."""
         path = self._path(stage, key, ".npz")
-        return load_tree(path, like, "stage file") if path.is_file() else None
+        return load_tree(path, like, "stage file", mmap=mmap) if path.is_file() else None
 
     def save_tree(self, stage, key, tree, meta):
         self._mkdir()
@@ -246,9 +246,9 @@ class StageCheckpoints:
     def __init__(self, store: StageStore, stage: str, key: str, log=None):
         self.store, self.stage, self.key, self.log = store, stage, key, log
 
-    def load(self, name, like):
+    def load(self, name, like, mmap: bool = False):
         try:
-            saved = self.store.load_tree(f"{self.stage}.{name}", self.key, like)
+            saved = self.store.load_tree(f"{self.stage}.{name}", self.key, like, mmap)
         except FileFormatError:
             return None
         if saved is not None and self.log is not None:
