@@ -15,7 +15,8 @@ import numpy as np
 
 from kmjax._ops import matmul, max_argmax
 
-__all__ = ["ENCODERS", "Encoder", "triangle", "hard", "soft_threshold", "nearest_q", "encode", "num_outputs"]
+__all__ = ["ENCODERS", "Encoder", "triangle", "hard", "soft_threshold", "nearest_q", "encode", "num_outputs",
+           "is_separable"]
 
 
 def triangle(x, centroids, precision: str = "float32"):
@@ -142,6 +143,7 @@ class Encoder(NamedTuple):
     fn: Callable
     outputs: int  # codes per centroid
     params: tuple = ()
+    separable: bool = False  # the codes of atom k depend on x and c_k alone: atoms can be encoded in tiles
 
 
 # The vocabulary of encoders, defined once: the config schema, FeatureSpec checks and the
@@ -149,7 +151,7 @@ class Encoder(NamedTuple):
 ENCODERS: dict[str, Encoder] = {
     "triangle": Encoder(lambda x, c, alpha, precision: triangle(x, c, precision), 1),
     "hard": Encoder(lambda x, c, alpha, precision: hard(x, c, precision), 1),
-    "soft_threshold": Encoder(soft_threshold, 2),
+    "soft_threshold": Encoder(soft_threshold, 2, separable=True),
     "nearest_q": Encoder(lambda x, c, alpha, precision, q: nearest_q(x, c, q, precision), 2, ("q",)),
 }
 
@@ -158,6 +160,11 @@ def _lookup(encoder: str) -> Encoder:
     if encoder not in ENCODERS:
         raise ValueError(f"unknown encoder {encoder!r}; choose one of {tuple(ENCODERS)}")
     return ENCODERS[encoder]
+
+
+def is_separable(encoder: str) -> bool:
+    """Whether ``encoder`` codes each atom independently of the others (tileable over atoms)."""
+    return _lookup(encoder).separable
 
 
 def num_outputs(encoder: str, k: int) -> int:

@@ -19,7 +19,7 @@ import numpy as np
 
 from kmjax._checks import check_images, check_matrix, host_only, positive_int
 from kmjax._ops import check_precision
-from kmjax.encoders import ENCODERS, encode, num_outputs
+from kmjax.encoders import ENCODERS, encode, is_separable, num_outputs
 from kmjax.patches import _extract, grid_size
 from kmjax.pooling import POOLS, num_regions, pool
 from kmjax.preprocess import ZCA, apply_zca, normalize_patches
@@ -100,11 +100,29 @@ def _default_step(spec, k, image_shape, memory_mb) -> int:
     return auto_batch_size(spec, k, image_shape, memory_mb)
 
 
-@partial(jax.jit, static_argnames=("spec", "step", "precision"))
-def batch_features(images, zca, centroids, *, spec: FeatureSpec, step: int = 1, precision: str = "float32"):
+def _atom_tile(spec: FeatureSpec, k: int) -> int:
+    """Atoms encoded and pooled together (0: all at once). On a CPU a separable encoder with sum
+    pooling works through tiles of atoms whose (positions x tile) codes stay in cache between the
+    product, the encoder and the pooling product; an accelerator takes all atoms at once."""
+    if jax.default_backend() != "cpu" or spec.pool != "sum" or not is_separable(spec.encoder) or k <= _TILE:
+        return 0
+    return _TILE
+
+
+_TILE = 512  # atoms per tile on CPUs: 729 positions x 512 x 2 codes x 4 bytes = 3 MB
+
+
+@partial(jax.jit, static_argnames=("spec", "step", "precision", "tile"))
+def batch_features(images, zca, centroids, *, spec: FeatureSpec, step: int = 1, precision: str = "float32",
+                   tile: int = 0):
     """(B, H, W, C) images -> (B, feature_dim) float32 features, ``step`` images per encoder product
     (B a multiple of ``step``): the jit-compiled body of ``extract_features``, for use inside
-    ``jax.jit`` (no argument checks, the whole batch at once)."""
+    ``jax.jit`` (no argument checks, the whole batch at once).
+
+    tile: for an encoder that codes each atom on its own (``soft_threshold``) with sum pooling,
+    encode and pool ``tile`` atoms at a time (the dictionary padded with zero atoms to a multiple
+    of it; their codes are dropped), so that the codes of one tile stay in cache; 0: all at once.
+    """
     patches = _extract(images, spec.patch_size, spec.stride)
     b, gh, gw, d = patches.shape
     x = patches.reshape(-1, d).astype(jnp.float32)
@@ -113,11 +131,24 @@ def batch_features(images, zca, centroids, *, spec: FeatureSpec, step: int = 1, 
     if zca is not None:
         x = apply_zca(zca, x)
 
-    def encode_pool(xs):  # (step, gh * gw, D) -> (step, feature_dim)
-        codes = encode(xs.reshape(-1, d), centroids, spec.encoder, spec.alpha, precision, q=spec.q)
-        return pool(codes.reshape(xs.shape[0], gh, gw, -1), spec.grid, spec.pool, *_windows(spec))
+    def encode_pool(xs, atoms):  # (step, gh * gw, D), (k, D) -> (step, regions, outputs, k)
+        codes = encode(xs.reshape(-1, d), atoms, spec.encoder, spec.alpha, precision, q=spec.q)
+        pooled = pool(codes.reshape(xs.shape[0], gh, gw, -1), spec.grid, spec.pool, *_windows(spec))
+        return pooled.reshape(xs.shape[0], -1, ENCODERS[spec.encoder].outputs, atoms.shape[0])
 
-    feats = jax.lax.map(encode_pool, x.reshape(b // step, step, gh * gw, d)).reshape(b, -1)
+    k = centroids.shape[0]
+    if tile:
+        tiles = -(-k // tile)
+        padded = jnp.concatenate([centroids, jnp.zeros((tiles * tile - k, d), centroids.dtype)])
+
+        def encode_pool_tiled(xs):  # (step, regions, outputs, tiles * tile), the padding cut off below
+            parts = jax.lax.map(lambda atoms: encode_pool(xs, atoms), padded.reshape(tiles, tile, d))
+            return jnp.moveaxis(parts, 0, 3).reshape(*parts.shape[1:4], tiles * tile)[..., :k]
+
+        feats = jax.lax.map(encode_pool_tiled, x.reshape(b // step, step, gh * gw, d))
+    else:
+        feats = jax.lax.map(lambda xs: encode_pool(xs, centroids), x.reshape(b // step, step, gh * gw, d))
+    feats = feats.reshape(b, -1)
     if spec.mirror_sums:
         feats = pair_sums(feats, mirror_pairs(spec, centroids.shape[0], images.shape[1:]))
     return feats
@@ -162,7 +193,8 @@ def _check_spec(spec: FeatureSpec, images, centroids, zca) -> None:
 
 def prepare_features(images, centroids, zca, spec: FeatureSpec, *, precision: str, step, batch_size,
                      memory_mb: float, shards: int = 1):
-    """Check the arguments of a feature extraction; return (centroids, step, batch_size).
+    """Check the arguments of a feature extraction; return (centroids, step, batch_size, tile), the
+    last ``batch_features``'s atoms per tile.
 
     The one argument-checking and batch-planning path of ``extract_features`` and
     ``kmjax.parallel.extract_features_sharded`` (a batch split over ``shards`` devices, ``step``
@@ -180,7 +212,7 @@ def prepare_features(images, centroids, zca, spec: FeatureSpec, *, precision: st
     step = positive_int(_default_step(spec, k, images.shape[1:], memory_mb) if step is None else step, "step")
     unit = step * shards
     batch_size = max(step, 128) * shards if batch_size is None else positive_int(batch_size, "batch_size")
-    return centroids, step, -(-batch_size // unit) * unit
+    return centroids, step, -(-batch_size // unit) * unit, _atom_tile(spec, k)
 
 
 def extract_features(
@@ -217,12 +249,13 @@ def extract_features(
       (N, feature_dim(spec, K, images.shape[1:])) float32 NumPy array (host memory: features of
       a whole data set are the largest array of the pipeline and stay off the accelerator).
     """
-    centroids, step, batch_size = prepare_features(images, centroids, zca, spec, precision=precision, step=step,
-                                                   batch_size=batch_size, memory_mb=memory_mb)
+    centroids, step, batch_size, tile = prepare_features(images, centroids, zca, spec, precision=precision,
+                                                         step=step, batch_size=batch_size, memory_mb=memory_mb)
     k = centroids.shape[0]
 
     def compute(batch):
-        return batch_features(jnp.asarray(batch), zca, centroids, spec=spec, step=step, precision=precision)
+        return batch_features(jnp.asarray(batch), zca, centroids, spec=spec, step=step, precision=precision,
+                              tile=tile)
 
     return run_batches(images, batch_size, feature_dim(spec, k, images.shape[1:]), compute, progress, out)
 

@@ -189,9 +189,9 @@ def kmeans_sharded(
     return _lloyd_sharded(xs, ws, c0, jax.device_put(tol, replicated), mesh=mesh, axis_name=axis_name, spec=spec)
 
 
-@partial(jax.jit, static_argnames=("mesh", "axis_name", "spec", "step", "precision"))
-def _sharded_features(images, zca, centroids, *, mesh, axis_name, spec, step, precision):
-    f = partial(batch_features, spec=spec, step=step, precision=precision)
+@partial(jax.jit, static_argnames=("mesh", "axis_name", "spec", "step", "precision", "tile"))
+def _sharded_features(images, zca, centroids, *, mesh, axis_name, spec, step, precision, tile):
+    f = partial(batch_features, spec=spec, step=step, precision=precision, tile=tile)
     return jax.shard_map(f, mesh=mesh, in_specs=(P(axis_name), P(), P()),
                          out_specs=P(axis_name))(images, zca, centroids)
 
@@ -231,8 +231,9 @@ def extract_features_sharded(
         raise ValueError("extract_features_sharded needs a mesh of this process's devices; on several "
                          "hosts run it in each process on that process's images (see kmjax.parallel)")
     shards = mesh.shape[axis_name]
-    centroids, step, batch_size = prepare_features(images, centroids, zca, spec, precision=precision, step=step,
-                                                   batch_size=batch_size, memory_mb=memory_mb, shards=shards)
+    centroids, step, batch_size, tile = prepare_features(images, centroids, zca, spec, precision=precision,
+                                                         step=step, batch_size=batch_size, memory_mb=memory_mb,
+                                                         shards=shards)
     k = centroids.shape[0]
     replicated = NamedSharding(mesh, P())
     rows = NamedSharding(mesh, P(axis_name))
@@ -241,6 +242,6 @@ def extract_features_sharded(
         zca = jax.device_put(zca, replicated)
     def compute(batch):
         return _sharded_features(jax.device_put(batch, rows), zca, centroids, mesh=mesh,
-                                       axis_name=axis_name, spec=spec, step=step, precision=precision)
+                                 axis_name=axis_name, spec=spec, step=step, precision=precision, tile=tile)
 
     return run_batches(images, batch_size, feature_dim(spec, k, images.shape[1:]), compute, progress, out)

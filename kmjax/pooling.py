@@ -5,9 +5,11 @@ from __future__ import annotations
 import math
 import numbers
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
-__all__ = ["POOLS", "grid_edges", "window_starts", "num_regions", "pool"]
+__all__ = ["POOLS", "grid_edges", "window_starts", "num_regions", "region_spans", "pool_matrix", "pool"]
 
 POOLS = {"sum": jnp.sum, "max": jnp.max}  # the vocabulary of pooling operations, defined once
 
@@ -65,18 +67,39 @@ def pool(feature_map, grid: int = 2, op: str = "sum", size: int | None = None, s
     """
     if op not in POOLS:
         raise ValueError(f"unknown pooling {op!r}; choose one of {tuple(POOLS)}")
-    _, h, w, _ = feature_map.shape
+    n, h, w, f = feature_map.shape
+    if op == "sum":  # one matrix product: the map is read once, not once per (overlapping) region
+        # as a plain 2-D product (R, HW) x (HW, N F): XLA's CPU dot with a batch dimension is 2x slower
+        m = jnp.asarray(pool_matrix(h, w, grid, size, stride))
+        flat = jnp.moveaxis(feature_map.reshape(n, h * w, f), 0, 1).reshape(h * w, n * f)
+        out = jnp.matmul(m, flat, precision=jax.lax.Precision.HIGHEST).reshape(-1, n, f)
+        return jnp.moveaxis(out, 1, 0).reshape(n, -1)
+    row_spans, col_spans = region_spans(h, w, grid, size, stride)
+    regions = [jnp.max(feature_map[:, r0:r1, c0:c1, :], axis=(1, 2)) for r0, r1 in row_spans for c0, c1 in col_spans]
+    return jnp.concatenate(regions, axis=1)
+
+
+def region_spans(h: int, w: int, grid: int = 2, size: int | None = None, stride: int | None = None):
+    """(row spans, column spans) [(start, stop), ...] of the regions ``pool`` pools an h x w map
+    over, with the same arguments; regions are every (row span, column span), row-major."""
     if size is None:
         if stride is not None:
             raise ValueError(f"a pooling stride ({stride!r}) needs a window size: pass size= too")
-        if not isinstance(grid, int) or grid < 1 or grid > min(h, w):
+        if isinstance(grid, bool) or not isinstance(grid, numbers.Integral) or grid < 1 or grid > min(h, w):
             raise ValueError(f"grid must be an integer from 1 to {min(h, w)} for a {h}x{w} map, got {grid!r}")
         rows, cols = grid_edges(h, grid), grid_edges(w, grid)
-        row_spans, col_spans = list(zip(rows[:-1], rows[1:])), list(zip(cols[:-1], cols[1:]))
-    else:
-        size, stride = _window_args(size, stride)
-        row_spans = [(r, r + size) for r in window_starts(h, size, stride)]
-        col_spans = [(c, c + size) for c in window_starts(w, size, stride)]
-    reduce = POOLS[op]
-    regions = [reduce(feature_map[:, r0:r1, c0:c1, :], axis=(1, 2)) for r0, r1 in row_spans for c0, c1 in col_spans]
-    return jnp.concatenate(regions, axis=1)
+        return list(zip(rows[:-1], rows[1:])), list(zip(cols[:-1], cols[1:]))
+    size, stride = _window_args(size, stride)
+    return ([(r, r + size) for r in window_starts(h, size, stride)],
+            [(c, c + size) for c in window_starts(w, size, stride)])
+
+
+def pool_matrix(h: int, w: int, grid: int = 2, size: int | None = None, stride: int | None = None) -> np.ndarray:
+    """(R, h * w) float32 0/1 matrix: row r marks the positions (row-major) of region r of ``pool``
+    with the same arguments, so sum pooling of a (h * w, F) map is this matrix times the map."""
+    row_spans, col_spans = region_spans(h, w, grid, size, stride)
+    m = np.zeros((len(row_spans), len(col_spans), h, w), np.float32)
+    for i, (r0, r1) in enumerate(row_spans):
+        for j, (c0, c1) in enumerate(col_spans):
+            m[i, j, r0:r1, c0:c1] = 1.0
+    return m.reshape(-1, h * w)

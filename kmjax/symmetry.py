@@ -52,7 +52,7 @@ import numpy as np
 import jax.numpy as jnp
 
 from kmjax.patches import grid_size
-from kmjax.pooling import grid_edges, window_starts
+from kmjax.pooling import region_spans
 from kmjax.preprocess import ZCA
 
 __all__ = ["patch_mirror_index", "close_dictionary", "symmetrize_zca", "check_flip_closed", "check_mirror_symmetric",
@@ -104,12 +104,9 @@ def check_flip_closed(centroids, patch_size: int, rtol: float = 1e-6) -> None:
                          "kmjax.close_dictionary or learn_dictionary(flip_closed=True)")
 
 
-def _spans(n: int, spec) -> list[tuple[int, int]]:
-    if spec.pool_size == 0:
-        edges = grid_edges(n, spec.grid)
-        return list(zip(edges[:-1], edges[1:]))
-    stride = spec.pool_stride or spec.pool_size
-    return [(s, s + spec.pool_size) for s in window_starts(n, spec.pool_size, stride)]
+def _region_spans(gh: int, gw: int, spec):
+    size = spec.pool_size or None
+    return region_spans(gh, gw, spec.grid, size, (spec.pool_stride or spec.pool_size) if size else None)
 
 
 def _mirror_columns(spec, image_shape) -> list[int]:
@@ -120,8 +117,8 @@ def _mirror_columns(spec, image_shape) -> list[int]:
         raise ValueError(f"the dense grid at stride {spec.stride} does not reach the right edge of {w}-pixel images "
                          f"with {spec.patch_size}-pixel patches, so it is not mirror-symmetric; use a stride that "
                          f"divides {w - spec.patch_size}")
-    _, gw = grid_size(h, w, spec.patch_size, spec.stride)
-    cols = _spans(gw, spec)
+    gh, gw = grid_size(h, w, spec.patch_size, spec.stride)
+    _, cols = _region_spans(gh, gw, spec)
     where = {span: i for i, span in enumerate(cols)}
     mirrored = [where.get((gw - c1, gw - c0)) for c0, c1 in cols]
     if None in mirrored:
@@ -147,7 +144,7 @@ def feature_mirror_permutation(spec, k: int, image_shape) -> np.ndarray:
     mirrored = _mirror_columns(spec, image_shape)
     h, w = image_shape[0], image_shape[1]
     gh, gw = grid_size(h, w, spec.patch_size, spec.stride)
-    n_rows, n_cols = len(_spans(gh, spec)), len(mirrored)
+    n_rows, n_cols = len(_region_spans(gh, gw, spec)[0]), len(mirrored)
     outputs = ENCODERS[spec.encoder].outputs
     region = np.arange(n_rows * n_cols).reshape(n_rows, n_cols)[:, mirrored].reshape(-1)
     atom = (np.arange(k) + k // 2) % k
