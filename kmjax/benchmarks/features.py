@@ -1,7 +1,8 @@
 """Dense feature extraction speed: images per second of the full pipeline at the paper's settings.
 
 Measures ``kmjax.extract_features`` (6x6x3 patches at stride 1 -> per-patch normalization -> ZCA
--> triangle encoding against K centroids -> quadrant sum pooling) on synthetic 32x32x3 uint8
+-> triangle encoding against K centroids -> quadrant sum pooling; ``--encoder`` and
+``--pool-size`` / ``--pool-stride`` choose others) on synthetic 32x32x3 uint8
 images, and, in the same run, the machine's float32 matrix-product peak, so that the result is
 also a fraction of what the hardware allows. Two variants of the same code are timed side by
 side: the default schedule for this backend, and one wide matrix product per batch
@@ -25,6 +26,7 @@ import jax
 import numpy as np
 
 from kmjax.benchmarks.common import matmul_peak
+from kmjax.experiment.report import cpu_model
 from kmjax.features import FeatureSpec, extract_features
 from kmjax.preprocess import fit_zca
 
@@ -38,6 +40,12 @@ def main(argv=None):
                    help="images per matrix product in the batch-wide variant (default 64)")
     p.add_argument("--precision", default="float32", choices=("float32", "tf32", "bfloat16"),
                    help="the encoder's matrix products (tf32/bfloat16: faster on GPUs; default float32)")
+    p.add_argument("--encoder", default="triangle", choices=("triangle", "soft_threshold"),
+                   help="the encoder (default triangle; soft_threshold is encoded in tiles of atoms on CPUs)")
+    p.add_argument("--pool-size", type=int, default=0,
+                   help="pooling windows of this many positions (15 with --pool-stride 6: 3x3 windows); "
+                        "default 0: the paper's quadrants")
+    p.add_argument("--pool-stride", type=int, default=0, help="the windows' step (default: --pool-size)")
     p.add_argument("--json", help="write the records to this file")
     args = p.parse_args(argv)
 
@@ -45,7 +53,7 @@ def main(argv=None):
     images = rng.integers(0, 256, (args.images, 32, 32, 3), dtype=np.uint8)
     centroids = rng.standard_normal((args.k, 108)).astype(np.float32)
     zca = fit_zca(rng.standard_normal((5000, 108)).astype(np.float32), 0.1)
-    spec = FeatureSpec()
+    spec = FeatureSpec(encoder=args.encoder, pool_size=args.pool_size, pool_stride=args.pool_stride)
     positions, d = 27 * 27, 108
     flops_per_image = 2 * positions * d * args.k + 2 * positions * d * d
 
@@ -63,9 +71,10 @@ def main(argv=None):
             times[name].append(time.perf_counter() - t0)
 
     meta = {"device": jax.devices()[0].device_kind, "backend": jax.default_backend(), "jax": jax.__version__,
-            "cpu_count": __import__("os").cpu_count(), "python": platform.python_version()}
+            "cpu_count": __import__("os").cpu_count(), "cpu": cpu_model(), "python": platform.python_version(),
+            "encoder": args.encoder, "pool_size": args.pool_size, "pool_stride": args.pool_stride}
     records = []
-    print(f"dense triangle features, K = {args.k}, {args.images} images of 32x32x3, "
+    print(f"dense {args.encoder} features, K = {args.k}, {args.images} images of 32x32x3, "
           f"{meta['device']} ({meta['backend']}); matrix-product peak {peak:.0f} GFLOP/s")
     print(f"{'variant':12s} {'images/s':>9s} {'GFLOP/s':>8s} {'of peak':>8s} {'vs batch-wide':>14s}")
     rates = {name: args.images / float(np.median(t)) for name, t in times.items()}
