@@ -1,6 +1,6 @@
 """Experiment configuration: a TOML file with one table per stage, validated against a schema.
 
-Every key has a default (the authors' settings, see the README), so a config only states what
+Every key has a default (the authors' settings, docs/design.md), so a config only states what
 it changes. An unknown or misspelled key, or a value of the wrong type, is an error that names
 the key and lists what is valid.
 """

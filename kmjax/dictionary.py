@@ -2,7 +2,7 @@
 
 ``learn_dictionary`` is the first half of the single-layer system (the second is
 ``extract_features``); the runner and ``kmjax.sklearn.CoatesFeatures`` both call it. Its defaults
-are the authors' released settings (see the README's reference settings).
+are the authors' released settings (docs/design.md, "Reference settings").
 """
 
 from __future__ import annotations
