@@ -378,9 +378,10 @@ def test_tiled_cholesky_solves_like_numpy(products):
     a = (b.T @ b + 23 * np.eye(23)).astype(np.float32)
     r = rng.standard_normal((23, 3)).astype(np.float32)
     want = np.linalg.solve(a.astype(np.float64), r)
-    l = _cholesky(a.copy(), tile=7)  # ragged last tile
-    np.testing.assert_allclose(np.tril(l), np.linalg.cholesky(a.astype(np.float64)), atol=1e-5)
-    np.testing.assert_allclose(_cholesky_solve(l, r, tile=7), want, rtol=1e-4, atol=1e-5)
+    for block in (5, 7, 23):  # diagonal blocks narrower than, equal to the update tiles, and one block
+        l = _cholesky(a.copy(), tile=7, block=block)  # ragged last tile and block
+        np.testing.assert_allclose(np.tril(l), np.linalg.cholesky(a.astype(np.float64)), atol=1e-5)
+        np.testing.assert_allclose(_cholesky_solve(l, r, tile=7), want, rtol=1e-4, atol=1e-5)
 
 
 def test_ridge_solvers_give_the_same_model_with_products_on_the_device(monkeypatch, tmp_path):
@@ -389,6 +390,7 @@ def test_ridge_solvers_give_the_same_model_with_products_on_the_device(monkeypat
 
     x, labels = _correlated_problem(n=600, f=40, seed=3)
     monkeypatch.setattr(tiled, "_TILE", 16)  # several tiles, a ragged last one
+    monkeypatch.setattr(tiled, "_BLOCK", 12)
     fits = {}
     for device in (False, True):
         monkeypatch.setattr(tiled, "ON_DEVICE", device)

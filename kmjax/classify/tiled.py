@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 _TILE = 16384  # rows/columns per tile: below 32,000, where the whole-matrix calls crash
+_BLOCK = 16384  # diagonal blocks of the Cholesky factorization
 ON_DEVICE: bool | None = None  # None: products on the default device when it is an accelerator; True/False: force
 
 
@@ -99,16 +100,20 @@ def _triangular(l, b, trans: bool = False):
     return np.asarray(jax.scipy.linalg.solve_triangular(jnp.asarray(l), jnp.asarray(b), lower=True, trans=int(trans)))
 
 
-def _cholesky(a, tile: int | None = None):
+def _cholesky(a, tile: int | None = None, block: int | None = None):
     """The lower Cholesky factor of a symmetric positive definite float32 ``a``, computed in place
-    (its upper triangle is left as garbage) by tiles of at most ``tile``: the LAPACK factorization
-    of a whole 32,000 x 32,000 matrix crashes (SIGSEGV) in the OpenBLAS that jaxlib ships, and
-    NumPy's already at 16,384 (both seen on this project's AVX-512 machine), so the tiles go
-    through jaxlib's."""
+    (its upper triangle is left as garbage), right-looking by diagonal blocks of at most ``block``
+    (default ``_BLOCK``): each block is factored by jaxlib's LAPACK, the panel below it solved
+    against it, and the trailing lower part updated by matrix products of at most ``tile``
+    columns. Almost all the work is in those products (BLAS, or the device per ``on_device``):
+    LAPACK's own factorization runs at a tenth of the product's speed on CPUs here, and crashes
+    (SIGSEGV) on whole 32,000 x 32,000 matrices in the OpenBLAS jaxlib ships (NumPy's already at
+    16,384), so it only ever sees ``block``-sized ones."""
     tile = _TILE if tile is None else tile
+    block = _BLOCK if block is None else block
     f = a.shape[0]
-    for i in range(0, f, tile):
-        j = min(i + tile, f)
+    for i in range(0, f, block):
+        j = min(i + block, f)
         a[i:j, i:j] = np.asarray(jax.scipy.linalg.cholesky(jnp.asarray(a[i:j, i:j]), lower=True))
         if j < f:
             panel = _triangular(a[i:j, i:j], a[j:, i:j].T).T  # L_ji = A_ji L_ii^-T
