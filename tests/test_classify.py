@@ -378,8 +378,8 @@ def test_tiled_cholesky_solves_like_numpy(products):
     a = (b.T @ b + 23 * np.eye(23)).astype(np.float32)
     r = rng.standard_normal((23, 3)).astype(np.float32)
     want = np.linalg.solve(a.astype(np.float64), r)
-    for block in (5, 7, 23):  # diagonal blocks narrower than, equal to the update tiles, and one block
-        l = _cholesky(a.copy(), tile=7, block=block)  # ragged last tile and block
+    for block in (5, 7, 23):  # several blocks, and one
+        l = _cholesky(a.copy(), block=block)  # a ragged last block
         np.testing.assert_allclose(np.tril(l), np.linalg.cholesky(a.astype(np.float64)), atol=1e-5)
         np.testing.assert_allclose(_cholesky_solve(l, r, tile=7), want, rtol=1e-4, atol=1e-5)
 

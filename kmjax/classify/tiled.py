@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 _TILE = 16384  # rows/columns per tile: below 32,000, where the whole-matrix calls crash
-_BLOCK = 16384  # diagonal blocks of the Cholesky factorization
+_BLOCK = 4096  # blocks of the Cholesky factorization (as fast as 16,384 at 16,384 rows, with small temporaries)
 ON_DEVICE: bool | None = None  # None: products on the default device when it is an accelerator; True/False: force
 
 
@@ -100,16 +100,15 @@ def _triangular(l, b, trans: bool = False):
     return np.asarray(jax.scipy.linalg.solve_triangular(jnp.asarray(l), jnp.asarray(b), lower=True, trans=int(trans)))
 
 
-def _cholesky(a, tile: int | None = None, block: int | None = None):
+def _cholesky(a, block: int | None = None):
     """The lower Cholesky factor of a symmetric positive definite float32 ``a``, computed in place
-    (its upper triangle is left as garbage), right-looking by diagonal blocks of at most ``block``
-    (default ``_BLOCK``): each block is factored by jaxlib's LAPACK, the panel below it solved
-    against it, and the trailing lower part updated by matrix products of at most ``tile``
-    columns. Almost all the work is in those products (BLAS, or the device per ``on_device``):
-    LAPACK's own factorization runs at a tenth of the product's speed on CPUs here, and crashes
-    (SIGSEGV) on whole 32,000 x 32,000 matrices in the OpenBLAS jaxlib ships (NumPy's already at
-    16,384), so it only ever sees ``block``-sized ones."""
-    tile = _TILE if tile is None else tile
+    (its upper triangle is left as garbage), right-looking by blocks of at most ``block`` (default
+    ``_BLOCK``): each diagonal block is factored by jaxlib's LAPACK, the panel below it solved
+    against it, and the trailing lower part updated by matrix products ``block`` columns at a
+    time (BLAS, or the device per ``on_device``). LAPACK's factorization runs at about a quarter
+    of the product's speed on CPUs and crashes (SIGSEGV) on whole 32,000 x 32,000 matrices in the
+    OpenBLAS jaxlib ships (NumPy's already at 16,384), so it only sees ``block``-sized ones; the
+    temporaries are ``block`` columns wide (0.6 GB at 36,000 rows)."""
     block = _BLOCK if block is None else block
     f = a.shape[0]
     for i in range(0, f, block):
@@ -118,8 +117,8 @@ def _cholesky(a, tile: int | None = None, block: int | None = None):
         if j < f:
             panel = _triangular(a[i:j, i:j], a[j:, i:j].T).T  # L_ji = A_ji L_ii^-T
             a[j:, i:j] = panel
-            for k in range(j, f, tile):  # A_22 -= L_j L_j^T, lower part, by column tiles
-                a[k:, k : k + tile] -= matmul_nt(panel[k - j :], panel[k - j : k - j + tile])
+            for k in range(j, f, block):  # A_22 -= L_j L_j^T, lower part, by column tiles
+                a[k:, k : k + block] -= matmul_nt(panel[k - j :], panel[k - j : k - j + block])
     return a
 
 
