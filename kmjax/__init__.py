@@ -1,7 +1,7 @@
 """kmjax: Coates-Lee-Ng single-layer k-means features on CIFAR-10, as pure JAX functions.
 
 Data flows through the modules in this order: data -> (augment) -> patches -> preprocess ->
-cluster -> dictionary -> encoders -> pooling -> features -> classify -> model. The shell around them:
+cluster -> encoders -> pooling -> symmetry -> dictionary -> features -> classify -> model. The shell around them:
 experiment (runner, stage store, sweep), config, plots, cli; checkpoint writes every artifact.
 """
 
@@ -23,6 +23,7 @@ from kmjax.model import Model, load, load_dictionary, predict_images, save, save
 from kmjax.patches import extract_patches, sample_patches
 from kmjax.pooling import pool
 from kmjax.preprocess import ZCA, apply_zca, fit_zca, normalize_patches, standardize_dimensions
+from kmjax.symmetry import close_dictionary, feature_mirror_permutation, mirror_pairs, pair_sums
 
 __all__ = [
     "Cifar10", "DataError", "download_cifar10", "load_cifar10", "resolve_data_dir",
@@ -32,6 +33,7 @@ __all__ = [
     "Dictionary", "learn_dictionary",
     "encode", "triangle", "hard", "soft_threshold", "nearest_q", "pool", "mirror", "random_crops",
     "FeatureSpec", "extract_features", "batch_features", "feature_dim",
+    "close_dictionary", "feature_mirror_permutation", "mirror_pairs", "pair_sums",
     "Standardizer", "fit_standardizer", "standardize", "LinearModel", "svm_loss", "softmax_loss",
     "train_linear", "predict", "accuracy", "GramStats", "gram_stats", "accumulate_gram", "fit_ridge",
     "predict_features", "ClassifierFit", "fit_classifier", "validation_split", "search_C",

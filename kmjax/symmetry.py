@@ -51,6 +51,7 @@ import numpy as np
 
 import jax.numpy as jnp
 
+from kmjax.encoders import ENCODERS
 from kmjax.patches import grid_size
 from kmjax.pooling import region_spans
 from kmjax.preprocess import ZCA
@@ -137,8 +138,6 @@ def check_mirror_symmetric(spec, image_shape) -> None:
 def feature_mirror_permutation(spec, k: int, image_shape) -> np.ndarray:
     """(F,) int ``perm`` with phi(mirror x) = phi(x)[perm] for the features of ``spec`` (not
     reduced) with a flip-closed dictionary of ``k`` atoms in kmjax's layout. An involution."""
-    from kmjax.encoders import ENCODERS  # the encoders' output counts
-
     if k % 2:
         raise ValueError(f"a flip-closed dictionary has an even number of atoms, got K = {k}")
     mirrored = _mirror_columns(spec, image_shape)

@@ -43,6 +43,8 @@ JITTABLE = {
     "soft_threshold": (kmjax.soft_threshold, (X, C)),
     "nearest_q": (lambda x, c: kmjax.nearest_q(x, c, 2), (X, C)),
     "mirror": (kmjax.mirror, (IMAGES,)),
+    "close_dictionary": (lambda c: kmjax.close_dictionary(c, 2), (PATCH_C,)),
+    "pair_sums": (lambda x: kmjax.pair_sums(x, (np.arange(6), np.arange(6, 12))), (X,)),
     "random_crops": (lambda im: kmjax.random_crops(KEY, im, 2), (IMAGES,)),
     "pool": (lambda m: kmjax.pool(m, 2), (IMAGES,)),
     "batch_features": (lambda im: kmjax.batch_features(im, None, PATCH_C, spec=SPEC), (IMAGES,)),
@@ -70,7 +72,7 @@ HOST_LEVEL = {
 
 # no array inputs: files, names, sizes, callables
 NO_ARRAYS = {"load_cifar10", "download_cifar10", "resolve_data_dir", "save", "load", "save_dictionary",
-             "load_dictionary", "feature_dim", "search_C"}
+             "load_dictionary", "feature_dim", "search_C", "feature_mirror_permutation", "mirror_pairs"}
 
 
 @pytest.mark.parametrize("name", sorted(JITTABLE))
