@@ -14,9 +14,15 @@ strictly better: the lowest index on ties, as ``jnp.argmax``). D is zero-padded 
 and K to a multiple of ``block_k`` (padded centroids get an infinite penalty, so they never win),
 as Triton blocks require.
 
-Status: optional (``kmeans(kernel="pallas")``), and checked against the plain path by the tests
-on the CPU, where Pallas runs in interpret mode (slowly: the CPU default stays "xla"). Its speed
-on a GPU is not measured yet (``experiments/device_check.sh`` times it beside the plain path).
+Lowering: chosen by the platform the program is lowered for (``jax.lax.platform_dependent``),
+never by the default backend: on CPUs the kernel runs interpreted (Pallas has no CPU compiler;
+the numerical tests run it there); on NVIDIA and AMD GPUs it is compiled with Triton, which suits
+this kernel: a grid over row blocks, each a loop over centroid blocks with a (rows, D) x (D, K_b)
+product and row reductions, whose layouts Triton chooses (Mosaic GPU, the default Pallas GPU
+lowering of this JAX, refuses the transposed block: "Unimplemented primitive ... transpose");
+TPUs are refused (``check_kernel``; the plain path is what XLA fuses there).
+``tests/test_lowering.py`` exports it for CUDA and ROCm from a CPU, which fails if it does not
+lower. Its GPU speed is measured by ``experiments/device_check.sh`` when a GPU is lent.
 """
 
 from __future__ import annotations
@@ -54,6 +60,24 @@ def _kernel(x_ref, c_ref, pen_ref, best_ref, idx_ref, code_ref, *, block_k, n_bl
     code_ref[...] = code
 
 
+def _nearest_xla(x, centroids, spherical, precision, rows):
+    """The same three outputs from one product and a row maximum, padded to ``rows`` rows."""
+    proj = matmul(x, centroids.T, precision)
+    scores = jnp.abs(proj) if spherical else proj - 0.5 * jnp.sum(centroids * centroids, axis=1)
+    index = jnp.argmax(scores, axis=1).astype(jnp.int32)
+    best = jnp.take_along_axis(scores, index[:, None], axis=1)[:, 0]
+    code = jnp.take_along_axis(proj, index[:, None], axis=1)[:, 0]
+    pad = rows - x.shape[0]
+    return jnp.pad(best, (0, pad)), jnp.pad(index, (0, pad)), jnp.pad(code, (0, pad))
+
+
+def check_kernel(kernel: str) -> None:
+    """ValueError for the fused kernel on a backend it does not compile for (TPUs)."""
+    if kernel == "pallas" and jax.default_backend() == "tpu":
+        raise ValueError("kernel='pallas' is a GPU kernel (compiled with Triton; interpreted on CPUs); on a TPU use "
+                         "kernel='xla', whose product and row maximum XLA fuses there")
+
+
 @partial(jax.jit, static_argnames=("spherical", "precision", "block_rows", "block_k"))
 def nearest_pallas(x, centroids, *, spherical: bool, precision: str = "float32", block_rows: int = 128,
                    block_k: int = 128):
@@ -73,15 +97,30 @@ def nearest_pallas(x, centroids, *, spherical: bool, precision: str = "float32",
     pen = jnp.full((kp,), jnp.inf, jnp.float32).at[:k].set(half)
     kernel = partial(_kernel, block_k=block_k, n_blocks=kp // block_k, spherical=spherical, precision=precision)
     row = pl.BlockSpec((block_rows,), lambda i: (i,))
-    out = pl.pallas_call(
-        kernel,
-        out_shape=[jax.ShapeDtypeStruct((np_,), jnp.float32), jax.ShapeDtypeStruct((np_,), jnp.int32),
-                   jax.ShapeDtypeStruct((np_,), jnp.float32)],
-        grid=(np_ // block_rows,),
-        in_specs=[pl.BlockSpec((block_rows, dp), lambda i: (i, 0)), pl.BlockSpec((kp, dp), lambda i: (0, 0)),
-                  pl.BlockSpec((kp,), lambda i: (0,))],
-        out_specs=[row, row, row],
-        interpret=jax.default_backend() == "cpu",  # Pallas has no CPU compiler: the kernel is interpreted
-    )(xp, cp, pen)
+
+    def call(interpret, compiler_params=None):
+        return tuple(pl.pallas_call(
+            kernel,
+            out_shape=[jax.ShapeDtypeStruct((np_,), jnp.float32), jax.ShapeDtypeStruct((np_,), jnp.int32),
+                       jax.ShapeDtypeStruct((np_,), jnp.float32)],
+            grid=(np_ // block_rows,),
+            in_specs=[pl.BlockSpec((block_rows, dp), lambda i: (i, 0)), pl.BlockSpec((kp, dp), lambda i: (0, 0)),
+                      pl.BlockSpec((kp,), lambda i: (0,))],
+            out_specs=[row, row, row],
+            interpret=interpret,
+            compiler_params=compiler_params,
+        )(xp, cp, pen))
+
+    def triton():
+        from jax.experimental.pallas import triton as pltriton
+
+        return call(False, pltriton.CompilerParams(num_warps=4, num_stages=2))
+
+    # Chosen by the platform the program is lowered for, never by the default backend (so a program
+    # exported for a GPU from a CPU gets the compiled kernel, or fails to lower): CPUs interpret the
+    # kernel (Pallas has no CPU compiler); GPUs compile it with Triton; TPUs run the plain path
+    # (``kmeans`` refuses kernel="pallas" there, see ``check_kernel``).
+    out = jax.lax.platform_dependent(cpu=lambda: call(True), cuda=triton, rocm=triton,
+                                     default=lambda: _nearest_xla(x, centroids, spherical, precision, np_))
     best, index, code = (o[:n] for o in out)
     return best, index, code

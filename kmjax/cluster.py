@@ -17,6 +17,7 @@ import numpy as np
 
 from kmjax._checks import check_matrix, is_tracer, positive_int
 from kmjax._ops import check_precision, matmul, max_argmax
+from kmjax._pallas import check_kernel, nearest_pallas
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -116,7 +117,6 @@ def _nearest(xc, centroids, spec: LloydSpec):
     Lloyd: maximize x.c - ||c||^2 / 2. Spherical (OMP-1): maximize |x.c|.
     """
     if spec.kernel == "pallas":
-        from kmjax._pallas import nearest_pallas
 
         best, index, code = nearest_pallas(xc, centroids, spherical=spec.spherical, precision=spec.precision)
         return best, index, code if spec.spherical else None
@@ -385,6 +385,7 @@ def prepare_kmeans(x, k, *, init, max_iter, tol, chunk_size, empty, spherical, w
         raise ValueError(f"unknown update {update!r}; choose one of {UPDATES}")
     if kernel not in KERNELS:
         raise ValueError(f"unknown kernel {kernel!r}; choose one of {KERNELS}")
+    check_kernel(kernel)
     rows = -(-n // shards)
     chunk_size = _default_chunk(rows, k) if chunk_size is None else positive_int(chunk_size, "chunk_size")
     if isinstance(init, str):
