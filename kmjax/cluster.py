@@ -452,7 +452,8 @@ def kmeans(
         default "scatter" on CPUs, "matmul" on accelerators (deterministic there).
       kernel: how each pass finds the nearest centroids: "xla" (default: a chunk's scores from one
         product, then their row maximum) or "pallas" (one fused kernel that never writes the
-        scores; see ``kmjax/_pallas.py``: interpreted, slowly, on a CPU; GPU speed not yet measured).
+        scores; see ``kmjax/_pallas.py``: interpreted, slowly, on a CPU; compiled with Triton on GPUs;
+        refused on TPUs).
       progress: optional ``progress(iteration, max_iter, objective)`` called after each iteration
         (the loop then runs one iteration per call of the same compiled program: the same numbers,
         nothing compiled again for a new function, and no host callback inside the program, which

@@ -9,15 +9,14 @@ conjugate gradients: one iteration per pass over the (N, F) features (a ``np.mem
 contiguous row blocks, Z^T (Z P) accumulated block by block. Pooled features are strongly
 correlated (the same atoms in neighbouring regions), so plain CG needs hundreds of passes; a
 rank-r Nystrom approximation of Z^T Z (Frangella, Tropp and Udell, 2023: one sketch Z^T Z Omega of
-r random directions, two passes) removes the top of the spectrum. Measured on 7,200 real OMP-1
-features of 20,000 images: 50 passes at C = 100 with r = 1024, against over 300 with a
-block-diagonal preconditioner. Memory: one row block plus F x r floats.
+r random directions, two passes) removes the top of the spectrum (docs/results.md gives the
+passes it needed on real features). Memory: one row block plus F x r floats.
 
-Why this solver (and not the dual or an SGD head): with mirrored training images N = 100,000, so
-the dual's N x N kernel is 40 GB; an SGD-trained head needs a schedule tuned per size and gives no
-exact answer to check; CG needs no tuning, converges to the ridge solution (the residual is
-reported) and reads the features in the layout the features stage writes. Its cost is the
-number of passes over the features: below 32,000 features the exact solver is cheaper.
+When to use it: when both the F x F Gram matrix (``ridge``) and the N x N kernel (``dual``) are
+too large for memory, e.g. explicit mirrored rows (N = 100,000: a 40 GB kernel) at 72,000
+features. It needs no tuning and converges to the ridge solution (the residual is reported), but
+costs one pass over the features per iteration; wherever one of the exact solvers fits, it is
+cheaper.
 """
 
 from __future__ import annotations

@@ -162,8 +162,8 @@ def fit_ridge(stats: GramStats, C: float, eps: float = 0.01, refine: int = 3) ->
     host_only("fit_ridge", "nothing: the ridge statistics are accumulated on the host in float64: fit outside jit, or train_linear inside it", C, *stats)
     if not C > 0:
         raise ValueError(f"C must be > 0, got {C!r}")
-    # a Python float, as before count became an array: with a NumPy float64 scalar, ``a[diag] += lam``
-    # below would add in float64 instead of float32 (NumPy 2's promotion), which can round differently
+    # a Python float: with a NumPy float64 scalar, ``a[diag] += lam`` below would add in float64
+    # instead of float32 (NumPy 2's promotion), which can round differently
     n = float(stats.count)
     if n < 2:
         raise ValueError(f"fit_ridge needs statistics of at least 2 rows, got {n:g}")
