@@ -101,9 +101,10 @@ def test_extract_features_hard_matches_reference(setup):
     spec = FeatureSpec(patch_size=P, stride=2, encoder="hard", grid=2)
     got = extract_features(images, centroids, zca, spec)
     ref = reference_features(images, centroids, zca, spec)
-    # counts of nearest-centroid assignments: integers; a near-tie could flip one assignment,
-    # so allow at most one count moved per image-region pair, but require exact row totals
-    assert np.abs(got - ref).max() <= 1.0
+    # counts of nearest-centroid assignments: a float32 near-tie could move one assignment (two
+    # counts change by 1), so at most one such move in the whole set, and exact row totals; an
+    # encoder that picked another centroid (the farthest, the second nearest) moves dozens
+    assert np.abs(got - ref).sum() <= 2.0
     np.testing.assert_array_equal(got.reshape(N, 4, K).sum(-1), ref.reshape(N, 4, K).sum(-1))
 
 

@@ -76,10 +76,24 @@ def test_sum_pooling_preserves_the_total(n, h, w, f, grid):
 
 @FEW
 @given(m=st.integers(1, 30), d=st.integers(1, 10), k=st.integers(1, 10), alpha=st.floats(0, 1))
-def test_encoders_are_non_negative_with_the_right_width(m, d, k, alpha):
+def test_encoders_code_what_they_promise(m, d, k, alpha):
+    """hard marks the nearest centroid, triangle is positive exactly for the centroids nearer than
+    the mean distance, and the soft threshold shrinks c.x towards 0 by alpha, one sign per pair;
+    each checked against float64 distances where no near-tie makes float32 ambiguous."""
     rng = np.random.default_rng(3)
     x, c = rng.normal(size=(m, d)).astype(np.float32), rng.normal(size=(k, d)).astype(np.float32)
-    tri, hard, soft = kmjax.triangle(x, c), kmjax.hard(x, c), kmjax.soft_threshold(x, c, alpha)
+    tri, hard, soft = (np.asarray(f) for f in (kmjax.triangle(x, c), kmjax.hard(x, c), kmjax.soft_threshold(x, c, alpha)))
     assert tri.shape == hard.shape == (m, k) and soft.shape == (m, 2 * k)
-    assert (np.asarray(tri) >= 0).all() and (np.asarray(soft) >= 0).all()
-    np.testing.assert_array_equal(np.asarray(hard).sum(axis=1), 1.0)
+    x64, c64 = x.astype(np.float64), c.astype(np.float64)
+    dist = np.sqrt(((x64[:, None, :] - c64[None]) ** 2).sum(-1))
+    gap = np.sort(dist, axis=1)[:, 1] - dist.min(axis=1) if k > 1 else np.inf + 0 * dist[:, 0]
+    clear = gap > 1e-4
+    np.testing.assert_array_equal(hard.argmax(axis=1)[clear], dist.argmin(axis=1)[clear])
+    np.testing.assert_array_equal(hard.sum(axis=1), 1.0)
+    margin = dist.mean(axis=1, keepdims=True) - dist
+    decided = np.abs(margin) > 1e-4
+    np.testing.assert_array_equal((tri > 0)[decided], (margin > 0)[decided])
+    proj = x64 @ c64.T
+    shrunk = np.sign(proj) * np.maximum(np.abs(proj) - alpha, 0.0)
+    np.testing.assert_allclose(soft[:, :k] - soft[:, k:], shrunk, atol=1e-4)
+    assert not np.any((soft[:, :k] > 0) & (soft[:, k:] > 0))
