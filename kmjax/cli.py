@@ -158,7 +158,10 @@ def _cmd_info(args) -> int:
     from kmjax.data import BATCHES_FOLDER, ENV_VAR, _resolve
     from kmjax.experiment.compile_cache import ENV_VAR as CACHE_VAR, default_folder
 
+    from kmjax.experiment.report import cpu_model
+
     print(f"kmjax {__version__}, jax {jax.__version__}, backend {jax.default_backend()}")
+    print(f"  CPU: {cpu_model()}")
     for d in jax.devices():
         print(f"  device {d.id}: {d.device_kind} ({d.platform})")
     root, source = _resolve(args.data_dir)

@@ -151,7 +151,8 @@ def test_cli_filters_draws_the_dictionary(trained, tmp_path):
 
 def test_cli_info_and_help(capsys):
     assert main(["info"]) == 0
-    assert "jax" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "jax" in out and "CPU: " in out
     for cmd in ("run", "sweep", "export", "bench", "filters", "predict", "info"):
         with pytest.raises(SystemExit) as e:
             main([cmd, "--help"])

@@ -552,3 +552,15 @@ def test_the_anonymous_memory_peak_sees_a_large_array():
         time.sleep(0.1)
         del a
     assert memory.peak_mb >= before.peak_mb + 300
+
+
+def test_cpu_model_names_the_matrix_extensions(tmp_path, monkeypatch):
+    from kmjax.experiment import report
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: fpu avx2 avx512f amx_bf16 amx_tile\n")
+    real = report.Path
+    monkeypatch.setattr(report, "Path", lambda p: info if p == "/proc/cpuinfo" else real(p))
+    assert report.cpu_model() == "Some CPU (avx512f, amx_bf16)"
+    info.write_text("processor\t: 0\nmodel name\t: Plain CPU\nflags\t\t: fpu sse2\n")
+    assert report.cpu_model() == "Plain CPU"
