@@ -245,18 +245,20 @@ class StageCheckpoints:
 
     def __init__(self, store: StageStore, stage: str, key: str, log=None):
         self.store, self.stage, self.key, self.log = store, stage, key, log
+        self._written: set = set()  # names saved by this process: reading them back is no resumption
 
     def load(self, name, like, mmap: bool = False):
         try:
             saved = self.store.load_tree(f"{self.stage}.{name}", self.key, like, mmap)
         except FileFormatError:
             return None
-        if saved is not None and self.log is not None:
+        if saved is not None and self.log is not None and name not in self._written:
             self.log(f"[{self.stage}] resuming from its saved {name}")
         return None if saved is None else saved[0]
 
     def save(self, name, tree) -> None:
         self.store.save_tree(f"{self.stage}.{name}", self.key, tree, {"kind": "checkpoint"})
+        self._written.add(name)
 
     def clear(self) -> None:
         for path in self.store.folder.glob(f"{self.stage}.*-{self.key}.npz"):
