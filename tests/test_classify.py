@@ -12,7 +12,7 @@ from kmjax.classify import (
     GramStats, LinearModel, accumulate_gram, accuracy, empty_gram_stats, fit_ridge, fit_standardizer, gram_stats,
     predict, predict_features, softmax_loss, standardize, svm_loss, train_linear,
 )
-from kmjax.classify.tiled import _add_gram, _cholesky, _cholesky_solve, _mirror_tiles, _row_tiles_matmul
+from kmjax.classify.tiled import add_gram, cholesky, cholesky_solve, mirror_tiles, row_tiles_matmul
 
 
 def svm_ref(w, x, labels, C):
@@ -365,11 +365,11 @@ def test_tiled_gram_equals_the_plain_product(products):
     # of 32,000 columns); small tiles with a ragged last one exercise the same code on a small x.
     x = np.random.default_rng(0).standard_normal((50, 23)).astype(np.float32)
     gram = np.ones((23, 23))  # accumulates onto what is there, as accumulate_gram needs
-    _add_gram(gram, x, tile=7)
-    _mirror_tiles(gram, tile=7)
+    add_gram(gram, x, tile=7)
+    mirror_tiles(gram, tile=7)
     np.testing.assert_allclose(gram, 1.0 + x.astype(np.float64).T @ x, rtol=1e-5, atol=1e-4)
     v = np.random.default_rng(1).standard_normal((23, 3))
-    np.testing.assert_allclose(_row_tiles_matmul(gram, v, tile=7), gram @ v, rtol=1e-12, atol=1e-10)
+    np.testing.assert_allclose(row_tiles_matmul(gram, v, tile=7), gram @ v, rtol=1e-12, atol=1e-10)
 
 
 def test_tiled_cholesky_solves_like_numpy(products):
@@ -379,9 +379,9 @@ def test_tiled_cholesky_solves_like_numpy(products):
     r = rng.standard_normal((23, 3)).astype(np.float32)
     want = np.linalg.solve(a.astype(np.float64), r)
     for block in (5, 7, 23):  # several blocks, and one
-        l = _cholesky(a.copy(), block=block)  # a ragged last block
+        l = cholesky(a.copy(), block=block)  # a ragged last block
         np.testing.assert_allclose(np.tril(l), np.linalg.cholesky(a.astype(np.float64)), atol=1e-5)
-        np.testing.assert_allclose(_cholesky_solve(l, r, tile=7), want, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(cholesky_solve(l, r, tile=7), want, rtol=1e-4, atol=1e-5)
 
 
 def test_ridge_solvers_give_the_same_model_with_products_on_the_device(monkeypatch, tmp_path):

@@ -38,7 +38,7 @@ import numpy as np
 
 from kmjax._checks import host_only
 from kmjax.classify.linear import LinearModel, Standardizer
-from kmjax.classify.tiled import _add_gram, _cholesky, _cholesky_solve, _mirror_tiles
+from kmjax.classify.tiled import add_gram, cholesky, cholesky_solve, mirror_tiles
 
 __all__ = ["KernelStats", "empty_kernel_stats", "accumulate_kernel", "kernel_memory", "DualFit", "fit_dual",
            "dual_scores", "primal_model"]
@@ -106,12 +106,12 @@ def accumulate_kernel(stats: KernelStats, features, *, rows=None, until: int | N
         scale = np.sqrt(np.square(x).sum(axis=0) / (rows.size - 1) + eps)
         z = (x / scale).astype(np.float32)
         del x
-        _add_gram(stats.kernel, np.ascontiguousarray(z.T))
+        add_gram(stats.kernel, np.ascontiguousarray(z.T))
         stats.mean[start:stop], stats.scale[start:stop] = mean, scale
         stats.columns[...] = stop
         if progress is not None:
             progress(stop, f)
-    _mirror_tiles(stats.kernel)
+    mirror_tiles(stats.kernel)
     return stats
 
 
@@ -163,7 +163,7 @@ def fit_dual(stats: KernelStats, labels, C: float, *, num_classes: int, rows=Non
     for i in range(0, n, _TILE_ROWS):
         a[i : i + _TILE_ROWS] = _centred(kernel, rows[i : i + _TILE_ROWS], rows, fit)
     a[np.diag_indices_from(a)] += np.float32(lam)
-    factor = _cholesky(a)
+    factor = cholesky(a)
 
     def product(alpha):  # (K_c + lam I) alpha in float64, by row tiles of the float32 kernel
         out = np.empty_like(alpha)
@@ -172,9 +172,9 @@ def fit_dual(stats: KernelStats, labels, C: float, *, num_classes: int, rows=Non
         return out + lam * alpha
 
     target = y - y_mean
-    alpha = _cholesky_solve(factor, target).astype(np.float64)
+    alpha = cholesky_solve(factor, target).astype(np.float64)
     for _ in range(refine):
-        alpha += _cholesky_solve(factor, target - product(alpha)).astype(np.float64)
+        alpha += cholesky_solve(factor, target - product(alpha)).astype(np.float64)
     if not np.all(np.isfinite(alpha)):
         raise ValueError(f"the dual ridge system at C = {C:g} is too ill-conditioned for a float32 factorization; "
                          "use a smaller C (stronger regularization)")

@@ -16,7 +16,7 @@ import numpy as np
 from kmjax._checks import host_only
 
 from kmjax.classify.linear import LinearModel, Standardizer
-from kmjax.classify.tiled import _add_gram, _cholesky, _cholesky_solve, _mirror_tiles, _row_tiles_matmul
+from kmjax.classify.tiled import add_gram, cholesky, cholesky_solve, mirror_tiles, row_tiles_matmul
 
 __all__ = ["GramStats", "empty_gram_stats", "accumulate_gram", "gram_stats", "fit_ridge"]
 
@@ -108,14 +108,14 @@ def accumulate_gram(stats: GramStats, features, labels, *, rows=None, block: int
         x = _read(features, idx)
         x -= stats.shift.astype(np.float32)
         y = 2.0 * eye[labels[idx]] - 1.0
-        _add_gram(stats.gram, x)
+        add_gram(stats.gram, x)
         sums = ((stats.cross, x.T @ y), (stats.count, idx.size), (stats.x_sum, x.sum(axis=0, dtype=np.float64)),
                 (stats.y_sum, y.sum(axis=0, dtype=np.float64)))
         for total, part in sums:
             total += part  # in place: the caller's arrays
         if progress is not None:
             progress(min(start + block, rows.size), rows.size)
-    _mirror_tiles(stats.gram)
+    mirror_tiles(stats.gram)
     return stats
 
 
@@ -150,7 +150,7 @@ def fit_ridge(stats: GramStats, C: float, eps: float = 0.01, refine: int = 3) ->
     is not regularized), i.e. solves A W = Z^T (Y - mean(Y)) with A = Z^T Z + n / (2C) I.
 
     A is factored by a float32 Cholesky decomposition (a third of the work of a float64 LU solve,
-    half its memory; by tiles, see ``_cholesky``), and the solution is polished by ``refine``
+    half its memory; by tiles, see ``cholesky``), and the solution is polished by ``refine``
     steps of iterative refinement whose residuals are computed in float64 from the statistics
     themselves, which brings it to float64 accuracy while A's condition number times float32's
     rounding (6e-8) is well below 1 (C up to ~1e4 on standardized pooled features).
@@ -177,14 +177,14 @@ def fit_ridge(stats: GramStats, C: float, eps: float = 0.01, refine: int = 3) ->
         rows = slice(i, i + 1024)
         a[rows] = (stats.gram[rows] - n * np.outer(m[rows], m)) / np.outer(scale[rows], scale)
     a[np.diag_indices_from(a)] += lam
-    factor = _cholesky(a)
+    factor = cholesky(a)
 
     def solve(r):
-        return _cholesky_solve(factor, r).astype(np.float64)
+        return cholesky_solve(factor, r).astype(np.float64)
 
     def product(w):  # A @ w in float64, from the uncentred Gram matrix: Z^T Z w = D^-1 (G - n m m^T) D^-1 w
         v = w / scale[:, None]
-        return (_row_tiles_matmul(stats.gram, v) - n * np.outer(m, m @ v)) / scale[:, None] + lam * w
+        return (row_tiles_matmul(stats.gram, v) - n * np.outer(m, m @ v)) / scale[:, None] + lam * w
 
     rhs = (stats.cross - np.outer(m, stats.y_sum)) / scale[:, None]
     w = solve(rhs)

@@ -63,7 +63,7 @@ def normal_product(z, p):
     return np.asarray(_normal(z, p)) if on_device() else z.T @ (z @ p)
 
 
-def _add_gram(gram, x, tile: int | None = None) -> None:
+def add_gram(gram, x, tile: int | None = None) -> None:
     """gram[i, j] += x^T x on the tiles with i <= j (the upper triangle, tile-wise; diagonal tiles
     whole). The diagonal tiles are x_i^T x_i of at most ``tile`` columns, which NumPy computes with
     BLAS ``syrk`` (half the flops of a general product; its whole-matrix call crashes at 32,000
@@ -79,8 +79,8 @@ def _add_gram(gram, x, tile: int | None = None) -> None:
             gram[i : i + tile, i + tile :] += matmul_tn(xi, x[:, i + tile :])
 
 
-def _mirror_tiles(gram, tile: int | None = None) -> None:
-    """Fill the lower off-diagonal tiles from the upper ones (the inverse of _add_gram's skipping)."""
+def mirror_tiles(gram, tile: int | None = None) -> None:
+    """Fill the lower off-diagonal tiles from the upper ones (the inverse of add_gram's skipping)."""
     tile = _TILE if tile is None else tile
     f = gram.shape[0]
     for i in range(0, f, tile):
@@ -88,18 +88,18 @@ def _mirror_tiles(gram, tile: int | None = None) -> None:
             gram[i + tile :, i : i + tile] = gram[i : i + tile, i + tile :].T
 
 
-def _row_tiles_matmul(a, b, tile: int | None = None):
+def row_tiles_matmul(a, b, tile: int | None = None):
     """a @ b by row tiles of ``a``, so that no BLAS call sees a whole F x F matrix (the module
     docstring says why)."""
     tile = _TILE if tile is None else tile
     return np.concatenate([a[i : i + tile] @ b for i in range(0, a.shape[0], tile)])
 
 
-def _triangular(l, b, trans: bool = False):
+def triangular(l, b, trans: bool = False):
     return np.asarray(jax.scipy.linalg.solve_triangular(jnp.asarray(l), jnp.asarray(b), lower=True, trans=int(trans)))
 
 
-def _cholesky(a, block: int | None = None):
+def cholesky(a, block: int | None = None):
     """The lower Cholesky factor of a symmetric positive definite float32 ``a``, computed in place
     (its upper triangle is left as garbage), right-looking by blocks of at most ``block`` (default
     ``_BLOCK``): each diagonal block is factored by jaxlib's LAPACK, the panel below it solved
@@ -114,15 +114,15 @@ def _cholesky(a, block: int | None = None):
         j = min(i + block, f)
         a[i:j, i:j] = np.asarray(jax.scipy.linalg.cholesky(jnp.asarray(a[i:j, i:j]), lower=True))
         if j < f:
-            panel = _triangular(a[i:j, i:j], a[j:, i:j].T).T  # L_ji = A_ji L_ii^-T
+            panel = triangular(a[i:j, i:j], a[j:, i:j].T).T  # L_ji = A_ji L_ii^-T
             a[j:, i:j] = panel
             for k in range(j, f, block):  # A_22 -= L_j L_j^T, lower part, by column tiles
                 a[k:, k : k + block] -= matmul_nt(panel[k - j :], panel[k - j : k - j + block])
     return a
 
 
-def _cholesky_solve(l, r, tile: int | None = None):
-    """Solve L L^T x = r with the tiled factor of ``_cholesky`` (forward, then back substitution)."""
+def cholesky_solve(l, r, tile: int | None = None):
+    """Solve L L^T x = r with the tiled factor of ``cholesky`` (forward, then back substitution)."""
     tile = _TILE if tile is None else tile
     f = l.shape[0]
     x = np.array(r, np.float32)
@@ -131,10 +131,10 @@ def _cholesky_solve(l, r, tile: int | None = None):
         j = min(i + tile, f)
         if i:
             x[i:j] -= l[i:j, :i] @ x[:i]
-        x[i:j] = _triangular(l[i:j, i:j], x[i:j])
+        x[i:j] = triangular(l[i:j, i:j], x[i:j])
     for i in reversed(starts):
         j = min(i + tile, f)
         if j < f:
             x[i:j] -= l[j:, i:j].T @ x[j:]
-        x[i:j] = _triangular(l[i:j, i:j], x[i:j], trans=True)
+        x[i:j] = triangular(l[i:j, i:j], x[i:j], trans=True)
     return x
