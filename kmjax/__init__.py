@@ -1,8 +1,10 @@
 """kmjax: Coates-Lee-Ng single-layer k-means features on CIFAR-10, as pure JAX functions.
 
 Data flows through the modules in this order: data -> (augment) -> patches -> preprocess ->
-cluster -> encoders -> pooling -> symmetry -> dictionary -> features -> classify -> model. The shell around them:
-experiment (runner, stage store, sweep), config, plots, cli; checkpoint writes every artifact.
+nearest -> lloyd -> cluster -> encoders -> pooling -> symmetry -> dictionary -> features -> classify ->
+model; parallel places rows on a mesh of devices for cluster and features. The functions return
+pytrees and write no files; the shell around them (experiment: runner, stage store, sweep; config,
+plots, cli) persists them through checkpoint, with the file templates of templates.
 """
 
 __version__ = "0.2.0"  # the one version number (pyproject reads it); part of every stage key

@@ -52,11 +52,57 @@ def check_matrix(x, name: str = "x") -> None:
         raise ValueError(f"{name} contains {bad} NaN or Inf values; clean or drop those rows first")
 
 
+def choice(value, choices, name: str, hint: str = "") -> str:
+    """``value`` if it is one of the strings ``choices``; else a ValueError that lists them.
+    ``hint``: appended to the message (e.g. " or pass a (k, D) array")."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; choose one of {tuple(choices)}{hint}")
+    return value
+
+
+def integer(value, name: str, minimum: int | None = None, maximum: int | None = None) -> int:
+    """``value`` as a Python int in [minimum, maximum] (NumPy integers welcome, bools and floats not)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or (
+            minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+        bounds = {(True, False): f" >= {minimum}", (False, True): f" <= {maximum}",
+                  (True, True): f" in [{minimum}, {maximum}]", (False, False): ""}
+        raise ValueError(f"{name} must be an integer{bounds[minimum is not None, maximum is not None]}, got {value!r}")
+    return int(value)
+
+
 def positive_int(value, name: str) -> int:
-    """``value`` as a Python int >= 1 (NumPy integers welcome, bools and floats not)."""
+    """``value`` as a Python int >= 1."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return int(value)
+
+
+def number(value, name: str, *, above: float | None = None, at_least: float | None = None,
+           below: float | None = None) -> float:
+    """``value`` as a Python float with ``value > above``, ``>= at_least``, ``< below`` (each if given);
+    bools, NaN and non-numbers refused."""
+    ok = not isinstance(value, (bool, np.bool_)) and isinstance(value, (int, float, np.integer, np.floating))
+    ok = ok and value == value and (above is None or value > above) and (at_least is None or value >= at_least) \
+        and (below is None or value < below)
+    if not ok:
+        parts = [f"> {above}" if above is not None else "", f">= {at_least}" if at_least is not None else "",
+                 f"< {below}" if below is not None else ""]
+        raise ValueError(f"{name} must be a number {' and '.join(p for p in parts if p)}, got {value!r}".replace(
+            "a number , got", "a number, got"))
+    return float(value)
+
+
+def check_labels(labels, n: int, num_classes: int, rows=None) -> np.ndarray:
+    """(n,) integer class indices in [0, num_classes) (only ``rows`` of them, if given), as a NumPy array."""
+    labels = np.asarray(labels)
+    if labels.shape != (n,):
+        raise ValueError(f"there are {n} rows of features but labels of shape {labels.shape}: one label per row")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"labels must be integer class indices, got dtype {labels.dtype}")
+    used = labels if rows is None else labels[rows]
+    if used.size and (used.min() < 0 or used.max() >= num_classes):
+        raise ValueError(f"labels must lie in [0, {num_classes}), got {used.min()}..{used.max()}")
+    return labels
 
 
 def host_only(name: str, instead: str, *values) -> None:

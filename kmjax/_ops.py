@@ -5,13 +5,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from kmjax._checks import choice
+
 PRECISIONS = ("float32", "tf32", "bfloat16")
 
 
 def check_precision(precision: str) -> str:
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
-    return precision
+    return choice(precision, PRECISIONS, "precision")
 
 
 def matmul(a, b, precision: str = "float32"):

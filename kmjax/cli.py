@@ -155,7 +155,7 @@ def _cmd_info(args) -> int:
     import jax
 
     from kmjax import __version__
-    from kmjax.data import BATCHES_FOLDER, ENV_VAR, _resolve
+    from kmjax.data import BATCHES_FOLDER, ENV_VAR, locate_data_dir
     from kmjax.experiment.compile_cache import ENV_VAR as CACHE_VAR, default_folder
 
     from kmjax.experiment.report import cpu_model
@@ -164,7 +164,7 @@ def _cmd_info(args) -> int:
     print(f"  CPU: {cpu_model()}")
     for d in jax.devices():
         print(f"  device {d.id}: {d.device_kind} ({d.platform})")
-    root, source = _resolve(args.data_dir)
+    root, source = locate_data_dir(args.data_dir)
     where = {"argument": "from --data-dir", "env": f"from {ENV_VAR}", "cache": "the download cache"}[source]
     folder = root / BATCHES_FOLDER
     needed = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]

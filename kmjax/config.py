@@ -15,15 +15,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kmjax._checks import choice, integer, number
 from kmjax._ops import PRECISIONS
 from kmjax.classify import CLASSIFIERS, SOLVERS
 from kmjax.cluster import EMPTY_POLICIES, INITS
-from kmjax.dictionary import NORMALIZATIONS, SAMPLINGS
+from kmjax.dictionary import AUTHORS, NORMALIZATIONS, SAMPLINGS
 from kmjax.encoders import ENCODERS
+from kmjax.features import FeatureSpec
 from kmjax.pooling import POOLS
 
 __all__ = ["Config", "ConfigError", "load_config", "parse_config", "apply_overrides", "to_dict", "parse_value",
            "check_name", "resolve_config", "shipped_configs"]
+
+
+_SPEC = FeatureSpec._field_defaults  # the features' defaults, defined once with FeatureSpec
 
 
 class ConfigError(ValueError):
@@ -39,27 +44,27 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class PatchesConfig:
-    size: int = 6  # receptive field w, in pixels
-    sampling: str = "random"  # "random": num windows cycling through the images; "grid": every window at stride
-    num: int = 400_000  # random patches
+    size: int = AUTHORS["patch_size"]  # receptive field w, in pixels
+    sampling: str = AUTHORS["sampling"]  # "random": num windows cycling through the images; "grid": every window at stride
+    num: int = AUTHORS["n_patches"]  # random patches
     stride: int = 1  # for sampling = "grid"
 
 
 @dataclass(frozen=True)
 class PreprocessConfig:
-    normalize: str = "patch"  # "patch": per-patch mean/contrast; "dimension": the blog's std + ptp/20; "none"
-    eps_norm: float = 10.0  # per-patch normalization eps (0-255 pixels)
-    whiten: bool = True
-    eps_zca: float = 0.1
+    normalize: str = AUTHORS["normalize"]  # "patch": per-patch mean/contrast; "dimension": the blog's std + ptp/20; "none"
+    eps_norm: float = AUTHORS["eps_norm"]  # per-patch normalization eps (0-255 pixels)
+    whiten: bool = AUTHORS["whiten"]
+    eps_zca: float = AUTHORS["eps_zca"]
 
 
 @dataclass(frozen=True)
 class KMeansConfig:
-    k: int = 1600
-    init: str = "randn"  # "randn" (authors'), "k-means++", "random"
-    max_iter: int = 50  # 0: no iterations, the init is the dictionary (init="random": random patches)
+    k: int = AUTHORS["k"]
+    init: str = AUTHORS["init"]  # "randn" (authors'), "k-means++", "random"
+    max_iter: int = AUTHORS["max_iter"]  # 0: no iterations, the init is the dictionary (init="random": random patches)
     tol: float = -1.0  # relative objective decrease to stop at; negative: always run max_iter
-    empty: str = "zero"  # "zero" (authors') or "reseed"
+    empty: str = AUTHORS["empty"]  # "zero" (authors') or "reseed"
     spherical: bool = False  # OMP-1 / gain-shape dictionary
     chunk_size: int = 0  # points per distance product (0: automatic)
     precision: str = "float32"  # distance products: "float32", "tf32" (GPU default), "bfloat16"
@@ -72,11 +77,11 @@ class FeaturesConfig:
     train_flip: bool = False  # add horizontally flipped copies (with kmeans.flip_closed: exactly, never encoded)
     test_flip: bool = False  # classify each test image by its and its mirror's summed scores
     train_crops: int = 0  # add this many copies of the training images, each randomly cropped (zero pad 4)
-    encoder: str = "triangle"  # "triangle", "hard", "soft_threshold"
-    alpha: float = 0.25  # soft threshold
-    stride: int = 1
-    grid: int = 2  # pooling regions per side
-    pool: str = "sum"  # "sum" or "max"
+    encoder: str = _SPEC["encoder"]  # "triangle", "hard", "soft_threshold"
+    alpha: float = _SPEC["alpha"]  # soft threshold
+    stride: int = _SPEC["stride"]
+    grid: int = _SPEC["grid"]  # pooling regions per side
+    pool: str = _SPEC["pool"]  # "sum" or "max"
     pool_size: int = 0  # > 0: pool over windows of this many positions (15 with stride 6: a 3x3 overlapping grid)
     pool_stride: int = 0  # the windows' step (0: pool_size)
     q: int = 0  # encoder "nearest_q": atoms coded per sign
@@ -176,23 +181,28 @@ def check_name(name: str) -> str:
 
 def _validate(cfg: Config) -> None:
     check_name(cfg.name)
-    for (section, key), choices in _choices().items():
-        value = getattr(getattr(cfg, section), key)
-        if value not in choices:
-            raise ConfigError(f"{section}.{key} = {value!r} is not one of {choices}")
-    for section, key in _POSITIVE:
-        value = getattr(getattr(cfg, section), key)
-        if not value > 0:
-            raise ConfigError(f"{section}.{key} must be > 0, got {value!r}")
-    batches = cfg.data.train_batches
-    if not batches or any(type(b) is not int or not 1 <= b <= 5 for b in batches):
-        raise ConfigError(f"data.train_batches must be a non-empty list of batch numbers 1..5, got {batches!r}")
-    if any(type(c) not in (int, float) or not c > 0 for c in cfg.classifier.C_grid):
-        raise ConfigError(f"classifier.C_grid must be a list of numbers > 0, got {cfg.classifier.C_grid!r}")
-    if not 0 < cfg.classifier.val_fraction < 1:
-        raise ConfigError(f"classifier.val_fraction must be in (0, 1), got {cfg.classifier.val_fraction!r}")
-    if min(cfg.features.pool_size, cfg.features.pool_stride, cfg.features.q, cfg.features.train_crops) < 0:
-        raise ConfigError("features.pool_size, pool_stride, q and train_crops must be >= 0")
+    try:  # the library's own vocabulary, each message prefixed by the key it is about
+        for (section, key), choices in _choices().items():
+            where = f"{section}.{key}"
+            choice(getattr(getattr(cfg, section), key), choices, where)
+        for section, key in _POSITIVE:
+            where = f"{section}.{key}"
+            number(getattr(getattr(cfg, section), key), where, above=0)
+        for b in cfg.data.train_batches:
+            where = f"data.train_batches (batch numbers from 1 to 5: {cfg.data.train_batches!r})"
+            integer(b, where, minimum=1, maximum=5)
+        for c in cfg.classifier.C_grid:
+            where = f"classifier.C_grid (a list of numbers > 0: {cfg.classifier.C_grid!r})"
+            number(c, where, above=0)
+        where = "classifier.val_fraction"
+        number(cfg.classifier.val_fraction, where, above=0, below=1)
+        for key in ("pool_size", "pool_stride", "q", "train_crops"):
+            where = f"features.{key}"
+            integer(getattr(cfg.features, key), where, minimum=0)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if not cfg.data.train_batches:
+        raise ConfigError("data.train_batches must be a non-empty list of batch numbers 1..5, got []")
     if cfg.kmeans.flip_closed and cfg.kmeans.k % 2:
         raise ConfigError(f"kmeans.flip_closed = true needs an even kmeans.k (k/2 atoms and their mirrors), "
                           f"got {cfg.kmeans.k}")

@@ -17,13 +17,9 @@ files use and refuses any other file with a ``DataError`` before building anythi
 
 from __future__ import annotations
 
-import codecs
 import hashlib
-import io
 import os
 import pathlib
-import pickle
-import pickletools
 import shutil
 import sys
 import tarfile
@@ -34,6 +30,9 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
+from kmjax._checks import choice
+from kmjax.safe_pickle import RefusedPickle, safe_loads
+
 __all__ = [
     "ARCHIVE_MD5",
     "ARCHIVE_URL",
@@ -43,6 +42,7 @@ __all__ = [
     "DataError",
     "download_cifar10",
     "load_cifar10",
+    "locate_data_dir",
     "resolve_data_dir",
 ]
 
@@ -99,8 +99,8 @@ def _cache_dir() -> pathlib.Path:
     return base / "kmjax"
 
 
-def _resolve(data_dir) -> tuple[pathlib.Path, str]:
-    """Return (data dir, where it came from: "argument", "env" or "cache")."""
+def locate_data_dir(data_dir=None) -> tuple[pathlib.Path, str]:
+    """(``resolve_data_dir(data_dir)``, where it came from: "argument", "env" or "cache")."""
     if data_dir is not None:
         path, source = pathlib.Path(data_dir).expanduser(), "argument"
     elif os.environ.get(ENV_VAR):  # an empty variable counts as unset
@@ -121,7 +121,7 @@ def resolve_data_dir(data_dir=None) -> pathlib.Path:
     A path to the ``cifar-10-batches-py`` folder itself is accepted; its parent is returned.
     Nothing is created or checked here.
     """
-    return _resolve(data_dir)[0]
+    return locate_data_dir(data_dir)[0]
 
 
 # --------------------------------------------------------------------------------------
@@ -129,93 +129,12 @@ def resolve_data_dir(data_dir=None) -> pathlib.Path:
 # --------------------------------------------------------------------------------------
 
 
-# The globals a CIFAR-10 batch may name: the official files (written by Python 2's NumPy) name
-# the first three; NumPy 2 writes its array reconstructor under numpy._core, and Python 3's
-# protocols 2-3 rebuild an array's bytes with _codecs.encode. Nothing else is ever looked up, so
-# a crafted file cannot make the unpickler call anything but these constructors.
-_ALLOWED_GLOBALS = {
-    ("numpy.core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy", "ndarray"),
-    ("numpy", "dtype"),
-    ("_codecs", "encode"),
-}
-# Opcodes that call something outside the checked names, or hand an object to an external
-# loader: none occurs in a CIFAR-10 batch; each is refused before anything is built.
-_REFUSED_OPCODES = {"INST", "OBJ", "EXT1", "EXT2", "EXT4", "PERSID", "BINPERSID"}
-_STRING_OPCODES = {"STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "BINUNICODE", "SHORT_BINUNICODE",
-                   "BINUNICODE8"}
-_MEMO_PUT = {"PUT", "BINPUT", "LONG_BINPUT"}
-_MEMO_GET = {"GET", "BINGET", "LONG_BINGET"}
-
-
-def _reconstruct():
-    try:
-        from numpy._core.multiarray import _reconstruct as f  # NumPy >= 2
-    except ImportError:  # pragma: no cover - NumPy 1.x
-        from numpy.core.multiarray import _reconstruct as f
-    return f
-
-
-class _Refused(Exception):
-    """A pickle asks for something a CIFAR-10 batch never needs."""
-
-
-class _BatchUnpickler(pickle.Unpickler):
-    """Unpickles only dicts, lists, strings, numbers and NumPy arrays (see ``_ALLOWED_GLOBALS``)."""
-
-    def find_class(self, module, name):
-        if (module, name) not in _ALLOWED_GLOBALS:
-            raise _Refused(f"names {module}.{name}")
-        if module == "_codecs":
-            return codecs.encode
-        return _reconstruct() if name == "_reconstruct" else getattr(np, name)
-
-
-def _check_opcodes(data: bytes) -> None:
-    """Refuse a pickle that names any global or uses any opcode a CIFAR-10 batch does not, before
-    any of its objects is built (the unpickler's ``find_class`` checks again as it builds).
-
-    Python 2 pickles name a global inline (GLOBAL "module name"); Python 3's protocols 4 and 5
-    push the two names as strings first (STACK_GLOBAL), possibly from the memo: the strings pushed
-    just before are tracked, and a STACK_GLOBAL whose names are not plain strings is refused.
-    """
-    memo: dict = {}
-    recent: list = []  # values pushed by string and memo-get opcodes since the last other opcode
-    for op, arg, _ in pickletools.genops(data):
-        name = op.name
-        if name in _REFUSED_OPCODES:
-            raise _Refused(f"uses the pickle opcode {name}")
-        if name == "GLOBAL":
-            module, _, attr = str(arg).partition(" ")
-            if (module, attr) not in _ALLOWED_GLOBALS:
-                raise _Refused(f"names {module}.{attr}")
-        elif name == "STACK_GLOBAL":
-            pair = recent[-2:]
-            if len(pair) != 2 or not all(isinstance(v, (str, bytes)) for v in pair):
-                raise _Refused("names a global it computes")
-            module, attr = (v.decode("latin1") if isinstance(v, bytes) else v for v in pair)
-            if (module, attr) not in _ALLOWED_GLOBALS:
-                raise _Refused(f"names {module}.{attr}")
-        if name in _STRING_OPCODES:
-            recent.append(arg)
-        elif name in _MEMO_GET:
-            recent.append(memo.get(arg))
-        elif name == "MEMOIZE":
-            memo[len(memo)] = recent[-1] if recent else None
-        elif name in _MEMO_PUT:
-            memo[arg] = recent[-1] if recent else None
-        else:
-            recent = []
-
-
 def _unpickle(path: pathlib.Path, fix: str):
     """Read a CIFAR-10 pickle without running code from it.
 
     The files are pickles, and a plain ``pickle.load`` calls whatever a crafted file names.
-    Here every opcode is checked first and only NumPy's array constructors may be named (see
-    ``_ALLOWED_GLOBALS``); anything else is a ``DataError`` naming the file, raised before any
-    object of the file is built.
+    ``kmjax.safe_pickle`` checks every opcode first and admits only NumPy's array constructors;
+    anything else is a ``DataError`` naming the file, raised before any object of the file is built.
     """
     if not path.is_file():
         raise DataError(f"CIFAR-10 file {path} is missing; {fix}")
@@ -224,10 +143,8 @@ def _unpickle(path: pathlib.Path, fix: str):
     except OSError as e:  # permissions, I/O errors: not the file's content
         raise DataError(f"could not read CIFAR-10 file {path}: {e}") from e
     try:
-        _check_opcodes(data)
-        # encoding="bytes" reads the official Python-2 pickles; their str keys become bytes.
-        return _BatchUnpickler(io.BytesIO(data), encoding="bytes").load()
-    except _Refused as e:
+        return safe_loads(data)
+    except RefusedPickle as e:
         raise DataError(
             f"CIFAR-10 file {path} {e}, which no CIFAR-10 batch does: refusing to load it (it may be crafted "
             f"to run code); {fix}"
@@ -315,8 +232,7 @@ def _read_class_names(batches_dir: pathlib.Path, fix: str) -> tuple[str, ...]:
 
 
 def _batch_files(split: str, batches: Sequence[int] | None) -> list[str]:
-    if split not in _SPLITS:
-        raise ValueError(f"split must be one of {_SPLITS}, got {split!r}")
+    choice(split, _SPLITS, "split")
     if split == "test":
         if batches is not None:
             raise ValueError("batches selects training batches; it cannot be used with split='test'")
@@ -350,7 +266,7 @@ def load_cifar10(data_dir=None, split: str = "train", *, download: bool = True, 
     Raises ValueError for bad arguments and DataError for missing or damaged files.
     """
     names = _batch_files(split, batches)  # check arguments before touching the disk
-    root, source = _resolve(data_dir)
+    root, source = locate_data_dir(data_dir)
     batches_dir = root / BATCHES_FOLDER
 
     if not batches_dir.is_dir():

@@ -7,18 +7,19 @@ are the authors' released settings (docs/design.md, "Reference settings").
 
 from __future__ import annotations
 
+import inspect
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from kmjax.checkpoint import Slot
+from kmjax._checks import choice
 from kmjax.cluster import KMeansResult, kmeans
 from kmjax.patches import extract_patches, sample_patches
 from kmjax.preprocess import ZCA, apply_zca, fit_zca, normalize_patches, standardize_dimensions
 from kmjax.symmetry import close_dictionary, patch_mirror_index, symmetrize_zca
 
-__all__ = ["Dictionary", "learn_dictionary", "SAMPLINGS", "NORMALIZATIONS", "dictionary_template"]
+__all__ = ["Dictionary", "learn_dictionary", "SAMPLINGS", "NORMALIZATIONS", "AUTHORS"]
 
 SAMPLINGS = ("random", "grid")
 # How patches are normalized before whitening: "patch" per patch (brightness and contrast, the
@@ -42,14 +43,6 @@ class Dictionary(NamedTuple):
     @property
     def centroids(self):
         return self.kmeans.centroids
-
-
-def dictionary_template(whitened: bool, max_iter: int | None = None) -> Dictionary:
-    """The shape of a saved ``Dictionary`` (for ``kmjax.checkpoint.load_tree``)."""
-    zca = ZCA(Slot("D"), Slot("D", "D")) if whitened else None
-    km = KMeansResult(Slot("K", "D"), Slot("K"), Slot(), Slot(max_iter, finite=False), Slot(kind="i"),
-                      Slot(kind="b"))
-    return Dictionary(zca, km, Slot(kind="i"))
 
 
 def learn_dictionary(
@@ -94,16 +87,14 @@ def learn_dictionary(
         (``symmetrize_zca``), k-means learns K/2 atoms, and their mirror images are appended
         (``close_dictionary``: atoms K/2 + j mirror atoms j). ``kmeans.counts`` then repeats the
         learned atoms' counts for their mirrors; its inertia and objective are the K/2-atom run's.
-      mesh: a ``jax.sharding.Mesh``: k-means runs data-parallel on its devices
-        (``kmjax.parallel.kmeans_sharded``, axis "data"; no progress reports); None: one device.
+      mesh: a ``jax.sharding.Mesh``: k-means runs data-parallel on its devices (axis "data"; see
+        ``kmjax.kmeans``); None: one device.
 
     Returns:
       ``Dictionary``.
     """
-    if sampling not in SAMPLINGS:
-        raise ValueError(f"unknown sampling {sampling!r}; choose one of {SAMPLINGS}")
-    if normalize not in NORMALIZATIONS:
-        raise ValueError(f"unknown normalization {normalize!r}; choose one of {NORMALIZATIONS}")
+    choice(sampling, SAMPLINGS, "sampling")
+    choice(normalize, NORMALIZATIONS, "normalization")
     if flip_closed and (isinstance(k, bool) or not isinstance(k, int) or k < 2 or k % 2):
         raise ValueError(f"a flip-closed dictionary holds pairs of atoms: k must be even and >= 2, got {k!r}")
     key_patches, key_kmeans = jax.random.split(key)
@@ -128,14 +119,14 @@ def learn_dictionary(
         x = apply_zca(zca, x)
     options = dict(init=init, max_iter=max_iter, tol=tol, empty=empty, spherical=spherical, chunk_size=chunk_size,
                    precision=precision)
-    learned = k // 2 if flip_closed else k
-    if mesh is None:
-        result = kmeans(key_kmeans, x, learned, progress=progress, **options)
-    else:
-        from kmjax.parallel import kmeans_sharded
-
-        result = kmeans_sharded(key_kmeans, x, learned, mesh=mesh, **options)
+    result = kmeans(key_kmeans, x, k // 2 if flip_closed else k, progress=progress, mesh=mesh, **options)
     if flip_closed:
         result = result._replace(centroids=close_dictionary(result.centroids, patch_size),
                                  counts=jnp.concatenate([result.counts, result.counts]))
     return Dictionary(zca, result, jnp.int32(x.shape[0]))
+
+
+# The authors' released settings, as ``learn_dictionary``'s defaults: the one place they are written
+# (the runner's config schema and ``kmjax.sklearn.CoatesFeatures`` read them from here).
+AUTHORS = {name: p.default for name, p in inspect.signature(learn_dictionary).parameters.items()
+           if p.default is not inspect.Parameter.empty}

@@ -13,7 +13,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kmjax._ops import matmul, max_argmax
+from kmjax._checks import choice
+from kmjax._ops import matmul
+from kmjax.nearest import nearest
 
 __all__ = ["ENCODERS", "Encoder", "triangle", "hard", "soft_threshold", "nearest_q", "encode", "num_outputs",
            "is_separable"]
@@ -36,8 +38,7 @@ def triangle(x, centroids, precision: str = "float32"):
 
 def hard(x, centroids, precision: str = "float32"):
     """Hard assignment: the one-hot code of the nearest centroid, (M, K) float32."""
-    scores = matmul(x, centroids.T, precision) - 0.5 * jnp.sum(centroids * centroids, axis=1)
-    _, index = max_argmax(scores)  # the first nearest on ties (e.g. several zeroed centroids)
+    _, index, _ = nearest(x, centroids, precision=precision)  # the first nearest on ties (e.g. zeroed centroids)
     return jax.nn.one_hot(index, centroids.shape[0], dtype=jnp.float32)
 
 
@@ -157,9 +158,7 @@ ENCODERS: dict[str, Encoder] = {
 
 
 def _lookup(encoder: str) -> Encoder:
-    if encoder not in ENCODERS:
-        raise ValueError(f"unknown encoder {encoder!r}; choose one of {tuple(ENCODERS)}")
-    return ENCODERS[encoder]
+    return ENCODERS[choice(encoder, ENCODERS, "encoder")]
 
 
 def is_separable(encoder: str) -> bool:

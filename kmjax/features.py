@@ -16,16 +16,19 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from kmjax._checks import check_images, check_matrix, host_only, positive_int
+from kmjax._checks import check_images, check_matrix, choice, host_only, integer, positive_int
 from kmjax._ops import check_precision
 from kmjax.encoders import ENCODERS, encode, is_separable, num_outputs
-from kmjax.patches import _extract, grid_size
+from kmjax.parallel import replicate, resolve_mesh
+from kmjax.patches import grid_size, patch_grid
 from kmjax.pooling import POOLS, num_regions, pool
 from kmjax.preprocess import ZCA, apply_zca, normalize_patches
 from kmjax.symmetry import check_flip_closed, check_mirror_symmetric, mirror_pairs, pair_sums
 
-__all__ = ["FeatureSpec", "extract_features", "batch_features", "feature_dim", "auto_batch_size", "prepare_features"]
+__all__ = ["FeatureSpec", "extract_features", "batch_features", "feature_dim", "auto_batch_size", "prepare_features",
+           "run_batches"]
 
 
 class FeatureSpec(NamedTuple):
@@ -93,8 +96,8 @@ def auto_batch_size(spec: FeatureSpec, k: int, image_shape, memory_mb: float = 5
 
 def _default_step(spec, k, image_shape, memory_mb) -> int:
     # On a CPU one image's map (729 x 1600 floats at the paper's settings) stays in cache between
-    # the encoder's matrix product and the pooling: 2x faster than a batch-wide product. An
-    # accelerator wants the widest product the memory budget allows.
+    # the encoder's matrix product and the pooling (BENCHMARKS.md compares it with a batch-wide
+    # product). An accelerator wants the widest product the memory budget allows.
     if jax.default_backend() == "cpu":
         return 1
     return auto_batch_size(spec, k, image_shape, memory_mb)
@@ -123,7 +126,7 @@ def batch_features(images, zca, centroids, *, spec: FeatureSpec, step: int = 1, 
     encode and pool ``tile`` atoms at a time (the dictionary padded with zero atoms to a multiple
     of it; their codes are dropped), so that the codes of one tile stay in cache; 0: all at once.
     """
-    patches = _extract(images, spec.patch_size, spec.stride)
+    patches = patch_grid(images, spec.patch_size, spec.stride)
     b, gh, gw, d = patches.shape
     x = patches.reshape(-1, d).astype(jnp.float32)
     if spec.eps_norm is not None:
@@ -155,10 +158,8 @@ def batch_features(images, zca, centroids, *, spec: FeatureSpec, step: int = 1, 
 
 
 def _check_spec(spec: FeatureSpec, images, centroids, zca) -> None:
-    if spec.encoder not in ENCODERS:
-        raise ValueError(f"unknown encoder {spec.encoder!r}; choose one of {tuple(ENCODERS)}")
-    if spec.pool not in POOLS:
-        raise ValueError(f"unknown pooling {spec.pool!r}; choose one of {tuple(POOLS)}")
+    choice(spec.encoder, ENCODERS, "encoder")
+    choice(spec.pool, POOLS, "pooling")
     _, h, w, c = images.shape
     if spec.patch_size > min(h, w):
         raise ValueError(f"patch_size {spec.patch_size} is larger than the {h}x{w} images")
@@ -172,9 +173,7 @@ def _check_spec(spec: FeatureSpec, images, centroids, zca) -> None:
         raise ValueError(f"the ZCA transform is for dimension {zca.matrix.shape[0]}, patches have {d}")
     gh, gw = grid_size(h, w, spec.patch_size, spec.stride)
     for name in ("pool_size", "pool_stride", "q"):
-        v = getattr(spec, name)
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
-            raise ValueError(f"FeatureSpec.{name} must be an integer >= 0, got {v!r}")
+        integer(getattr(spec, name), f"FeatureSpec.{name}", minimum=0)
     if spec.pool_size == 0:
         if spec.pool_stride:
             raise ValueError(f"pool_stride = {spec.pool_stride} needs pooling windows: set pool_size too")
@@ -196,9 +195,7 @@ def prepare_features(images, centroids, zca, spec: FeatureSpec, *, precision: st
     """Check the arguments of a feature extraction; return (centroids, step, batch_size, tile), the
     last ``batch_features``'s atoms per tile.
 
-    The one argument-checking and batch-planning path of ``extract_features`` and
-    ``kmjax.parallel.extract_features_sharded`` (a batch split over ``shards`` devices, ``step``
-    images per product on each): both accept and refuse the same inputs with the same messages.
+    ``shards``: the devices a batch is split over (``step`` images per product on each).
     """
     host_only("extract_features", "kmjax.batch_features (one batch, no checks)", images, centroids)
     check_images(images)
@@ -225,8 +222,10 @@ def extract_features(
     step: int | None = None,
     memory_mb: float = 512.0,
     precision: str = "float32",
-    progress: Callable[[int, int], None] | None = None,
+    progress: Callable[[int, int, None], None] | None = None,
     out: np.ndarray | None = None,
+    mesh: Mesh | None = None,
+    axis_name: str = "data",
 ) -> np.ndarray:
     """Pooled features of every image.
 
@@ -241,23 +240,49 @@ def extract_features(
         intermediate. Default: 1 on CPU (cache-resident), else what ``memory_mb`` allows.
       memory_mb: budget for one step's float32 feature map.
       precision: of the encoder's matrix product: "float32", "tf32" or "bfloat16" (see kmeans).
-      progress: called as progress(done, total) after each batch.
+      progress: called as progress(done, total, None) after each batch (images done).
       out: optional (N, feature_dim) float32 array to write into, e.g. a ``np.memmap`` on disk
         when the features of a data set do not fit in memory.
+      mesh: a ``jax.sharding.Mesh`` of this process's devices: each batch is split over them along
+        ``axis_name`` (``batch_size`` then defaults to 128 per device, and is rounded up to a multiple
+        of devices * ``step``; ``memory_mb`` is per device). The features are those of one device.
+        None: one device. See ``kmjax.parallel``.
+      axis_name: the mesh axis the images of a batch are split along.
 
     Returns:
       (N, feature_dim(spec, K, images.shape[1:])) float32 NumPy array (host memory: features of
       a whole data set are the largest array of the pipeline and stay off the accelerator).
     """
+    shards = 1
+    if mesh is not None:
+        mesh = resolve_mesh(mesh, axis_name)
+        if not all(dev.process_index == jax.process_index() for dev in mesh.devices.flat):
+            raise ValueError("extract_features needs a mesh of this process's devices (kmjax.parallel.data_mesh("
+                             "local=True)); on several hosts run it in each process on that process's images")
+        shards = mesh.shape[axis_name]
     centroids, step, batch_size, tile = prepare_features(images, centroids, zca, spec, precision=precision,
-                                                         step=step, batch_size=batch_size, memory_mb=memory_mb)
+                                                         step=step, batch_size=batch_size, memory_mb=memory_mb,
+                                                         shards=shards)
     k = centroids.shape[0]
+    options = dict(spec=spec, step=step, precision=precision, tile=tile)
+    if mesh is None:
+        def compute(batch):
+            return batch_features(jnp.asarray(batch), zca, centroids, **options)
+    else:
+        centroids, zca = replicate((centroids, zca), mesh)
+        rows = NamedSharding(mesh, P(axis_name))
 
-    def compute(batch):
-        return batch_features(jnp.asarray(batch), zca, centroids, spec=spec, step=step, precision=precision,
-                              tile=tile)
+        def compute(batch):
+            return _sharded_features(jax.device_put(batch, rows), zca, centroids, mesh=mesh, axis_name=axis_name,
+                                     **options)
 
     return run_batches(images, batch_size, feature_dim(spec, k, images.shape[1:]), compute, progress, out)
+
+
+@partial(jax.jit, static_argnames=("mesh", "axis_name", "spec", "step", "precision", "tile"))
+def _sharded_features(images, zca, centroids, *, mesh, axis_name, spec, step, precision, tile):
+    f = partial(batch_features, spec=spec, step=step, precision=precision, tile=tile)
+    return jax.shard_map(f, mesh=mesh, in_specs=(P(axis_name), P(), P()), out_specs=P(axis_name))(images, zca, centroids)
 
 
 def run_batches(images, batch_size: int, dim: int, compute, progress=None, out=None) -> np.ndarray:
@@ -276,7 +301,7 @@ def run_batches(images, batch_size: int, dim: int, compute, progress=None, out=N
     def store(start, m, feats):
         out[start : start + m] = np.asarray(feats)[:m]
         if progress is not None:
-            progress(start + m, n)
+            progress(start + m, n, None)
 
     pending = None
     for start in range(0, n, batch_size):

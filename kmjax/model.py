@@ -17,7 +17,8 @@ import numpy as np
 from kmjax._checks import host_only
 from kmjax.checkpoint import FileFormatError, Slot, load_tree, read_meta, save_tree
 from kmjax.classify import LinearModel, Standardizer, predict, standardize
-from kmjax.dictionary import Dictionary, dictionary_template
+from kmjax import templates
+from kmjax.dictionary import Dictionary
 from kmjax.features import FeatureSpec, extract_features, feature_dim
 from kmjax.preprocess import ZCA
 
@@ -74,8 +75,7 @@ def load(path) -> Model:
         whitened = bool(meta["whitened"])
     except (KeyError, TypeError, ValueError) as e:
         raise FileFormatError(f"{what} {path} has incomplete metadata ({type(e).__name__}: {e})") from None
-    like = Model(None, ZCA(Slot("D"), Slot("D", "D")) if whitened else None, Slot("K", "D"),
-                 Standardizer(Slot("F"), Slot("F")), LinearModel(Slot("F1", len(class_names))), None, None)
+    like = Model(None, templates.zca(whitened), Slot("K", "D"), *templates.classifier(len(class_names)), None, None)
     arrays, _ = load_tree(path, like, what)
     k, d = arrays.centroids.shape
     f = feature_dim(spec, k, image_shape)
@@ -107,7 +107,7 @@ def load_dictionary(path) -> tuple[Dictionary, tuple]:
         patch_shape, whitened = tuple(int(s) for s in meta["patch_shape"]), bool(meta["whitened"])
     except (KeyError, TypeError, ValueError) as e:
         raise FileFormatError(f"{what} {path} has incomplete metadata ({type(e).__name__}: {e})") from None
-    tree, _ = load_tree(path, dictionary_template(whitened), what)
+    tree, _ = load_tree(path, templates.dictionary(whitened), what)
     if len(patch_shape) != 3 or tree.kmeans.centroids.shape[1] != int(np.prod(patch_shape)):
         raise FileFormatError(f"{what} {path}: centroids of dimension {tree.kmeans.centroids.shape[1]} do not fit "
                               f"patches of shape {patch_shape}")

@@ -36,7 +36,8 @@ def _check_window(images, size, stride) -> tuple[int, int]:
 
 
 @partial(jax.jit, static_argnames=("size", "stride"))
-def _extract(images, size, stride):
+def patch_grid(images, size, stride):
+    """``extract_patches`` without the argument checks, for use inside ``jax.jit``."""
     n, h, w, c = images.shape
     gh, gw = grid_size(h, w, size, stride)
     # One strided slice per offset inside the window (size*size of them, a static Python loop):
@@ -62,7 +63,7 @@ def extract_patches(images, size: int, stride: int = 1):
       (row, column, channel) order.
     """
     size, stride = _check_window(images, size, stride)
-    return _extract(jnp.asarray(images), size, stride)
+    return patch_grid(jnp.asarray(images), size, stride)
 
 
 @partial(jax.jit, static_argnames=("num", "size"))

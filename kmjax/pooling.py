@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
-import numbers
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from kmjax._checks import choice, integer, positive_int
 
 __all__ = ["POOLS", "grid_edges", "window_starts", "num_regions", "region_spans", "pool_matrix", "pool"]
 
@@ -25,8 +26,7 @@ def grid_edges(n: int, grid: int) -> list[int]:
 def _window_args(size, stride) -> tuple[int, int]:
     stride = size if stride is None else stride
     for name, v in (("size", size), ("stride", stride)):
-        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
-            raise ValueError(f"pooling window {name} must be a positive integer, got {v!r}")
+        positive_int(v, f"pooling window {name}")
     return int(size), int(stride)
 
 
@@ -65,8 +65,7 @@ def pool(feature_map, grid: int = 2, op: str = "sum", size: int | None = None, s
       (N, R * F) with R = ``num_regions(H, W, grid, size, stride)``, region-major: top-left,
       top-right, ..., bottom-right.
     """
-    if op not in POOLS:
-        raise ValueError(f"unknown pooling {op!r}; choose one of {tuple(POOLS)}")
+    choice(op, POOLS, "pooling")
     n, h, w, f = feature_map.shape
     if op == "sum":  # one matrix product: the map is read once, not once per (overlapping) region
         # as a plain 2-D product (R, HW) x (HW, N F): XLA's CPU dot with a batch dimension is 2x slower
@@ -85,8 +84,7 @@ def region_spans(h: int, w: int, grid: int = 2, size: int | None = None, stride:
     if size is None:
         if stride is not None:
             raise ValueError(f"a pooling stride ({stride!r}) needs a window size: pass size= too")
-        if isinstance(grid, bool) or not isinstance(grid, numbers.Integral) or grid < 1 or grid > min(h, w):
-            raise ValueError(f"grid must be an integer from 1 to {min(h, w)} for a {h}x{w} map, got {grid!r}")
+        integer(grid, f"grid (for a {h}x{w} map)", minimum=1, maximum=min(h, w))
         rows, cols = grid_edges(h, grid), grid_edges(w, grid)
         return list(zip(rows[:-1], rows[1:])), list(zip(cols[:-1], cols[1:]))
     size, stride = _window_args(size, stride)

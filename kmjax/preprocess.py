@@ -12,7 +12,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from kmjax._checks import check_matrix
+from kmjax._checks import check_matrix, number
 
 __all__ = ["normalize_patches", "standardize_dimensions", "ZCA", "fit_zca", "apply_zca"]
 
@@ -97,8 +97,7 @@ def fit_zca(patches, eps: float = 0.1) -> ZCA:
     patches = jnp.asarray(patches)
     if patches.shape[0] < 2:
         raise ValueError(f"fit_zca needs at least 2 patches to estimate a covariance, got {patches.shape[0]}")
-    if not eps >= 0:
-        raise ValueError(f"eps must be >= 0, got {eps!r}")
+    number(eps, "eps", at_least=0)
     return _fit_zca(patches, jnp.float32(eps))
 
 

@@ -24,15 +24,17 @@ import numpy as np
 from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, ClusterMixin, TransformerMixin
 from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 
-from kmjax.cluster import EMPTY_POLICIES, INITS, kmeans
+from kmjax._checks import choice, integer, number
+from kmjax.cluster import EMPTY_POLICIES, INITS, assign, kmeans
 from kmjax.encoders import ENCODERS
 from kmjax.features import FeatureSpec, extract_features, feature_dim
-from kmjax.dictionary import learn_dictionary
+from kmjax.dictionary import AUTHORS, learn_dictionary
 from kmjax.pooling import POOLS
 from kmjax.preprocess import ZCA
 
 __all__ = ["KMeans", "CoatesFeatures"]
 
+_SPEC = FeatureSpec._field_defaults  # the features' defaults, defined once with FeatureSpec
 _HOST_CHUNK_ELEMENTS = 1 << 22  # rows * k float64 scores per host chunk: 32 MB
 
 
@@ -51,17 +53,6 @@ def _seed(random_state) -> int:
     raise ValueError(
         f"random_state must be None, an int or a numpy RandomState/Generator, got {random_state!r}"
     )
-
-
-def _check_int(value, name: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def _check_choice(value, name: str, choices) -> None:
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
 
 
 def _errors(X, centers, spherical: bool):
@@ -87,16 +78,9 @@ def _host_chunks(n: int, k: int):
 
 
 def _labels_errors(X, centers, spherical: bool):
-    """Nearest centroid (int32) and its squared error (float64) for each row, chunked."""
-    centers = np.asarray(centers, np.float64)
-    n = X.shape[0]
-    labels = np.empty(n, np.int32)
-    err = np.empty(n, np.float64)
-    for s in _host_chunks(n, centers.shape[0]):
-        e = _errors(X[s], centers, spherical)
-        labels[s] = np.argmin(e, axis=1)
-        err[s] = e[np.arange(e.shape[0]), labels[s]]
-    return labels, err
+    """Nearest centroid (int32) and its squared error (float64) for each row (``kmjax.assign``)."""
+    labels, err = assign(np.asarray(X, np.float32), np.asarray(centers, np.float32), spherical=spherical)
+    return np.asarray(labels), np.asarray(err, np.float64)
 
 
 class KMeans(ClassNamePrefixFeaturesOutMixin, ClusterMixin, TransformerMixin, BaseEstimator):
@@ -152,17 +136,17 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, ClusterMixin, TransformerMixin, Ba
 
     def _check_params(self, X):
         n, d = X.shape
-        k = _check_int(self.n_clusters, "n_clusters")
+        k = integer(self.n_clusters, "n_clusters", minimum=1)
         if k > n:
             raise ValueError(f"n_samples={n} should be >= n_clusters={k}.")
-        _check_int(self.max_iter, "max_iter")
-        if self.tol is not None and not (isinstance(self.tol, numbers.Real) and self.tol >= 0):
-            raise ValueError(f"tol must be a float >= 0 or None, got {self.tol!r}")
-        _check_choice(self.empty, "empty", EMPTY_POLICIES)
+        integer(self.max_iter, "max_iter", minimum=1)
+        if self.tol is not None:
+            number(self.tol, "tol (or None)", at_least=0)
+        choice(self.empty, EMPTY_POLICIES, "empty")
         if self.chunk_size is not None:
-            _check_int(self.chunk_size, "chunk_size")
+            integer(self.chunk_size, "chunk_size", minimum=1)
         if isinstance(self.init, str):
-            _check_choice(self.init, "init", INITS)
+            choice(self.init, INITS, "init")
             return self.init
         init = check_array(self.init, dtype=[np.float64, np.float32], input_name="init")
         if init.shape != (k, d):
@@ -272,9 +256,11 @@ class CoatesFeatures(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEsti
         DataFrames); 4-D image input has no scikit-learn "features" axis.
     """
 
-    def __init__(self, n_centroids=1600, *, patch_size=6, n_patches=400_000, eps_norm=10.0,
-                 whiten=True, eps_zca=0.1, init="randn", max_iter=50, tol=None, empty="zero",
-                 encoder="triangle", alpha=0.25, stride=1, grid=2, pool="sum", pool_size=0, pool_stride=0, q=0,
+    def __init__(self, n_centroids=AUTHORS["k"], *, patch_size=AUTHORS["patch_size"], n_patches=AUTHORS["n_patches"],
+                 eps_norm=AUTHORS["eps_norm"], whiten=AUTHORS["whiten"], eps_zca=AUTHORS["eps_zca"],
+                 init=AUTHORS["init"], max_iter=AUTHORS["max_iter"], tol=AUTHORS["tol"], empty=AUTHORS["empty"],
+                 encoder=_SPEC["encoder"], alpha=_SPEC["alpha"], stride=_SPEC["stride"], grid=_SPEC["grid"],
+                 pool=_SPEC["pool"], pool_size=_SPEC["pool_size"], pool_stride=_SPEC["pool_stride"], q=_SPEC["q"],
                  image_shape=None, random_state=None):
         self.n_centroids = n_centroids
         self.patch_size = patch_size
@@ -303,15 +289,15 @@ class CoatesFeatures(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEsti
         return tags
 
     def _spec(self) -> FeatureSpec:
-        _check_choice(self.encoder, "encoder", ENCODERS)
-        _check_choice(self.pool, "pool", POOLS)
+        choice(self.encoder, ENCODERS, "encoder")
+        choice(self.pool, POOLS, "pool")
         return FeatureSpec(
-            patch_size=_check_int(self.patch_size, "patch_size"),
-            stride=_check_int(self.stride, "stride"),
+            patch_size=integer(self.patch_size, "patch_size", minimum=1),
+            stride=integer(self.stride, "stride", minimum=1),
             eps_norm=None if self.eps_norm is None else float(self.eps_norm),
-            encoder=self.encoder, alpha=float(self.alpha), grid=_check_int(self.grid, "grid"),
-            pool=self.pool, pool_size=_check_int(self.pool_size, "pool_size", 0),
-            pool_stride=_check_int(self.pool_stride, "pool_stride", 0), q=_check_int(self.q, "q", 0),
+            encoder=self.encoder, alpha=float(self.alpha), grid=integer(self.grid, "grid", minimum=1),
+            pool=self.pool, pool_size=integer(self.pool_size, "pool_size", minimum=0),
+            pool_stride=integer(self.pool_stride, "pool_stride", minimum=0), q=integer(self.q, "q", minimum=0),
         )
 
     def _images(self, X, reset: bool):
@@ -348,8 +334,8 @@ class CoatesFeatures(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEsti
         """Learn the whitening and the dictionary from random patches of the images X."""
         images = self._images(X, reset=True)
         spec = self._spec()
-        k = _check_int(self.n_centroids, "n_centroids")
-        n_patches = _check_int(self.n_patches, "n_patches")
+        k = integer(self.n_centroids, "n_centroids", minimum=1)
+        n_patches = integer(self.n_patches, "n_patches", minimum=1)
         if not self.eps_zca >= 0:
             raise ValueError(f"eps_zca must be >= 0, got {self.eps_zca!r}")
         dictionary = learn_dictionary(

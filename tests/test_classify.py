@@ -321,7 +321,7 @@ def test_ridge_input_errors():
         accumulate_gram(frozen, x, labels)
     for a, b in zip(stats, snapshot):  # a refused call changes nothing
         np.testing.assert_array_equal(a, b)
-    with pytest.raises(ValueError, match="C must be > 0"):
+    with pytest.raises(ValueError, match="C must be a number > 0"):
         fit_ridge(stats, 0.0)
 
 
@@ -472,12 +472,12 @@ def test_fit_classifier_ridge_cg_matches_the_gram_solver():
 
 
 class _DictCheckpoints:
-    """``fit_classifier(checkpoints=)`` in memory, counting what it hands back."""
+    """``fit_classifier(resume=, checkpoint=)`` in memory, counting what it hands back."""
 
     def __init__(self):
         self.saved, self.loaded = {}, []
 
-    def load(self, name, like):
+    def get(self, name):
         if name in self.saved:
             self.loaded.append(name)
         return self.saved.get(name)
@@ -494,21 +494,21 @@ def test_fit_classifier_resumes_a_ridge_fit_from_its_checkpoints(solver):
     kw = dict(num_classes=4, loss="ridge", C_grid=[1.0, 10.0], key=jax.random.key(0), copies=2, solver=solver,
               rank=64)
     store, first_log, again_log = _DictCheckpoints(), [], []
-    first = fit_classifier(x, labels, checkpoints=store, log=first_log.append, **kw)
+    first = fit_classifier(x, labels, resume=store, checkpoint=store.save, log=first_log.append, **kw)
     assert sorted(store.saved) == (["gram"] if solver == "gram" else
                                    ["cg-final", "cg-prep-final", "cg-prep-search", "cg-search-C1", "cg-search-C10"])
     if solver == "gram":  # saved before the held-out rows join: the statistics of the fitted rows only
         assert float(store.saved["gram"].count) == 1080
-    again = fit_classifier(x, labels, checkpoints=store, log=again_log.append, **kw)
+    again = fit_classifier(x, labels, resume=store, checkpoint=store.save, log=again_log.append, **kw)
     assert sorted(store.loaded) == sorted(store.saved)
     assert again.C == first.C and again.scores == first.scores
     if solver == "gram":
         np.testing.assert_array_equal(np.asarray(again.model.weights), np.asarray(first.model.weights))
-    else:  # each C restarted from its solution: a pass or two instead of tens
+    else:  # each C continues from its saved solver state, here converged: no pass, the same weights
         passes = [int(line.split(": ")[1].split()[0]) for line in again_log if "passes" in line]
-        assert passes and max(passes) <= 2, again_log
-        w = np.asarray(first.model.weights)
-        np.testing.assert_allclose(np.asarray(again.model.weights), w, atol=1e-4 * np.abs(w).max())
+        first_passes = [int(line.split(": ")[1].split()[0]) for line in first_log if "passes" in line]
+        assert passes == first_passes and min(first_passes) > 2, (first_log, again_log)
+        np.testing.assert_array_equal(np.asarray(again.model.weights), np.asarray(first.model.weights))
 
 
 def test_mirror_averaging_sums_the_two_views_scores():

@@ -540,7 +540,7 @@ def test_matmul_update_equals_scatter_update(spherical, weighted):
 def test_pallas_kernel_finds_the_same_nearest_centroids(spherical):
     # the fused kernel (interpreted on the CPU) against NumPy in float64, with K and D not multiples
     # of its blocks (padded centroids must never win) and rows spanning several row blocks
-    from kmjax._pallas import nearest_pallas
+    from kmjax.nearest import nearest_pallas
 
     rng = np.random.default_rng(7)
     x = rng.standard_normal((300, 27)).astype(np.float32)

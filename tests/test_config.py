@@ -60,7 +60,7 @@ def test_a_registered_encoder_is_a_valid_config_value(monkeypatch):
     from kmjax import encoders
     from kmjax.features import FeatureSpec, feature_dim
 
-    with pytest.raises(ConfigError, match="features.encoder = 'cube'"):
+    with pytest.raises(ConfigError, match="unknown features.encoder 'cube'"):
         parse_config({"features": {"encoder": "cube"}})
     monkeypatch.setitem(encoders.ENCODERS, "cube", encoders.Encoder(lambda x, c, alpha, precision: x @ c.T, 3))
     assert parse_config({"features": {"encoder": "cube"}}).features.encoder == "cube"
@@ -112,7 +112,7 @@ def test_value_outside_choices_lists_choices(section, key, value):
     ("classifier", "C", 0.0), ("classifier", "C", -1.0),
 ])
 def test_non_positive_rejected(section, key, value):
-    with pytest.raises(ConfigError, match=rf"{section}\.{key} must be > 0"):
+    with pytest.raises(ConfigError, match=rf"{section}\.{key} must be a number > 0"):
         parse_config({section: {key: value}})
 
 

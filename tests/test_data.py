@@ -14,7 +14,7 @@ import tarfile
 import numpy as np
 import pytest
 
-from kmjax import data
+from kmjax import data, safe_pickle
 from kmjax.data import (
     CLASS_NAMES,
     Cifar10,
@@ -299,17 +299,17 @@ def test_nothing_is_built_before_a_forbidden_global_is_refused(tmp_path, monkeyp
     make_cifar(tmp_path)
     (tmp_path / BATCHES / "data_batch_1").write_bytes(_crafted(tmp_path / "x", 2, "batch"))
     built = []
-    monkeypatch.setattr(data._BatchUnpickler, "find_class", lambda self, m, n: built.append((m, n)))
+    monkeypatch.setattr(safe_pickle._BatchUnpickler, "find_class", lambda self, m, n: built.append((m, n)))
     with pytest.raises(DataError, match="names posix.system|names nt.system"):
         load_cifar10(tmp_path, "train", batches=[1])
     assert built == []
 
 
 def test_the_unpickler_admits_only_numpy_array_constructors():
-    assert {m for m, _ in data._ALLOWED_GLOBALS} <= {"numpy", "numpy.core.multiarray", "numpy._core.multiarray",
+    assert {m for m, _ in safe_pickle._ALLOWED_GLOBALS} <= {"numpy", "numpy.core.multiarray", "numpy._core.multiarray",
                                                     "_codecs"}
-    with pytest.raises(data._Refused):
-        data._BatchUnpickler(io.BytesIO(b"")).find_class("builtins", "eval")
+    with pytest.raises(safe_pickle.RefusedPickle):
+        safe_pickle._BatchUnpickler(io.BytesIO(b"")).find_class("builtins", "eval")
 
 
 def test_meta_with_wrong_number_of_names(tmp_path):

@@ -86,7 +86,7 @@ class _Store:
     def __init__(self):
         self.trees, self.saves = {}, 0
 
-    def load(self, name, like, mmap=False):
+    def get(self, name):
         return self.trees.get(name)
 
     def save(self, name, tree):
@@ -98,14 +98,14 @@ def test_fit_classifier_chooses_the_dual_by_shape_and_resumes():
     x, labels, classes = _problem()
     primal = kmjax.fit_classifier(x, labels, num_classes=classes, loss="ridge", C=10.0, solver="gram")
     store = _Store()
-    auto = kmjax.fit_classifier(x, labels, num_classes=classes, loss="ridge", C=10.0, checkpoints=store)
+    auto = kmjax.fit_classifier(x, labels, num_classes=classes, loss="ridge", C=10.0, resume=store, checkpoint=store.save)
     assert store.saves == 1 and int(store.trees["kernel"][0]) == x.shape[1]  # the dual ran, its kernel was kept
     pred = predict_features(primal.standardizer, primal.model, x)
     assert np.mean(predict_features(auto.standardizer, auto.model, x) == pred) == 1.0
     # a run that stopped half-way resumes from the saved kernel: the same model
     half = _kernel(x, until=200)
     store.trees["kernel"] = half
-    resumed = kmjax.fit_classifier(x, labels, num_classes=classes, loss="ridge", C=10.0, checkpoints=store)
+    resumed = kmjax.fit_classifier(x, labels, num_classes=classes, loss="ridge", C=10.0, resume=store, checkpoint=store.save)
     np.testing.assert_allclose(resumed.model.weights, auto.model.weights, rtol=0, atol=1e-6)
     # with a grid: C chosen on held-out rows, like the primal solver's choice on this easy problem
     grid = kmjax.fit_classifier(x, labels, num_classes=classes, loss="ridge", C_grid=[1, 10, 100],
@@ -117,15 +117,15 @@ def test_kernel_files_are_mapped_not_read(tmp_path):
     """load_tree(mmap=True) gives read-only memmaps of the file with the saved values; a truncated
     file is a clear error, not a crash."""
     from kmjax.checkpoint import FileFormatError, load_tree, save_tree
-    from kmjax.classify.select import _KERNEL_LIKE
+    from kmjax.templates import fit_state
 
     x, _, _ = _problem()
     stats = _kernel(x)
     path = save_tree(tmp_path / "kernel.npz", stats, {"kind": "checkpoint"})
-    mapped, _ = load_tree(path, _KERNEL_LIKE, mmap=True)
+    mapped, _ = load_tree(path, fit_state("kernel"), mmap=True)
     assert isinstance(mapped.kernel, np.memmap) and not mapped.kernel.flags.writeable
     for a, b in zip(mapped, stats):
         np.testing.assert_array_equal(a, b)
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(FileFormatError):
-        load_tree(path, _KERNEL_LIKE, mmap=True)
+        load_tree(path, fit_state("kernel"), mmap=True)

@@ -15,7 +15,7 @@ from jax import export
 
 import kmjax
 from kmjax import cluster
-from kmjax._pallas import check_kernel
+from kmjax.nearest import check_kernel
 from kmjax.classify import tiled
 from kmjax.classify.linear import _scores_raw
 

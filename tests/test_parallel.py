@@ -1,4 +1,4 @@
-"""Tests for kmjax.parallel: sharded k-means and feature extraction equal their one-device versions.
+"""k-means and feature extraction on a mesh of devices (``mesh=``) equal their one-device results.
 
 JAX fixes the number of devices when it starts, so the 8-device checks run in a fresh Python
 process whose environment splits the CPU into 8 devices.
@@ -18,7 +18,7 @@ import pytest
 
 from kmjax.cluster import kmeans
 from kmjax.features import FeatureSpec, extract_features
-from kmjax.parallel import data_mesh, extract_features_sharded, kmeans_sharded
+from kmjax.parallel import data_mesh
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,11 +35,11 @@ def run_on_8_devices(body: str, timeout: float = 120.0) -> str:
     return proc.stdout
 
 
-def test_kmeans_sharded_matches_kmeans_on_8_devices():
+def test_kmeans_on_a_mesh_matches_one_device_on_8_devices():
     out = run_on_8_devices("""
         import numpy as np
         from kmjax.cluster import kmeans
-        from kmjax.parallel import kmeans_sharded
+        from kmjax.parallel import data_mesh
 
         rng = np.random.default_rng(0)
         K = 10
@@ -59,7 +59,7 @@ def test_kmeans_sharded_matches_kmeans_on_8_devices():
             kw = dict(init=c0, tol=None, max_iter=10, empty=empty, spherical=spherical, weights=w,
                       chunk_size=64)
             a = kmeans(jax.random.key(0), x, K, **kw)
-            b = kmeans_sharded(jax.random.key(0), x, K, **kw)
+            b = kmeans(jax.random.key(0), x, K, mesh=data_mesh(), **kw)
             assert len(b.centroids.sharding.device_set) == 8
             np.testing.assert_allclose(b.centroids, a.centroids, rtol=1e-5, atol=1e-5)
             np.testing.assert_allclose(b.objective, a.objective, rtol=1e-5)
@@ -75,17 +75,22 @@ def test_kmeans_sharded_matches_kmeans_on_8_devices():
         # init by name draws what kmeans draws; early stopping agrees
         x = rng.normal(size=(1001, 6)).astype(np.float32)
         a = kmeans(jax.random.key(3), x, K, init="k-means++", max_iter=50)
-        b = kmeans_sharded(jax.random.key(3), x, K, init="k-means++", max_iter=50)
+        reports = []
+        b = kmeans(jax.random.key(3), x, K, init="k-means++", max_iter=50, mesh=data_mesh(),
+                   progress=lambda *r: reports.append(r))
         np.testing.assert_allclose(b.centroids, a.centroids, rtol=1e-5, atol=1e-5)
         assert int(b.n_iter) == int(a.n_iter)
+        # progress on a mesh: one report per iteration, the objective of each
+        assert [r[:2] for r in reports] == [(i + 1, 50) for i in range(int(a.n_iter))], reports
+        np.testing.assert_allclose([r[2] for r in reports], np.asarray(a.objective)[: int(a.n_iter)], rtol=1e-5)
 
         # a 4-device mesh with another axis name, Explicit axes (jax.make_mesh's default), and
         # points already sharded on it
         from jax.sharding import NamedSharding, PartitionSpec as P
         mesh = jax.make_mesh((4,), ("d",))
         xg = jax.device_put(x[:1000], NamedSharding(mesh, P("d")))
-        b = kmeans_sharded(jax.random.key(1), xg, K, mesh=mesh, axis_name="d", init="random",
-                           max_iter=10, tol=None, empty="zero")
+        b = kmeans(jax.random.key(1), xg, K, mesh=mesh, axis_name="d", init="random", max_iter=10, tol=None,
+                   empty="zero")
         a = kmeans(jax.random.key(1), x[:1000], K, init="random", max_iter=10, tol=None, empty="zero")
         np.testing.assert_allclose(b.centroids, a.centroids, rtol=1e-5, atol=1e-5)
         assert len(b.centroids.sharding.device_set) == 4
@@ -94,11 +99,11 @@ def test_kmeans_sharded_matches_kmeans_on_8_devices():
     assert out.count("ok") == 6
 
 
-def test_extract_features_sharded_matches_on_8_devices():
+def test_extract_features_on_a_mesh_matches_on_8_devices():
     out = run_on_8_devices("""
         import numpy as np
         from kmjax.features import FeatureSpec, extract_features
-        from kmjax.parallel import extract_features_sharded
+        from kmjax.parallel import data_mesh
         from kmjax.preprocess import fit_zca, normalize_patches
 
         rng = np.random.default_rng(0)
@@ -113,15 +118,15 @@ def test_extract_features_sharded_matches_on_8_devices():
 
         a = extract_features(images, centroids, zca, spec)
         for batch_size in (None, 8, 24):  # one batch; two batches of one image per device
-            close(extract_features_sharded(images, centroids, zca, spec, batch_size=batch_size), a)
+            close(extract_features(images, centroids, zca, spec, batch_size=batch_size, mesh=data_mesh()), a)
         # 13 images: a padded last batch; no whitening; another encoder; two images per product
         spec2 = spec._replace(encoder="soft_threshold", pool="max")
         a = extract_features(images[:13], centroids, None, spec2)
         done = []
-        b = extract_features_sharded(images[:13], centroids, None, spec2, step=2, batch_size=16,
-                                     progress=lambda d, t: done.append((d, t)))
+        b = extract_features(images[:13], centroids, None, spec2, step=2, batch_size=16, mesh=data_mesh(),
+                             progress=lambda d, t, v: done.append((d, t, v)))
         close(b, a)
-        assert done == [(13, 13)], done
+        assert done == [(13, 13, None)], done
         print("ok features")
     """)
     assert "ok features" in out
@@ -136,25 +141,19 @@ def test_one_device_mesh_in_process():
     for empty in ("zero", "reseed"):
         kw = dict(init=c0, tol=None, max_iter=8, empty=empty, chunk_size=50)
         a = kmeans(jax.random.key(0), x, 6, **kw)
-        b = kmeans_sharded(jax.random.key(0), x, 6, mesh=mesh, **kw)
+        b = kmeans(jax.random.key(0), x, 6, mesh=mesh, **kw)
         np.testing.assert_allclose(b.centroids, a.centroids, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(b.objective, a.objective, rtol=1e-5)
-    b = kmeans_sharded(jax.random.key(0), x, 6, max_iter=5)  # default mesh: every local device
-    assert b.centroids.shape == (6, 5) and np.isfinite(np.asarray(b.centroids)).all()
 
 
 def test_argument_errors():
     x = np.zeros((10, 3), np.float32)
     with pytest.raises(ValueError, match="axis_name"):
-        kmeans_sharded(jax.random.key(0), x, 2, mesh=data_mesh(1), axis_name="batch")
-    with pytest.raises(ValueError, match="empty-cluster policy"):
-        kmeans_sharded(jax.random.key(0), x, 2, empty="drop")
-    with pytest.raises(ValueError, match="larger than the number of points"):
-        kmeans_sharded(jax.random.key(0), x, 11)
-    with pytest.raises(ValueError, match="init array"):
-        kmeans_sharded(jax.random.key(0), x, 2, init=np.zeros((3, 3)))
+        kmeans(jax.random.key(0), x, 2, mesh=data_mesh(1), axis_name="batch")
     with pytest.raises(TypeError, match="Mesh"):
-        extract_features_sharded(np.zeros((2, 8, 8, 3)), np.zeros((4, 48)), None, mesh="data")
+        kmeans(jax.random.key(0), x, 2, mesh="data")
+    with pytest.raises(TypeError, match="Mesh"):
+        extract_features(np.zeros((2, 8, 8, 3)), np.zeros((4, 48)), None, mesh="data")
 
 
 _X = np.random.default_rng(0).normal(size=(20, 3)).astype(np.float32)
@@ -168,15 +167,15 @@ _BAD_KMEANS = {
 
 
 @pytest.mark.parametrize("case", sorted(_BAD_KMEANS))
-def test_sharded_kmeans_rejects_what_kmeans_rejects(case):
-    # one argument-checking path: the same inputs refused with the same message
+def test_kmeans_on_a_mesh_rejects_what_kmeans_rejects(case):
+    # the checks run before the data is placed: the same inputs refused with the same message
     kw = dict(x=_X, k=2, init="random", max_iter=2)
     kw.update(_BAD_KMEANS[case])
     x, k = kw.pop("x"), kw.pop("k")
     with pytest.raises(ValueError) as single:
         kmeans(jax.random.key(0), x, k, **kw)
     with pytest.raises(ValueError) as sharded:
-        kmeans_sharded(jax.random.key(0), x, k, mesh=data_mesh(1), **kw)
+        kmeans(jax.random.key(0), x, k, mesh=data_mesh(1), **kw)
     assert str(sharded.value) == str(single.value)
 
 
@@ -190,13 +189,13 @@ _BAD_FEATURES = {
 
 
 @pytest.mark.parametrize("case", sorted(_BAD_FEATURES))
-def test_sharded_features_reject_what_extract_features_rejects(case):
+def test_features_on_a_mesh_reject_what_extract_features_rejects(case):
     kw = dict(images=_IMAGES, centroids=np.zeros((4, 12), np.float32), zca=None, spec=FeatureSpec(patch_size=2))
     kw.update(_BAD_FEATURES[case])
     with pytest.raises(ValueError) as single:
         extract_features(**kw)
     with pytest.raises(ValueError) as sharded:
-        extract_features_sharded(**kw, mesh=data_mesh(1))
+        extract_features(**kw, mesh=data_mesh(1))
     assert str(sharded.value) == str(single.value)
 
 
@@ -209,7 +208,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 from kmjax.cluster import kmeans
 from kmjax.features import FeatureSpec, extract_features
-from kmjax.parallel import data_mesh, extract_features_sharded, kmeans_sharded
+from kmjax.parallel import data_mesh
 
 assert (jax.process_count(), jax.device_count(), jax.local_device_count()) == (2, 4, 2)
 rng = np.random.default_rng(0)
@@ -220,7 +219,7 @@ mesh = data_mesh()  # every device of both processes
 local = x[pid * 500 : (pid + 1) * 500]  # each process holds only its own rows
 xg = jax.make_array_from_process_local_data(NamedSharding(mesh, P("data")), local)
 for init, empty in ((c0, "reseed"), ("random", "zero")):
-    b = kmeans_sharded(jax.random.key(3), xg, 5, mesh=mesh, init=init, max_iter=10, tol=None, empty=empty)
+    b = kmeans(jax.random.key(3), xg, 5, mesh=mesh, init=init, max_iter=10, tol=None, empty=empty)
     a = kmeans(jax.random.key(3), x, 5, init=init, max_iter=10, tol=None, empty=empty)
     np.testing.assert_allclose(np.asarray(b.centroids), np.asarray(a.centroids), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(float(b.inertia), float(a.inertia), rtol=1e-5)
@@ -229,7 +228,7 @@ for init, empty in ((c0, "reseed"), ("random", "zero")):
 images = rng.uniform(0, 255, size=(10, 10, 10, 3)).astype(np.float32)[pid * 5 : (pid + 1) * 5]
 spec = FeatureSpec(patch_size=3, grid=2)
 centroids = rng.normal(size=(4, 27)).astype(np.float32)
-got = extract_features_sharded(images, centroids, None, spec)
+got = extract_features(images, centroids, None, spec, mesh=data_mesh(local=True))
 np.testing.assert_allclose(got, extract_features(images, centroids, None, spec), rtol=1e-5, atol=1e-5)
 print("ok", pid)
 """

@@ -165,9 +165,9 @@ def test_fit_zca_errors():
     bad[3, 1] = np.inf
     with pytest.raises(ValueError, match=r"NaN or Inf"):
         fit_zca(bad)
-    with pytest.raises(ValueError, match=r"eps must be >= 0"):
+    with pytest.raises(ValueError, match=r"eps must be a number >= 0"):
         fit_zca(x, -0.1)
-    with pytest.raises(ValueError, match=r"eps must be >= 0"):
+    with pytest.raises(ValueError, match=r"eps must be a number >= 0"):
         fit_zca(x, float("nan"))
     with pytest.raises(ValueError, match=r"2-D array"):
         fit_zca(x[None])

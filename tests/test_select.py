@@ -182,7 +182,7 @@ def test_fit_classifier_input_errors():
         with pytest.raises(ValueError, match="C must be a number > 0"):
             fit_classifier(x, labels, C=bad, **ok)
     for grid in ([1.0, 0.0], [-1], [float("nan")], [None]):
-        with pytest.raises(ValueError, match="C_grid must hold numbers > 0"):
+        with pytest.raises(ValueError, match="every C of C_grid"):
             fit_classifier(x, labels, C_grid=grid, key=jax.random.key(0), **ok)
     with pytest.raises(ValueError, match="needs a jax.random key"):
         fit_classifier(x, labels, C_grid=[1.0], **ok)
@@ -198,7 +198,7 @@ def test_fit_classifier_input_errors():
         fit_classifier(x[0], labels, **ok)
     with pytest.raises(ValueError, match="copies must divide"):
         fit_classifier(x[:-1], labels[:-1], copies=2, **ok)
-    with pytest.raises(ValueError, match="num_classes must be >= 2"):
+    with pytest.raises(ValueError, match="num_classes must be an integer >= 2"):
         fit_classifier(x, np.zeros_like(labels), num_classes=1)
     with pytest.raises(ValueError, match="val_fraction"):
         fit_classifier(x, labels, C_grid=[1.0], key=jax.random.key(0), val_fraction=1.0, **ok)

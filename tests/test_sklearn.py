@@ -126,7 +126,7 @@ def test_kmeans_errors():
         KMeans(6).fit(X)
     with pytest.raises(ValueError, match="init array must have shape"):
         KMeans(2, init=X[:3]).fit(X)
-    with pytest.raises(ValueError, match="init must be one of"):
+    with pytest.raises(ValueError, match="unknown init"):
         KMeans(2, init="kmeans").fit(X)
     with pytest.raises(ValueError, match="random_state"):
         KMeans(2, random_state=-1).fit(X)

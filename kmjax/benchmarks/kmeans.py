@@ -28,8 +28,8 @@ What it measures
   to scikit-learn (< 1: faster). The machine's float32 matmul peak (4096^3, numpy and jitted
   jax, median of 3) is measured in the same run for scale.
 
-  Correctness check: the final centroids of every library are scored with one common numpy
-  evaluator (float32 distances, float64 sum); as all start from the same centroids and run the
+  Correctness check: the final centroids of every library are scored with one common scorer
+  (``kmjax.assign``: float32 distances, float64 sum); as all start from the same centroids and run the
   same iterations, the inertias should agree to ~1e-4 relative. The libraries' own numbers are
   printed too (faiss reports the objective of the last assignment, i.e. before its last update),
   and kmjax's per-iteration objective is compared with faiss's.
@@ -60,11 +60,12 @@ import os
 import platform
 import statistics
 import time
-import warnings
 
 import numpy as np
 
 from kmjax.benchmarks.common import matmul_peak, numpy_peak
+from kmjax.benchmarks.peers import SEED, KmjaxRunner, TorchRunner, import_libs, make_runner
+from kmjax.cluster import assign
 
 PROBLEMS = {
     "seed": (360_000, 75, 64),
@@ -72,7 +73,6 @@ PROBLEMS = {
     "scale": (1_000_000, 128, 4096),
 }
 ALL_LIBS = ("kmjax", "sklearn", "faiss", "torch")
-SEED = 0
 OPENBLAS_VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 
 
@@ -94,205 +94,9 @@ def make_problem(n: int, d: int, k: int, seed: int = SEED):
     return np.ascontiguousarray(x), c0
 
 
-def evaluate_inertia(x: np.ndarray, c: np.ndarray, chunk: int = 16384) -> float:
-    """Sum of squared distances to the nearest centroid: float32 distances, float64 sum."""
-    c = np.asarray(c, np.float32)
-    cc = np.einsum("kd,kd->k", c, c)
-    total = 0.0
-    for s in range(0, x.shape[0], chunk):
-        xc = x[s:s + chunk]
-        xx = np.einsum("nd,nd->n", xc, xc)
-        dist = xx[:, None] - 2.0 * (xc @ c.T) + cc[None, :]
-        total += float(np.maximum(dist.min(axis=1), 0.0).sum(dtype=np.float64))
-    return total
-
-
-# ----------------------------------------------------------------------------- libraries
-
-
-def _import_libs(libs):
-    """Modules of the importable libraries; a printed note for each one skipped."""
-    mods = {}
-    for lib in libs:
-        try:
-            if lib == "kmjax":
-                import importlib
-
-                import jax
-                # the module, not the function that kmjax/__init__ may re-export as kmjax.cluster
-                km = importlib.import_module("kmjax.cluster")
-                mods[lib] = (jax, km)
-            elif lib == "sklearn":
-                import sklearn
-                from sklearn.cluster import KMeans
-                mods[lib] = (sklearn, KMeans)
-            elif lib == "faiss":
-                import faiss
-                mods[lib] = faiss
-            elif lib == "torch":
-                import torch
-                mods[lib] = torch
-            else:
-                print(f"note: unknown library {lib!r}, skipped")
-        except Exception as e:  # ImportError, or a broken binary
-            print(f"note: {lib} not importable ({type(e).__name__}: {e}); skipped")
-    return mods
-
-
-class _Timed:
-    """A runner whose ``_call()`` is timed by ``run`` and run once untimed by ``warmup`` (compiling)."""
-
-    def _timed(self):
-        t = time.perf_counter()
-        out = self._call()
-        return time.perf_counter() - t, out
-
-    def warmup(self):
-        return self._timed()[0]
-
-
-class KmjaxRunner(_Timed):
-    precision = "float32"  # set from --precision
-    update = None  # set from --update (None: the backend's default)
-    kernel = "xla"  # set from --kernel
-
-    def __init__(self, mods, x, c0, k, iters):
-        jax, km = mods
-        self.jax, self.km, self.k, self.iters = jax, km, k, iters
-        self.x = jax.device_put(x)
-        self.c0 = jax.device_put(c0)
-        self.key = jax.random.key(SEED)
-        self.x.block_until_ready()
-
-    def _call(self):
-        res = self.km.kmeans(self.key, self.x, self.k, init=self.c0, max_iter=self.iters, tol=None,
-                             precision=self.precision, update=self.update, kernel=self.kernel)
-        return self.jax.block_until_ready(res)
-
-    def run(self):
-        dt, res = self._timed()
-        n_iter = int(res.n_iter)
-        if n_iter != self.iters:
-            warnings.warn(f"kmjax ran {n_iter} iterations, expected {self.iters}")
-        info = {
-            "centroids": np.asarray(res.centroids),
-            "inertia_reported": float(res.inertia),
-            "objective": [float(v) for v in np.asarray(res.objective)],
-            "n_iter": n_iter,
-        }
-        return dt, info
-
-
-class SklearnRunner:
-    def __init__(self, mods, x, c0, k, iters):
-        _, self.KMeans = mods
-        self.x, self.c0, self.k, self.iters = x, c0, k, iters
-
-    def run(self):
-        est = self.KMeans(n_clusters=self.k, init=self.c0, n_init=1, max_iter=self.iters, tol=0,
-                          algorithm="lloyd")
-        t = time.perf_counter()
-        est.fit(self.x)
-        dt = time.perf_counter() - t
-        n_iter = int(est.n_iter_)
-        if n_iter != self.iters:
-            warnings.warn(f"scikit-learn stopped after n_iter_={n_iter} iterations (strict "
-                          f"convergence?), expected {self.iters}; ms/iter divides by n_iter_")
-        info = {
-            "centroids": np.asarray(est.cluster_centers_, np.float32),
-            "inertia_reported": float(est.inertia_),
-            "n_iter": n_iter,
-            "dtype": str(est.cluster_centers_.dtype),
-        }
-        return dt, info
-
-
-class FaissRunner:
-    def __init__(self, faiss, x, c0, k, iters):
-        self.faiss, self.x, self.c0, self.k, self.iters = faiss, x, c0, k, iters
-
-    def run(self):
-        faiss = self.faiss
-        n, d = self.x.shape
-        clus = faiss.Clustering(d, self.k)
-        clus.niter = self.iters
-        clus.nredo = 1
-        clus.verbose = False
-        clus.spherical = False
-        clus.max_points_per_centroid = n  # never subsample: use all points
-        clus.min_points_per_centroid = 0
-        if hasattr(clus, "early_stop_threshold"):
-            clus.early_stop_threshold = -1.0  # never stop early
-        if hasattr(clus, "frozen_centroids"):
-            clus.frozen_centroids = False  # provided centroids are an init, not fixed
-        faiss.copy_array_to_vector(self.c0.ravel(), clus.centroids)
-        index = faiss.IndexFlatL2(d)
-        t = time.perf_counter()
-        clus.train(self.x, index)
-        dt = time.perf_counter() - t
-        stats = clus.iteration_stats
-        stats = [stats.at(i) for i in range(stats.size())]
-        if len(stats) != self.iters:
-            warnings.warn(f"faiss ran {len(stats)} iterations, expected {self.iters}")
-        info = {
-            "centroids": faiss.vector_to_array(clus.centroids).reshape(self.k, d),
-            # objective of the last assignment, i.e. of the centroids before the last update
-            "inertia_reported": float(stats[-1].obj) if stats else float("nan"),
-            "objective": [float(s.obj) for s in stats],
-            "nsplit": int(sum(s.nsplit for s in stats)),
-            "n_iter": len(stats),
-        }
-        return dt, info
-
-
-class TorchRunner(_Timed):
-    """The plain PyTorch Lloyd loop a GPU user would write: s = x @ c.T - |c|^2 / 2, argmax,
-    index_add_ of the points, bincount; empty clusters keep their centroid. Like kmjax and
-    scikit-learn it ends with one more assignment pass (the final inertia). The scores of all N
-    points at once, as such a loop does, unless they exceed 4 GB (then blocks of rows)."""
-
-    precision = "float32"  # set from --precision: "tf32" allows TF32 products on NVIDIA GPUs
-
-    def __init__(self, torch, x, c0, k, iters):
-        self.torch, self.k, self.iters = torch, k, iters
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.x = torch.from_numpy(x).to(self.device)
-        self.c0 = torch.from_numpy(c0).to(self.device)
-        self.rows = max(1, min(len(x), (1 << 30) // k))
-
-    def _assign(self, c):
-        t, best, index = self.torch, [], []
-        half = 0.5 * (c * c).sum(1)
-        for start in range(0, len(self.x), self.rows):
-            s = self.x[start : start + self.rows] @ c.T - half
-            b, i = s.max(1)
-            best.append(b)
-            index.append(i)
-        return t.cat(best), t.cat(index)
-
-    def _call(self):
-        t = self.torch
-        t.backends.cuda.matmul.allow_tf32 = self.precision == "tf32"
-        c = self.c0.clone()
-        for _ in range(self.iters):
-            _, index = self._assign(c)
-            sums = t.zeros_like(c).index_add_(0, index, self.x)
-            counts = t.bincount(index, minlength=self.k).to(c.dtype)
-            c = t.where(counts[:, None] > 0, sums / counts.clamp(min=1)[:, None], c)
-        best, _ = self._assign(c)
-        inertia = float((self.x * self.x).sum() - 2 * best.sum())
-        if self.device == "cuda":
-            t.cuda.synchronize()
-        return c, inertia
-
-    def run(self):
-        dt, (c, inertia) = self._timed()
-        return dt, {"centroids": c.cpu().numpy(), "inertia_reported": inertia, "n_iter": self.iters}
-
-
-def make_runner(lib, mods, x, c0, k, iters):
-    cls = {"kmjax": KmjaxRunner, "sklearn": SklearnRunner, "faiss": FaissRunner, "torch": TorchRunner}[lib]
-    return cls(mods[lib], x, c0, k, iters)
+def evaluate_inertia(x: np.ndarray, c: np.ndarray) -> float:
+    """Sum of squared distances to the nearest centroid (``kmjax.assign``: float32 distances), in float64."""
+    return float(np.asarray(assign(x, np.asarray(c, np.float32))[1]).sum(dtype=np.float64))
 
 
 # ----------------------------------------------------------------------------- matmul peak
@@ -332,7 +136,88 @@ def _fmt_ratio(v):
 # ----------------------------------------------------------------------------- main
 
 
-def main(argv=None):
+def _time_problem(name, args, libs, mods, meta, peaks, records, rows, checks):
+    """Time every library on one problem; append its records, rows and correctness line."""
+    n, d, k = PROBLEMS[name]
+    n = max(k, int(round(n * args.n_frac)))
+    t = time.perf_counter()
+    x, c0 = make_problem(n, d, k)
+    print(f"\n[{name}] N={n} D={d} K={k}, {args.iters} iters x {args.repeats} repeats "
+          f"(data {time.perf_counter() - t:.1f} s)")
+    runners = {lib: make_runner(lib, mods, x, c0, k, args.iters) for lib in libs}
+    for lib in ("kmjax", "torch"):
+        if lib in runners:
+            wt = runners[lib].warmup()
+            print(f"  {lib} warm-up (compile + one run): {wt:.2f} s")
+    times = {lib: [] for lib in libs}
+    utils = {lib: [] for lib in libs}
+    infos = {}
+    for r in range(args.repeats):
+        for lib in libs:
+            w0, c0_cpu = time.perf_counter(), time.process_time()
+            dt, info = runners[lib].run()
+            util = (time.process_time() - c0_cpu) / max(time.perf_counter() - w0, 1e-9)
+            per = dt / max(info["n_iter"], 1)
+            times[lib].append(per)
+            utils[lib].append(util)
+            infos[lib] = info
+            print(f"  repeat {r + 1} {lib:8s} {dt:8.3f} s  {per * 1e3:9.1f} ms/iter  "
+                  f"(n_iter {info['n_iter']}, cpu {util:.2f} of {os.cpu_count()} cores)")
+    del runners
+
+    flop = 2.0 * n * k * d
+    med = {lib: statistics.median(times[lib]) for lib in libs}
+    evals = {lib: evaluate_inertia(x, infos[lib]["centroids"]) for lib in libs}
+    for lib in libs:
+        rec = dict(meta)
+        precision = args.precision if lib == "kmjax" or (lib == "torch" and args.precision == "tf32") else "float32"
+        rec.update(
+            problem=name, n=n, d=d, k=k, library=lib, iters=args.iters,
+            kernel=args.kernel if lib == "kmjax" else None,
+            precision=precision, fraction_of_peak=flop / med[lib] / 1e9 / peaks[precision],
+            n_iter=infos[lib]["n_iter"],
+            ms_per_iter=med[lib] * 1e3,
+            ms_per_iter_all=[t * 1e3 for t in times[lib]],
+            ms_per_iter_min=min(times[lib]) * 1e3,
+            cpu_util_all=utils[lib],
+            gflops=flop / med[lib] / 1e9,
+            ratio_to_faiss=(med[lib] / med["faiss"]) if "faiss" in med else None,
+            ratio_to_sklearn=(med[lib] / med["sklearn"]) if "sklearn" in med else None,
+            inertia=evals[lib],
+            inertia_reported=infos[lib]["inertia_reported"],
+        )
+        if "nsplit" in infos[lib]:
+            rec["faiss_nsplit"] = infos[lib]["nsplit"]
+        records.append(rec)
+        rows.append(rec)
+
+    vals = list(evals.values())
+    ref = min(vals)
+    max_rel = (max(vals) - ref) / ref if ref > 0 else float("nan")
+    print("  final inertia (common evaluator | library's own):")
+    for lib in libs:
+        extra = ""
+        if lib == "faiss":
+            extra = (f"  [own = objective before last update; splits of empty clusters: "
+                     f"{infos[lib]['nsplit']}]")
+        print(f"    {lib:8s} {evals[lib]:.8e} | {infos[lib]['inertia_reported']:.8e}{extra}")
+    print(f"    max relative difference: {max_rel:.2e}"
+          + ("  <-- larger than 1e-4: check the libraries" if max_rel > 1e-4 else ""))
+    line = {"problem": name, "max_rel_inertia_diff": max_rel}
+    if "kmjax" in infos and "faiss" in infos:
+        a = np.array(infos["kmjax"]["objective"], np.float64)
+        b = np.array(infos["faiss"]["objective"], np.float64)
+        m = min(len(a), len(b))
+        rel = float(np.max(np.abs(a[:m] - b[:m]) / np.abs(b[:m]))) if m else float("nan")
+        print(f"    kmjax vs faiss per-iteration objective, max relative difference: {rel:.2e}")
+        line["max_rel_objective_diff_kmjax_faiss"] = rel
+    checks.append(line)
+    for rec in rows[-len(libs):]:
+        rec["max_rel_inertia_diff"] = max_rel
+    del x, c0
+
+
+def _parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--problems", default="seed,paper",
@@ -354,6 +239,11 @@ def main(argv=None):
                    help="kmjax's nearest-centroid pass: xla (default) or the fused Pallas kernel (GPU; interpreted on CPUs)")
     p.add_argument("--n-frac", type=float, default=1.0,
                    help="use this fraction of each problem's N (quick smoke tests only)")
+    return p
+
+
+def main(argv=None):
+    p = _parser()
     args = p.parse_args(argv)
 
     problems = [s.strip() for s in args.problems.split(",") if s.strip()]
@@ -375,7 +265,7 @@ def main(argv=None):
         print(f"WARNING: {set_vars} set; OpenBLAS (numpy, scipy/scikit-learn) may run slower "
               "than on a default setup. Not changed by this script.")
 
-    mods = _import_libs(libs)
+    mods = import_libs(libs)
     libs = [lib for lib in libs if lib in mods]
     if not libs:
         print("no library to benchmark")
@@ -397,83 +287,7 @@ def main(argv=None):
     rows = []
     checks = []
     for name in problems:
-        n, d, k = PROBLEMS[name]
-        n = max(k, int(round(n * args.n_frac)))
-        t = time.perf_counter()
-        x, c0 = make_problem(n, d, k)
-        print(f"\n[{name}] N={n} D={d} K={k}, {args.iters} iters x {args.repeats} repeats "
-              f"(data {time.perf_counter() - t:.1f} s)")
-        runners = {lib: make_runner(lib, mods, x, c0, k, args.iters) for lib in libs}
-        for lib in ("kmjax", "torch"):
-            if lib in runners:
-                wt = runners[lib].warmup()
-                print(f"  {lib} warm-up (compile + one run): {wt:.2f} s")
-        times = {lib: [] for lib in libs}
-        utils = {lib: [] for lib in libs}
-        infos = {}
-        for r in range(args.repeats):
-            for lib in libs:
-                w0, c0_cpu = time.perf_counter(), time.process_time()
-                dt, info = runners[lib].run()
-                util = (time.process_time() - c0_cpu) / max(time.perf_counter() - w0, 1e-9)
-                per = dt / max(info["n_iter"], 1)
-                times[lib].append(per)
-                utils[lib].append(util)
-                infos[lib] = info
-                print(f"  repeat {r + 1} {lib:8s} {dt:8.3f} s  {per * 1e3:9.1f} ms/iter  "
-                      f"(n_iter {info['n_iter']}, cpu {util:.2f} of {os.cpu_count()} cores)")
-        del runners
-
-        flop = 2.0 * n * k * d
-        med = {lib: statistics.median(times[lib]) for lib in libs}
-        evals = {lib: evaluate_inertia(x, infos[lib]["centroids"]) for lib in libs}
-        for lib in libs:
-            rec = dict(meta)
-            precision = args.precision if lib == "kmjax" or (lib == "torch" and args.precision == "tf32") else "float32"
-            rec.update(
-                problem=name, n=n, d=d, k=k, library=lib, iters=args.iters,
-                kernel=args.kernel if lib == "kmjax" else None,
-                precision=precision, fraction_of_peak=flop / med[lib] / 1e9 / peaks[precision],
-                n_iter=infos[lib]["n_iter"],
-                ms_per_iter=med[lib] * 1e3,
-                ms_per_iter_all=[t * 1e3 for t in times[lib]],
-                ms_per_iter_min=min(times[lib]) * 1e3,
-                cpu_util_all=utils[lib],
-                gflops=flop / med[lib] / 1e9,
-                ratio_to_faiss=(med[lib] / med["faiss"]) if "faiss" in med else None,
-                ratio_to_sklearn=(med[lib] / med["sklearn"]) if "sklearn" in med else None,
-                inertia=evals[lib],
-                inertia_reported=infos[lib]["inertia_reported"],
-            )
-            if "nsplit" in infos[lib]:
-                rec["faiss_nsplit"] = infos[lib]["nsplit"]
-            records.append(rec)
-            rows.append(rec)
-
-        vals = list(evals.values())
-        ref = min(vals)
-        max_rel = (max(vals) - ref) / ref if ref > 0 else float("nan")
-        print("  final inertia (common evaluator | library's own):")
-        for lib in libs:
-            extra = ""
-            if lib == "faiss":
-                extra = (f"  [own = objective before last update; splits of empty clusters: "
-                         f"{infos[lib]['nsplit']}]")
-            print(f"    {lib:8s} {evals[lib]:.8e} | {infos[lib]['inertia_reported']:.8e}{extra}")
-        print(f"    max relative difference: {max_rel:.2e}"
-              + ("  <-- larger than 1e-4: check the libraries" if max_rel > 1e-4 else ""))
-        line = {"problem": name, "max_rel_inertia_diff": max_rel}
-        if "kmjax" in infos and "faiss" in infos:
-            a = np.array(infos["kmjax"]["objective"], np.float64)
-            b = np.array(infos["faiss"]["objective"], np.float64)
-            m = min(len(a), len(b))
-            rel = float(np.max(np.abs(a[:m] - b[:m]) / np.abs(b[:m]))) if m else float("nan")
-            print(f"    kmjax vs faiss per-iteration objective, max relative difference: {rel:.2e}")
-            line["max_rel_objective_diff_kmjax_faiss"] = rel
-        checks.append(line)
-        for rec in rows[-len(libs):]:
-            rec["max_rel_inertia_diff"] = max_rel
-        del x, c0
+        _time_problem(name, args, libs, mods, meta, peaks, records, rows, checks)
 
     print("\n" + f"{'problem':8s} {'n':>9s} {'d':>4s} {'k':>5s} {'library':8s} {'ms/iter':>10s} "
           f"{'GFLOP/s':>8s} {'of peak':>8s} {'vs faiss':>9s} {'vs sklearn':>10s} {'vs torch':>9s}")

@@ -28,10 +28,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from kmjax._checks import host_only
+from kmjax._loop import run_in_pieces
 from kmjax.classify.linear import LinearModel, Standardizer
 from kmjax.classify.tiled import normal_product
 
-__all__ = ["CGRidge", "prepare_cg_ridge", "solve_cg_ridge"]
+__all__ = ["CGRidge", "CGState", "prepare_cg_ridge", "start_cg", "cg_iterate", "solve_cg_ridge"]
 
 _ROWS = 4096  # rows per block read: 1 GB of float32 at F = 64,000
 
@@ -86,7 +87,7 @@ def _gram_product(features, rows, mean, scale, p):
 def prepare_cg_ridge(features, labels, num_classes: int, *, rows=None, rank: int = 1024, eps: float = 0.01,
                      seed: int = 0, sketch=None, progress=None) -> CGRidge:
     """Four passes over the rows of ``features`` (N, F): their mean and variance (float64), the
-    right-hand side, and the rank-``rank`` Nystrom sketch of Z^T Z (``progress(done, 4)`` after each).
+    right-hand side, and the rank-``rank`` Nystrom sketch of Z^T Z (``progress(done, 4, None)`` after each).
 
     sketch: optional (basis, eigenvalues) to reuse instead of the last pass (e.g. the sketch of
     most of these rows, its eigenvalues rescaled to their number): a preconditioner need not be exact.
@@ -103,7 +104,7 @@ def prepare_cg_ridge(features, labels, num_classes: int, *, rows=None, rank: int
 
     def report(done):
         if progress is not None:
-            progress(done, 4)
+            progress(done, 4, None)
 
     mean = sum(x.sum(axis=0, dtype=np.float64) for _, x in _passes(features, rows)) / rows.size
     report(1)
@@ -131,21 +132,20 @@ def prepare_cg_ridge(features, labels, num_classes: int, *, rows=None, rank: int
     return CGRidge(rows, mean, scale, rhs, y_mean, basis, np.maximum(sigma**2 - nu, 0.0))
 
 
-def solve_cg_ridge(prep: CGRidge, features, C: float, *, init=None, tol: float = 1e-6, max_iter: int = 300,
-                   progress=None) -> tuple[Standardizer, LinearModel, dict]:
-    """Ridge weights at ``C`` for the rows of ``prep``, by preconditioned conjugate gradients (one
-    pass over the features per iteration) until every class's residual norm is below ``tol`` times
-    its right-hand side's.
+class CGState(NamedTuple):
+    """Where a CG solve stands (host arrays, a pytree to persist and resume from): the weights w,
+    residual r, search direction p (F, classes), rz = <r, M r> per class, the relative residual
+    per class, and the iterations run."""
 
-    init: optional (F, classes) starting weights (a neighbouring C's solution: fewer iterations).
-    progress: optional ``progress(iteration, max_iter, relative residual)`` after each iteration.
+    weights: np.ndarray
+    residual: np.ndarray
+    direction: np.ndarray
+    rz: np.ndarray
+    relative: np.ndarray
+    iterations: np.ndarray
 
-    Returns (Standardizer, LinearModel, {"iterations", "residual", "converged", "seconds"}), the first
-    two usable like those of ``fit_ridge``.
-    """
-    if not C > 0:
-        raise ValueError(f"C must be > 0, got {C!r}")
-    t0 = time.perf_counter()
+
+def _operators(prep: CGRidge, features, C: float):
     lam = prep.rows.size / (2.0 * C)
     u, lam_hat = prep.basis, prep.eigenvalues
 
@@ -156,28 +156,70 @@ def solve_cg_ridge(prep: CGRidge, features, C: float, *, init=None, tol: float =
     def product(p):
         return _gram_product(features, prep.rows, prep.mean, prep.scale, p) + lam * p
 
+    return precondition, product
+
+
+def start_cg(prep: CGRidge, features, C: float, init=None) -> CGState:
+    """The state before the first CG iteration at ``C``, from zero or from ``init`` (F, classes)
+    weights (a neighbouring C's solution: fewer iterations; one pass over the features)."""
+    precondition, product = _operators(prep, features, C)
     w = np.zeros_like(prep.rhs) if init is None else np.array(init, np.float64)
     r = prep.rhs - product(w) if init is not None else prep.rhs.copy()
-    norm_b = np.linalg.norm(prep.rhs, axis=0)
     z = precondition(r)
-    p, rz = z.copy(), np.sum(r * z, axis=0)
-    rel = np.linalg.norm(r, axis=0) / norm_b
-    converged, it = bool(rel.max() <= tol), 0
-    while not converged and it < max_iter:
+    return CGState(w, r, z.copy(), np.sum(r * z, axis=0), np.linalg.norm(r, axis=0) / np.linalg.norm(prep.rhs, axis=0),
+                   np.int64(0))
+
+
+def cg_iterate(prep: CGRidge, features, C: float, state: CGState, until: int, tol: float = 1e-6) -> CGState:
+    """CG iterations (one pass over the features each) from ``state`` until iteration ``until`` or
+    every class's relative residual is at most ``tol``."""
+    precondition, product = _operators(prep, features, C)
+    w, r, p, rz, rel, it = (np.array(a) for a in state)
+    norm_b = np.linalg.norm(prep.rhs, axis=0)
+    while rel.max() > tol and it < until:
         it += 1
         q = product(p)
         alpha = rz / np.sum(p * q, axis=0)
         w += alpha * p
         r -= alpha * q
         rel = np.linalg.norm(r, axis=0) / norm_b
-        if progress is not None:
-            progress(it, max_iter, float(rel.max()))
-        converged = bool(rel.max() <= tol)
         z = precondition(r)
         rz, rz_old = np.sum(r * z, axis=0), rz
         p = z + (rz / rz_old) * p
-    weights = np.vstack([w, prep.y_mean[None, :]])  # centred z: the bias is the mean target
+    return CGState(w, r, p, rz, rel, np.int64(it))
+
+
+def solve_cg_ridge(prep: CGRidge, features, C: float, *, init=None, tol: float = 1e-6, max_iter: int = 300,
+                   state: CGState | None = None, progress=None, checkpoint=None) -> tuple[Standardizer, LinearModel, dict]:
+    """Ridge weights at ``C`` for the rows of ``prep``, by preconditioned conjugate gradients (one
+    pass over the features per iteration) until every class's residual norm is below ``tol`` times
+    its right-hand side's.
+
+    init: optional (F, classes) starting weights (a neighbouring C's solution: fewer iterations).
+    state: a ``CGState`` of an interrupted solve at the same C to continue from (instead of ``init``).
+    progress: optional ``progress(iteration, max_iter, relative residual)`` after each iteration.
+    checkpoint: optional ``checkpoint(state)``, given the ``CGState`` after each iteration (to persist).
+
+    Returns (Standardizer, LinearModel, {"iterations", "residual", "converged", "seconds"}), the first
+    two usable like those of ``fit_ridge``.
+    """
+    if not C > 0:
+        raise ValueError(f"C must be > 0, got {C!r}")
+    t0 = time.perf_counter()
+    state = start_cg(prep, features, C, init) if state is None else state
+
+    def advance(s, until):
+        s = cg_iterate(prep, features, C, s, until, tol)
+        if checkpoint is not None:
+            checkpoint(s)
+        return s
+
+    state = run_in_pieces(advance, state, max_iter, done=lambda s: int(s.iterations),
+                          stopped=lambda s: bool(s.relative.max() <= tol), value=lambda s: float(s.relative.max()),
+                          progress=progress, every=None if checkpoint is None else 1)
+    weights = np.vstack([state.weights, prep.y_mean[None, :]])  # centred z: the bias is the mean target
     std = Standardizer(jnp.asarray(prep.mean, jnp.float32), jnp.asarray(prep.scale, jnp.float32))
-    info = {"iterations": it, "residual": float(rel.max()), "converged": converged,
+    rel = float(state.relative.max())
+    info = {"iterations": int(state.iterations), "residual": rel, "converged": rel <= tol,
             "seconds": round(time.perf_counter() - t0, 3)}
     return std, LinearModel(jnp.asarray(weights, jnp.float32)), info

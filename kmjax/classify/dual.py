@@ -36,7 +36,7 @@ from typing import NamedTuple
 import jax.numpy as jnp
 import numpy as np
 
-from kmjax._checks import host_only
+from kmjax._checks import host_only, number
 from kmjax.classify.linear import LinearModel, Standardizer
 from kmjax.classify.tiled import add_gram, cholesky, cholesky_solve, mirror_tiles
 
@@ -87,7 +87,7 @@ def accumulate_kernel(stats: KernelStats, features, *, rows=None, until: int | N
       features: (N_all, F) array-like.
       rows: sorted distinct indices of the kernel's rows (default: all N_all rows).
       until: stop after this column (default: F); the caller can persist ``stats`` between calls.
-      progress: optional ``progress(columns done, F)`` after each block.
+      progress: optional ``progress(columns done, F, None)`` after each block.
     """
     host_only("accumulate_kernel", "nothing: the kernel is accumulated on the host", features)
     n_all, f = np.shape(features)
@@ -110,7 +110,7 @@ def accumulate_kernel(stats: KernelStats, features, *, rows=None, until: int | N
         stats.mean[start:stop], stats.scale[start:stop] = mean, scale
         stats.columns[...] = stop
         if progress is not None:
-            progress(stop, f)
+            progress(stop, f, None)
     mirror_tiles(stats.kernel)
     return stats
 
@@ -141,8 +141,7 @@ def fit_dual(stats: KernelStats, labels, C: float, *, num_classes: int, rows=Non
     labels: (N,) class indices of the kernel's rows.
     """
     host_only("fit_dual", "nothing: the dual ridge is solved on the host", C)
-    if not C > 0:
-        raise ValueError(f"C must be > 0, got {C!r}")
+    C = number(C, "C", above=0)
     kernel = stats.kernel
     n_all = kernel.shape[0]
     rows = np.arange(n_all) if rows is None else np.sort(np.asarray(rows, np.int64))

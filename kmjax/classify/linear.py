@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from kmjax._checks import host_only, is_tracer
+from kmjax._checks import choice, host_only, is_tracer, number
+from kmjax._loop import run_in_pieces
 
 __all__ = [
     "Standardizer", "fit_standardizer", "standardize",
@@ -180,8 +181,8 @@ def train_linear(x, labels, *, loss: str = "svm", C: float = 100.0, num_classes:
       max_iter: L-BFGS iterations at most. tol: stop once the gradient norm is below it.
       memory: L-BFGS history length.
       progress: optional ``progress(iteration, max_iter, loss)`` called every few iterations (the
-        loop then runs in pieces of the same compiled program: the same numbers, and no host
-        callback inside it, which would keep JAX's persistent cache from storing it).
+        loop then runs in pieces of the same compiled program: the same numbers; see
+        ``kmjax._loop.run_in_pieces``).
 
     Works inside ``jax.jit`` when ``num_classes`` is given (the values of traced labels and C are
     then not checked).
@@ -189,14 +190,13 @@ def train_linear(x, labels, *, loss: str = "svm", C: float = 100.0, num_classes:
     Returns:
       (LinearModel, TrainInfo).
     """
-    if loss not in LOSSES:
-        raise ValueError(f"unknown loss {loss!r}; choose one of {tuple(LOSSES)}")
+    choice(loss, LOSSES, "loss")
     x = jnp.asarray(x, jnp.float32)
     labels = jnp.asarray(labels, jnp.int32)
     if x.ndim != 2 or labels.shape != (x.shape[0],):
         raise ValueError(f"x must be (N, F) and labels (N,), got {x.shape} and {labels.shape}")
-    if not is_tracer(C) and not C > 0:
-        raise ValueError(f"C must be > 0, got {C!r}")
+    if not is_tracer(C):
+        number(C, "C", above=0)
     if num_classes is None:
         if is_tracer(labels):
             raise ValueError("inside jax.jit, pass num_classes: it cannot be read from traced labels")
@@ -205,14 +205,12 @@ def train_linear(x, labels, *, loss: str = "svm", C: float = 100.0, num_classes:
         raise ValueError(f"labels must lie in [0, {num_classes}), got {int(labels.min())}..{int(labels.max())}")
     fit = _Fit(loss, int(num_classes), int(max_iter), int(memory))
     C, tol, xt = jnp.float32(C), jnp.float32(tol), _transpose(x)
-    state = _lbfgs_start(x, fit)
-    if progress is None:  # the whole loop in one call
-        state = _lbfgs_iterate(x, xt, labels, C, tol, state, jnp.int32(fit.max_iter), fit)
-    else:  # the same compiled loop, a few iterations per call: a report between calls
-        while (it := int(state[3])) < fit.max_iter and float(state[2]) > float(tol):  # host reads only
-            state = _lbfgs_iterate(x, xt, labels, C, tol, state, jnp.int32(it + _REPORT_EVERY), fit)
-            # the objective at the current weights, as the line search left it in the optimizer state
-            progress(int(state[3]), fit.max_iter, float(np.asarray(optax.tree_utils.tree_get(state[1], "value"))))
+    state = run_in_pieces(lambda s, until: _lbfgs_iterate(x, xt, labels, C, tol, s, jnp.int32(until), fit),
+                          _lbfgs_start(x, fit), fit.max_iter, done=lambda s: int(s[3]),
+                          stopped=lambda s: not float(s[2]) > float(tol), progress=progress,
+                          every=None if progress is None else _REPORT_EVERY,
+                          # the objective at the current weights, as the line search left it in the optimizer state
+                          value=lambda s: float(np.asarray(optax.tree_utils.tree_get(s[1], "value"))))
     return _lbfgs_finish(x, xt, labels, C, state, fit)
 
 

@@ -13,7 +13,7 @@ from typing import NamedTuple
 import jax.numpy as jnp
 import numpy as np
 
-from kmjax._checks import host_only
+from kmjax._checks import check_labels, host_only, number
 
 from kmjax.classify.linear import LinearModel, Standardizer
 from kmjax.classify.tiled import add_gram, cholesky, cholesky_solve, mirror_tiles, row_tiles_matmul
@@ -52,8 +52,6 @@ def empty_gram_stats(shift, num_classes: int) -> GramStats:
 def _rows(features, labels, num_classes: int, rows):
     """The rows to read, sorted (so that contiguous runs are read as slices), after the checks."""
     n = np.shape(features)[0]
-    if labels.shape != (n,):
-        raise ValueError(f"features are {np.shape(features)} but labels {labels.shape}: one label per row")
     rows = np.arange(n) if rows is None else np.sort(np.asarray(rows, np.int64))
     if rows.size == 0:
         raise ValueError("gram_stats got no rows")
@@ -61,8 +59,7 @@ def _rows(features, labels, num_classes: int, rows):
         raise ValueError(f"rows must be indices in [0, {n}), got {rows[0]}..{rows[-1]}")
     if np.any(rows[1:] == rows[:-1]):
         raise ValueError("rows must be distinct: a repeated row would be read as its neighbour")
-    if labels[rows].min() < 0 or labels[rows].max() >= num_classes:
-        raise ValueError(f"labels must lie in [0, {num_classes})")
+    check_labels(labels, n, num_classes, rows)
     return rows
 
 
@@ -89,7 +86,7 @@ def accumulate_gram(stats: GramStats, features, labels, *, rows=None, block: int
       block: rows per product (8192: 1 GB of float32 at 32,000 features; larger blocks amortize the
         float64 accumulation). Each block's products are float32 (BLAS ``syrk``; on an accelerator,
         on the device: ``kmjax.classify.tiled``), summed in float64.
-      progress: optional ``progress(done, total)`` after each block.
+      progress: optional ``progress(done, total, None)`` after each block (rows done).
     """
     host_only("accumulate_gram", "nothing: the ridge statistics are accumulated on the host in float64: fit outside jit, or train_linear inside it", features, labels)
     f, num_classes = stats.cross.shape
@@ -101,8 +98,12 @@ def accumulate_gram(stats: GramStats, features, labels, *, rows=None, block: int
         raise ValueError("`stats` must hold writeable float64 NumPy arrays, count a 0-d one, to be updated in "
                          "place; make them with gram_stats or empty_gram_stats")
     labels = np.asarray(labels)
-    rows = _rows(features, labels, num_classes, rows)
-    eye = np.eye(num_classes, dtype=np.float32)
+    return _add_rows(stats, features, labels, _rows(features, labels, num_classes, rows), block, progress)
+
+
+def _add_rows(stats: GramStats, features, labels, rows, block, progress) -> GramStats:
+    """``accumulate_gram`` on checked, sorted rows."""
+    eye = np.eye(stats.cross.shape[1], dtype=np.float32)
     for start in range(0, rows.size, block):
         idx = rows[start : start + block]
         x = _read(features, idx)
@@ -114,7 +115,7 @@ def accumulate_gram(stats: GramStats, features, labels, *, rows=None, block: int
         for total, part in sums:
             total += part  # in place: the caller's arrays
         if progress is not None:
-            progress(min(start + block, rows.size), rows.size)
+            progress(min(start + block, rows.size), rows.size, None)
     mirror_tiles(stats.gram)
     return stats
 
@@ -138,8 +139,7 @@ def gram_stats(features, labels, num_classes: int, *, rows=None, shift=None, blo
         raise ValueError(f"shift must be (F,) = {np.shape(features)[1:]}, got shape {np.shape(shift)}")
     if shift is None:
         shift = _read(features, sorted_rows[:block]).mean(axis=0, dtype=np.float64)
-    stats = empty_gram_stats(shift, num_classes)
-    return accumulate_gram(stats, features, labels, rows=sorted_rows, block=block, progress=progress)
+    return _add_rows(empty_gram_stats(shift, num_classes), features, labels, sorted_rows, block, progress)
 
 
 def fit_ridge(stats: GramStats, C: float, eps: float = 0.01, refine: int = 3) -> tuple[Standardizer, LinearModel]:
@@ -160,8 +160,7 @@ def fit_ridge(stats: GramStats, C: float, eps: float = 0.01, refine: int = 3) ->
       (Standardizer, LinearModel) usable exactly like those of the L-BFGS classifiers.
     """
     host_only("fit_ridge", "nothing: the ridge statistics are accumulated on the host in float64: fit outside jit, or train_linear inside it", C, *stats)
-    if not C > 0:
-        raise ValueError(f"C must be > 0, got {C!r}")
+    C = number(C, "C", above=0)
     # a Python float: with a NumPy float64 scalar, ``a[diag] += lam`` below would add in float64
     # instead of float32 (NumPy 2's promotion), which can round differently
     n = float(stats.count)

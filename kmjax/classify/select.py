@@ -8,21 +8,19 @@ of them.
 
 from __future__ import annotations
 
-import numbers
 import time
 from typing import Callable, NamedTuple
 
 import jax
 import numpy as np
 
-from kmjax._checks import host_only, positive_int
-from kmjax.checkpoint import Slot
+from kmjax._checks import check_labels, choice, host_only, integer, number, positive_int
 from kmjax.classify.linear import (LOSSES, LinearModel, Standardizer, fit_standardizer, predict_features, standardize,
                                    train_linear)
-from kmjax.classify.cg import CGRidge, prepare_cg_ridge, solve_cg_ridge
+from kmjax.classify.cg import prepare_cg_ridge, solve_cg_ridge
 from kmjax.classify.dual import (KernelStats, accumulate_kernel, dual_scores, empty_kernel_stats, fit_dual,
                                  kernel_memory, primal_model)
-from kmjax.classify.ridge import GramStats, accumulate_gram, fit_ridge, gram_stats
+from kmjax.classify.ridge import accumulate_gram, fit_ridge, gram_stats
 
 __all__ = ["CLASSIFIERS", "SOLVERS", "ClassifierFit", "validation_split", "search_C", "fit_classifier"]
 
@@ -30,7 +28,6 @@ CLASSIFIERS = (*LOSSES, "ridge")  # the ``loss`` names fit_classifier accepts
 # how ridge is solved: exactly from the F x F Gram matrix ("gram") or the N x N kernel ("dual"), the
 # smaller of the two ("auto"), or by conjugate gradients ("cg")
 SOLVERS = ("auto", "gram", "dual", "cg")
-_KERNEL_LIKE = KernelStats(Slot(kind="i"), Slot("F"), Slot("F"), Slot("N", "N"))
 _SAVE_EVERY = 600.0  # seconds between two checkpoints of a growing kernel
 
 
@@ -65,8 +62,7 @@ def validation_split(n_rows: int, key, *, val_fraction: float = 0.1, copies: int
     if n_rows % copies:
         raise ValueError(f"{n_rows} rows are not {copies} copies of the same images: copies must divide the rows")
     n = n_rows // copies
-    if not 0 < val_fraction < 1:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
+    number(val_fraction, "val_fraction", above=0, below=1)
     n_val = max(1, int(round(val_fraction * n)))
     if n_val >= n:
         raise ValueError(f"holding out {n_val} of {n} images leaves none to fit; use more rows or a smaller "
@@ -78,8 +74,8 @@ def validation_split(n_rows: int, key, *, val_fraction: float = 0.1, copies: int
 
 def _check_grid(grid) -> list[float]:
     grid = list(() if grid is None else grid)
-    if any(isinstance(C, (bool, np.bool_)) or not isinstance(C, numbers.Real) or not C > 0 for C in grid):
-        raise ValueError(f"C_grid must hold numbers > 0, got {grid!r}")
+    for C in grid:
+        number(C, f"every C of C_grid {grid!r}", above=0)
     return grid
 
 
@@ -128,28 +124,33 @@ def _fit_lbfgs(features, labels, C, C_grid, split, fit_args, mirror, report, log
     return ClassifierFit(std, model, float(C), scores, int(info.n_iter), float(info.loss), float(info.grad_norm))
 
 
-def _checkpointed(checkpoints, name, like, compute):
-    """``compute()``, or what ``checkpoints`` holds under ``name`` from an interrupted fit; saved
-    there when computed."""
-    saved = None if checkpoints is None else checkpoints.load(name, like)
-    if saved is not None:
-        return saved
-    value = compute()
-    if checkpoints is not None:
-        checkpoints.save(name, value)
-    return value
+class _States:
+    """A fit's intermediate states: ``get(name)`` one saved by an interrupted fit (``resume``), and
+    ``save(name, tree)``, which hands a state to ``checkpoint`` and returns what to go on with."""
+
+    def __init__(self, resume, checkpoint):
+        self.resume, self.checkpoint = resume, checkpoint
+
+    def get(self, name):
+        return None if self.resume is None else self.resume.get(name)
+
+    def save(self, name, tree):
+        if self.checkpoint is None:
+            return tree
+        kept = self.checkpoint(name, tree)
+        return tree if kept is None else kept
+
+    def once(self, name, compute):
+        """The state saved under ``name``, or ``compute()`` saved there."""
+        saved = self.get(name)
+        return saved if saved is not None else self.save(name, compute())
 
 
-_CG_LIKE = CGRidge(Slot(None, kind="i"), Slot("F"), Slot("F"), Slot("F", "classes"), Slot("classes"), Slot("F", "rank"),
-                   Slot("rank"))
-_GRAM_LIKE = GramStats(Slot(), Slot("F"), Slot("F"), Slot("F", "F"), Slot("F", "classes"), Slot("classes"))
-
-
-def _fit_ridge(features, labels, num_classes, C, C_grid, split, mirror, report, log, checkpoints) -> ClassifierFit:
+def _fit_ridge(features, labels, num_classes, C, C_grid, split, mirror, report, log, states) -> ClassifierFit:
     rows = None if not C_grid else split[0]
     # the Gram matrix is most of the time of a ridge fit: kept, so that an interruption after it costs little
-    stats = _checkpointed(checkpoints, "gram", _GRAM_LIKE, lambda: gram_stats(
-        features, labels, num_classes, rows=rows, progress=report("Gram", "rows")))
+    stats = states.once("gram", lambda: gram_stats(features, labels, num_classes, rows=rows,
+                                                   progress=report("Gram", "rows")))
     if not C_grid:
         return ClassifierFit(*fit_ridge(stats, C), float(C), {}, None, None, None)
     _, val, scored = split
@@ -160,28 +161,24 @@ def _fit_ridge(features, labels, num_classes, C, C_grid, split, mirror, report, 
     return ClassifierFit(*fit_ridge(stats, best), best, scores, None, None, None)
 
 
-def _fit_ridge_cg(features, labels, num_classes, C, C_grid, split, mirror, rank, max_iter, report, log, checkpoints):
+def _fit_ridge_cg(features, labels, num_classes, C, C_grid, split, mirror, rank, max_iter, report, log, states):
     """The ridge objective by conjugate gradients (``cg.py``): for features too wide for the Gram
     matrix. The C search warm-starts each C from the previous one's weights. The set-up passes and
-    each solution are checkpointed: an interrupted fit skips the set-up and restarts each C from
-    its saved solution (a pass or two)."""
+    each C's solver state (after every iteration) are checkpointed: an interrupted fit skips the
+    set-up and continues each C where it stopped."""
     def solve(prep, C, init, name):
-        saved = None if checkpoints is None else checkpoints.load(name, Slot("F", "classes"))
-        init = init if saved is None else saved
-        std, model, info = solve_cg_ridge(prep, features, C, init=init, max_iter=max_iter,
-                                          progress=report(f"CG at C = {C:g}", "passes"))
+        std, model, info = solve_cg_ridge(prep, features, C, init=init, max_iter=max_iter, state=states.get(name),
+                                          progress=report(f"CG at C = {C:g}", "passes"),
+                                          checkpoint=lambda state: states.save(name, state))
         if log is not None:
             log(f"  C = {C:g}: {info['iterations']} passes, residual {info['residual']:.1e}"
-                + ("" if info["converged"] else " (not converged: raise classifier.max_iter)"))
-        weights = np.asarray(model.weights[:-1], np.float64)
-        if checkpoints is not None:
-            checkpoints.save(name, weights)
-        return std, model, weights
+                + ("" if info["converged"] else " (not converged: raise max_iter)"))
+        return std, model, np.asarray(model.weights[:-1], np.float64)
 
     scores = {}
     if C_grid:
         fit, _, scored = split
-        prep = _checkpointed(checkpoints, "cg-prep-search", _CG_LIKE, lambda: prepare_cg_ridge(
+        prep = states.once("cg-prep-search", lambda: prepare_cg_ridge(
             features, labels, num_classes, rows=fit, rank=rank, progress=report("CG set-up", "passes")))
         score = _scorer(features, labels, scored, mirror)
         weights = {}
@@ -196,13 +193,13 @@ def _fit_ridge_cg(features, labels, num_classes, C, C_grid, split, mirror, rank,
         init = weights[C]
     else:
         basis, init = None, None
-    prep = _checkpointed(checkpoints, "cg-prep-final", _CG_LIKE, lambda: prepare_cg_ridge(
+    prep = states.once("cg-prep-final", lambda: prepare_cg_ridge(
         features, labels, num_classes, rank=rank, sketch=basis, progress=report("CG set-up", "passes")))
     std, model, _ = solve(prep, C, init, "cg-final")
     return ClassifierFit(std, model, float(C), scores, None, None, None)
 
 
-def _fit_ridge_dual(features, labels, num_classes, C, C_grid, split, mirror, report, log, checkpoints):
+def _fit_ridge_dual(features, labels, num_classes, C, C_grid, split, mirror, report, log, states):
     """Ridge from the N x N kernel (``dual.py``), grown over column blocks of the features and
     checkpointed as it grows (every ``_SAVE_EVERY`` seconds and when complete); each C of the grid
     is one factorization of the fitted rows' block, scored on the held-out rows' cross-kernel."""
@@ -210,9 +207,7 @@ def _fit_ridge_dual(features, labels, num_classes, C, C_grid, split, mirror, rep
     if log is not None:
         log(f"  dual ridge ({f:,} features, {n:,} rows): a {n:,} x {n:,} float32 kernel and its factorization, "
             f"{kernel_memory(n) / 2**30:.1f} GB")
-    # a saved kernel is mapped, not read: once complete, the solves read it through the page cache,
-    # and the process holds only one factorization
-    stats = None if checkpoints is None else checkpoints.load("kernel", _KERNEL_LIKE, mmap=True)
+    stats = states.get("kernel")
     if stats is None or stats.kernel.shape != (n, n) or stats.mean.shape != (f,):
         stats = empty_kernel_stats(n, f)
     if int(stats.columns) < f:
@@ -221,11 +216,13 @@ def _fit_ridge_dual(features, labels, num_classes, C, C_grid, split, mirror, rep
         saved = time.monotonic()
         while int(stats.columns) < f:
             accumulate_kernel(stats, features, until=int(stats.columns) + 4 * 4096, progress=reporter)
-            if checkpoints is not None and (int(stats.columns) == f or time.monotonic() - saved > _SAVE_EVERY):
-                checkpoints.save("kernel", stats)
+            if int(stats.columns) == f:
+                # the complete kernel goes on as what the checkpoint gives back (the runner: a memory
+                # map of its file, so that the solves hold one factorization, not the kernel too)
+                stats = states.save("kernel", stats)
+            elif time.monotonic() - saved > _SAVE_EVERY:
+                states.save("kernel", stats)
                 saved = time.monotonic()
-        if checkpoints is not None:
-            stats = checkpoints.load("kernel", _KERNEL_LIKE, mmap=True)
     scores = {}
     if C_grid:
         fit, _, scored = split
@@ -245,7 +242,7 @@ def _fit_ridge_dual(features, labels, num_classes, C, C_grid, split, mirror, rep
 def fit_classifier(features, labels, *, num_classes: int, loss: str = "svm", C: float = 100.0, C_grid=(),
                    val_fraction: float = 0.1, key=None, copies: int = 1, max_iter: int = 1000, tol: float = 1e-3,
                    solver: str = "auto", rank: int = 1024, mirror_scoring: bool = False,
-                   progress=None, log=None, checkpoints=None) -> ClassifierFit:
+                   progress=None, log=None, resume=None, checkpoint=None) -> ClassifierFit:
     """Fit a linear classifier to raw (N, F) features, choosing C on a held-out split if asked.
 
     Args:
@@ -272,41 +269,34 @@ def fit_classifier(features, labels, *, num_classes: int, loss: str = "svm", C: 
         ``report(done, total, value=None)``, asked for ("Gram", "rows"), ("L-BFGS", "iterations"), and
         the CG solver's set-up and passes.
       log: optional callable given one line of text per C tried.
-      checkpoints: optional store of a ridge fit's intermediate results, so that an interrupted
-        fit resumes: an object with ``load(name, like, mmap=False)`` (the tree saved under ``name``,
-        in the structure of the ``kmjax.checkpoint.Slot`` template ``like``, its arrays read-only
-        memmaps with ``mmap``; or None) and ``save(name, tree)``. Ridge keeps its Gram statistics
-        ("gram") or its kernel ("kernel"), the CG solver its set-up and each C's weights. The caller
-        keys it by everything that determines the fit (the runner: the classifier stage key).
+      checkpoint: optional ``checkpoint(name, state)``, given a ridge fit's intermediate states as
+        pytrees when they are reached, to persist them: its Gram statistics ("gram", a ``GramStats``)
+        or its kernel ("kernel", a ``KernelStats``, also every 10 minutes as it grows), the CG
+        solver's set-up ("cg-prep-search", "cg-prep-final") and each C's solver state after each
+        iteration ("cg-search-C<C>", "cg-final"). It returns None or the state to go on with (e.g.
+        the same values, memory-mapped from the file it wrote). ``kmjax.templates.fit_state(name)``
+        is each state's file template.
+      resume: optional mapping (``get(name)``) of the states an interrupted fit with the same
+        arguments handed its ``checkpoint``; the fit resumes from them. The caller keys them by
+        everything that determines the fit (the runner: the classifier stage key).
 
     Returns:
       ClassifierFit(standardizer, model, C, scores, n_iter, objective, grad_norm).
     """
     host_only("fit_classifier", "kmjax.train_linear (L-BFGS, with num_classes given)", features, labels, C)
-    if loss not in CLASSIFIERS:
-        raise ValueError(f"unknown loss {loss!r}; choose one of {CLASSIFIERS}")
-    num_classes = positive_int(num_classes, "num_classes")
-    if num_classes < 2:
-        raise ValueError(f"num_classes must be >= 2, got {num_classes}")
-    if isinstance(C, (bool, np.bool_)) or not isinstance(C, numbers.Real) or not C > 0:
-        raise ValueError(f"C must be a number > 0, got {C!r}")
+    choice(loss, CLASSIFIERS, "loss")
+    num_classes = integer(num_classes, "num_classes", minimum=2)
+    number(C, "C", above=0)
     C_grid = _check_grid(C_grid)
     copies = positive_int(copies, "copies")
     max_iter = positive_int(max_iter, "max_iter")
-    labels = np.asarray(labels)
     shape = np.shape(features)
     if len(shape) != 2 or shape[0] < 2:
         raise ValueError(f"features must be (N, F) with N >= 2, got shape {shape}")
-    if labels.shape != (shape[0],):
-        raise ValueError(f"features are {shape} but labels {labels.shape}: one label per row")
-    if not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"labels must be integer class indices, got dtype {labels.dtype}")
-    if labels.min() < 0 or labels.max() >= num_classes:
-        raise ValueError(f"labels must lie in [0, {num_classes}), got {labels.min()}..{labels.max()}")
+    labels = check_labels(labels, shape[0], num_classes)
     if shape[0] % copies:
         raise ValueError(f"{shape[0]} rows are not {copies} copies of the same images: copies must divide the rows")
-    if solver not in SOLVERS:
-        raise ValueError(f"unknown solver {solver!r}; choose one of {SOLVERS}")
+    choice(solver, SOLVERS, "solver")
     if solver not in ("auto", "gram") and loss != "ridge":
         raise ValueError(f"solver {solver!r} is for loss='ridge'; the {loss} loss is trained with L-BFGS")
     if mirror_scoring and copies < 2:
@@ -321,14 +311,16 @@ def fit_classifier(features, labels, *, num_classes: int, loss: str = "svm", C: 
     def report(label, unit):
         return None if progress is None else progress(label, unit)
 
+    states = _States(resume, checkpoint)
+
     if solver == "auto":
         solver = "dual" if shape[1] > shape[0] else "gram"
     if loss == "ridge" and solver == "dual":
-        return _fit_ridge_dual(features, labels, num_classes, C, C_grid, split, mirror, report, log, checkpoints)
+        return _fit_ridge_dual(features, labels, num_classes, C, C_grid, split, mirror, report, log, states)
     if loss == "ridge" and solver == "cg":
         return _fit_ridge_cg(features, labels, num_classes, C, C_grid, split, mirror, rank, max_iter, report, log,
-                             checkpoints)
+                             states)
     if loss == "ridge":
-        return _fit_ridge(features, labels, num_classes, C, C_grid, split, mirror, report, log, checkpoints)
+        return _fit_ridge(features, labels, num_classes, C, C_grid, split, mirror, report, log, states)
     fit_args = dict(loss=loss, num_classes=num_classes, max_iter=max_iter, tol=tol)
     return _fit_lbfgs(features, labels, C, C_grid, split, fit_args, mirror, report, log)

@@ -4,7 +4,8 @@ Why tiles: at F = 32,000 features (K = 4000 centroids) the OpenBLAS builds that 
 bundle can crash (SIGSEGV) on whole-matrix calls on AVX-512 CPUs: NumPy's x^T x (``syrk``) at
 32,000 columns, and the Cholesky factorization (``potrf``) in jaxlib's at 32,000 and in NumPy's
 at 16,384. So x^T x is summed from tiles of at most ``_TILE`` columns, and the factorization
-works by blocks of at most ``_BLOCK``, whose diagonal blocks go through jaxlib's. The functions work in place on NumPy arrays: the F x F matrices (8 GB in
+works by blocks of at most ``_BLOCK``, whose diagonal blocks go through jaxlib's. The functions work
+in place on NumPy arrays: the F x F matrices (8 GB in
 float64 at F = 32,000) are never copied whole.
 
 Where the products run: with an accelerator as JAX's default device, the float32 products (the

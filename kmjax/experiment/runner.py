@@ -21,11 +21,12 @@ import numpy as np
 
 from kmjax import __version__, plots
 from kmjax.augment import mirror, random_crops
-from kmjax.checkpoint import Slot, save_tree
+from kmjax.checkpoint import save_tree
 from kmjax.classify import LinearModel, Standardizer, fit_classifier, predict_features
 from kmjax.config import Config, parse_config, to_dict
 from kmjax.data import DataError, load_cifar10
-from kmjax.dictionary import Dictionary, dictionary_template, learn_dictionary
+from kmjax import templates
+from kmjax.dictionary import Dictionary, learn_dictionary
 from kmjax.experiment.compile_cache import use_compile_cache
 from kmjax.experiment.report import AnonMemoryPeak, Timer, environment, log, progress
 from kmjax.experiment.store import (RunError, RunLock, StageStore, config_differences, data_id, new_run_dir,
@@ -277,7 +278,7 @@ def _run_stages(cfg, train, test, keys, run_dir, store, timer, quiet, mesh) -> d
 
 
 def _dictionary_stage(cfg, images, key, store, stage_key, timer, mesh) -> Dictionary:
-    saved = store.load_tree("dictionary", stage_key, dictionary_template(cfg.preprocess.whiten, cfg.kmeans.max_iter))
+    saved = store.load_tree("dictionary", stage_key, templates.dictionary(cfg.preprocess.whiten, cfg.kmeans.max_iter))
     if saved is not None:
         log(f"[dictionary] reusing {store.folder}", timer.quiet)
         return saved[0]
@@ -305,13 +306,6 @@ def _features_stage(cfg, train, test, dictionary, store, stage_key, timer, quiet
     dim = feature_dim(spec, dictionary.centroids.shape[0], train.images.shape[1:])
     store.check_space(4 * dim * sum((copies if name == "train" else 1) * len(d.labels) for name, d in parts.items()),
                       "features", stage_key)
-    if mesh is None:
-        extract = extract_features
-    else:
-        from kmjax.parallel import extract_features_sharded
-
-        def extract(*args, **kwargs):
-            return extract_features_sharded(*args, mesh=mesh, **kwargs)
     saved = {}
     with timer.stage("features"):
         for name, data in parts.items():
@@ -326,9 +320,10 @@ def _features_stage(cfg, train, test, dictionary, store, stage_key, timer, quiet
             report = progress(name, quiet, start=done)
             for start in range(done, len(images), _SEGMENT):
                 stop = min(start + _SEGMENT, len(images))
-                extract(images[start:stop], dictionary.centroids, dictionary.zca, spec,
-                        memory_mb=cfg.features.memory_mb, precision=cfg.features.precision, out=out[start:stop],
-                        progress=None if report is None else lambda i, _n, a=start: report(a + i, len(images)))
+                extract_features(images[start:stop], dictionary.centroids, dictionary.zca, spec, mesh=mesh,
+                                 memory_mb=cfg.features.memory_mb, precision=cfg.features.precision,
+                                 out=out[start:stop], progress=None if report is None else
+                                 lambda i, _n, _v, a=start: report(a + i, len(images)))
                 store.mark_rows(out, stop)
             saved[name] = out
             saved[f"{name}_labels"] = store.new_array("features", stage_key, f"{name}_labels", labels.shape, np.int32)
@@ -337,8 +332,8 @@ def _features_stage(cfg, train, test, dictionary, store, stage_key, timer, quiet
     return store.load_arrays("features", stage_key, names)
 
 
-def _classifier_template():
-    return {"standardizer": Standardizer(Slot("F"), Slot("F")), "model": LinearModel(Slot(None, "classes"))}
+def _classifier_template() -> dict:
+    return dict(zip(("standardizer", "model"), templates.classifier()))
 
 
 def _classifier_stage(cfg, features, labels, num_classes, copies, key, store, stage_key, timer, quiet) -> dict:
@@ -355,7 +350,8 @@ def _classifier_stage(cfg, features, labels, num_classes, copies, key, store, st
                                  solver=c.solver, rank=c.rank,
                                  mirror_scoring=copies > 1 and cfg.features.train_flip and cfg.features.test_flip,
                                  progress=lambda label, unit: progress(label, quiet, unit),
-                                 log=lambda line: log(line, quiet), checkpoints=checkpoints)
+                                 log=lambda line: log(line, quiet), resume=checkpoints,
+                                 checkpoint=checkpoints.save)
         tree = {"standardizer": jax.tree.map(np.asarray, fit.standardizer), "model": jax.tree.map(np.asarray, fit.model)}
         meta = {"kind": "classifier", "C": fit.C, "scores": {f"{C:g}": a for C, a in fit.scores.items()},
                 "n_iter": fit.n_iter, "objective": fit.objective, "grad_norm": fit.grad_norm}

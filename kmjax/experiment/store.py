@@ -21,6 +21,7 @@ import numpy as np
 
 from kmjax._io import atomic_write
 from kmjax.checkpoint import FileFormatError, load_tree, save_tree
+from kmjax import templates
 from kmjax.config import check_name
 
 __all__ = ["RunError", "new_run_dir", "RunLock", "StageStore", "stage_keys", "data_id", "config_differences",
@@ -239,26 +240,35 @@ class StageStore:
 
 
 class StageCheckpoints:
-    """Intermediate results of one unfinished stage (``fit_classifier(checkpoints=)``), saved as
-    ``STAGE.NAME-KEY.npz`` and deleted by ``clear`` once the stage is done. A file that does not
-    read back is ignored (recomputed), never an error: it holds no result of its own."""
+    """Intermediate states of one unfinished stage (``fit_classifier(resume=, checkpoint=)``), saved as
+    ``STAGE.NAME-KEY.npz`` with their templates (``kmjax.templates.fit_state``) and deleted by
+    ``clear`` once the stage is done. A file that does not read back is ignored (recomputed), never
+    an error: it holds no result of its own."""
 
     def __init__(self, store: StageStore, stage: str, key: str, log=None):
         self.store, self.stage, self.key, self.log = store, stage, key, log
         self._written: set = set()  # names saved by this process: reading them back is no resumption
 
-    def load(self, name, like, mmap: bool = False):
+    def _read(self, name):
         try:
-            saved = self.store.load_tree(f"{self.stage}.{name}", self.key, like, mmap)
+            saved = self.store.load_tree(f"{self.stage}.{name}", self.key, templates.fit_state(name),
+                                         mmap=name in templates.MAPPED_STATES)
         except FileFormatError:
             return None
-        if saved is not None and self.log is not None and name not in self._written:
-            self.log(f"[{self.stage}] resuming from its saved {name}")
         return None if saved is None else saved[0]
 
-    def save(self, name, tree) -> None:
+    def get(self, name):
+        """The state saved under ``name`` (the large ones memory-mapped), or None."""
+        saved = self._read(name)
+        if saved is not None and self.log is not None and name not in self._written:
+            self.log(f"[{self.stage}] resuming from its saved {name}")
+        return saved
+
+    def save(self, name, tree):
+        """Save a state; return it memory-mapped from its file when it is one of the large ones, else None."""
         self.store.save_tree(f"{self.stage}.{name}", self.key, tree, {"kind": "checkpoint"})
         self._written.add(name)
+        return self._read(name) if name in templates.MAPPED_STATES else None
 
     def clear(self) -> None:
         for path in self.store.folder.glob(f"{self.stage}.*-{self.key}.npz"):

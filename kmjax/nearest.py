@@ -1,28 +1,29 @@
-"""The nearest centroid of each row in one fused Pallas kernel: a running best score and index per
-row, the N x K scores never written to memory.
+"""The nearest centroid of each row: one function, ``nearest``, behind which sit the two ways of
+computing it. k-means, the hard encoder, ``kmjax.assign`` (and through it the scikit-learn adapter
+and the k-means benchmark's common scorer) all call it.
 
-The plain path (``cluster._nearest``) computes a chunk's (rows, K) scores with one matrix product,
-writes them, and reads them back for the row maximum and its index. Past some size that round
-trip costs more than the product itself (on a GPU with TF32 products above all); the known remedy
-(flash-kmeans, a Triton kernel) keeps, for a block of rows, the best score and index so far while
-it walks over blocks of centroids, so only three numbers per row ever leave the kernel.
+Scores: x.c - ||c||^2 / 2 (the nearest centroid maximizes it: ||x - c||^2 = ||x||^2 - 2 (x.c -
+||c||^2 / 2)), or |x.c| for unit-norm atoms (``spherical``, OMP-1). Ties go to the lowest index.
 
-This is that kernel in Pallas: a grid over blocks of ``block_rows`` rows; inside, a loop over
-blocks of ``block_k`` centroids, each a (block_rows, D) x (D, block_k) product followed by the
-row maximum and its first index, merged into the running best (a later block wins only when
-strictly better: the lowest index on ties, as ``jnp.argmax``). D is zero-padded to a power of two
-and K to a multiple of ``block_k`` (padded centroids get an infinite penalty, so they never win),
-as Triton blocks require.
+kernel="xla": a block's (rows, K) scores from one matrix product, then their row maximum
+(``kmjax._ops.max_argmax``). kernel="pallas": one fused kernel that never writes the scores. Past
+some size the round trip of the scores through memory costs more than the product itself (on a GPU
+with TF32 products above all); the known remedy (flash-kmeans, a Triton kernel) keeps, for a block
+of rows, the best score and index so far while it walks over blocks of centroids, so only three
+numbers per row ever leave the kernel. Here it is in Pallas: a grid over blocks of ``block_rows``
+rows; inside, a loop over blocks of ``block_k`` centroids, each a (block_rows, D) x (D, block_k)
+product followed by the row maximum and its first index, merged into the running best (a later
+block wins only when strictly better). D is zero-padded to a power of two and K to a multiple of
+``block_k`` (padded centroids get an infinite penalty, so they never win), as Triton blocks require.
 
-Lowering: chosen by the platform the program is lowered for (``jax.lax.platform_dependent``),
-never by the default backend: on CPUs the kernel runs interpreted (Pallas has no CPU compiler;
-the numerical tests run it there); on NVIDIA and AMD GPUs it is compiled with Triton, which suits
-this kernel: a grid over row blocks, each a loop over centroid blocks with a (rows, D) x (D, K_b)
-product and row reductions, whose layouts Triton chooses (Mosaic GPU, the default Pallas GPU
-lowering of this JAX, refuses the transposed block: "Unimplemented primitive ... transpose");
-TPUs are refused (``check_kernel``; the plain path is what XLA fuses there).
-``tests/test_lowering.py`` exports it for CUDA and ROCm from a CPU, which fails if it does not
-lower. Its GPU speed is measured by ``experiments/device_check.sh`` when a GPU is lent.
+Lowering of the fused kernel: chosen by the platform the program is lowered for
+(``jax.lax.platform_dependent``), never by the default backend: on CPUs it runs interpreted (Pallas
+has no CPU compiler; the numerical tests run it there); on NVIDIA and AMD GPUs it is compiled with
+Triton, which suits this kernel: a grid over row blocks, each a loop over centroid blocks with a
+(rows, D) x (D, K_b) product and row reductions, whose layouts Triton chooses (Mosaic GPU, the
+default Pallas GPU lowering of this JAX, refuses the transposed block: "Unimplemented primitive ...
+transpose"); TPUs are refused (``check_kernel``; the plain path is what XLA fuses there).
+``tests/test_lowering.py`` exports it for CUDA and ROCm from a CPU, which fails if it does not lower.
 """
 
 from __future__ import annotations
@@ -32,7 +33,13 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from kmjax._ops import matmul
+from kmjax._checks import choice
+from kmjax._ops import matmul, max_argmax
+
+__all__ = ["KERNELS", "nearest", "nearest_pallas", "check_kernel"]
+
+# How the nearest centroids are found: "xla" (one product, then the row maximum) or "pallas" (fused).
+KERNELS = ("xla", "pallas")
 
 
 def _kernel(x_ref, c_ref, pen_ref, best_ref, idx_ref, code_ref, *, block_k, n_blocks, spherical, precision):
@@ -60,19 +67,9 @@ def _kernel(x_ref, c_ref, pen_ref, best_ref, idx_ref, code_ref, *, block_k, n_bl
     code_ref[...] = code
 
 
-def _nearest_xla(x, centroids, spherical, precision, rows):
-    """The same three outputs from one product and a row maximum, padded to ``rows`` rows."""
-    proj = matmul(x, centroids.T, precision)
-    scores = jnp.abs(proj) if spherical else proj - 0.5 * jnp.sum(centroids * centroids, axis=1)
-    index = jnp.argmax(scores, axis=1).astype(jnp.int32)
-    best = jnp.take_along_axis(scores, index[:, None], axis=1)[:, 0]
-    code = jnp.take_along_axis(proj, index[:, None], axis=1)[:, 0]
-    pad = rows - x.shape[0]
-    return jnp.pad(best, (0, pad)), jnp.pad(index, (0, pad)), jnp.pad(code, (0, pad))
-
-
 def check_kernel(kernel: str) -> None:
-    """ValueError for the fused kernel on a backend it does not compile for (TPUs)."""
+    """ValueError for an unknown kernel, or the fused one on a backend it does not compile for (TPUs)."""
+    choice(kernel, KERNELS, "kernel")
     if kernel == "pallas" and jax.default_backend() == "tpu":
         raise ValueError("kernel='pallas' is a GPU kernel (compiled with Triton; interpreted on CPUs); on a TPU use "
                          "kernel='xla', whose product and row maximum XLA fuses there")
@@ -83,7 +80,7 @@ def nearest_pallas(x, centroids, *, spherical: bool, precision: str = "float32",
                    block_k: int = 128):
     """(best score, first index attaining it, c.x at that index) per row of x (N, D) against
     centroids (K, D): scores x.c - ||c||^2 / 2, or |x.c| when ``spherical``; the same as
-    ``cluster._nearest`` up to the rounding of the products."""
+    ``nearest(kernel="xla")`` up to the rounding of the products."""
     from jax.experimental import pallas as pl
 
     n, d = x.shape
@@ -121,6 +118,21 @@ def nearest_pallas(x, centroids, *, spherical: bool, precision: str = "float32",
     # kernel (Pallas has no CPU compiler); GPUs compile it with Triton; TPUs run the plain path
     # (``kmeans`` refuses kernel="pallas" there, see ``check_kernel``).
     out = jax.lax.platform_dependent(cpu=lambda: call(True), cuda=triton, rocm=triton,
-                                     default=lambda: _nearest_xla(x, centroids, spherical, precision, np_))
+                                     default=lambda: tuple(jnp.pad(o, (0, np_ - n)) for o in nearest(x, centroids, spherical=spherical,
+                                                                                         precision=precision)))
     best, index, code = (o[:n] for o in out)
     return best, index, code
+
+
+def nearest(x, centroids, *, spherical: bool = False, precision: str = "float32", kernel: str = "xla"):
+    """(best score, first index attaining it, c.x at that index) for each row of x (N, D) against
+    centroids (K, D), the scores of the module docstring; inside ``jax.jit`` (no argument checks).
+
+    Memory: kernel="xla" makes the (N, K) scores; callers bound N (``kmjax.kmeans`` works in chunks).
+    """
+    if kernel == "pallas":
+        return nearest_pallas(x, centroids, spherical=spherical, precision=precision)
+    proj = matmul(x, centroids.T, precision)
+    scores = jnp.abs(proj) if spherical else proj - 0.5 * jnp.sum(centroids * centroids, axis=1)
+    best, index = max_argmax(scores)
+    return best, index, jnp.take_along_axis(proj, index[:, None], axis=1)[:, 0]

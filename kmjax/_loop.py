@@ -1,0 +1,32 @@
+"""The one driver of the library's iterative solvers (Lloyd, L-BFGS, conjugate gradients): a loop
+given as ``advance(state, until) -> state`` run whole, or in pieces with a report between them."""
+
+from __future__ import annotations
+
+from typing import Callable, TypeVar
+
+S = TypeVar("S")
+
+# The one shape of a progress callback: progress(done, total, value), value a float or None.
+Progress = Callable[[int, int, "float | None"], None]
+
+
+def run_in_pieces(advance: Callable[[S, int], S], state: S, total: int, *, done: Callable[[S], int],
+                  stopped: Callable[[S], bool] = lambda s: False, value: Callable[[S], float] | None = None,
+                  progress: Progress | None = None, every: int | None = None) -> S:
+    """Run ``advance(state, until)``, which steps the loop until step ``until`` (or an earlier stop).
+
+    Without ``progress`` or ``every``: one call, ``advance(state, total)``, and no host reads (so it
+    works on traced values inside ``jax.jit``). Otherwise: calls of at most ``every`` steps (default
+    1), each followed by ``progress(done(state), total, value(state))`` when given, until ``total``
+    steps or ``stopped(state)``. A compiled ``advance`` takes ``until`` as a traced number, so both
+    ways run the same program (the same numbers; nothing compiled again; no host callback inside
+    it, which would keep JAX's persistent cache from storing it).
+    """
+    if progress is None and every is None:
+        return advance(state, total)
+    while (step := done(state)) < total and not stopped(state):
+        state = advance(state, min(step + (every or 1), total))
+        if progress is not None:
+            progress(done(state), total, None if value is None else value(state))
+    return state
