@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
 
@@ -117,7 +118,7 @@ def test_batching_gives_identical_results(setup, batch_size):
     full = extract_features(images, centroids, zca, spec, batch_size=N, step=1)
     calls = []
     got = extract_features(images, centroids, zca, spec, batch_size=batch_size, step=1,
-                           progress=lambda done, total: calls.append((done, total)))
+                           progress=lambda done, total, _: calls.append((done, total)))
     # each image's features depend only on that image; only float32 rounding may differ between
     # compiled batch shapes (XLA may order reductions differently). Triangle codes are differences
     # of distances ~5 (ulp ~5e-7) summed over 16 positions: a few ulps, so 1e-5 absolute
@@ -129,7 +130,7 @@ def test_batch_size_larger_than_n_pads_one_call(setup):
     images, centroids, zca = setup
     spec = FeatureSpec(patch_size=P, stride=2, grid=2)
     calls = []
-    a = extract_features(images, centroids, zca, spec, batch_size=100, progress=lambda d, t: calls.append(d))
+    a = extract_features(images, centroids, zca, spec, batch_size=100, progress=lambda d, t, _: calls.append(d))
     assert calls == [N]  # one padded call: the batch shape does not depend on the number of images
     b = extract_features(images[:3], centroids, zca, spec, batch_size=100)
     np.testing.assert_array_equal(a[:3], b)  # the same compiled call, so the same bits
@@ -158,12 +159,15 @@ def test_zca_without_normalization(setup):
     np.testing.assert_allclose(got, ref, rtol=RTOL, atol=ATOL)
 
 
-def test_soft_threshold_feature_dim(setup):
+def test_soft_threshold_on_an_uneven_grid_matches_reference(setup):
+    # a 4x4 map in a 3x3 grid: MATLAB's round splits each side 1 / 2 / 1, so the regions pool 1, 2
+    # or 4 positions; both signs of the codes, region-major, each region's 2K codes together
     images, centroids, zca = setup
     spec = FeatureSpec(patch_size=P, stride=2, encoder="soft_threshold", grid=3)
     assert feature_dim(spec, K) == 3 * 3 * 2 * K
     got = extract_features(images, centroids, zca, spec)
     assert got.shape == (N, 9 * 2 * K)
+    np.testing.assert_allclose(got, reference_features(images, centroids, zca, spec), rtol=RTOL, atol=ATOL)
     assert feature_dim(FeatureSpec(encoder="triangle", grid=2), 1600) == 6400
 
 
@@ -176,10 +180,23 @@ def test_uint8_and_float_inputs_agree(setup):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
 
 
-def test_auto_batch_size():
-    spec = FeatureSpec(patch_size=6, stride=1, encoder="triangle")
-    # 27*27 positions * 1600 features * 4 bytes = 4,665,600 bytes per image
-    assert auto_batch_size(spec, 1600, (32, 32, 3), memory_mb=512) == 512 * 2**20 // (27 * 27 * 1600 * 4)
+@pytest.mark.parametrize("changes", [{}, dict(encoder="soft_threshold"), dict(stride=2), dict(patch_size=5)])
+def test_auto_batch_size(changes):
+    # the largest batch whose float32 (B, H', W', F) maps fit in the budget, the map's size read off
+    # the pipeline's own pieces (the grid of patches, the encoder's codes) for a 32x32x3 image
+    spec = FeatureSpec(patch_size=6, stride=1, encoder="triangle")._replace(**changes)
+    k = 16
+    d = spec.patch_size**2 * 3
+    gh, gw = jax.eval_shape(lambda im: kmjax.extract_patches(im, spec.patch_size, spec.stride),
+                            jax.ShapeDtypeStruct((1, 32, 32, 3), np.uint8)).shape[1:3]
+    codes = jax.eval_shape(lambda x, c: kmjax.encode(x, c, spec.encoder), jax.ShapeDtypeStruct((1, d), np.float32),
+                           jax.ShapeDtypeStruct((k, d), np.float32))
+    map_bytes = gh * gw * codes.shape[1] * 4
+    for mb in (1, 7.5, 512):
+        b = auto_batch_size(spec, k, (32, 32, 3), memory_mb=mb)
+        assert b * map_bytes <= mb * 2**20 < (b + 1) * map_bytes
+    # 27*27 positions * 1600 features * 4 bytes = 4,665,600 bytes per image at the paper's settings
+    assert auto_batch_size(FeatureSpec(), 1600, (32, 32, 3), memory_mb=512) == 115
     assert auto_batch_size(spec, 1600, (32, 32, 3), memory_mb=0.001) == 1  # never below 1
 
 
@@ -254,6 +271,18 @@ def test_recht_windows_on_cifar_sized_images():
     assert feature_dim(spec, 100, (32, 32)) == 9 * 2 * 100
     assert feature_dim(spec._replace(pool_size=5, pool_stride=3), 100, (32, 32, 3)) == 8 * 8 * 2 * 100
     assert feature_dim(FeatureSpec(grid=3), 100, (32, 32, 3)) == feature_dim(FeatureSpec(grid=3), 100) == 900
+    # and the features themselves: two CIFAR-sized images, K = 5 atoms, no whitening (patches of
+    # 108 pixels); windows of 15 every 6 overlap, so a position is pooled up to 3 x 3 times
+    rng = np.random.default_rng(6)
+    images = rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    atoms = rng.normal(size=(K, 108)).astype(np.float32)
+    atoms /= np.linalg.norm(atoms, axis=1, keepdims=True)
+    got = extract_features(images, atoms, None, spec)
+    assert got.shape == (2, feature_dim(spec, K, images.shape[1:])) == (2, 9 * 2 * K)
+    ref = reference_features(images, atoms, None, spec)
+    # sums of 225 codes ~ 1 each: 1e-4 relative plus a small absolute floor
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-3)
+    assert np.count_nonzero(ref) > ref.size // 2
 
 
 def test_feature_dim_with_windows_needs_the_image_shape():

@@ -87,7 +87,7 @@ def test_search_C_errors():
     with pytest.raises(ValueError, match="at least one C"):
         search_C([], lambda C: 1.0)
     for grid in ([1, 0], [1, -2.0], [float("nan")], [True], ["1"]):
-        with pytest.raises(ValueError, match="numbers > 0"):
+        with pytest.raises(ValueError, match="must be a number > 0"):
             search_C(grid, lambda C: 1.0)
 
 
