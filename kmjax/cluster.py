@@ -19,7 +19,7 @@ from kmjax import lloyd
 from kmjax._checks import check_matrix, choice, integer, is_tracer, number, positive_int
 from kmjax._loop import run_in_pieces
 from kmjax._ops import check_precision
-from kmjax.lloyd import KMeansResult, LloydSpec
+from kmjax.lloyd import KMeansResult, LloydSpec, LoopState
 from kmjax.nearest import KERNELS, check_kernel
 from kmjax.parallel import replicate, resolve_mesh, shard_rows, unit_weights
 
@@ -165,6 +165,8 @@ def kmeans(
     progress=None,
     mesh: Mesh | None = None,
     axis_name: str = "data",
+    state: LoopState | None = None,
+    checkpoint=None,
 ) -> KMeansResult:
     """Lloyd's k-means on (N, D) points, in bounded memory.
 
@@ -209,6 +211,10 @@ def kmeans(
         not a multiple of the number of devices, zero-weight zero rows are appended. The default
         ``chunk_size`` is then that of one device's rows. See ``kmjax.parallel`` for several hosts.
       axis_name: the mesh axis the points are split along.
+      state: a ``kmjax.lloyd.LoopState`` that ``checkpoint`` was given by an interrupted call with
+        the same arguments: the loop continues from it (the init is not drawn again).
+      checkpoint: optional ``checkpoint(state)``, given the ``LoopState`` (a pytree: centroids,
+        objective so far, iteration, converged) after each iteration, to persist it.
 
     Returns:
       ``KMeansResult``.
@@ -221,8 +227,11 @@ def kmeans(
     if mesh is None:
         x = jnp.asarray(x)
         w = point_weights(x.shape[0], weights)
-        c0 = init_centroids(key, x, k, init, weights=w, spherical=spherical) if isinstance(init, str) else init
-        state = lloyd.start(jnp.asarray(c0), spec)
+        if state is None:
+            c0 = init_centroids(key, x, k, init, weights=w, spherical=spherical) if isinstance(init, str) else init
+            state = lloyd.start(jnp.asarray(c0), spec)
+        else:
+            state = LoopState(*map(jnp.asarray, _check_state(state, k, np.shape(x)[1], spec)))
 
         def advance(state, until):
             return _iterate(x, w, state, tol, jnp.int32(until), spec)
@@ -237,11 +246,14 @@ def kmeans(
         x = shard_rows(x, n_pad, rows)
         # unit weights are made in place on the devices: no host array, and global on several hosts
         w = unit_weights(n, n_pad, rows) if weights is None else shard_rows(point_weights(n, weights), n_pad, rows)
-        if isinstance(init, str):  # on the unpadded rows, so that the draws are those of one device
-            xv, wv = (x[:n], w[:n]) if n_pad else (x, w)
-            init = init_centroids(key, xv, k, init, weights=wv, spherical=spherical)
-        # made on the devices from replicated centroids (equal in every process)
-        state = _start_sharded(replicate(init, mesh), spec=spec, sharding=NamedSharding(mesh, P()))
+        if state is not None:
+            state = replicate(LoopState(*_check_state(state, k, np.shape(x)[1], spec)), mesh)
+        else:
+            if isinstance(init, str):  # on the unpadded rows, so that the draws are those of one device
+                xv, wv = (x[:n], w[:n]) if n_pad else (x, w)
+                init = init_centroids(key, xv, k, init, weights=wv, spherical=spherical)
+            # made on the devices from replicated centroids (equal in every process)
+            state = _start_sharded(replicate(init, mesh), spec=spec, sharding=NamedSharding(mesh, P()))
         tol = replicate(tol, mesh)
 
         def advance(state, until):
@@ -251,9 +263,28 @@ def kmeans(
         def final(state):
             return _finish_sharded(x, w, state, spec=spec, mesh=mesh, axis_name=axis_name)
 
+    if checkpoint is not None:
+        step = advance
+
+        def advance(state, until):
+            state = step(state, until)
+            checkpoint(state)
+            return state
+
     state = run_in_pieces(advance, state, spec.max_iter, done=lambda s: int(s.it), stopped=lambda s: bool(s.converged),
-                          value=lambda s: float(np.asarray(s.objective)[int(s.it) - 1]), progress=progress)
+                          value=lambda s: float(np.asarray(s.objective)[int(s.it) - 1]), progress=progress,
+                          every=None if checkpoint is None else 1)
     return final(state)
+
+
+def _check_state(state, k: int, d: int, spec: LloydSpec) -> tuple:
+    """A saved ``LoopState`` as host arrays, checked against this call's shapes."""
+    state = tuple(np.asarray(a) for a in state)
+    if len(state) != 4 or state[0].shape != (k, d) or state[1].shape != (spec.max_iter,):
+        raise ValueError(f"state is not a k-means loop state of this call: it holds {k} x {d} centroids and "
+                         f"{spec.max_iter} objective values only if it came from a call with the same k, data "
+                         f"and max_iter; got shapes {[a.shape for a in state]}")
+    return state
 
 
 @partial(jax.jit, static_argnames=("spec",))

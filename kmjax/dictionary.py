@@ -68,6 +68,8 @@ def learn_dictionary(
     flip_closed: bool = False,
     progress=None,
     mesh=None,
+    state=None,
+    checkpoint=None,
 ) -> Dictionary:
     """Learn a K-atom dictionary from patches of ``images``.
 
@@ -89,6 +91,9 @@ def learn_dictionary(
         learned atoms' counts for their mirrors; its inertia and objective are the K/2-atom run's.
       mesh: a ``jax.sharding.Mesh``: k-means runs data-parallel on its devices (axis "data"; see
         ``kmjax.kmeans``); None: one device.
+      state, checkpoint: the k-means loop state to continue from, and a callable given it after each
+        iteration, as ``kmjax.kmeans`` (the patches and whitening, cheap and deterministic, are
+        recomputed on resumption).
 
     Returns:
       ``Dictionary``.
@@ -119,7 +124,8 @@ def learn_dictionary(
         x = apply_zca(zca, x)
     options = dict(init=init, max_iter=max_iter, tol=tol, empty=empty, spherical=spherical, chunk_size=chunk_size,
                    precision=precision)
-    result = kmeans(key_kmeans, x, k // 2 if flip_closed else k, progress=progress, mesh=mesh, **options)
+    result = kmeans(key_kmeans, x, k // 2 if flip_closed else k, progress=progress, mesh=mesh, state=state,
+                    checkpoint=checkpoint, **options)
     if flip_closed:
         result = result._replace(centroids=close_dictionary(result.centroids, patch_size),
                                  counts=jnp.concatenate([result.counts, result.counts]))

@@ -14,9 +14,10 @@ from kmjax.classify.cg import CGRidge, CGState
 from kmjax.classify.dual import KernelStats
 from kmjax.cluster import KMeansResult
 from kmjax.dictionary import Dictionary
+from kmjax.lloyd import LoopState
 from kmjax.preprocess import ZCA
 
-__all__ = ["zca", "dictionary", "classifier", "fit_state", "MAPPED_STATES"]
+__all__ = ["zca", "dictionary", "lloyd_state", "classifier", "fit_state", "MAPPED_STATES"]
 
 # fit states read back as memory maps (``load_tree(mmap=True)``): the N x N kernel is read once per
 # solve, through the page cache, instead of held in memory beside its factorization
@@ -34,14 +35,22 @@ def dictionary(whitened: bool, max_iter: int | None = None) -> Dictionary:
     return Dictionary(zca(whitened), km, Slot(kind="i"))
 
 
+def lloyd_state(max_iter: int | None = None) -> LoopState:
+    """The k-means loop state ``kmjax.kmeans`` hands its ``checkpoint``."""
+    return LoopState(Slot("K", "D"), Slot(max_iter, finite=False), Slot(kind="i"), Slot(kind="b"))
+
+
 def classifier(num_classes: int | None = None) -> tuple[Standardizer, LinearModel]:
     """A fitted linear classifier: its ``Standardizer`` and ``LinearModel`` (F + 1 rows of weights)."""
     return Standardizer(Slot("F"), Slot("F")), LinearModel(Slot(None, num_classes))
 
 
 def fit_state(name: str):
-    """The intermediate state ``fit_classifier`` hands its ``checkpoint`` under ``name``: "gram"
-    (``GramStats``), "kernel" (``KernelStats``), "cg-prep-*" (``CGRidge``), other "cg-*" (``CGState``)."""
+    """The intermediate state a stage hands its ``checkpoint`` under ``name``: "kmeans" (``LoopState``,
+    from ``learn_dictionary``), and those of ``fit_classifier``: "gram" (``GramStats``), "kernel"
+    (``KernelStats``), "cg-prep-*" (``CGRidge``), other "cg-*" (``CGState``)."""
+    if name == "kmeans":
+        return lloyd_state()
     if name == "gram":
         return GramStats(Slot(), Slot("F"), Slot("F"), Slot("F", "F"), Slot("F", "classes"), Slot("classes"))
     if name == "kernel":

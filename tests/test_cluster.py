@@ -583,3 +583,19 @@ def test_progress_reports_change_nothing():
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # the same compiled loop, in pieces
     assert [s[:2] for s in seen] == [(i, 7) for i in range(1, 8)]
     np.testing.assert_array_equal([s[2] for s in seen], np.asarray(quiet.objective))
+
+
+def test_kmeans_continues_from_a_checkpointed_loop_state():
+    # the state handed to checkpoint after iteration 3, given back as state=, ends where the whole run
+    # ends, bit for bit (the same compiled loop, run in pieces); a state of another call is refused
+    x = np.random.default_rng(4).normal(size=(300, 5)).astype(np.float32)
+    kw = dict(init="random", max_iter=7, tol=None, empty="reseed")
+    whole = kmeans(KEY, x, 6, **kw)
+    states = []
+    kmeans(KEY, x, 6, checkpoint=lambda s: states.append(jax.tree.map(np.asarray, s)), **kw)
+    assert [int(s.it) for s in states] == list(range(1, 8))
+    resumed = kmeans(KEY, x, 6, state=states[2], **kw)
+    for a, b in zip(whole, resumed):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(ValueError, match="not a k-means loop state of this call"):
+        kmeans(KEY, x, 5, state=states[2], **kw)

@@ -18,7 +18,7 @@ from kmjax.config import ConfigError, load_config, to_dict
 from kmjax.data import DataError
 from kmjax.experiment import RunError, export_features, run, sweep
 from kmjax.experiment import runner as runner_module
-from kmjax.experiment.store import RunLock, StageStore
+from kmjax.experiment.store import RunLock, StageCheckpoints, StageStore
 from synthetic_cifar import make_cifar
 
 SMALL = ["data.train_batches=[1,2]", "data.n_train=0", "data.n_test=0", "patches.num=2000", "kmeans.k=8", "kmeans.max_iter=3",
@@ -564,3 +564,32 @@ def test_cpu_model_names_the_matrix_extensions(tmp_path, monkeypatch):
     assert report.cpu_model() == "Some CPU (avx512f, amx_bf16)"
     info.write_text("processor\t: 0\nmodel name\t: Plain CPU\nflags\t\t: fpu sse2\n")
     assert report.cpu_model() == "Plain CPU"
+
+
+def test_an_interrupted_kmeans_resumes_from_its_saved_loop_state(data_dir, tmp_path, monkeypatch, capsys):
+    # the k-means loop state is checkpointed as it runs (here after every iteration); a run killed in
+    # the middle continues from the last saved iteration and ends with the model of an uninterrupted run
+    whole = go(data_dir, tmp_path / "whole", "kmeans.max_iter=8")
+    monkeypatch.setattr(runner_module, "_SAVE_KMEANS", -1.0)
+    save, saved = StageCheckpoints.save, []
+
+    def interrupted(self, name, tree):
+        save(self, name, tree)
+        saved.append(int(tree.it))
+        if len(saved) == 4:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(StageCheckpoints, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        go(data_dir, tmp_path / "a", "kmeans.max_iter=8")
+    assert saved == [1, 2, 3, 4]
+    monkeypatch.setattr(StageCheckpoints, "save", save)
+    iterations = []
+    learn = runner_module.learn_dictionary
+    monkeypatch.setattr(runner_module, "learn_dictionary",
+                        lambda *a, progress=None, **kw: learn(*a, progress=lambda i, t, v: iterations.append(i), **kw))
+    res = run(config("kmeans.max_iter=8"), data_dir=data_dir, out=tmp_path / "a", resume=tmp_path / "a" / "quick")
+    assert "[dictionary] resuming from its saved kmeans" in capsys.readouterr().err
+    assert iterations == [5, 6, 7, 8]  # from the fifth iteration on
+    assert (Path(res["run_dir"]) / "model.npz").read_bytes() == (Path(whole["run_dir"]) / "model.npz").read_bytes()
+    assert not list((Path(res["run_dir"]) / "stages").glob("dictionary.kmeans-*"))  # cleared once the stage is saved

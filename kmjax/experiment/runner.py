@@ -39,6 +39,7 @@ from kmjax.model import save as save_model
 __all__ = ["run", "export_features", "feature_spec", "dictionary_options", "load_data"]
 
 _SEGMENT = 2048  # images between two records of the feature rows written (resume points)
+_SAVE_KMEANS = 30.0  # seconds between two checkpoints of the k-means loop
 
 
 def feature_spec(cfg: Config) -> FeatureSpec:
@@ -277,16 +278,28 @@ def _run_stages(cfg, train, test, keys, run_dir, store, timer, quiet, mesh) -> d
     return results
 
 
+
+
 def _dictionary_stage(cfg, images, key, store, stage_key, timer, mesh) -> Dictionary:
     saved = store.load_tree("dictionary", stage_key, templates.dictionary(cfg.preprocess.whiten, cfg.kmeans.max_iter))
     if saved is not None:
         log(f"[dictionary] reusing {store.folder}", timer.quiet)
         return saved[0]
+    checkpoints = store.checkpoints("dictionary", stage_key, lambda line: log(line, timer.quiet))
+    saved_at = [time.monotonic()]
+
+    def checkpoint(state):  # the k-means loop state, every _SAVE_KMEANS seconds
+        if time.monotonic() - saved_at[0] > _SAVE_KMEANS:
+            checkpoints.save("kmeans", jax.tree.map(np.asarray, state))
+            saved_at[0] = time.monotonic()
+
     with timer.stage("dictionary"):
         dictionary = learn_dictionary(key, images, **dictionary_options(cfg), mesh=mesh,
-                                      progress=progress("k-means", timer.quiet, "iterations"))
+                                      progress=progress("k-means", timer.quiet, "iterations"),
+                                      state=checkpoints.get("kmeans"), checkpoint=checkpoint)
         dictionary = jax.tree.map(np.asarray, dictionary)
     store.save_tree("dictionary", stage_key, dictionary, {"kind": "dictionary"})
+    checkpoints.clear()
     return dictionary
 
 
