@@ -205,6 +205,15 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--devices", type=int, metavar="N", help="k-means and features data-parallel on N local "
                         "devices (0: all; the config key `devices`); on a CPU, splits it into N devices")
         sp.add_argument("-q", "--quiet", action="store_true", help="no progress output, only the summary")
+        d = sp.add_argument_group("several processes (hosts): start the same command in each; see docs/scaling.md")
+        d.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0, where JAX's coordination "
+                       "service listens (with --num-processes and --process-id)")
+        d.add_argument("--num-processes", type=int, metavar="P", help="number of processes")
+        d.add_argument("--process-id", type=int, metavar="I", help="this process's index, 0 .. P-1")
+        d.add_argument("--distributed", action="store_true", help="take the three from the cluster's environment "
+                       "(SLURM, Open MPI, Cloud TPU: what jax.distributed.initialize detects)")
+        d.add_argument("--heartbeat-timeout", type=int, default=60, metavar="S", help="seconds after which the "
+                       "processes give up on one that stopped answering (default 60)")
 
     r = sub.add_parser("run", help="run one experiment from a TOML config",
                        description="Run one experiment: dictionary, features, classifier, evaluation.")
@@ -272,6 +281,8 @@ def main(argv=None) -> int:
             # before JAX starts its CPU backend (a GPU's devices are what they are)
             flags = os.environ.get("XLA_FLAGS", "")
             os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={args.devices}".strip()
+    if _several_processes(args):
+        return _run_distributed(args)
     try:
         return args.func(args)
     except (ValueError, DataError, _UsageError) as e:  # ConfigError, RunError, FileFormatError are ValueErrors
@@ -286,6 +297,40 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("kmjax: interrupted; finished stages are saved: rerun with --resume RUN_DIR", file=sys.stderr)
         return 130
+
+
+def _several_processes(args) -> bool:
+    given = [getattr(args, k, None) for k in ("coordinator", "num_processes", "process_id")]
+    if any(v is not None for v in given) and not all(v is not None for v in given):
+        raise SystemExit("kmjax: error: --coordinator, --num-processes and --process-id go together "
+                         "(or use --distributed to read them from the cluster's environment)")
+    return getattr(args, "distributed", False) or given[0] is not None
+
+
+def _run_distributed(args) -> int:
+    """``args.func`` as one of several processes: started together, and stopped together on a
+    failure (a process that fails exits at once; the others stop on its missing heartbeats)."""
+    from kmjax.experiment import processes
+
+    try:
+        processes.start(args.coordinator, args.num_processes, args.process_id,
+                        heartbeat_timeout=args.heartbeat_timeout)
+    except Exception as e:  # a wrong address, a process id out of range, no cluster environment
+        print(f"kmjax: error: could not join the other processes: {e}", file=sys.stderr)
+        return 2
+    where = f"process {processes.index()} of {processes.count()}"
+    if not processes.is_main():
+        sys.stdout = open(os.devnull, "w")  # one summary, from process 0
+    try:
+        code = args.func(args)
+    except BaseException as e:  # noqa: BLE001 - every failure ends every process
+        message = str(e) or type(e).__name__
+        processes.abort(f"kmjax: error in {where}: {message}\nkmjax: the run stops on every process (one that "
+                        f"died or failed ends it; the others stop within --heartbeat-timeout, {args.heartbeat_timeout} "
+                        "s). The run folder keeps what process 0 finished: rerun the same command on every process "
+                        "with --resume RUN_DIR.", 130 if isinstance(e, KeyboardInterrupt)
+                        else 2 if isinstance(e, (ValueError, OSError)) else 1)
+    return code
 
 
 if __name__ == "__main__":

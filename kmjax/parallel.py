@@ -93,8 +93,12 @@ def _pad_rows_jit(a, pad):
 def shard_rows(a, n_pad: int, sharding, dtype=np.float32):
     """(N, ...) -> (N + n_pad, ...) with zero rows appended, placed with ``sharding``.
 
-    Host arrays are padded on the host and go straight to their devices, never whole to one.
+    Host arrays are padded on the host and each device gets its rows from them, never the whole
+    array (a process whose devices are part of a mesh spanning several processes places its own
+    devices' rows; a process-local device array is placed from the host likewise).
     """
+    if isinstance(a, jax.Array) and a.is_fully_addressable and not sharding.is_fully_addressable:
+        a = np.asarray(a)
     if isinstance(a, jax.Array):
         a = a.astype(dtype)
         if n_pad:
@@ -103,7 +107,7 @@ def shard_rows(a, n_pad: int, sharding, dtype=np.float32):
     a = np.asarray(a, dtype)
     if n_pad:
         a = np.concatenate([a, np.zeros((n_pad,) + a.shape[1:], dtype)])
-    return jax.device_put(a, sharding)
+    return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
 
 
 @partial(jax.jit, static_argnums=(0, 1, 2))
@@ -114,4 +118,10 @@ def unit_weights(n, n_pad, sharding):
 
 def replicate(tree, mesh: Mesh):
     """``tree``'s arrays placed whole on every device of ``mesh`` (every process must hold the same values)."""
-    return jax.device_put(jax.tree.map(np.asarray, tree), NamedSharding(mesh, P()))
+    sharding = NamedSharding(mesh, P())
+
+    def place(a):
+        a = np.asarray(a)
+        return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
+
+    return jax.tree.map(place, tree)

@@ -20,107 +20,27 @@ import jax.numpy as jnp
 import numpy as np
 
 from kmjax import __version__, plots
-from kmjax.augment import mirror, random_crops
-from kmjax.checkpoint import save_tree
+from kmjax.augment import mirror
 from kmjax.classify import LinearModel, Standardizer, fit_classifier, predict_features
-from kmjax.config import Config, parse_config, to_dict
-from kmjax.data import DataError, load_cifar10
+from kmjax.config import Config, to_dict
 from kmjax import templates
 from kmjax.dictionary import Dictionary, learn_dictionary
+from kmjax.experiment import processes
+from kmjax.experiment.plan import (dictionary_options, feature_spec, load_data, local_mesh, mirror_sums,
+                                   run_mesh, training_copies, training_images)
 from kmjax.experiment.compile_cache import use_compile_cache
 from kmjax.experiment.report import AnonMemoryPeak, Timer, environment, log, progress
 from kmjax.experiment.store import (RunError, RunLock, StageStore, config_differences, data_id, new_run_dir,
                                     stage_keys, write_json)
-from kmjax.features import FeatureSpec, extract_features, feature_dim
+from kmjax.features import extract_features, feature_dim
 from kmjax.model import Model, save_dictionary
 from kmjax.symmetry import check_mirror_symmetric
 from kmjax.model import save as save_model
 
-__all__ = ["run", "export_features", "feature_spec", "dictionary_options", "load_data"]
+__all__ = ["run"]
 
 _SEGMENT = 2048  # images between two records of the feature rows written (resume points)
 _SAVE_KMEANS = 30.0  # seconds between two checkpoints of the k-means loop
-
-
-def feature_spec(cfg: Config) -> FeatureSpec:
-    return FeatureSpec(
-        patch_size=cfg.patches.size,
-        stride=cfg.features.stride,
-        eps_norm=cfg.preprocess.eps_norm if cfg.preprocess.normalize == "patch" else None,
-        encoder=cfg.features.encoder,
-        alpha=cfg.features.alpha,
-        grid=cfg.features.grid,
-        pool=cfg.features.pool,
-        pool_size=cfg.features.pool_size,
-        pool_stride=cfg.features.pool_stride,
-        q=cfg.features.q,
-        mirror_sums=_mirror_sums(cfg),
-    )
-
-
-def _mirror_sums(cfg: Config) -> bool:
-    """Whether mirrored training rows come free (``kmjax.symmetry``): a flip-closed dictionary and
-    train_flip; the features are then the pair sums of the originals', and no mirror is encoded."""
-    return cfg.kmeans.flip_closed and cfg.features.train_flip
-
-
-def _mesh(cfg: Config):
-    """The 1-D mesh of local devices a config asks for, or None for one device."""
-    if cfg.devices == 1:
-        return None
-    from kmjax.parallel import data_mesh
-
-    available = len(jax.local_devices())
-    if cfg.devices > available:
-        raise RunError(f"devices = {cfg.devices} but this process sees {available} "
-                       f"({jax.local_devices()[0].platform}); on a CPU, start with "
-                       f"XLA_FLAGS=--xla_force_host_platform_device_count={cfg.devices} (kmjax run --devices does)")
-    return data_mesh(cfg.devices or None, local=True)
-
-
-def _copies(cfg: Config) -> int:
-    """Training rows per image: the image, its mirror with ``train_flip`` (rows i and i + N), then
-    ``train_crops`` random crops (rows i + 2N, ...)."""
-    if _mirror_sums(cfg):
-        return 1  # the mirrors are in the features of the originals (pair sums)
-    return 1 + cfg.features.train_flip + cfg.features.train_crops
-
-
-def _training_images(cfg: Config, images):
-    """The training images and their augmented copies, in the order of ``_copies``."""
-    copies = [images] + ([mirror(images)] if cfg.features.train_flip else [])
-    key = jax.random.fold_in(jax.random.key(cfg.seed), 1)  # a stream of its own: the other draws stay as they were
-    copies += [random_crops(k, images) for k in jax.random.split(key, cfg.features.train_crops)]
-    return np.concatenate(copies) if len(copies) > 1 else images
-
-
-def dictionary_options(cfg: Config) -> dict:
-    """The keyword arguments of ``learn_dictionary`` a config asks for."""
-    p, pre, km = cfg.patches, cfg.preprocess, cfg.kmeans
-    return dict(k=km.k, patch_size=p.size, n_patches=p.num, sampling=p.sampling, stride=p.stride,
-                normalize=pre.normalize, eps_norm=pre.eps_norm, whiten=pre.whiten, eps_zca=pre.eps_zca,
-                init=km.init, max_iter=km.max_iter, tol=None if km.tol < 0 else km.tol, empty=km.empty,
-                spherical=km.spherical, chunk_size=km.chunk_size or None, precision=km.precision,
-                flip_closed=km.flip_closed)
-
-
-def load_data(cfg: Config, data_dir):
-    """(train, test or None): the images and labels a config uses, their counts checked."""
-    d = cfg.data
-    train = load_cifar10(data_dir, "train", batches=d.train_batches)
-    if d.n_train > len(train.labels):
-        raise DataError(f"data.n_train = {d.n_train} but data.train_batches = {d.train_batches} hold "
-                        f"{len(train.labels)} images; lower n_train or list more batches")
-    if d.n_train:
-        train = train._replace(images=train.images[: d.n_train], labels=train.labels[: d.n_train])
-    test = None
-    if cfg.features.enabled and d.n_test != -1:
-        test = load_cifar10(data_dir, "test")
-        if d.n_test > len(test.labels):
-            raise DataError(f"data.n_test = {d.n_test} but the test set holds {len(test.labels)} images")
-        if d.n_test:
-            test = test._replace(images=test.images[: d.n_test], labels=test.labels[: d.n_test])
-    return train, test
 
 
 def _plan_resume(cfg: Config, resume: Path):
@@ -166,9 +86,14 @@ def run(cfg: Config, *, data_dir=None, out: str | os.PathLike = "runs", resume: 
         raise RunError("preprocess.normalize = 'dimension' is for dictionaries only (features.enabled = false); "
                        "the dense features use per-patch normalization: set it to 'patch' or 'none'")
     run_dir = stages = None
+    main = processes.is_main()
+    quiet = quiet or not main  # one process reports
     if resume is not None:
         resume = Path(resume)
-        run_dir, finished = _plan_resume(cfg, resume)
+        plan = _plan_resume(cfg, resume) if main else None
+        run_dir, finished = processes.agree(None if plan is None else [None if plan[0] is None else str(plan[0]),
+                                                                       plan[1]])
+        run_dir = None if run_dir is None else Path(run_dir)
         if finished is not None:
             log(f"{run_dir} has finished already: its results are returned as they are", quiet)
             return finished
@@ -181,19 +106,21 @@ def run(cfg: Config, *, data_dir=None, out: str | os.PathLike = "runs", resume: 
     timer = Timer(quiet)
     with timer.stage("load"):
         train, test = load_data(cfg, data_dir)
-        if _mirror_sums(cfg):
+        if mirror_sums(cfg):
             try:
                 check_mirror_symmetric(feature_spec(cfg), train.images.shape[1:])
             except ValueError as e:
                 raise RunError(f"kmeans.flip_closed with features.train_flip needs mirror-symmetric features: {e}") \
                     from None
-        mesh = _mesh(cfg)
+        mesh = run_mesh(cfg)
         devices = 1 if mesh is None else mesh.size  # the actual count: float sums depend on it
         keys = stage_keys({**to_dict(cfg), "devices": devices}, data_id(train.images, train.labels),
                           None if test is None else data_id(test.images, test.labels), __version__)
     fresh = run_dir is None
     if fresh:
-        run_dir = new_run_dir(Path(out), cfg.name)
+        run_dir = Path(processes.agree(str(new_run_dir(Path(out), cfg.name)) if main else None))
+    if not main:  # the other processes share the work and write nothing
+        return _run_stages(cfg, train, test, keys, run_dir, None, timer, quiet, mesh)
     try:
         with RunLock(run_dir):
             if fresh:
@@ -212,6 +139,7 @@ def run(cfg: Config, *, data_dir=None, out: str | os.PathLike = "runs", resume: 
             results["peak_anon_memory_mb"] = None if memory.peak_mb is None else round(memory.peak_mb, 1)
             results["environment"] = environment()
             write_json(run_dir / "results.json", results)  # last, and still under the lock
+            processes.agree(results)  # the other processes wait for these (their last collective)
     except BaseException:
         if fresh and not StageStore(run_dir / "stages").any_finished():
             shutil.rmtree(run_dir, ignore_errors=True)  # nothing to resume: the name is free again
@@ -220,8 +148,15 @@ def run(cfg: Config, *, data_dir=None, out: str | os.PathLike = "runs", resume: 
 
 
 def _run_stages(cfg, train, test, keys, run_dir, store, timer, quiet, mesh) -> dict:
-    log(f"run folder: {run_dir}", quiet)
+    """The stages; ``store`` None: a process other than the main one (several processes), which
+    computes its part of the dictionary and the features, then returns the main process's results."""
     key_dict, key_val = jax.random.split(jax.random.key(cfg.seed))
+    if store is None:
+        dictionary = _dictionary_stage(cfg, train.images, key_dict, None, keys["dictionary"], timer, mesh)
+        if cfg.features.enabled:
+            _features_stage(cfg, train, test, dictionary, None, keys["features"], timer, quiet, mesh)
+        return processes.agree(None)
+    log(f"run folder: {run_dir}", quiet)
     results: dict = {"name": cfg.name, "seed": cfg.seed, "config": to_dict(cfg), "run_dir": str(run_dir),
                      "stage_keys": keys, "n_train": len(train.labels),
                      "n_test": 0 if test is None else len(test.labels)}
@@ -244,7 +179,7 @@ def _run_stages(cfg, train, test, keys, run_dir, store, timer, quiet, mesh) -> d
     if not cfg.features.enabled:
         return results
 
-    copies = _copies(cfg)
+    copies = training_copies(cfg)
     feats = _features_stage(cfg, train, test, dictionary, store, keys["features"], timer, quiet, mesh)
     f_train, f_test, labels = feats["train"], feats.get("test"), np.asarray(feats["train_labels"])
     f_mirror = feats.get("test_mirror")
@@ -281,23 +216,29 @@ def _run_stages(cfg, train, test, keys, run_dir, store, timer, quiet, mesh) -> d
 
 
 def _dictionary_stage(cfg, images, key, store, stage_key, timer, mesh) -> Dictionary:
-    saved = store.load_tree("dictionary", stage_key, templates.dictionary(cfg.preprocess.whiten, cfg.kmeans.max_iter))
+    like = templates.dictionary(cfg.preprocess.whiten, cfg.kmeans.max_iter)
+    saved = None if store is None else store.load_tree("dictionary", stage_key, like)
+    saved = processes.broadcast(None if saved is None else saved[0], like)  # the main process's, everywhere
     if saved is not None:
-        log(f"[dictionary] reusing {store.folder}", timer.quiet)
-        return saved[0]
-    checkpoints = store.checkpoints("dictionary", stage_key, lambda line: log(line, timer.quiet))
+        log(f"[dictionary] reusing {store and store.folder}", timer.quiet)
+        return saved
+    checkpoints = None if store is None else store.checkpoints("dictionary", stage_key,
+                                                               lambda line: log(line, timer.quiet))
+    state = processes.broadcast(None if store is None else checkpoints.get("kmeans"), templates.lloyd_state())
     saved_at = [time.monotonic()]
 
     def checkpoint(state):  # the k-means loop state, every _SAVE_KMEANS seconds
-        if time.monotonic() - saved_at[0] > _SAVE_KMEANS:
+        if store is not None and time.monotonic() - saved_at[0] > _SAVE_KMEANS:
             checkpoints.save("kmeans", jax.tree.map(np.asarray, state))
             saved_at[0] = time.monotonic()
 
     with timer.stage("dictionary"):
         dictionary = learn_dictionary(key, images, **dictionary_options(cfg), mesh=mesh,
                                       progress=progress("k-means", timer.quiet, "iterations"),
-                                      state=checkpoints.get("kmeans"), checkpoint=checkpoint)
+                                      state=state, checkpoint=checkpoint)
         dictionary = jax.tree.map(np.asarray, dictionary)
+    if store is None:
+        return dictionary
     store.save_tree("dictionary", stage_key, dictionary, {"kind": "dictionary"})
     checkpoints.clear()
     return dictionary
@@ -306,41 +247,59 @@ def _dictionary_stage(cfg, images, key, store, stage_key, timer, mesh) -> Dictio
 def _features_stage(cfg, train, test, dictionary, store, stage_key, timer, quiet, mesh):
     """{"train": features, "train_labels": labels, and "test", "test_labels" with a test set}: memmaps
     of the stage files (the labels saved beside the features, so that they can be exported alone)."""
-    copies = _copies(cfg)
+    copies = training_copies(cfg)
     parts = {"train": train} if test is None else {"train": train, "test": test}
-    if test is not None and cfg.features.test_flip and not _mirror_sums(cfg):  # else predictions are mirror-invariant
+    if test is not None and cfg.features.test_flip and not mirror_sums(cfg):  # else predictions are mirror-invariant
         parts["test_mirror"] = test._replace(images=mirror(test.images))
     names = [n for part in parts for n in (part, f"{part}_labels")]
-    saved = store.load_arrays("features", stage_key, names)
-    if saved is not None:
-        log(f"[features] reusing {store.folder}", quiet)
+    saved = None if store is None else store.load_arrays("features", stage_key, names)
+    if processes.agree(None if store is None else saved is not None):
+        log(f"[features] reusing {store and store.folder}", quiet)
         return saved
     spec = feature_spec(cfg)
     dim = feature_dim(spec, dictionary.centroids.shape[0], train.images.shape[1:])
-    store.check_space(4 * dim * sum((copies if name == "train" else 1) * len(d.labels) for name, d in parts.items()),
-                      "features", stage_key)
+    if store is not None:
+        store.check_space(4 * dim * sum((copies if name == "train" else 1) * len(d.labels)
+                                        for name, d in parts.items()), "features", stage_key)
     saved = {}
     with timer.stage("features"):
         for name, data in parts.items():
             images, labels = data.images, data.labels
             if name == "train" and copies > 1:  # mirrored and cropped images are as likely as the originals
-                images, labels = _training_images(cfg, images), np.concatenate([labels] * copies)
+                images, labels = training_images(cfg, images), np.concatenate([labels] * copies)
             # written straight to disk (the features of a large dictionary need not fit in memory),
             # in segments whose rows are recorded: an interrupted run resumes after the last one
-            out, done = store.open_array("features", stage_key, name, (len(images), dim))
+            out, done = (None, None) if store is None else store.open_array("features", stage_key, name,
+                                                                            (len(images), dim))
+            done = processes.agree(done)
             if done:
                 log(f"[features] {name}: resuming after {done} of {len(images)} images", quiet)
             report = progress(name, quiet, start=done)
             for start in range(done, len(images), _SEGMENT):
                 stop = min(start + _SEGMENT, len(images))
-                extract_features(images[start:stop], dictionary.centroids, dictionary.zca, spec, mesh=mesh,
-                                 memory_mb=cfg.features.memory_mb, precision=cfg.features.precision,
-                                 out=out[start:stop], progress=None if report is None else
-                                 lambda i, _n, _v, a=start: report(a + i, len(images)))
+                options = dict(memory_mb=cfg.features.memory_mb, precision=cfg.features.precision)
+                if processes.count() == 1:
+                    extract_features(images[start:stop], dictionary.centroids, dictionary.zca, spec, mesh=mesh,
+                                     out=out[start:stop], progress=None if report is None else
+                                     lambda i, _n, _v, a=start: report(a + i, len(images)), **options)
+                else:  # each process its share of the segment, gathered by the main process
+                    mine = images[start:stop][processes.share(stop - start)]
+                    local = np.zeros((0, dim), np.float32) if not len(mine) else extract_features(
+                        mine, dictionary.centroids, dictionary.zca, spec, mesh=local_mesh(), **options)
+                    rows = processes.gather_rows(local, stop - start)
+                    if store is None:
+                        continue
+                    out[start:stop] = rows
+                    if report is not None:
+                        report(stop, len(images))
                 store.mark_rows(out, stop)
+            if store is None:
+                continue
             saved[name] = out
             saved[f"{name}_labels"] = store.new_array("features", stage_key, f"{name}_labels", labels.shape, np.int32)
             saved[f"{name}_labels"][:] = labels
+    if store is None:
+        return None
     store.commit_arrays("features", stage_key, saved)
     return store.load_arrays("features", stage_key, names)
 
@@ -373,41 +332,3 @@ def _classifier_stage(cfg, features, labels, num_classes, copies, key, store, st
     std = Standardizer(*map(jnp.asarray, tree["standardizer"]))
     model = LinearModel(*map(jnp.asarray, tree["model"]))
     return {**meta, "standardizer": std, "model": model}
-
-
-def export_features(run_dir, out) -> Path:
-    """Write the features of a finished run, with their labels, to one ``.npz`` (``kmjax.checkpoint``
-    layout): ``train/features`` (N, F) float32, ``train/labels``, ``train/mirrored`` (bool: the row is
-    the mirror image of row i - n, n the number of images, with ``features.train_flip``; crops
-    follow the mirrors and are not marked; with mirror sums no row is a mirror), and ``test/features``, ``test/labels`` when the run had a test
-    set (and ``test/mirrored_features`` with ``features.test_flip``); its metadata holds the run's
-    config and feature spec."""
-    run_dir = Path(run_dir)
-    results_file = run_dir / "results.json"
-    if not results_file.is_file():
-        raise RunError(f"{run_dir} holds no finished run (no results.json); finish it first (kmjax run CONFIG "
-                       f"--resume {run_dir})")
-    results = json.loads(results_file.read_text())
-    cfg = parse_config(results["config"])
-    if not cfg.features.enabled:
-        raise RunError(f"{run_dir} is a dictionary-only run (features.enabled = false): it has no features")
-    store = StageStore(run_dir / "stages")
-    names = ["train", "train_labels"] + (["test", "test_labels"] if results.get("n_test") else [])
-    names += ["test_mirror"] if results.get("n_test") and cfg.features.test_flip and not _mirror_sums(cfg) else []
-    saved = store.load_arrays("features", results["stage_keys"]["features"], names)
-    if saved is None:
-        raise RunError(f"the features of {run_dir} are not kept (features.keep = false, or the stage files were "
-                       f"deleted); recompute them with kmjax run CONFIG --set features.keep=true")
-    n = len(saved["train_labels"])
-    rows = np.arange(n)
-    originals = n // _copies(cfg)  # rows: the images, their mirrors (explicit train_flip), then the crops
-    explicit_flip = cfg.features.train_flip and not _mirror_sums(cfg)
-    tree = {"train": {"features": saved["train"], "labels": saved["train_labels"],
-                      "mirrored": (rows >= originals) & (rows < 2 * originals) if explicit_flip else np.zeros(n, bool)}}
-    if "test" in saved:
-        tree["test"] = {"features": saved["test"], "labels": saved["test_labels"]}
-    if "test_mirror" in saved:
-        tree["test"]["mirrored_features"] = saved["test_mirror"]
-    meta = {"kind": "features", "config": results["config"], "spec": feature_spec(cfg)._asdict(),
-            "run_dir": str(run_dir)}
-    return save_tree(out, tree, meta)

@@ -7,6 +7,7 @@ folder can be resumed: finished runs are kept as they are, unfinished ones conti
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import itertools
@@ -17,6 +18,7 @@ from kmjax import plots
 from kmjax._io import atomic_write
 from kmjax.config import ConfigError, load_config, parse_value
 from kmjax.experiment.report import log
+from kmjax.experiment import processes
 from kmjax.experiment.runner import run
 from kmjax.experiment.store import RunError, RunLock, new_run_dir, write_json
 
@@ -58,26 +60,29 @@ def sweep(config_path, grid: dict[str, list], *, overrides: list[str] = (), data
         label = ",".join(f"{k.split('.')[-1]}={v}" for k, v in zip(keys, combo))
         sets = list(overrides) + [f"{k}={v}" for k, v in zip(keys, combo)]
         configs.append((combo, load_config(config_path, sets + [f"name={_safe_name(base.name + '_' + label)}"])))
+    main = processes.is_main()  # on several processes, the main one alone writes (kmjax.experiment.processes)
     if resume is None:
-        sweep_dir = new_run_dir(Path(out), f"{base.name}-sweep")
+        sweep_dir = Path(processes.agree(str(new_run_dir(Path(out), f"{base.name}-sweep")) if main else None))
     else:
         sweep_dir = Path(resume)
-        if not (sweep_dir / "cache").is_dir():
+        if main and not (sweep_dir / "cache").is_dir():
             raise RunError(f"{sweep_dir} is not a sweep folder (no cache/); pass the folder a sweep wrote")
-    log(f"sweep folder: {sweep_dir} ({len(configs)} runs)", quiet)
+    log(f"sweep folder: {sweep_dir} ({len(configs)} runs)", quiet or not main)
     rows = []
-    with RunLock(sweep_dir):
+    with RunLock(sweep_dir) if main else contextlib.nullcontext():
         for i, (combo, cfg) in enumerate(configs):
-            log(f"=== sweep run {i + 1}/{len(configs)}: {cfg.name}", quiet)
+            log(f"=== sweep run {i + 1}/{len(configs)}: {cfg.name}", quiet or not main)
             previous = sweep_dir / "runs" / cfg.name
+            again = processes.agree(main and resume is not None and (previous / "config.json").is_file())
             res = run(cfg, data_dir=data_dir, out=sweep_dir / "runs", cache=sweep_dir / "cache", quiet=quiet,
-                      compile_cache=compile_cache,
-                      resume=previous if resume is not None and (previous / "config.json").is_file() else None)
+                      compile_cache=compile_cache, resume=previous if again else None)
             rows.append({**dict(zip(keys, (parse_value(v) for v in combo))),
                          "train_accuracy": res.get("train_accuracy"), "test_accuracy": res.get("test_accuracy"),
                          "seconds": res["seconds"]["total"], "run_dir": res["run_dir"]})
-            _write_sweep(sweep_dir, keys, rows)
-    plots.save_sweep(sweep_dir / "sweep.png", keys, rows)
+            if main:
+                _write_sweep(sweep_dir, keys, rows)
+    if main:
+        plots.save_sweep(sweep_dir / "sweep.png", keys, rows)
     return rows
 
 

@@ -1,0 +1,116 @@
+"""A run on several processes (hosts): JAX's multi-controller runtime, seen from the runner.
+
+Every process runs the same ``kmjax run`` (the same config and flags). Process 0 is the *main*
+one: it alone touches the run folder (creates it, locks it, reads and writes its stages), makes
+every decision that depends on it (which stages are saved, where an interrupted stage resumes)
+and tells the others (``agree``, ``broadcast``). The others read only the data set and write
+nothing. The work is shared where it is parallel: k-means runs on a mesh of every device of every
+process (each pass's sums added across processes), and each process computes the features of its
+share of every segment of images, which the main process gathers (``gather_rows``) and writes.
+The classifier is fitted by the main process; the others wait for its results, which it
+broadcasts at the end (the run's last collective).
+
+Failures: ``start`` sets JAX's heartbeat timeout; a process that dies (killed, or out of memory)
+stops sending heartbeats, and JAX then stops every other process with a message that names the
+missing task, within that timeout. A process that fails with an error exits at once without
+JAX's shutdown barrier (``abort``), which the others then see as a missing process. The run folder
+holds what the main process saved: rerun the same command with ``--resume RUN_DIR`` on every process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import jax
+import numpy as np
+
+__all__ = ["start", "count", "index", "is_main", "share", "agree", "broadcast", "gather_rows", "abort"]
+
+
+def start(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None, *,
+          heartbeat_timeout: int = 60) -> None:
+    """``jax.distributed.initialize``: with the three values given, or any of them None, from the
+    environment of a cluster JAX recognizes (SLURM, Open MPI, Cloud TPU). Call before any JAX work."""
+    jax.distributed.initialize(coordinator, num_processes, process_id, heartbeat_timeout_seconds=heartbeat_timeout)
+
+
+def count() -> int:
+    return jax.process_count()
+
+
+def index() -> int:
+    return jax.process_index()
+
+
+def is_main() -> bool:
+    return jax.process_index() == 0
+
+
+def share(n: int) -> slice:
+    """This process's contiguous share of ``n`` rows (the first ``n % count()`` processes hold one more)."""
+    p, r = count(), index()
+    base, extra = divmod(n, p)
+    start = r * base + min(r, extra)
+    return slice(start, start + base + (r < extra))
+
+
+def _broadcast_arrays(arrays: list[np.ndarray]) -> list[np.ndarray]:
+    from jax.experimental import multihost_utils
+
+    return [np.asarray(a) for a in multihost_utils.broadcast_one_to_all(arrays, is_source=is_main())]
+
+
+def agree(value):
+    """The main process's ``value`` (anything JSON can hold), in every process."""
+    if count() == 1:
+        return value
+    data = np.frombuffer(json.dumps(value).encode(), np.uint8) if is_main() else np.zeros(0, np.uint8)
+    size = _broadcast_arrays([np.array([data.size], np.int64)])[0][0]
+    if not is_main():
+        data = np.zeros(int(size), np.uint8)
+    return json.loads(_broadcast_arrays([data])[0].tobytes().decode())
+
+
+def broadcast(tree, like):
+    """The main process's pytree of arrays (or None), in every process; ``like`` gives its structure
+    (a ``kmjax.templates`` template: the other processes do not know the shapes before)."""
+    if count() == 1:
+        return tree
+    leaves = None if tree is None else [np.asarray(a) for a in jax.tree.leaves(tree)]
+    meta = agree(None if leaves is None else [[list(a.shape), a.dtype.str] for a in leaves])
+    if meta is None:
+        return None
+    if not is_main():
+        leaves = [np.zeros(shape, dtype) for shape, dtype in meta]
+    return jax.tree.unflatten(jax.tree.structure(like), _broadcast_arrays(leaves))
+
+
+def gather_rows(local: np.ndarray, n: int) -> np.ndarray | None:
+    """The (n, ...) rows whose ``share(n)`` each process holds as ``local``, in the main process
+    (None in the others)."""
+    if count() == 1:
+        return local
+    from jax.experimental import multihost_utils
+
+    rows = -(-n // count())  # every process sends the same shape: shares padded to the largest
+    padded = np.zeros((rows,) + local.shape[1:], local.dtype)
+    padded[: local.shape[0]] = local
+    every = np.asarray(multihost_utils.process_allgather(padded, tiled=False))
+    if not is_main():
+        return None
+    return np.concatenate([every[r, : _share_of(r, n)] for r in range(count())])
+
+
+def _share_of(r: int, n: int) -> int:
+    base, extra = divmod(n, count())
+    return base + (r < extra)
+
+
+def abort(message: str, code: int) -> None:
+    """Print ``message`` and exit now, skipping JAX's shutdown barrier (the other processes may be
+    waiting in a collective that will never complete: they stop on the missing heartbeats)."""
+    print(message, file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(code)

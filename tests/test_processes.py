@@ -1,0 +1,115 @@
+"""``kmjax run`` on several processes (``kmjax.experiment.processes``): two local processes with two
+forced CPU devices each and a localhost coordinator give the run of one process with four devices,
+and a process that dies stops the other within the heartbeat timeout, the run resumable."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from synthetic_cifar import make_cifar
+
+ROOT = Path(__file__).resolve().parents[1]
+SETS = ["data.train_batches=[1,2]", "data.n_train=0", "data.n_test=0", "patches.num=20000", "kmeans.k=16", "kmeans.max_iter=25",
+        "classifier.max_iter=10", "features.grid=2"]
+HEARTBEAT = 5
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cifar")
+    make_cifar(root, n=40)
+    return root
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _command(data_dir, out, *extra):
+    sets = [a for s in SETS for a in ("--set", s)]
+    return [sys.executable, "-m", "kmjax.cli", "run", "quick", *sets, "--data-dir", str(data_dir), "--out", str(out),
+            "--compile-cache", "off", *extra]
+
+
+def _env():
+    return dict(os.environ, JAX_PLATFORMS="cpu",
+                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+
+
+def _start_two(data_dir, out, *extra):
+    port = _free_port()
+    return [subprocess.Popen(_command(data_dir, out, "--devices", "2", "--coordinator", f"localhost:{port}",
+                                      "--num-processes", "2", "--process-id", str(i), "--heartbeat-timeout",
+                                      str(HEARTBEAT), *extra),
+                             env=_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for i in (0, 1)]
+
+
+def _model(run_dir):
+    with np.load(Path(run_dir) / "model.npz") as f:
+        return {k: f[k] for k in f.files if f[k].dtype.kind == "f"}
+
+
+def test_two_processes_run_what_one_process_runs_and_survive_a_death(data_dir, tmp_path):
+    one = subprocess.run(_command(data_dir, tmp_path / "one", "--devices", "4", "-q"), env=_env(), cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    reference = json.loads((tmp_path / "one" / "quick" / "results.json").read_text())
+
+    # process 1 dies during k-means: process 0 stops within the heartbeat timeout, saying why
+    procs = _start_two(data_dir, tmp_path / "two")
+    lines = []
+    for line in procs[0].stderr:  # process 0's progress
+        lines.append(line)
+        if "[dictionary]" in line:  # k-means is starting: it needs both processes
+            break
+    procs[1].send_signal(signal.SIGKILL)
+    killed = time.monotonic()
+    err = procs[0].communicate(timeout=HEARTBEAT + 60)[1]
+    assert procs[0].returncode != 0 and time.monotonic() - killed < HEARTBEAT + 30
+    # JAX stops it on the missing heartbeats, or its next collective fails and kmjax says so
+    assert "another task died" in err or "error in process 0 of 2" in err, "".join(lines) + err[-3000:]
+    procs[1].communicate()
+    run_dir = tmp_path / "two" / "quick"
+    assert (run_dir / "config.json").is_file() and not (run_dir / "results.json").exists()
+    assert not list((tmp_path / "two").glob("quick-*"))  # process 1 wrote nothing
+
+    # the same command on both with --resume finishes the run: the results of one process with 4 devices
+    procs = _start_two(data_dir, tmp_path / "two", "--resume", str(run_dir))
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    assert "train accuracy" in outs[0][0] and "accuracy" not in outs[1][0]  # one summary
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["stage_keys"] == reference["stage_keys"]  # 4 devices in both: the same experiment
+    assert results["train_accuracy"] == reference["train_accuracy"]
+    assert results["kmeans"]["n_iter"] == reference["kmeans"]["n_iter"]
+    np.testing.assert_allclose(results["kmeans"]["objective"], reference["kmeans"]["objective"], rtol=1e-5)
+    a, b = _model(run_dir), _model(tmp_path / "one" / "quick")
+    for name in b:  # sums added across processes in another order: float32 rounding apart
+        np.testing.assert_allclose(a[name], b[name], rtol=0, atol=1e-4 * max(1.0, float(np.abs(b[name]).max())),
+                                   err_msg=name)
+
+
+def test_a_failing_main_process_stops_the_others(data_dir, tmp_path):
+    # process 0 refuses the run (its --resume folder is not a run folder): process 1, waiting for its
+    # decision, stops within the heartbeat timeout, and neither leaves a run folder behind
+    procs = _start_two(data_dir, tmp_path, "--resume", str(tmp_path / "nothing"))
+    start = time.monotonic()
+    outs = [p.communicate(timeout=HEARTBEAT + 90) for p in procs]
+    assert time.monotonic() - start < HEARTBEAT + 60
+    assert procs[0].returncode == 2 and "is not a run folder" in outs[0][1]
+    assert procs[1].returncode != 0
+    assert not any(tmp_path.iterdir())
