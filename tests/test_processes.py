@@ -20,7 +20,7 @@ from synthetic_cifar import make_cifar
 
 ROOT = Path(__file__).resolve().parents[1]
 SETS = ["data.train_batches=[1,2]", "data.n_train=0", "data.n_test=0", "patches.num=20000", "kmeans.k=16", "kmeans.max_iter=25",
-        "classifier.max_iter=10", "features.grid=2"]
+        "classifier.loss=ridge", "classifier.C_grid=[1,10]", "features.grid=2"]  # 64 features, 80 rows: the Gram solver
 HEARTBEAT = 5
 
 
@@ -92,6 +92,7 @@ def test_two_processes_run_what_one_process_runs_and_survive_a_death(data_dir, t
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
     assert "train accuracy" in outs[0][0] and "accuracy" not in outs[1][0]  # one summary
+    assert "Gram statistics of 72 rows, summed over 2 processes" in outs[0][1]  # the fitted 90%
     results = json.loads((run_dir / "results.json").read_text())
     assert results["stage_keys"] == reference["stage_keys"]  # 4 devices in both: the same experiment
     assert results["train_accuracy"] == reference["train_accuracy"]

@@ -7,8 +7,9 @@ and tells the others (``agree``, ``broadcast``). The others read only the data s
 nothing. The work is shared where it is parallel: k-means runs on a mesh of every device of every
 process (each pass's sums added across processes), and each process computes the features of its
 share of every segment of images, which the main process gathers (``gather_rows``) and writes.
-The classifier is fitted by the main process; the others wait for its results, which it
-broadcasts at the end (the run's last collective).
+For ridge regression from the Gram matrix, each process also sums the Gram statistics of its own
+training rows, and the main process adds them up (``total``). The classifier is solved by the main
+process; the others wait for its results, which it broadcasts at the end (the run's last collective).
 
 Failures: ``start`` sets JAX's heartbeat timeout; a process that dies (killed, or out of memory)
 stops sending heartbeats, and JAX then stops every other process with a message that names the
@@ -26,7 +27,7 @@ import sys
 import jax
 import numpy as np
 
-__all__ = ["start", "count", "index", "is_main", "share", "agree", "broadcast", "gather_rows", "abort"]
+__all__ = ["start", "count", "index", "is_main", "share", "agree", "broadcast", "gather_rows", "total", "abort"]
 
 
 def start(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None, *,
@@ -56,10 +57,21 @@ def share(n: int) -> slice:
     return slice(start, start + base + (r < extra))
 
 
+def _wire(a: np.ndarray) -> np.ndarray:
+    """``a``'s bytes as a 1-D uint8 array: what crosses between processes is exact whatever the dtype
+    (JAX would turn 64-bit values into 32-bit ones without ``jax_enable_x64``)."""
+    return np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+
+
+def _unwire(b, like: np.ndarray) -> np.ndarray:
+    return np.asarray(b).view(like.dtype).reshape(like.shape).copy()
+
+
 def _broadcast_arrays(arrays: list[np.ndarray]) -> list[np.ndarray]:
     from jax.experimental import multihost_utils
 
-    return [np.asarray(a) for a in multihost_utils.broadcast_one_to_all(arrays, is_source=is_main())]
+    sent = multihost_utils.broadcast_one_to_all([_wire(a) for a in arrays], is_source=is_main())
+    return [_unwire(b, a) for a, b in zip(arrays, sent)]
 
 
 def agree(value):
@@ -97,10 +109,23 @@ def gather_rows(local: np.ndarray, n: int) -> np.ndarray | None:
     rows = -(-n // count())  # every process sends the same shape: shares padded to the largest
     padded = np.zeros((rows,) + local.shape[1:], local.dtype)
     padded[: local.shape[0]] = local
-    every = np.asarray(multihost_utils.process_allgather(padded, tiled=False))
+    every = multihost_utils.process_allgather(_wire(padded), tiled=False)
     if not is_main():
         return None
-    return np.concatenate([every[r, : _share_of(r, n)] for r in range(count())])
+    return np.concatenate([_unwire(every[r], padded)[: _share_of(r, n)] for r in range(count())])
+
+
+def total(arrays: list[np.ndarray]) -> list[np.ndarray] | None:
+    """The element-wise sums over the processes of each of ``arrays`` (the same shapes in every
+    process), in the main process (None in the others)."""
+    if count() == 1:
+        return arrays
+    from jax.experimental import multihost_utils
+
+    every = multihost_utils.process_allgather([_wire(a) for a in arrays], tiled=False)
+    if not is_main():
+        return None
+    return [sum(_unwire(part, a) for part in np.asarray(b)) for a, b in zip(arrays, every)]
 
 
 def _share_of(r: int, n: int) -> int:

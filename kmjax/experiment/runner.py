@@ -21,7 +21,9 @@ import numpy as np
 
 from kmjax import __version__, plots
 from kmjax.augment import mirror
-from kmjax.classify import LinearModel, Standardizer, fit_classifier, predict_features
+from kmjax.checkpoint import Slot
+from kmjax.classify import (GramStats, LinearModel, Standardizer, empty_gram_stats, fit_classifier, gram_stats,
+                            predict_features, validation_split)
 from kmjax.config import Config, to_dict
 from kmjax import templates
 from kmjax.dictionary import Dictionary, learn_dictionary
@@ -154,7 +156,8 @@ def _run_stages(cfg, train, test, keys, run_dir, store, timer, quiet, mesh) -> d
     if store is None:
         dictionary = _dictionary_stage(cfg, train.images, key_dict, None, keys["dictionary"], timer, mesh)
         if cfg.features.enabled:
-            _features_stage(cfg, train, test, dictionary, None, keys["features"], timer, quiet, mesh)
+            mine = _features_stage(cfg, train, test, dictionary, None, keys["features"], timer, quiet, mesh)
+            _shared_gram(cfg, None, mine, len(train.class_names), key_val, None, keys["classifier"])
         return processes.agree(None)
     log(f"run folder: {run_dir}", quiet)
     results: dict = {"name": cfg.name, "seed": cfg.seed, "config": to_dict(cfg), "run_dir": str(run_dir),
@@ -184,6 +187,7 @@ def _run_stages(cfg, train, test, keys, run_dir, store, timer, quiet, mesh) -> d
     f_train, f_test, labels = feats["train"], feats.get("test"), np.asarray(feats["train_labels"])
     f_mirror = feats.get("test_mirror")
     num_classes = len(train.class_names)
+    _shared_gram(cfg, f_train, feats.get("mine"), num_classes, key_val, store, keys["classifier"])
     fit = _classifier_stage(cfg, f_train, labels, num_classes, copies, key_val, store, keys["classifier"], timer,
                             quiet)
     results["classifier"] = {"loss": cfg.classifier.loss, "C": fit["C"]}
@@ -261,7 +265,7 @@ def _features_stage(cfg, train, test, dictionary, store, stage_key, timer, quiet
     if store is not None:
         store.check_space(4 * dim * sum((copies if name == "train" else 1) * len(d.labels)
                                         for name, d in parts.items()), "features", stage_key)
-    saved = {}
+    saved, kept = {}, []
     with timer.stage("features"):
         for name, data in parts.items():
             images, labels = data.images, data.labels
@@ -272,6 +276,8 @@ def _features_stage(cfg, train, test, dictionary, store, stage_key, timer, quiet
             out, done = (None, None) if store is None else store.open_array("features", stage_key, name,
                                                                             (len(images), dim))
             done = processes.agree(done)
+            if name == "train" and done:
+                kept.append(None)  # rows computed before: no process holds all of its own
             if done:
                 log(f"[features] {name}: resuming after {done} of {len(images)} images", quiet)
             report = progress(name, quiet, start=done)
@@ -283,9 +289,12 @@ def _features_stage(cfg, train, test, dictionary, store, stage_key, timer, quiet
                                      out=out[start:stop], progress=None if report is None else
                                      lambda i, _n, _v, a=start: report(a + i, len(images)), **options)
                 else:  # each process its share of the segment, gathered by the main process
-                    mine = images[start:stop][processes.share(stop - start)]
+                    share = processes.share(stop - start)
+                    mine = images[start:stop][share]
                     local = np.zeros((0, dim), np.float32) if not len(mine) else extract_features(
                         mine, dictionary.centroids, dictionary.zca, spec, mesh=local_mesh(), **options)
+                    if name == "train":  # kept for the Gram statistics of this process's rows
+                        kept.append((np.arange(start, stop)[share], local, labels[start:stop][share]))
                     rows = processes.gather_rows(local, stop - start)
                     if store is None:
                         continue
@@ -298,10 +307,46 @@ def _features_stage(cfg, train, test, dictionary, store, stage_key, timer, quiet
             saved[name] = out
             saved[f"{name}_labels"] = store.new_array("features", stage_key, f"{name}_labels", labels.shape, np.int32)
             saved[f"{name}_labels"][:] = labels
+    # this process's training rows, features and labels: all of them, or none if the stage resumed
+    mine = tuple(np.concatenate(parts) for parts in zip(*kept)) if kept and kept[0] is not None else None
     if store is None:
-        return None
+        return mine
     store.commit_arrays("features", stage_key, saved)
-    return store.load_arrays("features", stage_key, names)
+    return {**store.load_arrays("features", stage_key, names), "mine": mine}
+
+
+def _shared_gram(cfg, features, mine, num_classes, key, store, stage_key) -> None:
+    """Several processes, ridge from the Gram matrix: every process sums the Gram statistics of its
+    own training rows (``mine``: their indices, features and labels, kept by the features stage) and
+    the main process saves the total as the classifier's "gram" checkpoint, where ``fit_classifier``
+    finds it. Decided by the main process: not when the features were reused (no process keeps its
+    rows then), the classifier is saved, or its Gram statistics are."""
+    if processes.count() == 1:
+        return
+    c = cfg.classifier
+    n = processes.agree(None if store is None else int(features.shape[0]))
+    dim = processes.agree(None if store is None else int(features.shape[1]))
+    wanted = c.loss == "ridge" and (c.solver == "gram" or (c.solver == "auto" and dim <= n))
+    if store is not None:
+        checkpoints = store.checkpoints("classifier", stage_key)
+        wanted = wanted and mine is not None and checkpoints.get("gram") is None and store.load_tree(
+            "classifier", stage_key, _classifier_template()) is None
+    if not processes.agree(wanted if store is not None else None):
+        return
+    rows = np.arange(n) if not c.C_grid else validation_split(n, key, val_fraction=c.val_fraction,
+                                                               copies=training_copies(cfg))[0]
+    # the shift of one process's gram_stats: the mean of the first block of rows, from the main process
+    shift = processes.broadcast(None if store is None else np.asarray(features[rows[:8192]], np.float64).mean(axis=0),
+                                Slot("F"))
+    index, x, y = mine
+    fitted = np.flatnonzero(np.isin(index, rows))
+    part = (empty_gram_stats(shift, num_classes) if not fitted.size else
+            gram_stats(x, y, num_classes, rows=fitted, shift=shift))
+    summed = processes.total([part.count, part.x_sum, part.gram, part.cross, part.y_sum])
+    if store is not None:
+        count, x_sum, gram, cross, y_sum = summed
+        checkpoints.save("gram", GramStats(np.asarray(count, np.float64), shift, x_sum, gram, cross, y_sum))
+        log(f"[classifier] Gram statistics of {int(count):,} rows, summed over {processes.count()} processes", False)
 
 
 def _classifier_template() -> dict:
