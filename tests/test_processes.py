@@ -21,7 +21,7 @@ from synthetic_cifar import make_cifar
 ROOT = Path(__file__).resolve().parents[1]
 SETS = ["data.train_batches=[1,2]", "data.n_train=0", "data.n_test=0", "patches.num=20000", "kmeans.k=16", "kmeans.max_iter=25",
         "classifier.loss=ridge", "classifier.C_grid=[1,10]", "features.grid=2"]  # 64 features, 80 rows: the Gram solver
-HEARTBEAT = 5
+HEARTBEAT = 10
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,8 @@ process (each pass's sums added across processes), and each process computes the
 share of every segment of images, which the main process gathers (``gather_rows``) and writes.
 For ridge regression from the Gram matrix, each process also sums the Gram statistics of its own
 training rows, and the main process adds them up (``total``). The classifier is solved by the main
-process; the others wait for its results, which it broadcasts at the end (the run's last collective).
+process; the others wait for it at a barrier of JAX's coordination service (``wait_for_all``: a
+device collective would give up after Gloo's 30 minutes), then receive its results.
 
 Failures: ``start`` sets JAX's heartbeat timeout; a process that dies (killed, or out of memory)
 stops sending heartbeats, and JAX then stops every other process with a message that names the
@@ -20,6 +21,7 @@ holds what the main process saved: rerun the same command with ``--resume RUN_DI
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import sys
@@ -27,7 +29,8 @@ import sys
 import jax
 import numpy as np
 
-__all__ = ["start", "count", "index", "is_main", "share", "agree", "broadcast", "gather_rows", "total", "abort"]
+__all__ = ["start", "count", "index", "is_main", "share", "agree", "broadcast", "gather_rows", "total", "wait_for_all",
+           "abort"]
 
 
 def start(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None, *,
@@ -131,6 +134,22 @@ def total(arrays: list[np.ndarray]) -> list[np.ndarray] | None:
 def _share_of(r: int, n: int) -> int:
     base, extra = divmod(n, count())
     return base + (r < extra)
+
+
+_BARRIERS = itertools.count()  # every process passes the same barriers in the same order
+_WAIT_MS = 7 * 24 * 3600 * 1000
+
+
+def wait_for_all(name: str) -> None:
+    """Wait until every process reaches this point, however long that takes (the main process may
+    fit a classifier for an hour): a barrier of JAX's coordination service, which the heartbeats
+    keep watching, not a device collective (on CPUs Gloo's collectives give up after 30 minutes,
+    measured: "Timed out waiting 1800000ms"). JAX has no public API for it (``jax._src``)."""
+    if count() == 1:
+        return
+    from jax._src.distributed import global_state
+
+    global_state.client.wait_at_barrier(f"kmjax-{name}-{next(_BARRIERS)}", _WAIT_MS)
 
 
 def abort(message: str, code: int) -> None:

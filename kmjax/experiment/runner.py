@@ -141,7 +141,8 @@ def run(cfg: Config, *, data_dir=None, out: str | os.PathLike = "runs", resume: 
             results["peak_anon_memory_mb"] = None if memory.peak_mb is None else round(memory.peak_mb, 1)
             results["environment"] = environment()
             write_json(run_dir / "results.json", results)  # last, and still under the lock
-            processes.agree(results)  # the other processes wait for these (their last collective)
+            processes.wait_for_all("results")  # the other processes wait here while this one fits
+            processes.agree(results)
     except BaseException:
         if fresh and not StageStore(run_dir / "stages").any_finished():
             shutil.rmtree(run_dir, ignore_errors=True)  # nothing to resume: the name is free again
@@ -158,6 +159,7 @@ def _run_stages(cfg, train, test, keys, run_dir, store, timer, quiet, mesh) -> d
         if cfg.features.enabled:
             mine = _features_stage(cfg, train, test, dictionary, None, keys["features"], timer, quiet, mesh)
             _shared_gram(cfg, None, mine, len(train.class_names), key_val, None, keys["classifier"])
+        processes.wait_for_all("results")
         return processes.agree(None)
     log(f"run folder: {run_dir}", quiet)
     results: dict = {"name": cfg.name, "seed": cfg.seed, "config": to_dict(cfg), "run_dir": str(run_dir),
