@@ -11,6 +11,7 @@ import errno
 import json
 import os
 import sys
+import traceback
 from pathlib import Path
 
 __all__ = ["main"]
@@ -324,12 +325,20 @@ def _run_distributed(args) -> int:
     try:
         code = args.func(args)
     except BaseException as e:  # noqa: BLE001 - every failure ends every process
-        message = str(e) or type(e).__name__
-        processes.abort(f"kmjax: error in {where}: {message}\nkmjax: the run stops on every process (one that "
-                        f"died or failed ends it; the others stop within --heartbeat-timeout, {args.heartbeat_timeout} "
-                        "s). The run folder keeps what process 0 finished: rerun the same command on every process "
-                        "with --resume RUN_DIR.", 130 if isinstance(e, KeyboardInterrupt)
-                        else 2 if isinstance(e, (ValueError, OSError)) else 1)
+        from kmjax.data import DataError
+
+        if isinstance(e, KeyboardInterrupt):
+            exit_code = 130
+        elif isinstance(e, (ValueError, DataError, _UsageError)) or (
+                isinstance(e, OSError) and e.errno in _USER_ERRNOS):
+            exit_code = 2
+        else:  # a bug: its traceback, as in one process
+            exit_code = 1
+            traceback.print_exc()
+        processes.abort(f"kmjax: error in {where}: {str(e) or type(e).__name__}\nkmjax: the run stops on every "
+                        f"process (one that died or failed ends it; the others stop within --heartbeat-timeout, "
+                        f"{args.heartbeat_timeout} s). The run folder keeps what process 0 finished: rerun the same "
+                        "command on every process with --resume RUN_DIR.", exit_code)
     return code
 
 

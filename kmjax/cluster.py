@@ -215,6 +215,9 @@ def kmeans(
         the same arguments: the loop continues from it (the init is not drawn again).
       checkpoint: optional ``checkpoint(state)``, given the ``LoopState`` (a pytree: centroids,
         objective so far, iteration, converged) after each iteration, to persist it.
+        On a mesh that spans several processes, pass ``progress`` and ``checkpoint`` in every process
+        or in none (they may do nothing in some): they split the loop into pieces, and every piece is
+        a collective that all processes must run alike.
 
     Returns:
       ``KMeansResult``.

@@ -86,6 +86,10 @@ def _labels_errors(X, centers, spherical: bool):
 class KMeans(ClassNamePrefixFeaturesOutMixin, ClusterMixin, TransformerMixin, BaseEstimator):
     """k-means clustering by ``kmjax.cluster.kmeans`` with the scikit-learn estimator API.
 
+    kmjax works in float32: the fit, and the labels and inertia (``kmjax.assign``), whatever the
+    input dtype (scikit-learn's own ``KMeans`` keeps float64 input in float64); ``transform``
+    returns the input's dtype.
+
     Parameters
     ----------
     n_clusters : int, default=8

@@ -39,22 +39,24 @@ def mirror_sums(cfg: Config) -> bool:
     return cfg.kmeans.flip_closed and cfg.features.train_flip
 
 
-def run_mesh(cfg: Config):
-    """The 1-D mesh of local devices a config asks for, or None for one device; on several processes,
-    the mesh of every device of every process (``devices`` devices each, set before JAX starts)."""
-    from kmjax.parallel import data_mesh
-
-    if processes.count() > 1:
-        return data_mesh()
-    if cfg.devices == 1:
-        return None
-
+def _devices_each(cfg: Config) -> int:
+    """The devices a config asks of each process (``devices``; 0: all of them), checked."""
     available = len(jax.local_devices())
     if cfg.devices > available:
         raise RunError(f"devices = {cfg.devices} but this process sees {available} "
                        f"({jax.local_devices()[0].platform}); on a CPU, start with "
                        f"XLA_FLAGS=--xla_force_host_platform_device_count={cfg.devices} (kmjax run --devices does)")
-    return data_mesh(cfg.devices or None, local=True)
+    return cfg.devices or available
+
+
+def run_mesh(cfg: Config):
+    """The 1-D mesh of the local devices a config asks for, or None for one device; on several
+    processes, the mesh of the first ``devices`` devices of every process."""
+    each = _devices_each(cfg)
+    if processes.count() == 1:
+        return None if each == 1 else _mesh(jax.local_devices()[:each])
+    return _mesh([d for p in range(processes.count())
+                  for d in sorted((d for d in jax.devices() if d.process_index == p), key=lambda d: d.id)[:each]])
 
 
 def training_copies(cfg: Config) -> int:
@@ -102,8 +104,13 @@ def load_data(cfg: Config, data_dir):
     return train, test
 
 
-def local_mesh():
+def local_mesh(cfg: Config):
     """This process's devices for its share of the features (several processes), or None for one."""
-    from kmjax.parallel import data_mesh
+    each = _devices_each(cfg)
+    return None if each == 1 else _mesh(jax.local_devices()[:each])
 
-    return data_mesh(local=True) if jax.local_device_count() > 1 else None
+
+def _mesh(devices):
+    from jax.sharding import AxisType, Mesh
+
+    return Mesh(np.array(devices), ("data",), axis_types=(AxisType.Auto,))

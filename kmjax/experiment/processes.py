@@ -118,17 +118,30 @@ def gather_rows(local: np.ndarray, n: int) -> np.ndarray | None:
     return np.concatenate([_unwire(every[r], padded)[: _share_of(r, n)] for r in range(count())])
 
 
+_CHUNK_BYTES = 1 << 26  # what one gather moves from each process: 64 MB
+
+
 def total(arrays: list[np.ndarray]) -> list[np.ndarray] | None:
     """The element-wise sums over the processes of each of ``arrays`` (the same shapes in every
-    process), in the main process (None in the others)."""
+    process), in the main process (None in the others). Gathered in chunks of 64 MB, so that an
+    F x F Gram matrix is never held once per process."""
     if count() == 1:
         return arrays
     from jax.experimental import multihost_utils
 
-    every = multihost_utils.process_allgather([_wire(a) for a in arrays], tiled=False)
-    if not is_main():
-        return None
-    return [sum(_unwire(part, a) for part in np.asarray(b)) for a, b in zip(arrays, every)]
+    sums = []
+    for a in arrays:
+        flat = np.ascontiguousarray(a).reshape(-1)
+        out = np.zeros_like(flat) if is_main() else None
+        step = max(1, _CHUNK_BYTES // max(flat.itemsize, 1))
+        for start in range(0, max(flat.size, 1), step):
+            part = flat[start : start + step]
+            every = np.asarray(multihost_utils.process_allgather(_wire(part), tiled=False))
+            if out is not None:
+                for row in every:
+                    out[start : start + part.size] += _unwire(row, part)
+        sums.append(None if out is None else out.reshape(a.shape))
+    return sums if is_main() else None
 
 
 def _share_of(r: int, n: int) -> int:

@@ -107,7 +107,11 @@ def run(cfg: Config, *, data_dir=None, out: str | os.PathLike = "runs", resume: 
     t_start = time.perf_counter()
     timer = Timer(quiet)
     with timer.stage("load"):
+        if not main:  # after the main process, which may download the data set into a shared cache
+            processes.wait_for_all("data")
         train, test = load_data(cfg, data_dir)
+        if main:
+            processes.wait_for_all("data")
         if mirror_sums(cfg):
             try:
                 check_mirror_symmetric(feature_spec(cfg), train.images.shape[1:])
@@ -158,7 +162,7 @@ def _run_stages(cfg, train, test, keys, run_dir, store, timer, quiet, mesh) -> d
         dictionary = _dictionary_stage(cfg, train.images, key_dict, None, keys["dictionary"], timer, mesh)
         if cfg.features.enabled:
             mine = _features_stage(cfg, train, test, dictionary, None, keys["features"], timer, quiet, mesh)
-            _shared_gram(cfg, None, mine, len(train.class_names), key_val, None, keys["classifier"])
+            _shared_gram(cfg, None, mine, len(train.class_names), key_val, None, keys["classifier"], quiet)
         processes.wait_for_all("results")
         return processes.agree(None)
     log(f"run folder: {run_dir}", quiet)
@@ -189,7 +193,7 @@ def _run_stages(cfg, train, test, keys, run_dir, store, timer, quiet, mesh) -> d
     f_train, f_test, labels = feats["train"], feats.get("test"), np.asarray(feats["train_labels"])
     f_mirror = feats.get("test_mirror")
     num_classes = len(train.class_names)
-    _shared_gram(cfg, f_train, feats.get("mine"), num_classes, key_val, store, keys["classifier"])
+    _shared_gram(cfg, f_train, feats.pop("mine", None), num_classes, key_val, store, keys["classifier"], quiet)
     fit = _classifier_stage(cfg, f_train, labels, num_classes, copies, key_val, store, keys["classifier"], timer,
                             quiet)
     results["classifier"] = {"loss": cfg.classifier.loss, "C": fit["C"]}
@@ -251,8 +255,11 @@ def _dictionary_stage(cfg, images, key, store, stage_key, timer, mesh) -> Dictio
 
 
 def _features_stage(cfg, train, test, dictionary, store, stage_key, timer, quiet, mesh):
-    """{"train": features, "train_labels": labels, and "test", "test_labels" with a test set}: memmaps
-    of the stage files (the labels saved beside the features, so that they can be exported alone)."""
+    """{"train": features, "train_labels": labels, and "test", "test_labels" (and "test_mirror") with a
+    test set}: memmaps of the stage files (the labels saved beside the features, so that they can be
+    exported alone). On several processes, also "mine": this process's training rows (indices,
+    features, labels) when the Gram statistics are shared (``_gram_is_shared``), else None; a
+    process other than the main one (``store`` None) returns only that."""
     copies = training_copies(cfg)
     parts = {"train": train} if test is None else {"train": train, "test": test}
     if test is not None and cfg.features.test_flip and not mirror_sums(cfg):  # else predictions are mirror-invariant
@@ -268,6 +275,7 @@ def _features_stage(cfg, train, test, dictionary, store, stage_key, timer, quiet
         store.check_space(4 * dim * sum((copies if name == "train" else 1) * len(d.labels)
                                         for name, d in parts.items()), "features", stage_key)
     saved, kept = {}, []
+    keep = _gram_is_shared(cfg, len(train.labels) * copies, dim)
     with timer.stage("features"):
         for name, data in parts.items():
             images, labels = data.images, data.labels
@@ -278,7 +286,7 @@ def _features_stage(cfg, train, test, dictionary, store, stage_key, timer, quiet
             out, done = (None, None) if store is None else store.open_array("features", stage_key, name,
                                                                             (len(images), dim))
             done = processes.agree(done)
-            if name == "train" and done:
+            if name == "train" and done and keep:
                 kept.append(None)  # rows computed before: no process holds all of its own
             if done:
                 log(f"[features] {name}: resuming after {done} of {len(images)} images", quiet)
@@ -294,8 +302,8 @@ def _features_stage(cfg, train, test, dictionary, store, stage_key, timer, quiet
                     share = processes.share(stop - start)
                     mine = images[start:stop][share]
                     local = np.zeros((0, dim), np.float32) if not len(mine) else extract_features(
-                        mine, dictionary.centroids, dictionary.zca, spec, mesh=local_mesh(), **options)
-                    if name == "train":  # kept for the Gram statistics of this process's rows
+                        mine, dictionary.centroids, dictionary.zca, spec, mesh=local_mesh(cfg), **options)
+                    if name == "train" and keep and kept[:1] != [None]:  # for the Gram statistics of its rows
                         kept.append((np.arange(start, stop)[share], local, labels[start:stop][share]))
                     rows = processes.gather_rows(local, stop - start)
                     if store is None:
@@ -317,7 +325,14 @@ def _features_stage(cfg, train, test, dictionary, store, stage_key, timer, quiet
     return {**store.load_arrays("features", stage_key, names), "mine": mine}
 
 
-def _shared_gram(cfg, features, mine, num_classes, key, store, stage_key) -> None:
+def _gram_is_shared(cfg, rows: int, dim: int) -> bool:
+    """Whether the processes of a run on several sum the Gram statistics of their own rows: ridge
+    solved from the Gram matrix (solver "gram", or "auto" with no more features than rows)."""
+    c = cfg.classifier
+    return processes.count() > 1 and c.loss == "ridge" and (c.solver == "gram" or (c.solver == "auto" and dim <= rows))
+
+
+def _shared_gram(cfg, features, mine, num_classes, key, store, stage_key, quiet) -> None:
     """Several processes, ridge from the Gram matrix: every process sums the Gram statistics of its
     own training rows (``mine``: their indices, features and labels, kept by the features stage) and
     the main process saves the total as the classifier's "gram" checkpoint, where ``fit_classifier``
@@ -326,21 +341,19 @@ def _shared_gram(cfg, features, mine, num_classes, key, store, stage_key) -> Non
     if processes.count() == 1:
         return
     c = cfg.classifier
-    n = processes.agree(None if store is None else int(features.shape[0]))
-    dim = processes.agree(None if store is None else int(features.shape[1]))
-    wanted = c.loss == "ridge" and (c.solver == "gram" or (c.solver == "auto" and dim <= n))
     if store is not None:
-        checkpoints = store.checkpoints("classifier", stage_key)
-        wanted = wanted and mine is not None and checkpoints.get("gram") is None and store.load_tree(
-            "classifier", stage_key, _classifier_template()) is None
+        checkpoints = store.checkpoints("classifier", stage_key, lambda line: log(line, quiet))
+        wanted = (mine is not None and _gram_is_shared(cfg, *features.shape) and not checkpoints.has("gram")
+                  and store.load_tree("classifier", stage_key, _classifier_template()) is None)
     if not processes.agree(wanted if store is not None else None):
         return
+    n = processes.agree(None if store is None else int(features.shape[0]))
     rows = np.arange(n) if not c.C_grid else validation_split(n, key, val_fraction=c.val_fraction,
                                                                copies=training_copies(cfg))[0]
     # the shift of one process's gram_stats: the mean of the first block of rows, from the main process
     shift = processes.broadcast(None if store is None else np.asarray(features[rows[:8192]], np.float64).mean(axis=0),
                                 Slot("F"))
-    index, x, y = mine
+    index, x, y = mine if mine is not None else (np.zeros(0, np.int64), None, None)  # None: no rows of its own
     fitted = np.flatnonzero(np.isin(index, rows))
     part = (empty_gram_stats(shift, num_classes) if not fitted.size else
             gram_stats(x, y, num_classes, rows=fitted, shift=shift))
@@ -348,7 +361,7 @@ def _shared_gram(cfg, features, mine, num_classes, key, store, stage_key) -> Non
     if store is not None:
         count, x_sum, gram, cross, y_sum = summed
         checkpoints.save("gram", GramStats(np.asarray(count, np.float64), shift, x_sum, gram, cross, y_sum))
-        log(f"[classifier] Gram statistics of {int(count):,} rows, summed over {processes.count()} processes", False)
+        log(f"[classifier] Gram statistics of {int(count):,} rows, summed over {processes.count()} processes", quiet)
 
 
 def _classifier_template() -> dict:

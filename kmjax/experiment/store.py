@@ -137,6 +137,7 @@ class StageStore:
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
+        self._checkpoints: dict = {}
 
     def _path(self, stage, key, suffix):
         return self.folder / f"{stage}-{key}{suffix}"
@@ -236,7 +237,10 @@ class StageStore:
         return self.folder.is_dir() and (any(self.folder.glob("*.npz")) or any(self.folder.glob("*.done")))
 
     def checkpoints(self, stage: str, key: str, log=None) -> "StageCheckpoints":
-        return StageCheckpoints(self, stage, key, log)
+        """The checkpoints of a stage (one object per stage and key: it knows what this process wrote)."""
+        found = self._checkpoints.setdefault((stage, key), StageCheckpoints(self, stage, key, log))
+        found.log = log if log is not None else found.log
+        return found
 
 
 class StageCheckpoints:
@@ -256,6 +260,10 @@ class StageCheckpoints:
         except FileFormatError:
             return None
         return None if saved is None else saved[0]
+
+    def has(self, name) -> bool:
+        """Whether a state is saved under ``name`` (without reading it)."""
+        return self.store._path(f"{self.stage}.{name}", self.key, ".npz").is_file()
 
     def get(self, name):
         """The state saved under ``name`` (the large ones memory-mapped), or None."""
