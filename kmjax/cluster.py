@@ -266,17 +266,9 @@ def kmeans(
         def final(state):
             return _finish_sharded(x, w, state, spec=spec, mesh=mesh, axis_name=axis_name)
 
-    if checkpoint is not None:
-        step = advance
-
-        def advance(state, until):
-            state = step(state, until)
-            checkpoint(state)
-            return state
-
     state = run_in_pieces(advance, state, spec.max_iter, done=lambda s: int(s.it), stopped=lambda s: bool(s.converged),
                           value=lambda s: float(np.asarray(s.objective)[int(s.it) - 1]), progress=progress,
-                          every=None if checkpoint is None else 1)
+                          checkpoint=checkpoint)
     return final(state)
 
 

@@ -208,15 +208,9 @@ def solve_cg_ridge(prep: CGRidge, features, C: float, *, init=None, tol: float =
     t0 = time.perf_counter()
     state = start_cg(prep, features, C, init) if state is None else state
 
-    def advance(s, until):
-        s = cg_iterate(prep, features, C, s, until, tol)
-        if checkpoint is not None:
-            checkpoint(s)
-        return s
-
-    state = run_in_pieces(advance, state, max_iter, done=lambda s: int(s.iterations),
-                          stopped=lambda s: bool(s.relative.max() <= tol), value=lambda s: float(s.relative.max()),
-                          progress=progress, every=None if checkpoint is None else 1)
+    state = run_in_pieces(lambda s, until: cg_iterate(prep, features, C, s, until, tol), state, max_iter,
+                          done=lambda s: int(s.iterations), stopped=lambda s: bool(s.relative.max() <= tol),
+                          value=lambda s: float(s.relative.max()), progress=progress, checkpoint=checkpoint)
     weights = np.vstack([state.weights, prep.y_mean[None, :]])  # centred z: the bias is the mean target
     std = Standardizer(jnp.asarray(prep.mean, jnp.float32), jnp.asarray(prep.scale, jnp.float32))
     rel = float(state.relative.max())

@@ -223,8 +223,6 @@ def _run_stages(cfg, train, test, keys, run_dir, store, timer, quiet, mesh) -> d
     return results
 
 
-
-
 def _dictionary_stage(cfg, images, key, store, stage_key, timer, mesh) -> Dictionary:
     like = templates.dictionary(cfg.preprocess.whiten, cfg.kmeans.max_iter)
     saved = None if store is None else store.load_tree("dictionary", stage_key, like)
@@ -276,6 +274,7 @@ def _features_stage(cfg, train, test, dictionary, store, stage_key, timer, quiet
                                         for name, d in parts.items()), "features", stage_key)
     saved, kept = {}, []
     keep = _gram_is_shared(cfg, len(train.labels) * copies, dim)
+    options = dict(memory_mb=cfg.features.memory_mb, precision=cfg.features.precision)
     with timer.stage("features"):
         for name, data in parts.items():
             images, labels = data.images, data.labels
@@ -293,16 +292,15 @@ def _features_stage(cfg, train, test, dictionary, store, stage_key, timer, quiet
             report = progress(name, quiet, start=done)
             for start in range(done, len(images), _SEGMENT):
                 stop = min(start + _SEGMENT, len(images))
-                options = dict(memory_mb=cfg.features.memory_mb, precision=cfg.features.precision)
                 if processes.count() == 1:
                     extract_features(images[start:stop], dictionary.centroids, dictionary.zca, spec, mesh=mesh,
                                      out=out[start:stop], progress=None if report is None else
                                      lambda i, _n, _v, a=start: report(a + i, len(images)), **options)
                 else:  # each process its share of the segment, gathered by the main process
                     share = processes.share(stop - start)
-                    mine = images[start:stop][share]
-                    local = np.zeros((0, dim), np.float32) if not len(mine) else extract_features(
-                        mine, dictionary.centroids, dictionary.zca, spec, mesh=local_mesh(cfg), **options)
+                    own = images[start:stop][share]
+                    local = np.zeros((0, dim), np.float32) if not len(own) else extract_features(
+                        own, dictionary.centroids, dictionary.zca, spec, mesh=local_mesh(cfg), **options)
                     if name == "train" and keep and kept[:1] != [None]:  # for the Gram statistics of its rows
                         kept.append((np.arange(start, stop)[share], local, labels[start:stop][share]))
                     rows = processes.gather_rows(local, stop - start)
