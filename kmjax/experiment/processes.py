@@ -52,9 +52,10 @@ def is_main() -> bool:
     return jax.process_index() == 0
 
 
-def share(n: int) -> slice:
-    """This process's contiguous share of ``n`` rows (the first ``n % count()`` processes hold one more)."""
-    p, r = count(), index()
+def share(n: int, process: int | None = None) -> slice:
+    """The contiguous share of ``n`` rows of this process (or of ``process``); the first
+    ``n % count()`` processes hold one more."""
+    p, r = count(), index() if process is None else process
     base, extra = divmod(n, p)
     start = r * base + min(r, extra)
     return slice(start, start + base + (r < extra))
@@ -115,7 +116,8 @@ def gather_rows(local: np.ndarray, n: int) -> np.ndarray | None:
     every = multihost_utils.process_allgather(_wire(padded), tiled=False)
     if not is_main():
         return None
-    return np.concatenate([_unwire(every[r], padded)[: _share_of(r, n)] for r in range(count())])
+    sizes = [share(n, r).stop - share(n, r).start for r in range(count())]
+    return np.concatenate([_unwire(every[r], padded)[:size] for r, size in enumerate(sizes)])
 
 
 _CHUNK_BYTES = 1 << 26  # what one gather moves from each process: 64 MB
@@ -142,11 +144,6 @@ def total(arrays: list[np.ndarray]) -> list[np.ndarray] | None:
                     out[start : start + part.size] += _unwire(row, part)
         sums.append(None if out is None else out.reshape(a.shape))
     return sums if is_main() else None
-
-
-def _share_of(r: int, n: int) -> int:
-    base, extra = divmod(n, count())
-    return base + (r < extra)
 
 
 _BARRIERS = itertools.count()  # every process passes the same barriers in the same order
