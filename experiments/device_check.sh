@@ -6,19 +6,25 @@
 # config's timing. Every step has its own time limit, so that one slow step cannot take the others'
 # results with it. Logs and JSON go to $OUT (default ./device_out), packed into one archive.
 #
-#   OUT=out DATA=folder [STEPS='tests determinism'] bash experiments/device_check.sh
+#   OUT=out DATA=folder [STEPS='tests determinism'] [DEADLINE=520] bash experiments/device_check.sh
 #   DRY=1 OUT=/tmp/dry DATA=../shared/data bash experiments/device_check.sh   # every step, tiny, on a CPU
 #
 # DATA holds cifar-10-batches-py with at least data_batch_1, test_batch and batches.meta (the
-# whole data set is larger than what travels to a device machine). Full-size timing runs read
-# data_batch_1 five times over, as batches 1-5: their times are those of 50,000 training images,
-# their accuracy is not a result (10,000 distinct images, each five times).
+# whole data set is larger than what travels to a device machine; without test_batch, data_batch_1
+# stands in for it). Full-size timing runs read data_batch_1 five times over, as batches 1-5: their
+# times are those of 50,000 training images, their accuracy is not a result (10,000 distinct
+# images, each five times). DEADLINE (seconds, 0 = none) bounds the whole script: each step's limit
+# is cut to what is left, less time to pack the archive, and a step is skipped when too little is
+# left, so that a device call's own limit never kills the script before it packs its results.
+# The steps run in the order of what matters most: the timings of the accelerator issue first.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" XLA_PYTHON_CLIENT_PREALLOCATE=false
 OUT=${OUT:-device_out}
 DATA=${DATA:-.devdata}
 DRY=${DRY:-0}
-STEPS=${STEPS:-device tests determinism e2e_cold e2e_warm bench_kmeans bench_pallas bench_kmeans_k bench_features best_config}
+DEADLINE=${DEADLINE:-0}
+STEPS=${STEPS:-device determinism e2e_cold e2e_warm bench_kmeans bench_pallas bench_features bench_kmeans_k tests best_config}
+START=$SECONDS
 mkdir -p "$OUT"
 OUT=$(realpath "$OUT")
 # at most a few files come back from a device machine: pack the logs and JSON into one archive
@@ -28,6 +34,11 @@ step() {  # step NAME SECONDS COMMAND...: run with a limit, log to $OUT/NAME.log
     local name=$1 limit=$2
     shift 2
     [[ " $STEPS " == *" $name "* ]] || return 0
+    if [ "$DEADLINE" -gt 0 ]; then
+        local left=$((DEADLINE - (SECONDS - START) - 15))  # 15 s to pack the archive
+        if [ "$left" -lt 20 ]; then echo "=== $name skipped: ${left}s left of DEADLINE=$DEADLINE"; return 0; fi
+        [ "$left" -lt "$limit" ] && limit=$left
+    fi
     echo "=== $name (limit ${limit}s) $(date +%T)"
     timeout "$limit" bash -c '"$@"' _ "$@" > >(tee "$OUT/$name.log") 2>&1  # bash: steps may be functions
     echo "=== $name rc=$? $(date +%T)"
@@ -37,7 +48,11 @@ step() {  # step NAME SECONDS COMMAND...: run with a limit, log to $OUT/NAME.log
 full=$(mktemp -d)
 mkdir -p "$full/cifar-10-batches-py"
 for i in 1 2 3 4 5; do ln -s "$(realpath "$DATA")/cifar-10-batches-py/data_batch_1" "$full/cifar-10-batches-py/data_batch_$i"; done
-for f in test_batch batches.meta; do ln -s "$(realpath "$DATA")/cifar-10-batches-py/$f" "$full/cifar-10-batches-py/$f"; done
+ln -s "$(realpath "$DATA")/cifar-10-batches-py/batches.meta" "$full/cifar-10-batches-py/batches.meta"
+if [ ! -e "$DATA/cifar-10-batches-py/test_batch" ]; then  # timings only: data_batch_1 as the test set
+    ln -s data_batch_1 "$DATA/cifar-10-batches-py/test_batch"
+fi
+ln -s "$(realpath "$DATA")/cifar-10-batches-py/test_batch" "$full/cifar-10-batches-py/test_batch"
 
 if [ "$DRY" = 1 ]; then  # the same steps at toy sizes, to check the script itself on a CPU
     SMALL="--set data.n_train=2000 --set data.n_test=500 --set kmeans.k=64 --set patches.num=20000 --set kmeans.max_iter=5 --set classifier.max_iter=50"
@@ -58,11 +73,8 @@ export -f run
 step device 30 sh -c "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; \
     python3 -m kmjax.cli info --data-dir $DATA; python3 -c 'import torch; print(\"torch\", torch.__version__)'"
 
-# GPU correctness: the unit tests (the scikit-learn estimator checks among them), then the same
-# config twice: byte-identical model.npz (order-dependent GPU sums would differ)
-step tests 120 env -u KMJAX_DATA_DIR python3 -m pytest -q -x -p no:cacheprovider --durations=5 -m "not data" \
-    tests/test_cluster.py tests/test_features.py tests/test_classify.py tests/test_encoders.py \
-    tests/test_preprocess.py tests/test_sklearn.py tests/test_select.py tests/test_jit.py tests/test_model.py
+# GPU correctness: the same config twice gives byte-identical files (order-dependent GPU sums
+# would differ)
 determinism() {
     for i in 1 2; do
         python3 -m kmjax.cli run quick --data-dir "$DATA" --set name="twice_$i" --out "$OUT/runs" -q $SMALL || return 1
@@ -85,12 +97,19 @@ step bench_kmeans 200 sh -c "python3 -m kmjax.cli bench kmeans --libs kmjax,torc
 # the fused Pallas nearest-centroid kernel against the plain path, float32 and TF32 (the paper's problem)
 step bench_pallas 120 sh -c "for p in float32 tf32; do python3 -m kmjax.cli bench kmeans --libs kmjax,torch \
     --problems paper $KM --kernel pallas --precision \$p --json $OUT/bench_pallas_\$p.json || exit 1; done"
-step bench_kmeans_k 120 python3 -m kmjax.cli bench kmeans --libs kmjax,torch --problems '' $KS $KM \
-    --json "$OUT/bench_kmeans_k.json"
 
 # Dense features per precision
 step bench_features 90 sh -c "for p in float32 tf32 bfloat16; do python3 -m kmjax.cli bench features $FEAT \
     --batch-wide-step 256 --precision \$p --json $OUT/bench_features_\$p.json || exit 1; done"
+
+step bench_kmeans_k 120 python3 -m kmjax.cli bench kmeans --libs kmjax,torch --problems '' $KS $KM \
+    --json "$OUT/bench_kmeans_k.json"
+
+# GPU correctness: the unit tests (the scikit-learn estimator checks among them), and the lowering
+# for every platform by the device's own JAX
+step tests 150 env -u KMJAX_DATA_DIR python3 -m pytest -q -x -n 4 -p no:cacheprovider --durations=5 -m "not data" \
+    tests/test_lowering.py tests/test_cluster.py tests/test_features.py tests/test_classify.py tests/test_encoders.py \
+    tests/test_preprocess.py tests/test_sklearn.py tests/test_select.py tests/test_jit.py tests/test_model.py
 
 # The best config of the CPU machine, timed on the GPU (its ridge products run on the GPU too)
 step best_config 200 run omp1_soft_3200_flip best_config
