@@ -18,6 +18,7 @@ IMAGES = RNG.uniform(0, 255, (4, 8, 8, 3)).astype(np.float32)
 X = RNG.normal(size=(64, 12)).astype(np.float32)
 C = RNG.normal(size=(5, 12)).astype(np.float32)
 LABELS = np.arange(64) % 3
+GRAM = kmjax.gram_stats(X, LABELS, 3)
 SPEC = kmjax.FeatureSpec(patch_size=2, grid=2)
 PATCH_C = RNG.normal(size=(5, 12)).astype(np.float32)
 STD = kmjax.Standardizer(np.zeros(20, np.float32), np.ones(20, np.float32))
@@ -64,8 +65,10 @@ HOST_LEVEL = {
     "accuracy": (lambda x: kmjax.accuracy(kmjax.LinearModel(jnp.zeros((12, 3))), x, LABELS), (X,)),
     "predict_features": (lambda f: kmjax.predict_features(STD, MODEL, f), (np.ones((4, 20), np.float32),)),
     "gram_stats": (lambda x: kmjax.gram_stats(x, LABELS, 3), (X,)),
-    "accumulate_gram": (lambda x: kmjax.accumulate_gram(kmjax.gram_stats(X, LABELS, 3), x, LABELS), (X,)),
-    "fit_ridge": (lambda c: kmjax.fit_ridge(kmjax.gram_stats(X, LABELS, 3), c), (np.float32(1.0),)),
+    # their statistics are made outside the traced function: on an accelerator gram_stats's products
+    # are jitted, and a jitted call inside a trace is traced too, whatever its arguments
+    "accumulate_gram": (lambda x: kmjax.accumulate_gram(kmjax.classify.empty_gram_stats(np.zeros(12), 3), x, LABELS), (X,)),
+    "fit_ridge": (lambda c: kmjax.fit_ridge(GRAM, c), (np.float32(1.0),)),
     "fit_classifier": (lambda x: kmjax.fit_classifier(x, LABELS, num_classes=3), (X,)),
     "validation_split": (lambda k: kmjax.validation_split(64, k), (KEY,)),
     "predict_images": (lambda im: kmjax.predict_images(kmjax.Model(SPEC, None, PATCH_C, kmjax.Standardizer(
