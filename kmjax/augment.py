@@ -38,7 +38,7 @@ def mirror(images):
     return images[:, :, ::-1, :]
 
 
-def random_crops(key, images, pad: int = 4):
+def random_crops(key, images, pad: int = 4, *, among=None):
     """One random crop per image of the image padded with zeros: torchvision's
     ``RandomCrop(H, padding=pad)`` (the crops of Thiry et al.; of standard CIFAR-10 training).
 
@@ -50,6 +50,8 @@ def random_crops(key, images, pad: int = 4):
       key: a ``jax.random`` key; the same key gives the same crops.
       images: (N, H, W, C), any dtype (zero is black on both the 0-255 and the 0-1 scale).
       pad: zero pixels added on each side, an integer >= 0 (0: the images unchanged).
+      among: (index, n): the images are rows ``index`` of a set of n images, and get the crops those
+        rows get in it (a run on several processes crops its share as one process crops them all).
 
     Returns:
       (N, H, W, C), same dtype; NumPy for a NumPy input, else a JAX array.
@@ -59,7 +61,13 @@ def random_crops(key, images, pad: int = 4):
         raise ValueError(f"pad must be an integer >= 0, got {pad!r}")
     pad = int(pad)
     n, h, w, _ = np.shape(images)
-    corners = jax.random.randint(key, (n, 2), 0, 2 * pad + 1)
+    index, total = (None, n) if among is None else among
+    corners = jax.random.randint(key, (total, 2), 0, 2 * pad + 1)
+    if index is not None:
+        if np.shape(index) != (n,):
+            raise ValueError(f"among = (index, n) needs one index per image: {n} images, index of shape "
+                             f"{np.shape(index)}")
+        corners = corners[jnp.asarray(index)]
     host = isinstance(images, np.ndarray) and not is_tracer(corners)
     xp = np if host else jnp
     if host:

@@ -12,6 +12,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from kmjax._checks import choice
 from kmjax.cluster import KMeansResult, kmeans
@@ -19,7 +20,7 @@ from kmjax.patches import extract_patches, sample_patches
 from kmjax.preprocess import ZCA, apply_zca, fit_zca, normalize_patches, standardize_dimensions
 from kmjax.symmetry import close_dictionary, patch_mirror_index, symmetrize_zca
 
-__all__ = ["Dictionary", "learn_dictionary", "SAMPLINGS", "NORMALIZATIONS", "AUTHORS"]
+__all__ = ["Dictionary", "learn_dictionary", "patch_key", "SAMPLINGS", "NORMALIZATIONS", "AUTHORS"]
 
 SAMPLINGS = ("random", "grid")
 # How patches are normalized before whitening: "patch" per patch (brightness and contrast, the
@@ -70,6 +71,7 @@ def learn_dictionary(
     mesh=None,
     state=None,
     checkpoint=None,
+    patches=None,
 ) -> Dictionary:
     """Learn a K-atom dictionary from patches of ``images``.
 
@@ -94,6 +96,10 @@ def learn_dictionary(
       state, checkpoint: the k-means loop state to continue from, and a callable given it after each
         iteration, as ``kmjax.kmeans`` (the patches and whitening, cheap and deterministic, are
         recomputed on resumption).
+      patches: the raw patch sample itself, (n, w*w*C), instead of drawing it from ``images`` (which
+        then give only their channel count): a run on several processes assembles the sample one
+        process would draw (for ``sampling="random"``: ``sample_positions`` with ``patch_key(key)``,
+        then ``windows`` of each process's own images).
 
     Returns:
       ``Dictionary``.
@@ -102,9 +108,13 @@ def learn_dictionary(
     choice(normalize, NORMALIZATIONS, "normalization")
     if flip_closed and (isinstance(k, bool) or not isinstance(k, int) or k < 2 or k % 2):
         raise ValueError(f"a flip-closed dictionary holds pairs of atoms: k must be even and >= 2, got {k!r}")
-    key_patches, key_kmeans = jax.random.split(key)
-    if sampling == "random":
-        patches = sample_patches(key_patches, images, n_patches, patch_size)
+    key_kmeans = jax.random.split(key)[1]
+    if patches is not None:
+        if np.ndim(patches) != 2 or np.shape(patches)[1] != patch_size * patch_size * images.shape[-1]:
+            raise ValueError(f"patches must be (n, {patch_size * patch_size * images.shape[-1]}) for patch_size "
+                             f"{patch_size} and {images.shape[-1]} channels, got shape {np.shape(patches)}")
+    elif sampling == "random":
+        patches = sample_patches(patch_key(key), images, n_patches, patch_size)
     else:
         patches = extract_patches(images, patch_size, stride)
         patches = patches.reshape(-1, patches.shape[-1])
@@ -130,6 +140,11 @@ def learn_dictionary(
         result = result._replace(centroids=close_dictionary(result.centroids, patch_size),
                                  counts=jnp.concatenate([result.counts, result.counts]))
     return Dictionary(zca, result, jnp.int32(x.shape[0]))
+
+
+def patch_key(key):
+    """The key ``learn_dictionary(key, ...)`` draws its patch positions with."""
+    return jax.random.split(key)[0]
 
 
 # The authors' released settings, as ``learn_dictionary``'s defaults: the one place they are written

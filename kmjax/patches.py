@@ -16,7 +16,7 @@ import numpy as np
 
 from kmjax._checks import check_images, positive_int
 
-__all__ = ["extract_patches", "sample_patches", "grid_size"]
+__all__ = ["extract_patches", "sample_patches", "sample_positions", "windows", "grid_size"]
 
 
 def grid_size(height: int, width: int, size: int, stride: int = 1) -> tuple[int, int]:
@@ -66,20 +66,36 @@ def extract_patches(images, size: int, stride: int = 1):
     return patch_grid(jnp.asarray(images), size, stride)
 
 
-@partial(jax.jit, static_argnames=("num", "size"))
-def _sample(key, images, num, size):
-    n, h, w, c = images.shape
+def sample_positions(key, num: int, n_images: int, height: int, width: int, size: int):
+    """Where ``sample_patches`` cuts its ``num`` windows from ``n_images`` images of height x width:
+    (image, row, column) of each, three (num,) int32 arrays (JAX arrays; also inside ``jax.jit``).
+
+    As the authors' code does, patch i comes from image i mod N, so every image contributes num/N
+    patches (8 per image for 400,000 patches of the 50,000 training images); rows and columns are
+    uniform. A run on several processes draws the positions of the whole sample in each process
+    and cuts the windows of its own images (``windows``)."""
     key_r, key_c = jax.random.split(key)
-    rows = jax.random.randint(key_r, (num,), 0, h - size + 1)
-    cols = jax.random.randint(key_c, (num,), 0, w - size + 1)
-    # As the authors' code does: patch i comes from image i mod N, so every image contributes
-    # num/N patches (8 per image for 400,000 patches of the 50,000 training images).
-    which = jnp.arange(num) % n
+    rows = jax.random.randint(key_r, (num,), 0, height - size + 1)
+    cols = jax.random.randint(key_c, (num,), 0, width - size + 1)
+    return jnp.arange(num, dtype=jnp.int32) % n_images, rows, cols
+
+
+@partial(jax.jit, static_argnames=("size",))
+def windows(images, which, rows, cols, size: int):
+    """The ``size`` x ``size`` windows of ``images`` at (image, row, column) positions (equal-length
+    int arrays, e.g. from ``sample_positions``), flattened in (row, column, channel) order."""
+    c = images.shape[-1]
 
     def one(i, r, col):
         return jax.lax.dynamic_slice(images, (i, r, col, 0), (1, size, size, c)).reshape(-1)
 
     return jax.vmap(one)(which, rows, cols)
+
+
+@partial(jax.jit, static_argnames=("num", "size"))
+def _sample(key, images, num, size):
+    n, h, w, _ = images.shape
+    return windows(images, *sample_positions(key, num, n, h, w, size), size)
 
 
 def sample_patches(key, images, num: int, size: int):

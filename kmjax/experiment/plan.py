@@ -8,13 +8,15 @@ import numpy as np
 
 from kmjax.augment import mirror, random_crops
 from kmjax.config import Config
-from kmjax.data import DataError, load_cifar10
+from kmjax.data import Cifar10, DataError, load_cifar10
 from kmjax.experiment import processes
-from kmjax.experiment.store import RunError
+from kmjax.experiment.store import RunError, data_id
+from kmjax.dictionary import patch_key
 from kmjax.features import FeatureSpec
+from kmjax.patches import extract_patches, sample_positions, windows
 
-__all__ = ["feature_spec", "mirror_sums", "run_mesh", "local_mesh", "training_copies", "training_images", "dictionary_options",
-           "load_data"]
+__all__ = ["feature_spec", "mirror_sums", "run_mesh", "local_mesh", "training_copies", "training_images",
+           "dictionary_patches", "dictionary_options", "load_data", "data_ids"]
 
 
 def feature_spec(cfg: Config) -> FeatureSpec:
@@ -67,12 +69,35 @@ def training_copies(cfg: Config) -> int:
     return 1 + cfg.features.train_flip + cfg.features.train_crops
 
 
-def training_images(cfg: Config, images):
-    """The training images and their augmented copies, in the order of ``_copies``."""
+def training_images(cfg: Config, images, among=None):
+    """The training images and their augmented copies, in the order of ``training_copies``;
+    ``among``: (index, n), the images are rows ``index`` of the n training images (this process's
+    share of them), and get the crops those rows get."""
     copies = [images] + ([mirror(images)] if cfg.features.train_flip else [])
     key = jax.random.fold_in(jax.random.key(cfg.seed), 1)  # a stream of its own: the other draws stay as they were
-    copies += [random_crops(k, images) for k in jax.random.split(key, cfg.features.train_crops)]
+    copies += [random_crops(k, images, among=among) for k in jax.random.split(key, cfg.features.train_crops)]
     return np.concatenate(copies) if len(copies) > 1 else images
+
+
+def dictionary_patches(cfg: Config, key, train):
+    """On several processes, the raw patch sample ``learn_dictionary(key, ...)`` draws from all the
+    training images, cut from each process's own (``train.images``) and assembled in every process;
+    None on one process (``learn_dictionary`` draws it)."""
+    if processes.count() == 1:
+        return None
+    p, n, me = cfg.patches, len(train.labels), processes.index()
+    _, h, w, c = train.images.shape
+    if p.sampling == "random":
+        which, rows, cols = map(np.asarray, sample_positions(patch_key(key), p.num, n, h, w, p.size))
+        owners = processes.owner(which)
+        mine = owners == me
+        local = (np.asarray(windows(train.images, which[mine] // processes.count(), rows[mine], cols[mine], p.size))
+                 if mine.any() else np.zeros((0, p.size * p.size * c), train.images.dtype))
+    else:  # every window at the stride, image by image
+        grid = np.asarray(extract_patches(train.images, p.size, p.stride))
+        owners = np.repeat(processes.owner(np.arange(n)), grid.shape[1] * grid.shape[2])
+        local = grid.reshape(-1, grid.shape[-1])
+    return processes.gather_rows(local, owners, everywhere=True)
 
 
 def dictionary_options(cfg: Config) -> dict:
@@ -86,22 +111,60 @@ def dictionary_options(cfg: Config) -> dict:
 
 
 def load_data(cfg: Config, data_dir):
-    """(train, test or None): the images and labels a config uses, their counts checked."""
+    """(train, test or None): the images and labels a config uses, their counts checked. On several
+    processes each holds only its share of the images (``processes.owned``: every P-th, from its
+    index), read a batch at a time, and the labels of all."""
     d = cfg.data
-    train = load_cifar10(data_dir, "train", batches=d.train_batches)
-    if d.n_train > len(train.labels):
-        raise DataError(f"data.n_train = {d.n_train} but data.train_batches = {d.train_batches} hold "
-                        f"{len(train.labels)} images; lower n_train or list more batches")
-    if d.n_train:
-        train = train._replace(images=train.images[: d.n_train], labels=train.labels[: d.n_train])
+    train = _split(data_dir, "train", d.train_batches, d.n_train,
+                   f"data.n_train = {d.n_train} but data.train_batches = {d.train_batches} hold {{}} images; "
+                   "lower n_train or list more batches")
     test = None
     if cfg.features.enabled and d.n_test != -1:
-        test = load_cifar10(data_dir, "test")
-        if d.n_test > len(test.labels):
-            raise DataError(f"data.n_test = {d.n_test} but the test set holds {len(test.labels)} images")
-        if d.n_test:
-            test = test._replace(images=test.images[: d.n_test], labels=test.labels[: d.n_test])
+        test = _split(data_dir, "test", [None], d.n_test, f"data.n_test = {d.n_test} but the test set holds {{}} images")
     return train, test
+
+
+def data_ids(cfg: Config, data_dir, train, test) -> tuple[str, str | None]:
+    """The ``data_id`` of the whole training and test sets, as one process computes them. On
+    several processes, where each holds only its share, the main process reads the batches again
+    for them and tells the others."""
+    if processes.count() == 1:
+        return data_id(train.images, train.labels), None if test is None else data_id(test.images, test.labels)
+    ids = None
+    if processes.is_main():
+        d = cfg.data
+        ids = [data_id((np.uint8, (len(data.labels),) + data.images.shape[1:],
+                        (part.images[:keep] for part, keep, _ in _batches(data_dir, split, batches, n))), data.labels)
+               for data, split, batches, n in ((train, "train", d.train_batches, d.n_train), (test, "test", [None], d.n_test))
+               if data is not None]
+    ids = processes.agree(ids)
+    return ids[0], ids[1] if test is not None else None
+
+
+def _batches(data_dir, split: str, batches, n: int):
+    """(batch, its first images kept, their first index): the first ``n`` images (0: all) of
+    ``batches`` of ``split``, a batch at a time."""
+    first = 0
+    for b in batches:
+        part = load_cifar10(data_dir, split, batches=None if b is None else [b])
+        keep = len(part.labels) if not n else min(len(part.labels), n - first)
+        yield part, keep, first
+        first += keep
+        if n and first >= n:
+            return
+
+
+def _split(data_dir, split: str, batches, n: int, too_few: str) -> Cifar10:
+    """This process's images of the first ``n`` images of ``batches`` of ``split``, and every label."""
+    images, labels = [], []
+    for part, keep, first in _batches(data_dir, split, batches, n):
+        images.append(part.images[processes.owned(keep, (processes.index() - first) % processes.count())])
+        labels.append(part.labels[:keep])
+        names = part.class_names
+    labels = np.concatenate(labels)
+    if n > len(labels):
+        raise DataError(too_few.format(len(labels)))
+    return Cifar10(np.concatenate(images), labels, names)
 
 
 def local_mesh(cfg: Config):

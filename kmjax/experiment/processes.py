@@ -4,11 +4,16 @@ Every process runs the same ``kmjax run`` (the same config and flags). Process 0
 one: it alone touches the run folder (creates it, locks it, reads and writes its stages), makes
 every decision that depends on it (which stages are saved, where an interrupted stage resumes)
 and tells the others (``agree``, ``broadcast``). The others read only the data set and write
-nothing. The work is shared where it is parallel: k-means runs on a mesh of every device of every
-process (each pass's sums added across processes), and each process computes the features of its
-share of every segment of images, which the main process gathers (``gather_rows``) and writes.
+nothing. Each process holds only its share of the images (``owned``: every P-th image, from its
+index; the labels of all). The work is shared where it is parallel: the patch sample is cut from
+each process's images and assembled in every process (``gather_rows(everywhere=True)``), k-means
+runs on a mesh of every device of every process (each pass's sums added across processes), and each
+process computes the features of its rows of every segment of images, which the main process
+gathers (``gather_rows``) and writes.
 For ridge regression from the Gram matrix, each process also sums the Gram statistics of its own
-training rows, and the main process adds them up (``total``). The classifier is solved by the main
+training rows, and the main process adds them up (``total``); from the N x N kernel, the main
+process sends each process its share of the feature columns (``send``), and adds up the kernels
+of their shares. The classifier is solved by the main
 process; the others wait for it at a barrier of JAX's coordination service (``wait_for_all``: a
 device collective would give up after Gloo's 30 minutes), then receive its results.
 
@@ -29,7 +34,7 @@ import sys
 import jax
 import numpy as np
 
-__all__ = ["start", "count", "index", "is_main", "share", "agree", "broadcast", "gather_rows", "total", "wait_for_all",
+__all__ = ["start", "count", "index", "is_main", "owned", "owner", "agree", "broadcast", "gather_rows", "total", "send", "wait_for_all",
            "abort"]
 
 
@@ -52,13 +57,15 @@ def is_main() -> bool:
     return jax.process_index() == 0
 
 
-def share(n: int, process: int | None = None) -> slice:
-    """The contiguous share of ``n`` rows of this process (or of ``process``); the first
-    ``n % count()`` processes hold one more."""
-    p, r = count(), index() if process is None else process
-    base, extra = divmod(n, p)
-    start = r * base + min(r, extra)
-    return slice(start, start + base + (r < extra))
+def owned(n: int, process: int | None = None) -> slice:
+    """The items of ``n`` (images, rows) that this process (or ``process``) holds: every
+    ``count()``-th from its index, so that any run of consecutive rows is shared evenly."""
+    return slice(index() if process is None else process, n, count())
+
+
+def owner(rows) -> np.ndarray:
+    """The process that holds each of ``rows`` (ints) of a set held as ``owned`` gives."""
+    return np.asarray(rows) % count()
 
 
 def _wire(a: np.ndarray) -> np.ndarray:
@@ -103,47 +110,68 @@ def broadcast(tree, like):
     return jax.tree.unflatten(jax.tree.structure(like), _broadcast_arrays(leaves))
 
 
-def gather_rows(local: np.ndarray, n: int) -> np.ndarray | None:
-    """The (n, ...) rows whose ``share(n)`` each process holds as ``local``, in the main process
-    (None in the others)."""
+def gather_rows(local: np.ndarray, owners, *, everywhere: bool = False) -> np.ndarray | None:
+    """The rows of a set, ``owners[i]`` the process that holds row i, each process holding its own
+    rows in order as ``local``: all of them, in order, in the main process (None in the others), or
+    in every process with ``everywhere``."""
+    owners = np.asarray(owners)
     if count() == 1:
         return local
     from jax.experimental import multihost_utils
 
-    rows = -(-n // count())  # every process sends the same shape: shares padded to the largest
-    padded = np.zeros((rows,) + local.shape[1:], local.dtype)
+    sizes = np.bincount(owners, minlength=count())
+    if local.shape[0] != sizes[index()]:
+        raise ValueError(f"process {index()} holds {local.shape[0]} rows, owners give it {sizes[index()]}")
+    padded = np.zeros((int(sizes.max()),) + local.shape[1:], local.dtype)  # the same shape from every process
     padded[: local.shape[0]] = local
     every = multihost_utils.process_allgather(_wire(padded), tiled=False)
-    if not is_main():
+    if not (everywhere or is_main()):
         return None
-    sizes = [share(n, r).stop - share(n, r).start for r in range(count())]
-    return np.concatenate([_unwire(every[r], padded)[:size] for r, size in enumerate(sizes)])
+    rows = np.empty((owners.size,) + local.shape[1:], local.dtype)
+    for r in range(count()):
+        rows[owners == r] = _unwire(every[r], padded)[: sizes[r]]
+    return rows
 
 
 _CHUNK_BYTES = 1 << 26  # what one gather moves from each process: 64 MB
 
 
 def total(arrays: list[np.ndarray]) -> list[np.ndarray] | None:
-    """The element-wise sums over the processes of each of ``arrays`` (the same shapes in every
-    process), in the main process (None in the others). Gathered in chunks of 64 MB, so that an
-    F x F Gram matrix is never held once per process."""
+    """The element-wise sums over the processes of each of ``arrays`` (C-contiguous, the same shapes
+    in every process), in the main process (None in the others), summed into the main process's
+    arrays in place. Gathered in chunks of 64 MB, so that an F x F Gram matrix or an N x N kernel is
+    never held twice."""
     if count() == 1:
         return arrays
     from jax.experimental import multihost_utils
 
-    sums = []
     for a in arrays:
-        flat = np.ascontiguousarray(a).reshape(-1)
-        out = np.zeros_like(flat) if is_main() else None
+        if not a.flags.c_contiguous or (is_main() and not a.flags.writeable):
+            raise ValueError("total sums C-contiguous arrays, writeable in the main process")
+        flat = a.reshape(-1)  # a view: the sums land in ``a``
         step = max(1, _CHUNK_BYTES // max(flat.itemsize, 1))
         for start in range(0, max(flat.size, 1), step):
             part = flat[start : start + step]
             every = np.asarray(multihost_utils.process_allgather(_wire(part), tiled=False))
-            if out is not None:
-                for row in every:
-                    out[start : start + part.size] += _unwire(row, part)
-        sums.append(None if out is None else out.reshape(a.shape))
-    return sums if is_main() else None
+            if is_main():
+                for row in every[1:]:
+                    part += _unwire(row, part)
+    return arrays if is_main() else None
+
+
+def send(a, shape, dtype) -> np.ndarray:
+    """The main process's array ``a`` (array-like of ``shape`` and ``dtype``, e.g. columns of a
+    memory map; ignored in the others) in every process, sent 64 MB at a time."""
+    if count() == 1:
+        return np.asarray(a, dtype)
+    out = np.ascontiguousarray(a, dtype) if is_main() else np.empty(shape, dtype)
+    flat = out.reshape(-1)
+    step = max(1, _CHUNK_BYTES // max(flat.itemsize, 1))
+    for start in range(0, flat.size, step):
+        got = _broadcast_arrays([flat[start : start + step]])[0]
+        if not is_main():
+            flat[start : start + step] = got
+    return out
 
 
 _BARRIERS = itertools.count()  # every process passes the same barriers in the same order

@@ -22,17 +22,17 @@ import numpy as np
 from kmjax import __version__, plots
 from kmjax.augment import mirror
 from kmjax.checkpoint import Slot
-from kmjax.classify import (GramStats, LinearModel, Standardizer, empty_gram_stats, fit_classifier, gram_stats,
-                            predict_features, validation_split)
+from kmjax.classify import (GramStats, KernelStats, LinearModel, Standardizer, accumulate_kernel, empty_gram_stats,
+                            fit_classifier, gram_stats, predict_features, validation_split)
 from kmjax.config import Config, to_dict
 from kmjax import templates
 from kmjax.dictionary import Dictionary, learn_dictionary
 from kmjax.experiment import processes
-from kmjax.experiment.plan import (dictionary_options, feature_spec, load_data, local_mesh, mirror_sums,
-                                   run_mesh, training_copies, training_images)
+from kmjax.experiment.plan import (data_ids, dictionary_options, dictionary_patches, feature_spec, load_data,
+                                   local_mesh, mirror_sums, run_mesh, training_copies, training_images)
 from kmjax.experiment.compile_cache import use_compile_cache
 from kmjax.experiment.report import AnonMemoryPeak, Timer, environment, log, progress
-from kmjax.experiment.store import (RunError, RunLock, StageStore, config_differences, data_id, new_run_dir,
+from kmjax.experiment.store import (RunError, RunLock, StageStore, config_differences, new_run_dir,
                                     stage_keys, write_json)
 from kmjax.features import extract_features, feature_dim
 from kmjax.model import Model, save_dictionary
@@ -112,6 +112,7 @@ def run(cfg: Config, *, data_dir=None, out: str | os.PathLike = "runs", resume: 
         train, test = load_data(cfg, data_dir)
         if main:
             processes.wait_for_all("data")
+        train_id, test_id = data_ids(cfg, data_dir, train, test)
         if mirror_sums(cfg):
             try:
                 check_mirror_symmetric(feature_spec(cfg), train.images.shape[1:])
@@ -120,8 +121,7 @@ def run(cfg: Config, *, data_dir=None, out: str | os.PathLike = "runs", resume: 
                     from None
         mesh = run_mesh(cfg)
         devices = 1 if mesh is None else mesh.size  # the actual count: float sums depend on it
-        keys = stage_keys({**to_dict(cfg), "devices": devices}, data_id(train.images, train.labels),
-                          None if test is None else data_id(test.images, test.labels), __version__)
+        keys = stage_keys({**to_dict(cfg), "devices": devices}, train_id, test_id, __version__)
     fresh = run_dir is None
     if fresh:
         run_dir = Path(processes.agree(str(new_run_dir(Path(out), cfg.name)) if main else None))
@@ -159,10 +159,11 @@ def _run_stages(cfg, train, test, keys, run_dir, store, timer, quiet, mesh) -> d
     computes its part of the dictionary and the features, then returns the main process's results."""
     key_dict, key_val = jax.random.split(jax.random.key(cfg.seed))
     if store is None:
-        dictionary = _dictionary_stage(cfg, train.images, key_dict, None, keys["dictionary"], timer, mesh)
+        dictionary = _dictionary_stage(cfg, train, key_dict, None, keys["dictionary"], timer, mesh)
         if cfg.features.enabled:
             mine = _features_stage(cfg, train, test, dictionary, None, keys["features"], timer, quiet, mesh)
             _shared_gram(cfg, None, mine, len(train.class_names), key_val, None, keys["classifier"], quiet)
+            _shared_kernel(cfg, None, None, keys["classifier"], quiet)
         processes.wait_for_all("results")
         return processes.agree(None)
     log(f"run folder: {run_dir}", quiet)
@@ -171,7 +172,7 @@ def _run_stages(cfg, train, test, keys, run_dir, store, timer, quiet, mesh) -> d
                      "n_test": 0 if test is None else len(test.labels)}
     write_json(run_dir / "config.json", results["config"])
 
-    dictionary = _dictionary_stage(cfg, train.images, key_dict, store, keys["dictionary"], timer, mesh)
+    dictionary = _dictionary_stage(cfg, train, key_dict, store, keys["dictionary"], timer, mesh)
     km = dictionary.kmeans
     n_iter = int(km.n_iter)
     results["kmeans"] = {
@@ -194,6 +195,7 @@ def _run_stages(cfg, train, test, keys, run_dir, store, timer, quiet, mesh) -> d
     f_mirror = feats.get("test_mirror")
     num_classes = len(train.class_names)
     _shared_gram(cfg, f_train, feats.pop("mine", None), num_classes, key_val, store, keys["classifier"], quiet)
+    _shared_kernel(cfg, f_train, store, keys["classifier"], quiet)
     fit = _classifier_stage(cfg, f_train, labels, num_classes, copies, key_val, store, keys["classifier"], timer,
                             quiet)
     results["classifier"] = {"loss": cfg.classifier.loss, "C": fit["C"]}
@@ -223,7 +225,7 @@ def _run_stages(cfg, train, test, keys, run_dir, store, timer, quiet, mesh) -> d
     return results
 
 
-def _dictionary_stage(cfg, images, key, store, stage_key, timer, mesh) -> Dictionary:
+def _dictionary_stage(cfg, train, key, store, stage_key, timer, mesh) -> Dictionary:
     like = templates.dictionary(cfg.preprocess.whiten, cfg.kmeans.max_iter)
     saved = None if store is None else store.load_tree("dictionary", stage_key, like)
     saved = processes.broadcast(None if saved is None else saved[0], like)  # the main process's, everywhere
@@ -241,9 +243,10 @@ def _dictionary_stage(cfg, images, key, store, stage_key, timer, mesh) -> Dictio
             saved_at[0] = time.monotonic()
 
     with timer.stage("dictionary"):
-        dictionary = learn_dictionary(key, images, **dictionary_options(cfg), mesh=mesh,
+        dictionary = learn_dictionary(key, train.images, **dictionary_options(cfg), mesh=mesh,
                                       progress=progress("k-means", timer.quiet, "iterations"),
-                                      state=state, checkpoint=checkpoint)
+                                      state=state, checkpoint=checkpoint,
+                                      patches=dictionary_patches(cfg, key, train))
         dictionary = jax.tree.map(np.asarray, dictionary)
     if store is None:
         return dictionary
@@ -256,7 +259,7 @@ def _features_stage(cfg, train, test, dictionary, store, stage_key, timer, quiet
     """{"train": features, "train_labels": labels, and "test", "test_labels" (and "test_mirror") with a
     test set}: memmaps of the stage files (the labels saved beside the features, so that they can be
     exported alone). On several processes, also "mine": this process's training rows (indices,
-    features, labels) when the Gram statistics are shared (``_gram_is_shared``), else None; a
+    features, labels) when the Gram statistics are shared (``_shared_solver``), else None; a
     process other than the main one (``store`` None) returns only that."""
     copies = training_copies(cfg)
     parts = {"train": train} if test is None else {"train": train, "test": test}
@@ -273,42 +276,46 @@ def _features_stage(cfg, train, test, dictionary, store, stage_key, timer, quiet
         store.check_space(4 * dim * sum((copies if name == "train" else 1) * len(d.labels)
                                         for name, d in parts.items()), "features", stage_key)
     saved, kept = {}, []
-    keep = _gram_is_shared(cfg, len(train.labels) * copies, dim)
+    keep = _shared_solver(cfg, len(train.labels) * copies, dim) == "gram"
     options = dict(memory_mb=cfg.features.memory_mb, precision=cfg.features.precision)
     with timer.stage("features"):
         for name, data in parts.items():
-            images, labels = data.images, data.labels
+            images, labels = data.images, data.labels  # this process's images, every label
+            n, held = len(labels), len(images)
             if name == "train" and copies > 1:  # mirrored and cropped images are as likely as the originals
-                images, labels = training_images(cfg, images), np.concatenate([labels] * copies)
+                images = training_images(cfg, images, among=(np.arange(n)[processes.owned(n)], n))
+                labels = np.concatenate([labels] * copies)
             # written straight to disk (the features of a large dictionary need not fit in memory),
             # in segments whose rows are recorded: an interrupted run resumes after the last one
             out, done = (None, None) if store is None else store.open_array("features", stage_key, name,
-                                                                            (len(images), dim))
+                                                                            (len(labels), dim))
             done = processes.agree(done)
             if name == "train" and done and keep:
                 kept.append(None)  # rows computed before: no process holds all of its own
             if done:
-                log(f"[features] {name}: resuming after {done} of {len(images)} images", quiet)
+                log(f"[features] {name}: resuming after {done} of {len(labels)} images", quiet)
             report = progress(name, quiet, start=done)
-            for start in range(done, len(images), _SEGMENT):
-                stop = min(start + _SEGMENT, len(images))
+            for start in range(done, len(labels), _SEGMENT):
+                stop = min(start + _SEGMENT, len(labels))
                 if processes.count() == 1:
                     extract_features(images[start:stop], dictionary.centroids, dictionary.zca, spec, mesh=mesh,
                                      out=out[start:stop], progress=None if report is None else
-                                     lambda i, _n, _v, a=start: report(a + i, len(images)), **options)
-                else:  # each process its share of the segment, gathered by the main process
-                    share = processes.share(stop - start)
-                    own = images[start:stop][share]
-                    local = np.zeros((0, dim), np.float32) if not len(own) else extract_features(
-                        own, dictionary.centroids, dictionary.zca, spec, mesh=local_mesh(cfg), **options)
+                                     lambda i, _n, _v, a=start: report(a + i, len(labels)), **options)
+                else:  # each process the rows of its images (copy c of image i: row c n + i), gathered by the main one
+                    rows = np.arange(start, stop)
+                    owners = processes.owner(rows % n)
+                    mine = rows[owners == processes.index()]
+                    local = np.zeros((0, dim), np.float32) if not mine.size else extract_features(
+                        images[mine // n * held + mine % n // processes.count()], dictionary.centroids,
+                        dictionary.zca, spec, mesh=local_mesh(cfg), **options)
                     if name == "train" and keep and kept[:1] != [None]:  # for the Gram statistics of its rows
-                        kept.append((np.arange(start, stop)[share], local, labels[start:stop][share]))
-                    rows = processes.gather_rows(local, stop - start)
+                        kept.append((mine, local, labels[mine]))
+                    gathered = processes.gather_rows(local, owners)
                     if store is None:
                         continue
-                    out[start:stop] = rows
+                    out[start:stop] = gathered
                     if report is not None:
-                        report(stop, len(images))
+                        report(stop, len(labels))
                 store.mark_rows(out, stop)
             if store is None:
                 continue
@@ -323,11 +330,23 @@ def _features_stage(cfg, train, test, dictionary, store, stage_key, timer, quiet
     return {**store.load_arrays("features", stage_key, names), "mine": mine}
 
 
-def _gram_is_shared(cfg, rows: int, dim: int) -> bool:
-    """Whether the processes of a run on several sum the Gram statistics of their own rows: ridge
-    solved from the Gram matrix (solver "gram", or "auto" with no more features than rows)."""
+def _shared_solver(cfg, rows: int, dim: int) -> str | None:
+    """What the processes of a run on several share of ridge regression: "gram" (solver "gram", or
+    "auto" with no more features than rows: each sums the Gram statistics of its own rows) or "dual"
+    (solver "dual", or "auto" with more: each adds the kernel of its share of the feature columns);
+    None on one process or for another classifier."""
     c = cfg.classifier
-    return processes.count() > 1 and c.loss == "ridge" and (c.solver == "gram" or (c.solver == "auto" and dim <= rows))
+    if processes.count() == 1 or c.loss != "ridge" or c.solver not in ("auto", "gram", "dual"):
+        return None
+    return c.solver if c.solver != "auto" else ("gram" if dim <= rows else "dual")
+
+
+def _unsaved(store, stage_key, quiet, state: str):
+    """The classifier's checkpoints, if neither the classifier nor its saved ``state`` is there."""
+    checkpoints = store.checkpoints("classifier", stage_key, lambda line: log(line, quiet))
+    if checkpoints.has(state) or store.load_tree("classifier", stage_key, _classifier_template()) is not None:
+        return None
+    return checkpoints
 
 
 def _shared_gram(cfg, features, mine, num_classes, key, store, stage_key, quiet) -> None:
@@ -340,9 +359,8 @@ def _shared_gram(cfg, features, mine, num_classes, key, store, stage_key, quiet)
         return
     c = cfg.classifier
     if store is not None:
-        checkpoints = store.checkpoints("classifier", stage_key, lambda line: log(line, quiet))
-        wanted = (mine is not None and _gram_is_shared(cfg, *features.shape) and not checkpoints.has("gram")
-                  and store.load_tree("classifier", stage_key, _classifier_template()) is None)
+        checkpoints = _unsaved(store, stage_key, quiet, "gram")
+        wanted = mine is not None and _shared_solver(cfg, *features.shape) == "gram" and checkpoints is not None
     if not processes.agree(wanted if store is not None else None):
         return
     n = processes.agree(None if store is None else int(features.shape[0]))
@@ -360,6 +378,50 @@ def _shared_gram(cfg, features, mine, num_classes, key, store, stage_key, quiet)
         count, x_sum, gram, cross, y_sum = summed
         checkpoints.save("gram", GramStats(np.asarray(count, np.float64), shift, x_sum, gram, cross, y_sum))
         log(f"[classifier] Gram statistics of {int(count):,} rows, summed over {processes.count()} processes", quiet)
+
+
+_KERNEL_BLOCK = 4096  # feature columns sent to a process at a time: 0.8 GB of float32 at N = 50,000
+
+
+def _shared_kernel(cfg, features, store, stage_key, quiet) -> None:
+    """Several processes, ridge from the N x N kernel (``kmjax.classify.dual``): the feature columns
+    are split evenly between the processes, process 0 sends each process its columns (from its stage
+    files, a block at a time, every process computing as the next blocks travel), each adds up the
+    kernel of its columns, and process 0 sums the kernels and saves the whole one as the classifier's
+    "kernel" checkpoint, where ``fit_classifier`` finds it. Each process holds an N x N float32
+    kernel; an interrupted share is computed again (only the whole kernel is saved)."""
+    if processes.count() == 1:
+        return
+    if store is not None:
+        checkpoints = _unsaved(store, stage_key, quiet, "kernel")
+        wanted = _shared_solver(cfg, *features.shape) == "dual" and checkpoints is not None
+    if not processes.agree(wanted if store is not None else None):
+        return
+    n, f = processes.agree(None if store is None else list(features.shape))
+    me, count = processes.index(), processes.count()
+    blocks = [[(start, min(start + _KERNEL_BLOCK, (r + 1) * f // count))
+               for start in range(r * f // count, (r + 1) * f // count, _KERNEL_BLOCK)] for r in range(count)]
+    kernel, mean, scale = np.zeros((n, n), np.float32), np.zeros(f), np.zeros(f)
+    report = progress("kernel", quiet, "features")
+    for i in range(max(map(len, blocks))):
+        mine = None
+        for r in range(1, count):  # process 0 sends the others their next block
+            if i < len(blocks[r]):
+                start, stop = blocks[r][i]
+                block = processes.send(None if store is None else features[:, start:stop], (n, stop - start),
+                                       np.float32)
+                mine = block if r == me else mine
+        if i < len(blocks[me]):
+            start, stop = blocks[me][i]
+            part = KernelStats(np.zeros((), np.int64), np.zeros(stop - start), np.ones(stop - start), kernel)
+            accumulate_kernel(part, features[:, start:stop] if me == 0 else mine)
+            mean[start:stop], scale[start:stop] = part.mean, part.scale
+            if report is not None:
+                report(stop, f // count)
+    processes.total([kernel, mean, scale])
+    if store is not None:
+        checkpoints.save("kernel", KernelStats(np.array(f, np.int64), mean, scale, kernel))
+        log(f"[classifier] {n:,} x {n:,} kernel of {f:,} features, their columns shared by {count} processes", quiet)
 
 
 def _classifier_template() -> dict:

@@ -88,12 +88,19 @@ class RunLock:
 
 
 def data_id(*arrays) -> str:
-    """A short hash of arrays' contents: the identity of the data a stage was computed from."""
+    """A short hash of arrays' contents: the identity of the data a stage was computed from. An
+    array may also be given as ``(dtype, shape, pieces)``: its bytes in order, in ``pieces`` (an
+    iterable of arrays), never held whole; the hash is that of the whole array."""
     h = hashlib.blake2b(digest_size=8)
     for a in arrays:
-        a = np.ascontiguousarray(a)
-        h.update(f"{a.dtype}{a.shape}".encode())
-        h.update(memoryview(a).cast("B"))
+        if isinstance(a, tuple):
+            dtype, shape, pieces = a
+        else:
+            a = np.ascontiguousarray(a)
+            dtype, shape, pieces = a.dtype, a.shape, [a]
+        h.update(f"{np.dtype(dtype)}{tuple(shape)}".encode())
+        for piece in pieces:
+            h.update(memoryview(np.ascontiguousarray(piece, dtype)).cast("B"))
     return h.hexdigest()
 
 
