@@ -23,8 +23,8 @@ from kmjax.lloyd import KMeansResult, LloydSpec, LoopState
 from kmjax.nearest import KERNELS, check_kernel
 from kmjax.parallel import replicate, resolve_mesh, shard_rows, unit_weights
 
-__all__ = ["KMeansResult", "kmeans", "assign", "init_centroids", "check_kmeans", "point_weights", "INITS",
-           "EMPTY_POLICIES", "UPDATES", "KERNELS"]
+__all__ = ["KMeansResult", "kmeans", "assign", "init_centroids", "check_kmeans", "point_weights", "default_chunk",
+           "INITS", "EMPTY_POLICIES", "UPDATES", "KERNELS"]
 
 INITS = ("k-means++", "random", "randn")
 EMPTY_POLICIES = ("reseed", "zero")
@@ -37,7 +37,8 @@ UPDATES = ("scatter", "matmul")
 _CHUNK_ELEMENTS = {"cpu": 1 << 21, "accelerator": 1 << 26}
 
 
-def _default_chunk(n: int, k: int) -> int:
+def default_chunk(n: int, k: int) -> int:
+    """Rows per distance product of ``kmeans``/``assign`` on the default backend (``chunk_size=None``)."""
     elements = _CHUNK_ELEMENTS["cpu" if jax.default_backend() == "cpu" else "accelerator"]
     return int(min(max(256, elements // max(k, 1)), n))
 
@@ -106,7 +107,7 @@ def check_kmeans(x, k, *, init, max_iter, tol, chunk_size, empty, spherical, wei
     update = choice(_default_update() if update is None else update, UPDATES, "update")
     check_kernel(kernel)
     rows = -(-n // shards)
-    chunk_size = _default_chunk(rows, k) if chunk_size is None else positive_int(chunk_size, "chunk_size")
+    chunk_size = default_chunk(rows, k) if chunk_size is None else positive_int(chunk_size, "chunk_size")
     if isinstance(init, str):
         choice(init, INITS, "init", " or pass a (k, D) array")
     else:
@@ -308,7 +309,7 @@ def assign(x, centroids, *, chunk_size: int | None = None, spherical: bool = Fal
     if centroids.shape[1] != x.shape[1]:
         raise ValueError(f"centroids have dimension {centroids.shape[1]} but x has {x.shape[1]}")
     if chunk_size is None:
-        chunk_size = _default_chunk(x.shape[0], centroids.shape[0])
+        chunk_size = default_chunk(x.shape[0], centroids.shape[0])
     chunk_size = min(positive_int(chunk_size, "chunk_size"), x.shape[0])
     spec = LloydSpec(max_iter=1, chunk_size=chunk_size, empty="zero", spherical=bool(spherical),
                      precision=precision, weighted=False, m=1)

@@ -6,11 +6,12 @@ import statistics
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from kmjax._ops import matmul
 
-__all__ = ["matmul_peak", "numpy_peak", "median_seconds"]
+__all__ = ["matmul_peak", "shape_rate", "numpy_peak", "median_seconds"]
 
 
 def median_seconds(fn, repeats: int = 3) -> float:
@@ -30,6 +31,19 @@ def matmul_peak(precision: str = "float32", size: int = 4096, repeats: int = 3) 
     a = jax.device_put(np.random.default_rng(0).standard_normal((size, size), np.float32))
     f = jax.jit(lambda a: matmul(a, a, precision))
     return 2 * size**3 / median_seconds(lambda: f(a).block_until_ready(), repeats) / 1e9
+
+
+def shape_rate(m: int, k: int, n: int, precision: str = "float32", rows: int = 1 << 16, repeats: int = 3) -> float:
+    """GFLOP/s of jitted (m x k) @ (k x n) products at kmjax's ``precision``, one after another over
+    ``rows`` rows, each result summed (read once, in cache, as a hot loop reads its scores): the bound
+    of a loop whose products have this shape. A small inner dimension k (108 for 6x6x3 patches) or
+    few rows m run far below the square product's peak (``matmul_peak``)."""
+    count = max(1, rows // m)
+    rng = np.random.default_rng(0)
+    a = jax.device_put(rng.standard_normal((count, m, k), np.float32))
+    b = jax.device_put(rng.standard_normal((k, n), np.float32))
+    f = jax.jit(lambda a, b: jax.lax.map(lambda x: jnp.sum(matmul(x, b, precision)), a))
+    return 2 * count * m * k * n / median_seconds(lambda: f(a, b).block_until_ready(), repeats) / 1e9
 
 
 def numpy_peak(size: int = 4096, repeats: int = 3) -> float:
