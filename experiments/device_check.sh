@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Every GPU measurement of the accelerator issue, as one script for one short device session
-# (measured on an H200: 8 min 20 s for every step but the last, which needs 4 more): GPU correctness (unit tests, the same seed twice gives the
-# same bytes), the compile cache (cold and warm end-to-end runs), k-means against the plain PyTorch
-# loop (float32 and TF32, time against K; the fused Pallas kernel), feature extraction per precision, and the best
-# config's timing. Every step has its own time limit, so that one slow step cannot take the others'
-# results with it. Logs and JSON go to $OUT (default ./device_out), packed into one archive.
+# (measured on an H200: 8 min 20 s for every step but the last, which needs 4 more): GPU
+# correctness (unit tests, the same seed twice gives the same bytes), the compile cache (cold and
+# warm end-to-end runs), k-means against the plain PyTorch loop (float32 and TF32, time against K;
+# the fused Pallas kernel), feature extraction per precision, and the best config's timing. Every
+# step has its own time limit, so that one slow step cannot take the others' results with it. Logs
+# and JSON go to $OUT (default ./device_out), packed into one archive.
 #
 #   OUT=out DATA=folder [STEPS='tests determinism'] [DEADLINE=520] bash experiments/device_check.sh
 #   DRY=1 OUT=/tmp/dry DATA=../shared/data bash experiments/device_check.sh   # every step, tiny, on a CPU
