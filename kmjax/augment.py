@@ -67,6 +67,9 @@ def random_crops(key, images, pad: int = 4, *, among=None):
         if np.shape(index) != (n,):
             raise ValueError(f"among = (index, n) needs one index per image: {n} images, index of shape "
                              f"{np.shape(index)}")
+        if not is_tracer(index) and n and not 0 <= int(np.min(index)) <= int(np.max(index)) < total:
+            raise ValueError(f"among = (index, n): the indices must lie in [0, {total}), got "
+                             f"{int(np.min(index))}..{int(np.max(index))}")
         corners = corners[jnp.asarray(index)]
     host = isinstance(images, np.ndarray) and not is_tracer(corners)
     xp = np if host else jnp

@@ -24,6 +24,7 @@ from kmjax.config import load_config
 from kmjax.dictionary import patch_key
 from kmjax.experiment import processes
 from kmjax.experiment.plan import data_ids, dictionary_patches, load_data
+from kmjax.experiment.store import data_id
 from kmjax.patches import extract_patches, sample_patches
 from synthetic_cifar import make_cifar
 
@@ -201,3 +202,9 @@ def test_the_patch_sample_and_the_crops_assembled_from_the_shares_are_one_proces
     for p in range(3):
         np.testing.assert_array_equal(random_crops(key, train.images[p::3], among=(np.arange(40)[p::3], 40)),
                                       crops[p::3])
+    with pytest.raises(ValueError, match=r"indices must lie in \[0, 40\)"):
+        random_crops(key, train.images[:2], among=(np.array([0, 40]), 40))
+    # the whole set's id from its batches, one at a time; pieces short of the declared shape are refused
+    assert data_id((np.uint8, train.images.shape, np.split(train.images, 4))) == data_id(train.images)
+    with pytest.raises(ValueError, match="hold"):
+        data_id((np.uint8, train.images.shape, [train.images[:10]]))

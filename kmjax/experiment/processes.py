@@ -12,8 +12,8 @@ process computes the features of its rows of every segment of images, which the 
 gathers (``gather_rows``) and writes.
 For ridge regression from the Gram matrix, each process also sums the Gram statistics of its own
 training rows, and the main process adds them up (``total``); from the N x N kernel, the main
-process sends each process its share of the feature columns (``send``), and adds up the kernels
-of their shares. The classifier is solved by the main
+process sends the feature columns of each process's share (``send``, a broadcast), and adds up the
+kernels of their shares. The classifier is solved by the main
 process; the others wait for it at a barrier of JAX's coordination service (``wait_for_all``: a
 device collective would give up after Gloo's 30 minutes), then receive its results.
 
@@ -145,9 +145,9 @@ def total(arrays: list[np.ndarray]) -> list[np.ndarray] | None:
         return arrays
     from jax.experimental import multihost_utils
 
+    if not all(a.flags.c_contiguous and (a.flags.writeable or not is_main()) for a in arrays):
+        raise ValueError("total sums C-contiguous arrays, writeable in the main process")  # before any collective
     for a in arrays:
-        if not a.flags.c_contiguous or (is_main() and not a.flags.writeable):
-            raise ValueError("total sums C-contiguous arrays, writeable in the main process")
         flat = a.reshape(-1)  # a view: the sums land in ``a``
         step = max(1, _CHUNK_BYTES // max(flat.itemsize, 1))
         for start in range(0, max(flat.size, 1), step):

@@ -293,7 +293,7 @@ def _features_stage(cfg, train, test, dictionary, store, stage_key, timer, quiet
             if name == "train" and done and keep:
                 kept.append(None)  # rows computed before: no process holds all of its own
             if done:
-                log(f"[features] {name}: resuming after {done} of {len(labels)} images", quiet)
+                log(f"[features] {name}: resuming after {done} of {len(labels)} rows", quiet)
             report = progress(name, quiet, start=done)
             for start in range(done, len(labels), _SEGMENT):
                 stop = min(start + _SEGMENT, len(labels))
@@ -384,12 +384,14 @@ _KERNEL_BLOCK = 4096  # feature columns sent to a process at a time: 0.8 GB of f
 
 
 def _shared_kernel(cfg, features, store, stage_key, quiet) -> None:
-    """Several processes, ridge from the N x N kernel (``kmjax.classify.dual``): the feature columns
-    are split evenly between the processes, process 0 sends each process its columns (from its stage
-    files, a block at a time, every process computing as the next blocks travel), each adds up the
-    kernel of its columns, and process 0 sums the kernels and saves the whole one as the classifier's
-    "kernel" checkpoint, where ``fit_classifier`` finds it. Each process holds an N x N float32
-    kernel; an interrupted share is computed again (only the whole kernel is saved)."""
+    """Several processes, ridge from the N x N kernel (``kmjax.classify.dual``, N rows: images times
+    their training copies): the feature columns are split evenly between the processes, each adds up
+    the kernel of its columns, and process 0 sums the kernels and saves the whole one as the
+    classifier's "kernel" checkpoint, where ``fit_classifier`` finds it. In rounds: process 0 reads
+    the next block of every other process's columns from its stage files and sends it (a broadcast:
+    JAX's collectives have no point-to-point transfer, so every process receives every block and
+    its owner keeps it), then every process adds the kernel of its own block. Each process holds an
+    N x N float32 kernel; an interrupted share is computed again (only the whole kernel is saved)."""
     if processes.count() == 1:
         return
     if store is not None:

@@ -99,8 +99,13 @@ def data_id(*arrays) -> str:
             a = np.ascontiguousarray(a)
             dtype, shape, pieces = a.dtype, a.shape, [a]
         h.update(f"{np.dtype(dtype)}{tuple(shape)}".encode())
+        size = 0
         for piece in pieces:
-            h.update(memoryview(np.ascontiguousarray(piece, dtype)).cast("B"))
+            piece = np.ascontiguousarray(piece, dtype)
+            h.update(memoryview(piece).cast("B"))
+            size += piece.size
+        if size != int(np.prod(shape)):
+            raise ValueError(f"the pieces of a ({np.dtype(dtype)}, {tuple(shape)}) array hold {size} values")
     return h.hexdigest()
 
 
