@@ -234,6 +234,7 @@ print("ok", pid)
 """
 
 
+@pytest.mark.processes
 def test_two_processes_with_a_localhost_coordinator(tmp_path):
     # the multi-host recipe of kmjax.parallel, on this machine: 2 processes x 2 CPU devices each,
     # rows split between the processes, the same centroids as one device

@@ -500,7 +500,7 @@ def test_an_interrupted_features_stage_resumes_after_its_last_segment(data_dir, 
 
     monkeypatch.setattr(runner_module, "extract_features", counted)
     res = run(config(), data_dir=data_dir, out=tmp_path / "a", resume=tmp_path / "a" / "quick")
-    assert "[features] train: resuming after 32 of 80 images" in capsys.readouterr().err
+    assert "[features] train: resuming after 32 of 80 rows" in capsys.readouterr().err
     assert sum(images) == 48 + 40  # the rest of the training images, then the test images
     assert "features" in res["seconds"]
     folder = Path(res["run_dir"])
