@@ -35,6 +35,7 @@ def run_on_8_devices(body: str, timeout: float = 120.0) -> str:
     return proc.stdout
 
 
+@pytest.mark.long
 def test_kmeans_on_a_mesh_matches_one_device_on_8_devices():
     out = run_on_8_devices("""
         import numpy as np
@@ -234,7 +235,7 @@ print("ok", pid)
 """
 
 
-@pytest.mark.processes
+@pytest.mark.long
 def test_two_processes_with_a_localhost_coordinator(tmp_path):
     # the multi-host recipe of kmjax.parallel, on this machine: 2 processes x 2 CPU devices each,
     # rows split between the processes, the same centroids as one device

@@ -73,7 +73,7 @@ def _model(run_dir):
         return {k: f[k] for k in f.files if f[k].dtype.kind == "f"}
 
 
-@pytest.mark.processes
+@pytest.mark.long
 def test_two_processes_run_what_one_process_runs_and_survive_a_death(data_dir, tmp_path):
     one = subprocess.run(_command(data_dir, tmp_path / "one", "--devices", "4", "-q"), env=_env(), cwd=ROOT,
                          capture_output=True, text=True, timeout=300)
@@ -117,7 +117,7 @@ def test_two_processes_run_what_one_process_runs_and_survive_a_death(data_dir, t
                                    err_msg=name)
 
 
-@pytest.mark.processes
+@pytest.mark.long
 def test_two_processes_share_the_dual_kernel_by_columns(data_dir, tmp_path):
     # ridge from the N x N kernel: each process adds the kernel of half the feature columns
     dual = ("--set", "classifier.solver=dual")
@@ -139,7 +139,7 @@ def test_two_processes_share_the_dual_kernel_by_columns(data_dir, tmp_path):
                                    err_msg=name)
 
 
-@pytest.mark.processes
+@pytest.mark.long
 def test_a_failing_main_process_stops_the_others(data_dir, tmp_path):
     # process 0 refuses the run (its --resume folder is not a run folder): process 1, waiting for its
     # decision, stops within the heartbeat timeout, and neither leaves a run folder behind

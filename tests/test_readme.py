@@ -37,6 +37,7 @@ def test_the_readme_has_its_snippets():
     assert len(_blocks()) >= 4
 
 
+@pytest.mark.long
 def test_readme_snippets_run(tmp_path, monkeypatch):
     pytest.importorskip("sklearn")
     root = real_data_dir()

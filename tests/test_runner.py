@@ -352,6 +352,7 @@ def test_stage_files_count_only_once_committed(tmp_path):
     assert store.any_finished()
 
 
+@pytest.mark.long
 def test_bench_runs_from_the_package(tmp_path):
     out = tmp_path / "bench.json"
     assert main(["bench", "features", "--k", "8", "--images", "8", "--repeats", "1", "--batch-wide-step", "8",
@@ -396,6 +397,7 @@ def test_more_devices_than_there_are_is_a_message(data_dir, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.long
 def test_run_on_two_devices_matches_one(data_dir, tmp_path):
     # kmjax run --devices 2 on a CPU split into two devices (in a fresh process: JAX fixes the count
     # when it starts): the same dictionary and features as one device, to float32 rounding
