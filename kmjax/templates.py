@@ -17,7 +17,7 @@ from kmjax.dictionary import Dictionary
 from kmjax.lloyd import LoopState
 from kmjax.preprocess import ZCA
 
-__all__ = ["zca", "dictionary", "lloyd_state", "classifier", "fit_state", "MAPPED_STATES"]
+__all__ = ["zca", "dictionary", "lloyd_state", "classifier", "classifier_stage", "fit_state", "MAPPED_STATES"]
 
 # fit states read back as memory maps (``load_tree(mmap=True)``): the N x N kernel is read once per
 # solve, through the page cache, instead of held in memory beside its factorization
@@ -43,6 +43,11 @@ def lloyd_state(max_iter: int | None = None) -> LoopState:
 def classifier(num_classes: int | None = None) -> tuple[Standardizer, LinearModel]:
     """A fitted linear classifier: its ``Standardizer`` and ``LinearModel`` (F + 1 rows of weights)."""
     return Standardizer(Slot("F"), Slot("F")), LinearModel(Slot(None, num_classes))
+
+
+def classifier_stage() -> dict:
+    """The runner's saved classifier stage: {"standardizer", "model"}."""
+    return dict(zip(("standardizer", "model"), classifier()))
 
 
 def fit_state(name: str):

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from kmjax import templates
 from kmjax.checkpoint import read_meta
 from kmjax.cli import main
 from kmjax.config import ConfigError, load_config, to_dict
@@ -314,7 +315,7 @@ def test_shipped_configs_run_by_name(data_dir, tmp_path, monkeypatch):
 def test_classifier_stage_file_holds_its_report(data_dir, tmp_path):
     res = go(data_dir, tmp_path, "classifier.C_grid=[1,10]")
     store = StageStore(Path(res["run_dir"]) / "stages")
-    tree, meta = store.load_tree("classifier", res["stage_keys"]["classifier"], runner_module._classifier_template())
+    tree, meta = store.load_tree("classifier", res["stage_keys"]["classifier"], templates.classifier_stage())
     assert meta["C"] == res["classifier"]["C"] and set(meta["scores"]) == {"1", "10"}
     assert tree["model"].weights.shape == (33, 10)
 

@@ -21,9 +21,7 @@ import numpy as np
 
 from kmjax import __version__, plots
 from kmjax.augment import mirror
-from kmjax.checkpoint import Slot
-from kmjax.classify import (GramStats, KernelStats, LinearModel, Standardizer, accumulate_kernel, empty_gram_stats,
-                            fit_classifier, gram_stats, predict_features, validation_split)
+from kmjax.classify import LinearModel, Standardizer, fit_classifier, predict_features
 from kmjax.config import Config, to_dict
 from kmjax import templates
 from kmjax.dictionary import Dictionary, learn_dictionary
@@ -32,6 +30,7 @@ from kmjax.experiment.plan import (data_ids, dictionary_options, dictionary_patc
                                    local_mesh, mirror_sums, run_mesh, training_copies, training_images)
 from kmjax.experiment.compile_cache import use_compile_cache
 from kmjax.experiment.report import AnonMemoryPeak, Timer, environment, log, progress
+from kmjax.experiment.shared import shared_gram, shared_kernel, shared_solver
 from kmjax.experiment.store import (RunError, RunLock, StageStore, config_differences, new_run_dir,
                                     stage_keys, write_json)
 from kmjax.features import extract_features, feature_dim
@@ -162,8 +161,8 @@ def _run_stages(cfg, train, test, keys, run_dir, store, timer, quiet, mesh) -> d
         dictionary = _dictionary_stage(cfg, train, key_dict, None, keys["dictionary"], timer, mesh)
         if cfg.features.enabled:
             mine = _features_stage(cfg, train, test, dictionary, None, keys["features"], timer, quiet, mesh)
-            _shared_gram(cfg, None, mine, len(train.class_names), key_val, None, keys["classifier"], quiet)
-            _shared_kernel(cfg, None, None, keys["classifier"], quiet)
+            shared_gram(cfg, None, mine, len(train.class_names), key_val, None, keys["classifier"], quiet)
+            shared_kernel(cfg, None, None, keys["classifier"], quiet)
         processes.wait_for_all("results")
         return processes.agree(None)
     log(f"run folder: {run_dir}", quiet)
@@ -194,8 +193,8 @@ def _run_stages(cfg, train, test, keys, run_dir, store, timer, quiet, mesh) -> d
     f_train, f_test, labels = feats["train"], feats.get("test"), np.asarray(feats["train_labels"])
     f_mirror = feats.get("test_mirror")
     num_classes = len(train.class_names)
-    _shared_gram(cfg, f_train, feats.pop("mine", None), num_classes, key_val, store, keys["classifier"], quiet)
-    _shared_kernel(cfg, f_train, store, keys["classifier"], quiet)
+    shared_gram(cfg, f_train, feats.pop("mine", None), num_classes, key_val, store, keys["classifier"], quiet)
+    shared_kernel(cfg, f_train, store, keys["classifier"], quiet)
     fit = _classifier_stage(cfg, f_train, labels, num_classes, copies, key_val, store, keys["classifier"], timer,
                             quiet)
     results["classifier"] = {"loss": cfg.classifier.loss, "C": fit["C"]}
@@ -259,7 +258,7 @@ def _features_stage(cfg, train, test, dictionary, store, stage_key, timer, quiet
     """{"train": features, "train_labels": labels, and "test", "test_labels" (and "test_mirror") with a
     test set}: memmaps of the stage files (the labels saved beside the features, so that they can be
     exported alone). On several processes, also "mine": this process's training rows (indices,
-    features, labels) when the Gram statistics are shared (``_shared_solver``), else None; a
+    features, labels) when the Gram statistics are shared (``kmjax.experiment.shared.shared_solver``), else None; a
     process other than the main one (``store`` None) returns only that."""
     copies = training_copies(cfg)
     parts = {"train": train} if test is None else {"train": train, "test": test}
@@ -276,7 +275,7 @@ def _features_stage(cfg, train, test, dictionary, store, stage_key, timer, quiet
         store.check_space(4 * dim * sum((copies if name == "train" else 1) * len(d.labels)
                                         for name, d in parts.items()), "features", stage_key)
     saved, kept = {}, []
-    keep = _shared_solver(cfg, len(train.labels) * copies, dim) == "gram"
+    keep = shared_solver(cfg, len(train.labels) * copies, dim) == "gram"
     options = dict(memory_mb=cfg.features.memory_mb, precision=cfg.features.precision)
     with timer.stage("features"):
         for name, data in parts.items():
@@ -330,108 +329,8 @@ def _features_stage(cfg, train, test, dictionary, store, stage_key, timer, quiet
     return {**store.load_arrays("features", stage_key, names), "mine": mine}
 
 
-def _shared_solver(cfg, rows: int, dim: int) -> str | None:
-    """What the processes of a run on several share of ridge regression: "gram" (solver "gram", or
-    "auto" with no more features than rows: each sums the Gram statistics of its own rows) or "dual"
-    (solver "dual", or "auto" with more: each adds the kernel of its share of the feature columns);
-    None on one process or for another classifier."""
-    c = cfg.classifier
-    if processes.count() == 1 or c.loss != "ridge" or c.solver not in ("auto", "gram", "dual"):
-        return None
-    return c.solver if c.solver != "auto" else ("gram" if dim <= rows else "dual")
-
-
-def _unsaved(store, stage_key, quiet, state: str):
-    """The classifier's checkpoints, if neither the classifier nor its saved ``state`` is there."""
-    checkpoints = store.checkpoints("classifier", stage_key, lambda line: log(line, quiet))
-    if checkpoints.has(state) or store.load_tree("classifier", stage_key, _classifier_template()) is not None:
-        return None
-    return checkpoints
-
-
-def _shared_gram(cfg, features, mine, num_classes, key, store, stage_key, quiet) -> None:
-    """Several processes, ridge from the Gram matrix: every process sums the Gram statistics of its
-    own training rows (``mine``: their indices, features and labels, kept by the features stage) and
-    the main process saves the total as the classifier's "gram" checkpoint, where ``fit_classifier``
-    finds it. Decided by the main process: not when the features were reused (no process keeps its
-    rows then), the classifier is saved, or its Gram statistics are."""
-    if processes.count() == 1:
-        return
-    c = cfg.classifier
-    if store is not None:
-        checkpoints = _unsaved(store, stage_key, quiet, "gram")
-        wanted = mine is not None and _shared_solver(cfg, *features.shape) == "gram" and checkpoints is not None
-    if not processes.agree(wanted if store is not None else None):
-        return
-    n = processes.agree(None if store is None else int(features.shape[0]))
-    rows = np.arange(n) if not c.C_grid else validation_split(n, key, val_fraction=c.val_fraction,
-                                                               copies=training_copies(cfg))[0]
-    # the shift of one process's gram_stats: the mean of the first block of rows, from the main process
-    shift = processes.broadcast(None if store is None else np.asarray(features[rows[:8192]], np.float64).mean(axis=0),
-                                Slot("F"))
-    index, x, y = mine if mine is not None else (np.zeros(0, np.int64), None, None)  # None: no rows of its own
-    fitted = np.flatnonzero(np.isin(index, rows))
-    part = (empty_gram_stats(shift, num_classes) if not fitted.size else
-            gram_stats(x, y, num_classes, rows=fitted, shift=shift))
-    summed = processes.total([part.count, part.x_sum, part.gram, part.cross, part.y_sum])
-    if store is not None:
-        count, x_sum, gram, cross, y_sum = summed
-        checkpoints.save("gram", GramStats(np.asarray(count, np.float64), shift, x_sum, gram, cross, y_sum))
-        log(f"[classifier] Gram statistics of {int(count):,} rows, summed over {processes.count()} processes", quiet)
-
-
-_KERNEL_BLOCK = 4096  # feature columns sent to a process at a time: 0.8 GB of float32 at N = 50,000
-
-
-def _shared_kernel(cfg, features, store, stage_key, quiet) -> None:
-    """Several processes, ridge from the N x N kernel (``kmjax.classify.dual``, N rows: images times
-    their training copies): the feature columns are split evenly between the processes, each adds up
-    the kernel of its columns, and process 0 sums the kernels and saves the whole one as the
-    classifier's "kernel" checkpoint, where ``fit_classifier`` finds it. In rounds: process 0 reads
-    the next block of every other process's columns from its stage files and sends it (a broadcast:
-    JAX's collectives have no point-to-point transfer, so every process receives every block and
-    its owner keeps it), then every process adds the kernel of its own block. Each process holds an
-    N x N float32 kernel; an interrupted share is computed again (only the whole kernel is saved)."""
-    if processes.count() == 1:
-        return
-    if store is not None:
-        checkpoints = _unsaved(store, stage_key, quiet, "kernel")
-        wanted = _shared_solver(cfg, *features.shape) == "dual" and checkpoints is not None
-    if not processes.agree(wanted if store is not None else None):
-        return
-    n, f = processes.agree(None if store is None else list(features.shape))
-    me, count = processes.index(), processes.count()
-    blocks = [[(start, min(start + _KERNEL_BLOCK, (r + 1) * f // count))
-               for start in range(r * f // count, (r + 1) * f // count, _KERNEL_BLOCK)] for r in range(count)]
-    kernel, mean, scale = np.zeros((n, n), np.float32), np.zeros(f), np.zeros(f)
-    report = progress("kernel", quiet, "features")
-    for i in range(max(map(len, blocks))):
-        mine = None
-        for r in range(1, count):  # process 0 sends the others their next block
-            if i < len(blocks[r]):
-                start, stop = blocks[r][i]
-                block = processes.send(None if store is None else features[:, start:stop], (n, stop - start),
-                                       np.float32)
-                mine = block if r == me else mine
-        if i < len(blocks[me]):
-            start, stop = blocks[me][i]
-            part = KernelStats(np.zeros((), np.int64), np.zeros(stop - start), np.ones(stop - start), kernel)
-            accumulate_kernel(part, features[:, start:stop] if me == 0 else mine)
-            mean[start:stop], scale[start:stop] = part.mean, part.scale
-            if report is not None:
-                report(stop, f // count)
-    processes.total([kernel, mean, scale])
-    if store is not None:
-        checkpoints.save("kernel", KernelStats(np.array(f, np.int64), mean, scale, kernel))
-        log(f"[classifier] {n:,} x {n:,} kernel of {f:,} features, their columns shared by {count} processes", quiet)
-
-
-def _classifier_template() -> dict:
-    return dict(zip(("standardizer", "model"), templates.classifier()))
-
-
 def _classifier_stage(cfg, features, labels, num_classes, copies, key, store, stage_key, timer, quiet) -> dict:
-    saved = store.load_tree("classifier", stage_key, _classifier_template())
+    saved = store.load_tree("classifier", stage_key, templates.classifier_stage())
     if saved is not None:
         log(f"[classifier] reusing {store.folder}", quiet)
         tree, meta = saved

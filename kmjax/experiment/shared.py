@@ -1,0 +1,113 @@
+"""The classifier statistics that the processes of a run on several share (``kmjax run`` across
+hosts): ridge's Gram statistics, summed over each process's own training rows, or its N x N kernel,
+summed over each process's share of the feature columns. Each is saved as the classifier stage's
+checkpoint, where ``fit_classifier`` finds it."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kmjax import templates
+from kmjax.checkpoint import Slot
+from kmjax.classify import GramStats, KernelStats, accumulate_kernel, empty_gram_stats, gram_stats, validation_split
+from kmjax.experiment import processes
+from kmjax.experiment.plan import training_copies
+from kmjax.experiment.report import log, progress
+
+__all__ = ["shared_solver", "shared_gram", "shared_kernel"]
+
+
+def shared_solver(cfg, rows: int, dim: int) -> str | None:
+    """What the processes of a run on several share of ridge regression: "gram" (solver "gram", or
+    "auto" with no more features than rows: each sums the Gram statistics of its own rows) or "dual"
+    (solver "dual", or "auto" with more: each adds the kernel of its share of the feature columns);
+    None on one process or for another classifier."""
+    c = cfg.classifier
+    if processes.count() == 1 or c.loss != "ridge" or c.solver not in ("auto", "gram", "dual"):
+        return None
+    return c.solver if c.solver != "auto" else ("gram" if dim <= rows else "dual")
+
+
+def _unsaved(store, stage_key, quiet, state: str):
+    """The classifier's checkpoints, if neither the classifier nor its saved ``state`` is there."""
+    checkpoints = store.checkpoints("classifier", stage_key, lambda line: log(line, quiet))
+    if checkpoints.has(state) or store.load_tree("classifier", stage_key, templates.classifier_stage()) is not None:
+        return None
+    return checkpoints
+
+
+def shared_gram(cfg, features, mine, num_classes, key, store, stage_key, quiet) -> None:
+    """Several processes, ridge from the Gram matrix: every process sums the Gram statistics of its
+    own training rows (``mine``: their indices, features and labels, kept by the features stage) and
+    the main process saves the total as the classifier's "gram" checkpoint, where ``fit_classifier``
+    finds it. Decided by the main process: not when the features were reused (no process keeps its
+    rows then), the classifier is saved, or its Gram statistics are."""
+    if processes.count() == 1:
+        return
+    c = cfg.classifier
+    if store is not None:
+        checkpoints = _unsaved(store, stage_key, quiet, "gram")
+        wanted = mine is not None and shared_solver(cfg, *features.shape) == "gram" and checkpoints is not None
+    if not processes.agree(wanted if store is not None else None):
+        return
+    n = processes.agree(None if store is None else int(features.shape[0]))
+    rows = np.arange(n) if not c.C_grid else validation_split(n, key, val_fraction=c.val_fraction,
+                                                               copies=training_copies(cfg))[0]
+    # the shift of one process's gram_stats: the mean of the first block of rows, from the main process
+    shift = processes.broadcast(None if store is None else np.asarray(features[rows[:8192]], np.float64).mean(axis=0),
+                                Slot("F"))
+    index, x, y = mine if mine is not None else (np.zeros(0, np.int64), None, None)  # None: no rows of its own
+    fitted = np.flatnonzero(np.isin(index, rows))
+    part = (empty_gram_stats(shift, num_classes) if not fitted.size else
+            gram_stats(x, y, num_classes, rows=fitted, shift=shift))
+    summed = processes.total([part.count, part.x_sum, part.gram, part.cross, part.y_sum])
+    if store is not None:
+        count, x_sum, gram, cross, y_sum = summed
+        checkpoints.save("gram", GramStats(np.asarray(count, np.float64), shift, x_sum, gram, cross, y_sum))
+        log(f"[classifier] Gram statistics of {int(count):,} rows, summed over {processes.count()} processes", quiet)
+
+
+_KERNEL_BLOCK = 4096  # feature columns sent to a process at a time: 0.8 GB of float32 at N = 50,000
+
+
+def shared_kernel(cfg, features, store, stage_key, quiet) -> None:
+    """Several processes, ridge from the N x N kernel (``kmjax.classify.dual``, N rows: images times
+    their training copies): the feature columns are split evenly between the processes, each adds up
+    the kernel of its columns, and process 0 sums the kernels and saves the whole one as the
+    classifier's "kernel" checkpoint, where ``fit_classifier`` finds it. In rounds: process 0 reads
+    the next block of every other process's columns from its stage files and sends it (a broadcast:
+    JAX's collectives have no point-to-point transfer, so every process receives every block and
+    its owner keeps it), then every process adds the kernel of its own block. Each process holds an
+    N x N float32 kernel; an interrupted share is computed again (only the whole kernel is saved)."""
+    if processes.count() == 1:
+        return
+    if store is not None:
+        checkpoints = _unsaved(store, stage_key, quiet, "kernel")
+        wanted = shared_solver(cfg, *features.shape) == "dual" and checkpoints is not None
+    if not processes.agree(wanted if store is not None else None):
+        return
+    n, f = processes.agree(None if store is None else list(features.shape))
+    me, count = processes.index(), processes.count()
+    blocks = [[(start, min(start + _KERNEL_BLOCK, (r + 1) * f // count))
+               for start in range(r * f // count, (r + 1) * f // count, _KERNEL_BLOCK)] for r in range(count)]
+    kernel, mean, scale = np.zeros((n, n), np.float32), np.zeros(f), np.zeros(f)
+    report = progress("kernel", quiet, "features")
+    for i in range(max(map(len, blocks))):
+        mine = None
+        for r in range(1, count):  # process 0 sends the others their next block
+            if i < len(blocks[r]):
+                start, stop = blocks[r][i]
+                block = processes.send(None if store is None else features[:, start:stop], (n, stop - start),
+                                       np.float32)
+                mine = block if r == me else mine
+        if i < len(blocks[me]):
+            start, stop = blocks[me][i]
+            part = KernelStats(np.zeros((), np.int64), np.zeros(stop - start), np.ones(stop - start), kernel)
+            accumulate_kernel(part, features[:, start:stop] if me == 0 else mine)
+            mean[start:stop], scale[start:stop] = part.mean, part.scale
+            if report is not None:
+                report(stop, f // count)
+    processes.total([kernel, mean, scale])
+    if store is not None:
+        checkpoints.save("kernel", KernelStats(np.array(f, np.int64), mean, scale, kernel))
+        log(f"[classifier] {n:,} x {n:,} kernel of {f:,} features, their columns shared by {count} processes", quiet)
