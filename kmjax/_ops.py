@@ -1,9 +1,13 @@
-"""Building blocks of the hot loops: matrix products at a chosen precision, a fast row argmax."""
+"""Building blocks of the hot loops: matrix products at a chosen precision, a fast row argmax, and
+the CPU compiler options of the element-wise-heavy loops."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from kmjax._checks import choice
 
@@ -45,3 +49,37 @@ def max_argmax(scores):
     neg_iota = -jnp.arange(scores.shape[1], dtype=jnp.float32)
     index = (-jnp.max(jnp.where(scores >= best[:, None], neg_iota, -jnp.inf), axis=1)).astype(jnp.int32)
     return best, index
+
+
+# XLA's CPU compiler hands matrix products, with the element-wise work around them, to YNNPACK
+# ("YNN fusions"). For k-means (products and a row argmax) and the L-BFGS products that is the
+# faster choice, 1.7x and 15x here; for the dense features, whose encoder and pooling do as much
+# element-wise work per score as the product does, XLA's own loop fusions around Eigen's products
+# are 1.15-1.5x faster (BENCHMARKS.md, "Hot loops on a CPU"). So that loop alone is compiled with
+# YNN fusions off.
+_XLA_FUSIONS = (("xla_cpu_experimental_ynn_fusion_type", ""),)
+
+
+@functools.cache
+def _xla_fusions_known() -> bool:
+    x = jax.device_put(np.float32(0), jax.devices("cpu")[0])
+    try:
+        jax.jit(lambda v: v + 1, compiler_options=dict(_XLA_FUSIONS)).lower(x).compile()
+    except Exception:  # a jaxlib without this (experimental) option: its default fusions, same numbers
+        return False
+    return True
+
+
+@functools.cache
+def _recompiled(fn, static_argnames: tuple):
+    return jax.jit(fn, static_argnames=static_argnames, compiler_options=dict(_XLA_FUSIONS))
+
+
+def xla_fusions(fn, static_argnames: tuple, platform: str):
+    """The jitted ``fn`` compiled with XLA's own fusions instead of YNNPACK's when it runs on a CPU
+    (``platform``) and jaxlib knows the option; else ``fn`` itself. For loops dominated by
+    element-wise work around their products (see ``_XLA_FUSIONS``); the same numbers to float
+    rounding, since only how the products are blocked changes."""
+    if platform != "cpu" or not _xla_fusions_known():
+        return fn
+    return _recompiled(fn, tuple(static_argnames))

@@ -17,7 +17,7 @@ from typing import Any
 
 from kmjax._checks import choice, integer, number
 from kmjax._ops import PRECISIONS
-from kmjax.classify import CLASSIFIERS, SOLVERS
+from kmjax.classify import CLASSIFIERS, SOLVERS, STORAGES
 from kmjax.cluster import EMPTY_POLICIES, INITS
 from kmjax.dictionary import AUTHORS, NORMALIZATIONS, SAMPLINGS
 from kmjax.encoders import ENCODERS
@@ -100,6 +100,7 @@ class ClassifierConfig:
     tol: float = 1e-3  # gradient-norm stop
     solver: str = "auto"  # ridge: "gram" (F x F Gram matrix), "dual" (N x N kernel), "auto" (the smaller), "cg"
     rank: int = 1024  # ridge with solver "cg": the rank of its Nystrom preconditioner
+    storage: str = "float32"  # svm / logistic: the dtype L-BFGS holds the features in ("bfloat16": half the bytes)
 
 
 @dataclass(frozen=True)
@@ -129,6 +130,7 @@ def _choices() -> dict:
         ("features", "precision"): PRECISIONS,
         ("classifier", "loss"): CLASSIFIERS,
         ("classifier", "solver"): SOLVERS,
+        ("classifier", "storage"): STORAGES,
     }
 
 
@@ -210,6 +212,9 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("kmeans.flip_closed with features.train_flip trains on the mirrors without encoding them, "
                           "which covers the images and their mirrors only: set features.train_crops = 0, or "
                           "train_flip = false to add crops with explicit features")
+    if cfg.classifier.storage != "float32" and cfg.classifier.loss == "ridge":
+        raise ConfigError(f"classifier.storage = {cfg.classifier.storage!r} is for the L-BFGS losses (svm, logistic); "
+                          "ridge sums its statistics in float64 from the features as they are: remove the key")
     if cfg.devices < 0:
         raise ConfigError(f"devices must be >= 0 (0: every local device), got {cfg.devices}")
     if cfg.kmeans.max_iter < 0:

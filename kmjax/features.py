@@ -19,7 +19,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from kmjax._checks import check_images, check_matrix, choice, host_only, integer, positive_int
-from kmjax._ops import check_precision
+from kmjax._ops import check_precision, xla_fusions
 from kmjax.encoders import ENCODERS, encode, is_separable, num_outputs
 from kmjax.parallel import replicate, resolve_mesh
 from kmjax.patches import grid_size, patch_grid
@@ -115,7 +115,10 @@ def _atom_tile(spec: FeatureSpec, k: int) -> int:
 _TILE = 512  # atoms per tile on CPUs: 729 positions x 512 x 2 codes x 4 bytes = 3 MB
 
 
-@partial(jax.jit, static_argnames=("spec", "step", "precision", "tile"))
+_STATIC = ("spec", "step", "precision", "tile")
+
+
+@partial(jax.jit, static_argnames=_STATIC)
 def batch_features(images, zca, centroids, *, spec: FeatureSpec, step: int = 1, precision: str = "float32",
                    tile: int = 0):
     """(B, H, W, C) images -> (B, feature_dim) float32 features, ``step`` images per encoder product
@@ -266,20 +269,22 @@ def extract_features(
     k = centroids.shape[0]
     options = dict(spec=spec, step=step, precision=precision, tile=tile)
     if mesh is None:
+        features = xla_fusions(batch_features, _STATIC, jax.default_backend())
+
         def compute(batch):
-            return batch_features(jnp.asarray(batch), zca, centroids, **options)
+            return features(jnp.asarray(batch), zca, centroids, **options)
     else:
         centroids, zca = replicate((centroids, zca), mesh)
         rows = NamedSharding(mesh, P(axis_name))
+        features = xla_fusions(_sharded_features, ("mesh", "axis_name") + _STATIC, mesh.devices.flat[0].platform)
 
         def compute(batch):
-            return _sharded_features(jax.device_put(batch, rows), zca, centroids, mesh=mesh, axis_name=axis_name,
-                                     **options)
+            return features(jax.device_put(batch, rows), zca, centroids, mesh=mesh, axis_name=axis_name, **options)
 
     return run_batches(images, batch_size, feature_dim(spec, k, images.shape[1:]), compute, progress, out)
 
 
-@partial(jax.jit, static_argnames=("mesh", "axis_name", "spec", "step", "precision", "tile"))
+@partial(jax.jit, static_argnames=("mesh", "axis_name") + _STATIC)
 def _sharded_features(images, zca, centroids, *, mesh, axis_name, spec, step, precision, tile):
     f = partial(batch_features, spec=spec, step=step, precision=precision, tile=tile)
     return jax.shard_map(f, mesh=mesh, in_specs=(P(axis_name), P(), P()), out_specs=P(axis_name))(images, zca, centroids)

@@ -170,6 +170,40 @@ def test_train_linear_num_classes_larger_than_labels():
     assert model.weights.shape == (4, 4)
 
 
+@pytest.mark.parametrize("loss", ["svm", "logistic"])
+def test_bfloat16_storage_is_the_float32_fit_of_the_rounded_features(loss):
+    """storage="bfloat16" holds the features rounded to bfloat16 and multiplies them by the exact
+    float32 weights (three bfloat16 parts): the fit is the float32 fit of the rounded features,
+    to float32 rounding. Splitting the weights in one or two parts instead, or rounding them,
+    moves the weights by ~1e-3 of their size here: 30x the tolerance."""
+    rng = np.random.default_rng(5)
+    n, f, k = 600, 40, 4
+    x = rng.standard_normal((n, f)).astype(np.float32)
+    labels = (x[:, :k] + 0.8 * rng.standard_normal((n, k))).argmax(1)
+    xs = np.asarray(standardize(fit_standardizer(x), x))
+    rounded = np.asarray(jnp.asarray(xs).astype(jnp.bfloat16).astype(jnp.float32))
+    assert np.max(np.abs(rounded - xs)) > 1e-3  # the rounding is real
+    args = dict(loss=loss, C=10.0, num_classes=k, max_iter=300, tol=1e-4)
+    model, info = train_linear(xs, labels, storage="bfloat16", **args)
+    ref, ref_info = train_linear(rounded, labels, **args)
+    w, w_ref = np.asarray(model.weights), np.asarray(ref.weights)
+    np.testing.assert_allclose(w, w_ref, atol=3e-5 * np.max(np.abs(w_ref)))
+    assert abs(float(info.loss) - float(ref_info.loss)) <= 1e-5 * float(ref_info.loss)
+
+
+def test_bfloat16_products_multiply_by_the_exact_weights():
+    from kmjax.classify.linear import _dot
+    rng = np.random.default_rng(6)
+    a = jnp.asarray(rng.standard_normal((300, 200)), jnp.bfloat16)
+    b = rng.standard_normal((200, 7)).astype(np.float32)
+    exact = np.asarray(a, np.float64) @ b.astype(np.float64)
+    got = np.asarray(_dot(a, jnp.asarray(b)))
+    assert got.dtype == np.float32
+    # float32 accumulation of 200 terms: ~1e-6 of the largest entry; b rounded to bfloat16 once
+    # would be ~1e-3
+    np.testing.assert_allclose(got, exact, atol=2e-6 * np.max(np.abs(exact)))
+
+
 # ---------------------------------------------------------------- errors
 
 
@@ -188,6 +222,8 @@ def test_train_linear_errors():
         train_linear(x, labels[:-1])
     with pytest.raises(ValueError, match="x must be"):
         train_linear(x[:, :, None], labels)
+    with pytest.raises(ValueError, match="unknown storage"):
+        train_linear(x, labels, storage="float16")
 
 
 # ----------------------------------------------------------------------------- ridge from the Gram matrix

@@ -404,3 +404,26 @@ def test_atom_tiles_give_the_same_features(tile):
         tiled = np.asarray(kmjax.batch_features(images, None, centroids, spec=spec, tile=tile))
         np.testing.assert_allclose(tiled, whole, rtol=1e-6, atol=1e-6 * np.abs(whole).max())
         assert np.count_nonzero(whole) > whole.size // 4
+
+
+def test_cpu_features_are_compiled_with_xla_fusions_and_give_the_same_numbers(setup):
+    """On a CPU, extract_features compiles its loop with YNNPACK's fusions off (kmjax._ops:
+    1.15-1.5x faster there); the features are those of the default compilation to float rounding.
+    If this jaxlib no longer knows the option, the loop keeps the default (the same function)."""
+    from kmjax._ops import _xla_fusions_known, xla_fusions
+    from kmjax.features import _STATIC
+
+    images, centroids, zca = setup
+    spec = FeatureSpec(patch_size=P, stride=1)
+    fast = xla_fusions(kmjax.batch_features, _STATIC, "cpu")
+    assert xla_fusions(kmjax.batch_features, _STATIC, "gpu") is kmjax.batch_features
+    args = (images, zca, centroids)
+    if not _xla_fusions_known():
+        assert fast is kmjax.batch_features
+        return
+    assert "__ynn_fusion" not in fast.lower(*args, spec=spec).compile().as_text()
+    got = np.asarray(fast(*args, spec=spec))
+    want = np.asarray(kmjax.batch_features(*args, spec=spec))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    np.testing.assert_allclose(extract_features(images, centroids, zca, spec), got, rtol=1e-6,
+                               atol=1e-6 * np.abs(got).max())

@@ -14,7 +14,7 @@
 """
 
 from kmjax.classify.linear import (
-    LOSSES, LinearModel, Standardizer, TrainInfo, accuracy, fit_standardizer, predict, predict_features, softmax_loss,
+    LOSSES, STORAGES, LinearModel, Standardizer, TrainInfo, accuracy, fit_standardizer, predict, predict_features, softmax_loss,
     standardize, svm_loss, train_linear,
 )
 from kmjax.classify.dual import KernelStats, accumulate_kernel, dual_scores, empty_kernel_stats, fit_dual, primal_model
@@ -24,7 +24,7 @@ from kmjax.classify.select import CLASSIFIERS, SOLVERS, ClassifierFit, fit_class
 
 __all__ = [
     "Standardizer", "fit_standardizer", "standardize",
-    "LinearModel", "svm_loss", "softmax_loss", "LOSSES", "TrainInfo", "train_linear", "predict", "accuracy",
+    "LinearModel", "svm_loss", "softmax_loss", "LOSSES", "STORAGES", "TrainInfo", "train_linear", "predict", "accuracy",
     "predict_features",
     "GramStats", "empty_gram_stats", "accumulate_gram", "gram_stats", "fit_ridge",
     "CGRidge", "prepare_cg_ridge", "solve_cg_ridge",

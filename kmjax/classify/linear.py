@@ -22,7 +22,7 @@ from kmjax._loop import run_in_pieces
 
 __all__ = [
     "Standardizer", "fit_standardizer", "standardize",
-    "LinearModel", "svm_loss", "softmax_loss", "LOSSES", "TrainInfo", "train_linear", "predict", "accuracy",
+    "STORAGES", "LinearModel", "svm_loss", "softmax_loss", "LOSSES", "TrainInfo", "train_linear", "predict", "accuracy",
     "predict_features",
 ]
 
@@ -65,6 +65,26 @@ class LinearModel(NamedTuple):
     weights: jax.Array
 
 
+STORAGES = ("float32", "bfloat16")  # the dtypes train_linear can hold its features in
+
+
+def _dot(a, b):
+    """a @ b with float32 results. For bfloat16 ``a`` (features held in half the bytes), the float32
+    ``b`` is split into three bfloat16 parts, b = b1 + b2 + b3 to float32's 24 bits, multiplied in
+    one product accumulated in float32: the float32 product of the rounded ``a`` with the exact
+    ``b``. The objective is then a smooth function of the weights (no rounding of them), and an
+    L-BFGS line search sees what it would in float32."""
+    if a.dtype != jnp.bfloat16:
+        return jnp.matmul(a, b, precision=_HIGHEST)
+    parts, rest = [], b.astype(jnp.float32)
+    for _ in range(3):
+        part = rest.astype(jnp.bfloat16)
+        parts.append(part)
+        rest = rest - part.astype(jnp.float32)
+    out = jax.lax.dot(a, jnp.concatenate(parts, axis=1), preferred_element_type=jnp.float32)
+    return out.reshape(a.shape[0], 3, b.shape[1]).sum(axis=1)
+
+
 @jax.custom_vjp
 def _scores(weights, x, xt):
     """x @ weights, whose gradient for the weights is computed as xt @ g.
@@ -73,29 +93,29 @@ def _scores(weights, x, xt):
     the same product with x stored transposed; L-BFGS spends its time in exactly these two
     products, so training keeps a transposed copy of the features.
     """
-    return jnp.matmul(x, weights, precision=_HIGHEST)
+    return _dot(x, weights)
 
 
 def _scores_fwd(weights, x, xt):
-    return jnp.matmul(x, weights, precision=_HIGHEST), xt
+    return _dot(x, weights), xt
 
 
 def _scores_bwd(xt, g):
-    return jnp.matmul(xt, g, precision=_HIGHEST), None, None
+    return _dot(xt, g), None, None
 
 
 _scores.defvjp(_scores_fwd, _scores_bwd)
 
 
 def _product(weights, x, xt):
-    return jnp.matmul(x, weights, precision=_HIGHEST) if xt is None else _scores(weights, x, xt)
+    return _dot(x, weights) if xt is None else _scores(weights, x, xt)
 
 
 def svm_loss(weights, x, labels, C, xt=None):
     """One-vs-all L2-SVM, summed over classes: 1/2 ||W||^2 + C * mean_i sum_k margin_ik^2,
     margin = max(0, 1 - y_ik x_i.w_k), y = +1 for the true class, -1 otherwise.
     ``xt``: optionally x.T stored contiguously, for a faster gradient (same values)."""
-    y = 2.0 * jax.nn.one_hot(labels, weights.shape[1], dtype=x.dtype) - 1.0
+    y = 2.0 * jax.nn.one_hot(labels, weights.shape[1], dtype=jnp.float32) - 1.0
     margin = jnp.maximum(0.0, 1.0 - y * _product(weights, x, xt))
     return 0.5 * jnp.sum(weights * weights) + C * jnp.sum(jnp.mean(margin * margin, axis=0))
 
@@ -169,7 +189,8 @@ _transpose = jax.jit(lambda x: x.T.copy())
 
 
 def train_linear(x, labels, *, loss: str = "svm", C: float = 100.0, num_classes: int | None = None,
-                 max_iter: int = 1000, tol: float = 1e-3, memory: int = 20, progress=None):
+                 max_iter: int = 1000, tol: float = 1e-3, memory: int = 20, storage: str = "float32",
+                 progress=None):
     """Train a linear classifier on standardized features with L-BFGS.
 
     Args:
@@ -180,6 +201,10 @@ def train_linear(x, labels, *, loss: str = "svm", C: float = 100.0, num_classes:
       num_classes: default max(labels) + 1.
       max_iter: L-BFGS iterations at most. tol: stop once the gradient norm is below it.
       memory: L-BFGS history length.
+      storage: the dtype the features are held in while training, one of ``STORAGES``. Each
+        L-BFGS evaluation reads them twice (x @ w and the gradient), and on CPUs it is bound by
+        those bytes: "bfloat16" halves them (and the memory) and runs 2-3x faster, fitting the
+        features rounded to bfloat16 with float32 weights, products and objective (``_dot``).
       progress: optional ``progress(iteration, max_iter, loss)`` called every few iterations (the
         loop then runs in pieces of the same compiled program: the same numbers; see
         ``kmjax._loop.run_in_pieces``).
@@ -191,7 +216,8 @@ def train_linear(x, labels, *, loss: str = "svm", C: float = 100.0, num_classes:
       (LinearModel, TrainInfo).
     """
     choice(loss, LOSSES, "loss")
-    x = jnp.asarray(x, jnp.float32)
+    choice(storage, STORAGES, "storage")
+    x = jnp.asarray(x, jnp.float32).astype(storage)
     labels = jnp.asarray(labels, jnp.int32)
     if x.ndim != 2 or labels.shape != (x.shape[0],):
         raise ValueError(f"x must be (N, F) and labels (N,), got {x.shape} and {labels.shape}")

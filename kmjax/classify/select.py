@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 from kmjax._checks import check_labels, choice, host_only, integer, number, positive_int
-from kmjax.classify.linear import (LOSSES, LinearModel, Standardizer, fit_standardizer, predict_features, standardize,
+from kmjax.classify.linear import (LOSSES, STORAGES, LinearModel, Standardizer, fit_standardizer, predict_features, standardize,
                                    train_linear)
 from kmjax.classify.cg import prepare_cg_ridge, solve_cg_ridge
 from kmjax.classify.dual import (KernelStats, accumulate_kernel, dual_scores, empty_kernel_stats, fit_dual,
@@ -241,7 +241,7 @@ def _fit_ridge_dual(features, labels, num_classes, C, C_grid, split, mirror, rep
 
 def fit_classifier(features, labels, *, num_classes: int, loss: str = "svm", C: float = 100.0, C_grid=(),
                    val_fraction: float = 0.1, key=None, copies: int = 1, max_iter: int = 1000, tol: float = 1e-3,
-                   solver: str = "auto", rank: int = 1024, mirror_scoring: bool = False,
+                   solver: str = "auto", rank: int = 1024, mirror_scoring: bool = False, storage: str = "float32",
                    progress=None, log=None, resume=None, checkpoint=None) -> ClassifierFit:
     """Fit a linear classifier to raw (N, F) features, choosing C on a held-out split if asked.
 
@@ -263,6 +263,8 @@ def fit_classifier(features, labels, *, num_classes: int, loss: str = "svm", C: 
         any width, up to ~50,000 rows in 20 GB), "auto" (the smaller of the two: "dual" when F > N)
         or "cg" (conjugate gradients over the features on disk, a rank-``rank`` Nystrom
         preconditioner, ``kmjax.classify.cg``).
+      storage: the dtype L-BFGS holds the standardized features in, "float32" or "bfloat16"
+        (half the bytes per iteration, float32 weights and products: see ``train_linear``).
       mirror_scoring: score each held-out image by the summed scores of the image and its mirror,
         the second copy (rows i + N/copies; as the runner's ``features.test_flip`` does on the test set).
       progress: optional factory ``progress(label, unit)`` returning None or a reporter
@@ -297,6 +299,10 @@ def fit_classifier(features, labels, *, num_classes: int, loss: str = "svm", C: 
     if shape[0] % copies:
         raise ValueError(f"{shape[0]} rows are not {copies} copies of the same images: copies must divide the rows")
     choice(solver, SOLVERS, "solver")
+    choice(storage, STORAGES, "storage")
+    if storage != "float32" and loss == "ridge":
+        raise ValueError(f"storage {storage!r} is for the L-BFGS losses (svm, logistic); ridge accumulates its "
+                         "statistics in float64 from the features as they are: leave storage at 'float32'")
     if solver not in ("auto", "gram") and loss != "ridge":
         raise ValueError(f"solver {solver!r} is for loss='ridge'; the {loss} loss is trained with L-BFGS")
     if mirror_scoring and copies < 2:
@@ -322,5 +328,5 @@ def fit_classifier(features, labels, *, num_classes: int, loss: str = "svm", C: 
                              states)
     if loss == "ridge":
         return _fit_ridge(features, labels, num_classes, C, C_grid, split, mirror, report, log, states)
-    fit_args = dict(loss=loss, num_classes=num_classes, max_iter=max_iter, tol=tol)
+    fit_args = dict(loss=loss, num_classes=num_classes, max_iter=max_iter, tol=tol, storage=storage)
     return _fit_lbfgs(features, labels, C, C_grid, split, fit_args, mirror, report, log)
