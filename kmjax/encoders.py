@@ -17,8 +17,7 @@ from kmjax._checks import choice
 from kmjax._ops import matmul
 from kmjax.nearest import nearest
 
-__all__ = ["ENCODERS", "Encoder", "triangle", "hard", "soft_threshold", "nearest_q", "encode", "num_outputs",
-           "is_separable"]
+__all__ = ["ENCODERS", "Encoder", "triangle", "hard", "soft_threshold", "nearest_q", "encode", "num_outputs"]
 
 
 def triangle(x, centroids, precision: str = "float32"):
@@ -144,7 +143,6 @@ class Encoder(NamedTuple):
     fn: Callable
     outputs: int  # codes per centroid
     params: tuple = ()
-    separable: bool = False  # the codes of atom k depend on x and c_k alone: atoms can be encoded in tiles
 
 
 # The vocabulary of encoders, defined once: the config schema, FeatureSpec checks and the
@@ -152,18 +150,13 @@ class Encoder(NamedTuple):
 ENCODERS: dict[str, Encoder] = {
     "triangle": Encoder(lambda x, c, alpha, precision: triangle(x, c, precision), 1),
     "hard": Encoder(lambda x, c, alpha, precision: hard(x, c, precision), 1),
-    "soft_threshold": Encoder(soft_threshold, 2, separable=True),
+    "soft_threshold": Encoder(soft_threshold, 2),
     "nearest_q": Encoder(lambda x, c, alpha, precision, q: nearest_q(x, c, q, precision), 2, ("q",)),
 }
 
 
 def _lookup(encoder: str) -> Encoder:
     return ENCODERS[choice(encoder, ENCODERS, "encoder")]
-
-
-def is_separable(encoder: str) -> bool:
-    """Whether ``encoder`` codes each atom independently of the others (tileable over atoms)."""
-    return _lookup(encoder).separable
 
 
 def num_outputs(encoder: str, k: int) -> int:

@@ -20,7 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from kmjax._checks import check_images, check_matrix, choice, host_only, integer, positive_int
 from kmjax._ops import check_precision, xla_fusions
-from kmjax.encoders import ENCODERS, encode, is_separable, num_outputs
+from kmjax.encoders import ENCODERS, encode, num_outputs
 from kmjax.parallel import replicate, resolve_mesh
 from kmjax.patches import grid_size, patch_grid
 from kmjax.pooling import POOLS, num_regions, pool
@@ -103,31 +103,14 @@ def _default_step(spec, k, image_shape, memory_mb) -> int:
     return auto_batch_size(spec, k, image_shape, memory_mb)
 
 
-def _atom_tile(spec: FeatureSpec, k: int) -> int:
-    """Atoms encoded and pooled together (0: all at once). On a CPU a separable encoder with sum
-    pooling works through tiles of atoms whose (positions x tile) codes stay in cache between the
-    product, the encoder and the pooling product; an accelerator takes all atoms at once."""
-    if jax.default_backend() != "cpu" or spec.pool != "sum" or not is_separable(spec.encoder) or k <= _TILE:
-        return 0
-    return _TILE
-
-
-_TILE = 512  # atoms per tile on CPUs: 729 positions x 512 x 2 codes x 4 bytes = 3 MB
-
-
-_STATIC = ("spec", "step", "precision", "tile")
+_STATIC = ("spec", "step", "precision")
 
 
 @partial(jax.jit, static_argnames=_STATIC)
-def batch_features(images, zca, centroids, *, spec: FeatureSpec, step: int = 1, precision: str = "float32",
-                   tile: int = 0):
+def batch_features(images, zca, centroids, *, spec: FeatureSpec, step: int = 1, precision: str = "float32"):
     """(B, H, W, C) images -> (B, feature_dim) float32 features, ``step`` images per encoder product
     (B a multiple of ``step``): the jit-compiled body of ``extract_features``, for use inside
     ``jax.jit`` (no argument checks, the whole batch at once).
-
-    tile: for an encoder that codes each atom on its own (``soft_threshold``) with sum pooling,
-    encode and pool ``tile`` atoms at a time (the dictionary padded with zero atoms to a multiple
-    of it; their codes are dropped), so that the codes of one tile stay in cache; 0: all at once.
     """
     patches = patch_grid(images, spec.patch_size, spec.stride)
     b, gh, gw, d = patches.shape
@@ -137,24 +120,11 @@ def batch_features(images, zca, centroids, *, spec: FeatureSpec, step: int = 1, 
     if zca is not None:
         x = apply_zca(zca, x)
 
-    def encode_pool(xs, atoms):  # (step, gh * gw, D), (k, D) -> (step, regions, outputs, k)
-        codes = encode(xs.reshape(-1, d), atoms, spec.encoder, spec.alpha, precision, q=spec.q)
-        pooled = pool(codes.reshape(xs.shape[0], gh, gw, -1), spec.grid, spec.pool, *_windows(spec))
-        return pooled.reshape(xs.shape[0], -1, ENCODERS[spec.encoder].outputs, atoms.shape[0])
+    def encode_pool(xs):  # (step, gh * gw, D) -> (step, regions * outputs * K)
+        codes = encode(xs.reshape(-1, d), centroids, spec.encoder, spec.alpha, precision, q=spec.q)
+        return pool(codes.reshape(xs.shape[0], gh, gw, -1), spec.grid, spec.pool, *_windows(spec))
 
-    k = centroids.shape[0]
-    if tile:
-        tiles = -(-k // tile)
-        padded = jnp.concatenate([centroids, jnp.zeros((tiles * tile - k, d), centroids.dtype)])
-
-        def encode_pool_tiled(xs):  # (step, regions, outputs, tiles * tile), the padding cut off below
-            parts = jax.lax.map(lambda atoms: encode_pool(xs, atoms), padded.reshape(tiles, tile, d))
-            return jnp.moveaxis(parts, 0, 3).reshape(*parts.shape[1:4], tiles * tile)[..., :k]
-
-        feats = jax.lax.map(encode_pool_tiled, x.reshape(b // step, step, gh * gw, d))
-    else:
-        feats = jax.lax.map(lambda xs: encode_pool(xs, centroids), x.reshape(b // step, step, gh * gw, d))
-    feats = feats.reshape(b, -1)
+    feats = jax.lax.map(encode_pool, x.reshape(b // step, step, gh * gw, d)).reshape(b, -1)
     if spec.mirror_sums:
         feats = pair_sums(feats, mirror_pairs(spec, centroids.shape[0], images.shape[1:]))
     return feats
@@ -195,8 +165,7 @@ def _check_spec(spec: FeatureSpec, images, centroids, zca) -> None:
 
 def prepare_features(images, centroids, zca, spec: FeatureSpec, *, precision: str, step, batch_size,
                      memory_mb: float, shards: int = 1):
-    """Check the arguments of a feature extraction; return (centroids, step, batch_size, tile), the
-    last ``batch_features``'s atoms per tile.
+    """Check the arguments of a feature extraction; return (centroids, step, batch_size).
 
     ``shards``: the devices a batch is split over (``step`` images per product on each).
     """
@@ -212,7 +181,7 @@ def prepare_features(images, centroids, zca, spec: FeatureSpec, *, precision: st
     step = positive_int(_default_step(spec, k, images.shape[1:], memory_mb) if step is None else step, "step")
     unit = step * shards
     batch_size = max(step, 128) * shards if batch_size is None else positive_int(batch_size, "batch_size")
-    return centroids, step, -(-batch_size // unit) * unit, _atom_tile(spec, k)
+    return centroids, step, -(-batch_size // unit) * unit
 
 
 def extract_features(
@@ -263,11 +232,11 @@ def extract_features(
             raise ValueError("extract_features needs a mesh of this process's devices (kmjax.parallel.data_mesh("
                              "local=True)); on several hosts run it in each process on that process's images")
         shards = mesh.shape[axis_name]
-    centroids, step, batch_size, tile = prepare_features(images, centroids, zca, spec, precision=precision,
+    centroids, step, batch_size = prepare_features(images, centroids, zca, spec, precision=precision,
                                                          step=step, batch_size=batch_size, memory_mb=memory_mb,
                                                          shards=shards)
     k = centroids.shape[0]
-    options = dict(spec=spec, step=step, precision=precision, tile=tile)
+    options = dict(spec=spec, step=step, precision=precision)
     if mesh is None:
         features = xla_fusions(batch_features, _STATIC, jax.default_backend())
 
@@ -285,8 +254,8 @@ def extract_features(
 
 
 @partial(jax.jit, static_argnames=("mesh", "axis_name") + _STATIC)
-def _sharded_features(images, zca, centroids, *, mesh, axis_name, spec, step, precision, tile):
-    f = partial(batch_features, spec=spec, step=step, precision=precision, tile=tile)
+def _sharded_features(images, zca, centroids, *, mesh, axis_name, spec, step, precision):
+    f = partial(batch_features, spec=spec, step=step, precision=precision)
     return jax.shard_map(f, mesh=mesh, in_specs=(P(axis_name), P(), P()), out_specs=P(axis_name))(images, zca, centroids)
 
 

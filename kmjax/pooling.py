@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import math
 
-import jax
 import jax.numpy as jnp
-import numpy as np
 
 from kmjax._checks import choice, integer, positive_int
 
-__all__ = ["POOLS", "grid_edges", "window_starts", "num_regions", "region_spans", "pool_matrix", "pool"]
+__all__ = ["POOLS", "grid_edges", "window_starts", "num_regions", "region_spans", "pool"]
 
 POOLS = {"sum": jnp.sum, "max": jnp.max}  # the vocabulary of pooling operations, defined once
 
@@ -66,16 +64,15 @@ def pool(feature_map, grid: int = 2, op: str = "sum", size: int | None = None, s
       top-right, ..., bottom-right.
     """
     choice(op, POOLS, "pooling")
-    n, h, w, f = feature_map.shape
-    if op == "sum":  # one matrix product: the map is read once, not once per (overlapping) region
-        # as a plain 2-D product (R, HW) x (HW, N F): XLA's CPU dot with a batch dimension is 2x slower
-        m = jnp.asarray(pool_matrix(h, w, grid, size, stride))
-        flat = jnp.moveaxis(feature_map.reshape(n, h * w, f), 0, 1).reshape(h * w, n * f)
-        out = jnp.matmul(m, flat, precision=jax.lax.Precision.HIGHEST).reshape(-1, n, f)
-        return jnp.moveaxis(out, 1, 0).reshape(n, -1)
+    _, h, w, _ = feature_map.shape
     row_spans, col_spans = region_spans(h, w, grid, size, stride)
-    regions = [jnp.max(feature_map[:, r0:r1, c0:c1, :], axis=(1, 2)) for r0, r1 in row_spans for c0, c1 in col_spans]
-    return jnp.concatenate(regions, axis=1)
+    reduce = POOLS[op]
+    # Each band of rows is reduced first, then each span of columns in the band: XLA fuses the
+    # encoder's element-wise work into the band reductions, so the codes are never written out
+    # (on a CPU 1.2x faster for the whole features loop than one product with a 0/1 matrix of
+    # regions, and 1.7x faster than reducing each region on its own; BENCHMARKS.md, "Hot loops").
+    bands = [reduce(feature_map[:, r0:r1], axis=1) for r0, r1 in row_spans]
+    return jnp.concatenate([reduce(band[:, c0:c1], axis=1) for band in bands for c0, c1 in col_spans], axis=1)
 
 
 def region_spans(h: int, w: int, grid: int = 2, size: int | None = None, stride: int | None = None):
@@ -90,14 +87,3 @@ def region_spans(h: int, w: int, grid: int = 2, size: int | None = None, stride:
     size, stride = _window_args(size, stride)
     return ([(r, r + size) for r in window_starts(h, size, stride)],
             [(c, c + size) for c in window_starts(w, size, stride)])
-
-
-def pool_matrix(h: int, w: int, grid: int = 2, size: int | None = None, stride: int | None = None) -> np.ndarray:
-    """(R, h * w) float32 0/1 matrix: row r marks the positions (row-major) of region r of ``pool``
-    with the same arguments, so sum pooling of a (h * w, F) map is this matrix times the map."""
-    row_spans, col_spans = region_spans(h, w, grid, size, stride)
-    m = np.zeros((len(row_spans), len(col_spans), h, w), np.float32)
-    for i, (r0, r1) in enumerate(row_spans):
-        for j, (c0, c1) in enumerate(col_spans):
-            m[i, j, r0:r1, c0:c1] = 1.0
-    return m.reshape(-1, h * w)

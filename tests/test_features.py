@@ -390,22 +390,6 @@ def test_zca_eps_scales_with_the_square_of_the_pixel_scale():
     assert np.abs(w_wrong - w_255).max() > 0.1
 
 
-@pytest.mark.parametrize("tile", [2, 3, 4])
-def test_atom_tiles_give_the_same_features(tile):
-    """batch_features(tile=t): the soft threshold encoded and pooled t atoms at a time (K = 8 padded
-    to a multiple of t with zero atoms, dropped again) equals the whole dictionary at once, for the
-    grid and for windows, and the first tile is not the whole answer (the tiles are reassembled)."""
-    rng = np.random.default_rng(5)
-    images = rng.uniform(0, 255, (2, 12, 12, 3)).astype(np.float32)
-    centroids = rng.normal(size=(8, 27)).astype(np.float32)
-    for spec in (FeatureSpec(patch_size=3, encoder="soft_threshold", alpha=0.1),
-                 FeatureSpec(patch_size=3, encoder="soft_threshold", alpha=0.1, pool_size=4, pool_stride=3)):
-        whole = np.asarray(kmjax.batch_features(images, None, centroids, spec=spec))
-        tiled = np.asarray(kmjax.batch_features(images, None, centroids, spec=spec, tile=tile))
-        np.testing.assert_allclose(tiled, whole, rtol=1e-6, atol=1e-6 * np.abs(whole).max())
-        assert np.count_nonzero(whole) > whole.size // 4
-
-
 def test_cpu_features_are_compiled_with_xla_fusions_and_give_the_same_numbers(setup):
     """On a CPU, extract_features compiles its loop with YNNPACK's fusions off (kmjax._ops:
     1.15-1.5x faster there); the features are those of the default compilation to float rounding.

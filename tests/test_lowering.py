@@ -1,7 +1,7 @@
 """Every program that runs on an accelerator, lowered for CUDA, ROCm and TPU from this CPU with
 ``jax.export`` (which raises when a program does not lower for a platform): k-means with each
-kernel and centroid update, ``learn_dictionary``, ``batch_features`` (the whole dictionary at once,
-as accelerators run it, and in atom tiles), the ridge classifier's device products, prediction.
+kernel and centroid update, ``learn_dictionary``, ``batch_features`` (64 images per product, as
+accelerators run it: triangle, soft threshold, 3x3 windows with mirror sums), the ridge classifier's device products, prediction.
 Sizes are those an accelerator run uses (k-means chunks of the accelerator default, a batch of
 64 images per product). The fused Pallas kernel is interpreted only where a program is lowered
 for a CPU, so exporting it for a GPU compiles it (with Triton): a lowering failure shows here."""
@@ -46,8 +46,8 @@ PROGRAMS = {
                                 (IMAGES, ATOMS)),
     "batch_features-soft-3x3-mirror_sums": (lambda im, c: kmjax.batch_features(im, None, c, spec=kmjax.FeatureSpec(
         encoder="soft_threshold", pool_size=15, pool_stride=6, mirror_sums=True), step=64), (IMAGES, ATOMS)),
-    "batch_features-soft-tiled": (lambda im, c: kmjax.batch_features(im, None, c, spec=kmjax.FeatureSpec(
-        encoder="soft_threshold"), step=64, tile=512), (IMAGES, ATOMS)),
+    "batch_features-soft": (lambda im, c: kmjax.batch_features(im, None, c, spec=kmjax.FeatureSpec(
+        encoder="soft_threshold"), step=64), (IMAGES, ATOMS)),
     "ridge-gram-tile": (tiled._tn, (ROWS, ROWS)),
     "ridge-factor-update": (tiled._nt, (ROWS, ROWS)),
     "ridge-cg-pass": (tiled._normal, (ROWS, jax.ShapeDtypeStruct((2048, 10), jnp.float32))),

@@ -41,7 +41,7 @@ def main(argv=None):
     p.add_argument("--precision", default="float32", choices=("float32", "tf32", "bfloat16"),
                    help="the encoder's matrix products (tf32/bfloat16: faster on GPUs; default float32)")
     p.add_argument("--encoder", default="triangle", choices=("triangle", "soft_threshold"),
-                   help="the encoder (default triangle; soft_threshold is encoded in tiles of atoms on CPUs)")
+                   help="the encoder (default triangle)")
     p.add_argument("--pool-size", type=int, default=0,
                    help="pooling windows of this many positions (15 with --pool-stride 6: 3x3 windows); "
                         "default 0: the paper's quadrants")
