@@ -95,11 +95,13 @@ def auto_batch_size(spec: FeatureSpec, k: int, image_shape, memory_mb: float = 5
 
 
 def _default_step(spec, k, image_shape, memory_mb) -> int:
-    # On a CPU one image's map (729 x 1600 floats at the paper's settings) stays in cache between
-    # the encoder's matrix product and the pooling (BENCHMARKS.md compares it with a batch-wide
-    # product). An accelerator wants the widest product the memory budget allows.
+    # On a CPU two images per product: their maps (2 x 729 x 1600 floats at the paper's settings)
+    # stay near the cores between the encoder's product and the pooling. 1.1-1.15x faster than one
+    # image for the triangle encoder at K = 1600 and 4000, and than 4 or 8 images for the soft
+    # threshold (BENCHMARKS.md, "Hot loops"; a batch-wide product is 1.7x slower). An accelerator
+    # wants the widest product the memory budget allows.
     if jax.default_backend() == "cpu":
-        return 1
+        return 2
     return auto_batch_size(spec, k, image_shape, memory_mb)
 
 
@@ -209,7 +211,7 @@ def extract_features(
       batch_size: images per compiled call (rounded up to a multiple of ``step``; the last batch
         is padded to it, so every data set size compiles one program).
       step: images per encoder matrix product; their (step, H', W', F) map is the largest
-        intermediate. Default: 1 on CPU (cache-resident), else what ``memory_mb`` allows.
+        intermediate. Default: 2 on CPU (near the cores), else what ``memory_mb`` allows.
       memory_mb: budget for one step's float32 feature map.
       precision: of the encoder's matrix product: "float32", "tf32" or "bfloat16" (see kmeans).
       progress: called as progress(done, total, None) after each batch (images done).
