@@ -198,6 +198,10 @@ def test_fit_classifier_input_errors():
         fit_classifier(x[0], labels, **ok)
     with pytest.raises(ValueError, match="copies must divide"):
         fit_classifier(x[:-1], labels[:-1], copies=2, **ok)
+    with pytest.raises(ValueError, match="unknown storage 'float16'"):
+        fit_classifier(x, labels, storage="float16", **ok)
+    with pytest.raises(ValueError, match="storage 'bfloat16' is for the L-BFGS losses"):
+        fit_classifier(x, labels, loss="ridge", storage="bfloat16", **ok)
     with pytest.raises(ValueError, match="num_classes must be an integer >= 2"):
         fit_classifier(x, np.zeros_like(labels), num_classes=1)
     with pytest.raises(ValueError, match="val_fraction"):
