@@ -360,7 +360,7 @@ def test_bench_runs_from_the_package(tmp_path):
                  "--json", str(out)]) == 0
     records = json.loads(out.read_text())
     assert {r["variant"] for r in records} == {"default", "batch-wide"} and all(r["images_per_s"] > 0 for r in records)
-    assert all(r["shape_bound_images_per_s"] > 0 and r["shape_rows"] == 729 for r in records)  # one image per product
+    assert all(r["shape_bound_images_per_s"] > 0 and r["shape_rows"] == 2 * 729 for r in records)  # 2 images per product
     assert main(["bench", "kmeans", "--libs", "kmjax", "--problems", "", "--ks", "8", "--kn", "500", "--kd", "4",
                  "--iters", "1", "--repeats", "1", "--json", str(out)]) == 0
     timed = [r for r in json.loads(out.read_text()) if r["library"] == "kmjax"]
