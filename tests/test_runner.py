@@ -398,6 +398,30 @@ def test_more_devices_than_there_are_is_a_message(data_dir, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_run_splits_the_cpu_into_the_devices_its_config_asks_for(monkeypatch):
+    """Before JAX starts, `kmjax run` sets XLA's CPU device count from the config's devices (0: one
+    per core); a count already in XLA_FLAGS, one device, or a backend already started: unchanged."""
+    import argparse
+
+    from jax._src import xla_bridge
+
+    from kmjax.cli import _split_cpu
+
+    def flags_after(devices, flags="", started=False):
+        monkeypatch.setattr(xla_bridge, "backends_are_initialized", lambda: started)
+        monkeypatch.setenv("XLA_FLAGS", flags)
+        _split_cpu(argparse.Namespace(config="quick", set=[f"devices={devices}"]))
+        return os.environ["XLA_FLAGS"]
+
+    cores = len(os.sched_getaffinity(0))
+    assert flags_after(0, "--xla_foo=1") == ("--xla_foo=1" + (f" --xla_force_host_platform_device_count={cores}"
+                                                              if cores > 1 else ""))
+    assert flags_after(3) == "--xla_force_host_platform_device_count=3"
+    assert flags_after(1) == ""
+    assert flags_after(3, "--xla_force_host_platform_device_count=2") == "--xla_force_host_platform_device_count=2"
+    assert flags_after(3, started=True) == ""
+
+
 @pytest.mark.long
 def test_run_on_two_devices_matches_one(data_dir, tmp_path):
     # kmjax run --devices 2 on a CPU split into two devices (in a fresh process: JAX fixes the count
