@@ -299,25 +299,17 @@ def main(argv=None) -> int:
 
 
 def _split_cpu(args) -> None:
-    """Before JAX starts its CPU backend, split the CPU into the devices the config asks for
-    (``devices``, or ``--devices``; 0: one per core): k-means and the features then run
-    data-parallel over them, 1.2x and 1.13x faster on 2 cores than one device with the same threads
-    (BENCHMARKS.md, "Hot loops"). A GPU's devices are what they are; an XLA_FLAGS device count, or
-    a backend already started (kmjax.cli.main called in a running program), is left alone."""
-    from jax._src import xla_bridge
+    """Before JAX starts, split the CPU into the devices the config asks for (``devices``, or
+    ``--devices``; 0: one per core; ``kmjax.parallel.split_cpu``): k-means and the features then
+    run data-parallel over them."""
     from kmjax.config import load_config
+    from kmjax.parallel import split_cpu
 
-    started = getattr(xla_bridge, "backends_are_initialized", lambda: False)()
-    if started or "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
-        return
     try:
         devices = load_config(args.config, args.set).devices
     except (ValueError, OSError):  # the command itself reports it
         return
-    count = len(os.sched_getaffinity(0)) if devices == 0 and hasattr(os, "sched_getaffinity") else devices
-    if count > 1:
-        flags = os.environ.get("XLA_FLAGS", "")
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
+    split_cpu(devices)
 
 
 def _several_processes(args) -> bool:

@@ -14,8 +14,10 @@ first n::
 
 k-means gives the result of one device up to float32 rounding (each pass's sums are added over the
 devices in another order); the features are those of one device. On a CPU-only machine
-``XLA_FLAGS=--xla_force_host_platform_device_count=8`` (set before JAX starts) splits the host
-into 8 devices, which is how the tests exercise this.
+``XLA_FLAGS=--xla_force_host_platform_device_count=8`` (set before JAX starts; ``split_cpu(8)``)
+splits the host into 8 devices, which is how the tests exercise this, and what ``kmjax run`` does
+with a config's ``devices`` (on 2 cores, k-means and the features ran 1.2x and 1.13x faster over
+two CPU devices than on one: the same threads, fewer waits between them).
 
 Several hosts (multi-process)
 -----------------------------
@@ -50,6 +52,8 @@ from __future__ import annotations
 
 from functools import partial
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -57,7 +61,23 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from kmjax._checks import positive_int
 
-__all__ = ["data_mesh", "resolve_mesh", "shard_rows", "unit_weights", "replicate"]
+__all__ = ["data_mesh", "resolve_mesh", "shard_rows", "unit_weights", "replicate", "split_cpu"]
+
+
+def split_cpu(count: int) -> None:
+    """Ask XLA to split the CPU into ``count`` devices (0: one per core), if JAX has not started yet
+    and ``XLA_FLAGS`` names no device count; otherwise nothing (a GPU's devices are what they are,
+    and a started backend keeps its count)."""
+    from jax._src import xla_bridge
+
+    started = getattr(xla_bridge, "backends_are_initialized", lambda: False)()
+    if started or "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+        return
+    if count == 0:
+        count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if count > 1:
+        flags = os.environ.get("XLA_FLAGS", "")
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
 
 
 def data_mesh(n_devices: int | None = None, axis_name: str = "data", *, local: bool = False) -> Mesh:

@@ -66,6 +66,7 @@ import numpy as np
 from kmjax.benchmarks.common import matmul_peak, numpy_peak, shape_rate
 from kmjax.cluster import default_chunk
 from kmjax.experiment.report import cpu_model
+from kmjax.parallel import split_cpu
 from kmjax.benchmarks.peers import SEED, KmjaxRunner, TorchRunner, import_libs, make_runner
 from kmjax.cluster import assign
 
@@ -121,6 +122,7 @@ def _meta(mods):
         import jax
         meta["jax_version"] = jax.__version__
         meta["device_kind"] = jax.devices()[0].device_kind
+        meta["kmjax_devices"] = KmjaxRunner.devices or len(jax.local_devices())
     except Exception:
         meta["jax_version"] = meta["device_kind"] = None
     for name, mod in (("sklearn_version", "sklearn"), ("faiss_version", "faiss")):
@@ -238,6 +240,9 @@ def _parser():
     p.add_argument("--kn", type=int, default=100_000, help="N of the --ks problems (default 100,000)")
     p.add_argument("--kd", type=int, default=108, help="D of the --ks problems (default 108)")
     p.add_argument("--json", default=None, metavar="PATH", help="write the records here")
+    p.add_argument("--devices", type=int, default=1, metavar="N",
+                   help="kmjax data-parallel on N local devices (a CPU is split into N before JAX starts; 0: one "
+                        "per core), as `kmjax run` with devices = N; the peers keep every thread (default 1)")
     p.add_argument("--precision", default="float32", choices=("float32", "tf32", "bfloat16"),
                    help="kmjax's distance products, and PyTorch's with tf32 (tf32/bfloat16: faster on GPUs)")
     p.add_argument("--update", choices=("scatter", "matmul"), default=None,
@@ -263,6 +268,10 @@ def main(argv=None):
     if args.iters < 1 or args.repeats < 1:
         p.error("--iters and --repeats must be >= 1")
     libs = [s.strip() for s in args.libs.split(",") if s.strip()]
+    if args.devices < 0:
+        p.error("--devices must be >= 0")
+    split_cpu(args.devices)
+    KmjaxRunner.devices = args.devices
     KmjaxRunner.precision = TorchRunner.precision = args.precision
     KmjaxRunner.update = args.update
     KmjaxRunner.kernel = args.kernel
@@ -279,7 +288,7 @@ def main(argv=None):
         return []
     meta = _meta(mods)
     print(f"machine: {meta['processor']}, {meta['cpu_count']} CPUs; jax {meta['jax_version']} "
-          f"({meta['device_kind']}), numpy {meta['numpy_version']}, sklearn "
+          f"({meta['device_kind']}; kmjax on {meta.get('kmjax_devices')} device(s)), numpy {meta['numpy_version']}, sklearn "
           f"{meta['sklearn_version']}, faiss {meta['faiss_version']}")
 
     np_gf, jax_gf = numpy_peak(), matmul_peak("float32")

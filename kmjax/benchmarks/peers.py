@@ -58,10 +58,15 @@ class KmjaxRunner(_Timed):
     precision = "float32"  # set from --precision
     update = None  # set from --update (None: the backend's default)
     kernel = "xla"  # set from --kernel
+    devices = 1  # set from --devices (0: every local device)
 
     def __init__(self, mods, x, c0, k, iters):
         jax, km = mods
+        from kmjax.parallel import data_mesh
+
         self.jax, self.km, self.k, self.iters = jax, km, k, iters
+        count = self.devices or len(jax.local_devices())
+        self.mesh = data_mesh(count, local=True) if count > 1 else None
         self.x = jax.device_put(x)
         self.c0 = jax.device_put(c0)
         self.key = jax.random.key(SEED)
@@ -69,7 +74,7 @@ class KmjaxRunner(_Timed):
 
     def _call(self):
         res = self.km.kmeans(self.key, self.x, self.k, init=self.c0, max_iter=self.iters, tol=None,
-                             precision=self.precision, update=self.update, kernel=self.kernel)
+                             precision=self.precision, update=self.update, kernel=self.kernel, mesh=self.mesh)
         return self.jax.block_until_ready(res)
 
     def run(self):
