@@ -204,7 +204,8 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--compile-cache", metavar="DIR|off", help="JAX's persistent compilation cache "
                         "(default: $KMJAX_COMPILE_CACHE, else ~/.cache/kmjax/jax; 'off' disables it)")
         sp.add_argument("--devices", type=int, metavar="N", help="k-means and features data-parallel on N local "
-                        "devices (0: all; the config key `devices`); on a CPU, splits it into N devices")
+                        "devices (0: all; the config key `devices`); on a CPU, splits it into N devices "
+                        "(0: one per core)")
         sp.add_argument("-q", "--quiet", action="store_true", help="no progress output, only the summary")
         d = sp.add_argument_group("several processes (hosts): start the same command in each; see docs/scaling.md")
         d.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0, where JAX's coordination "

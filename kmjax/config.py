@@ -107,7 +107,7 @@ class ClassifierConfig:
 class Config:
     name: str = "experiment"
     seed: int = 0
-    devices: int = 1  # k-means and features data-parallel on this many local devices (0: all of them)
+    devices: int = 1  # k-means and features data-parallel on this many local devices (0: all; a CPU: one per core)
     data: DataConfig = field(default_factory=DataConfig)
     patches: PatchesConfig = field(default_factory=PatchesConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
