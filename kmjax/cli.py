@@ -205,7 +205,7 @@ def _parser() -> argparse.ArgumentParser:
                         "(default: $KMJAX_COMPILE_CACHE, else ~/.cache/kmjax/jax; 'off' disables it)")
         sp.add_argument("--devices", type=int, metavar="N", help="k-means and features data-parallel on N local "
                         "devices (0: all; the config key `devices`); on a CPU, splits it into N devices "
-                        "(0: one per core)")
+                        "(0: one per hardware thread, at most 8)")
         sp.add_argument("-q", "--quiet", action="store_true", help="no progress output, only the summary")
         d = sp.add_argument_group("several processes (hosts): start the same command in each; see docs/scaling.md")
         d.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0, where JAX's coordination "
@@ -301,8 +301,8 @@ def main(argv=None) -> int:
 
 def _split_cpu(args) -> None:
     """Before JAX starts, split the CPU into the devices the config asks for (``devices``, or
-    ``--devices``; 0: one per core; ``kmjax.parallel.split_cpu``): k-means and the features then
-    run data-parallel over them."""
+    ``--devices``; 0: one per hardware thread, at most 8, and one with several processes;
+    ``kmjax.parallel.split_cpu``): k-means and the features then run data-parallel over them."""
     from kmjax.config import load_config
     from kmjax.parallel import split_cpu
 
@@ -310,6 +310,9 @@ def _split_cpu(args) -> None:
         devices = load_config(args.config, args.set).devices
     except (ValueError, OSError):  # the command itself reports it
         return
+    several = getattr(args, "distributed", False) or getattr(args, "coordinator", None) is not None
+    if devices == 0 and several:
+        return  # processes on different hosts would count different cores: one CPU device each
     split_cpu(devices)
 
 

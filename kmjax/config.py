@@ -100,14 +100,15 @@ class ClassifierConfig:
     tol: float = 1e-3  # gradient-norm stop
     solver: str = "auto"  # ridge: "gram" (F x F Gram matrix), "dual" (N x N kernel), "auto" (the smaller), "cg"
     rank: int = 1024  # ridge with solver "cg": the rank of its Nystrom preconditioner
-    storage: str = "float32"  # svm / logistic: the dtype L-BFGS holds the features in ("bfloat16": half the bytes)
+    storage: str = "float32"  # svm / logistic: the dtype L-BFGS holds the features in ("bfloat16": half the bytes);
+    #                           ridge (float64 sums of the features as they are) ignores it
 
 
 @dataclass(frozen=True)
 class Config:
     name: str = "experiment"
     seed: int = 0
-    devices: int = 1  # k-means and features data-parallel on this many local devices (0: all; a CPU: one per core)
+    devices: int = 1  # k-means and features data-parallel on this many local devices (0: all; a CPU is split, <= 8)
     data: DataConfig = field(default_factory=DataConfig)
     patches: PatchesConfig = field(default_factory=PatchesConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
@@ -212,9 +213,6 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("kmeans.flip_closed with features.train_flip trains on the mirrors without encoding them, "
                           "which covers the images and their mirrors only: set features.train_crops = 0, or "
                           "train_flip = false to add crops with explicit features")
-    if cfg.classifier.storage != "float32" and cfg.classifier.loss == "ridge":
-        raise ConfigError(f"classifier.storage = {cfg.classifier.storage!r} is for the L-BFGS losses (svm, logistic); "
-                          "ridge sums its statistics in float64 from the features as they are: remove the key")
     if cfg.devices < 0:
         raise ConfigError(f"devices must be >= 0 (0: every local device), got {cfg.devices}")
     if cfg.kmeans.max_iter < 0:

@@ -61,23 +61,32 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from kmjax._checks import positive_int
 
-__all__ = ["data_mesh", "resolve_mesh", "shard_rows", "unit_weights", "replicate", "split_cpu"]
+__all__ = ["data_mesh", "resolve_mesh", "shard_rows", "unit_weights", "replicate", "split_cpu", "MAX_CPU_DEVICES"]
 
 
 def split_cpu(count: int) -> None:
-    """Ask XLA to split the CPU into ``count`` devices (0: one per core), if JAX has not started yet
-    and ``XLA_FLAGS`` names no device count; otherwise nothing (a GPU's devices are what they are,
-    and a started backend keeps its count)."""
+    """Ask XLA to split the CPU into ``count`` devices (0: one per hardware thread this process may
+    use, at most ``MAX_CPU_DEVICES``), if JAX has not started yet, ``XLA_FLAGS`` names no device count
+    and ``JAX_PLATFORMS`` does not leave the CPU out; otherwise nothing (a GPU's devices are what
+    they are, and a started backend keeps its count)."""
     from jax._src import xla_bridge
 
     started = getattr(xla_bridge, "backends_are_initialized", lambda: False)()
-    if started or "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+    platforms = [p for p in os.environ.get("JAX_PLATFORMS", "").split(",") if p]
+    if started or (platforms and "cpu" not in platforms) or \
+            "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
         return
     if count == 0:
-        count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        count = min(threads, MAX_CPU_DEVICES)
     if count > 1:
         flags = os.environ.get("XLA_FLAGS", "")
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
+
+
+# devices = 0 on a CPU: measured on 2 cores only (1.1-1.2x); past a few devices per batch the
+# features' fixed-size batches of 128 images per device outgrow the runner's 2,048-image segments
+MAX_CPU_DEVICES = 8
 
 
 def data_mesh(n_devices: int | None = None, axis_name: str = "data", *, local: bool = False) -> Mesh:

@@ -197,11 +197,22 @@ def test_bfloat16_products_multiply_by_the_exact_weights():
     a = jnp.asarray(rng.standard_normal((300, 200)), jnp.bfloat16)
     b = rng.standard_normal((200, 7)).astype(np.float32)
     exact = np.asarray(a, np.float64) @ b.astype(np.float64)
-    got = np.asarray(_dot(a, jnp.asarray(b)))
-    assert got.dtype == np.float32
-    # float32 accumulation of 200 terms: ~1e-6 of the largest entry; b rounded to bfloat16 once
-    # would be ~1e-3
-    np.testing.assert_allclose(got, exact, atol=2e-6 * np.max(np.abs(exact)))
+    for dot in (_dot, jax.jit(_dot)):  # compiled too: no pass may fold the split away
+        got = np.asarray(dot(a, jnp.asarray(b)))
+        assert got.dtype == np.float32
+        # float32 accumulation of 200 terms: ~1e-6 of the largest entry; b rounded to bfloat16 once
+        # would be ~1e-3
+        np.testing.assert_allclose(got, exact, atol=2e-6 * np.max(np.abs(exact)))
+
+
+def test_svm_gradient_with_bfloat16_features_is_float32_without_a_transposed_copy():
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(rng.standard_normal((200, 30)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((30, 4)) * 0.1, jnp.float32)
+    labels = jnp.asarray(rng.integers(0, 4, 200))
+    g = jax.grad(svm_loss)(w, x, labels, 10.0)
+    ref = svm_ref(np.asarray(w), np.asarray(x.astype(jnp.float32)), np.asarray(labels), 10.0)[1]
+    np.testing.assert_allclose(np.asarray(g), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
 
 
 # ---------------------------------------------------------------- errors

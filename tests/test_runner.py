@@ -413,13 +413,20 @@ def test_run_splits_the_cpu_into_the_devices_its_config_asks_for(monkeypatch):
         _split_cpu(argparse.Namespace(config="quick", set=[f"devices={devices}"]))
         return os.environ["XLA_FLAGS"]
 
-    cores = len(os.sched_getaffinity(0))
-    assert flags_after(0, "--xla_foo=1") == ("--xla_foo=1" + (f" --xla_force_host_platform_device_count={cores}"
-                                                              if cores > 1 else ""))
+    from kmjax.parallel import MAX_CPU_DEVICES
+
+    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    count = min(threads, MAX_CPU_DEVICES)
+    assert flags_after(0, "--xla_foo=1") == ("--xla_foo=1" + (f" --xla_force_host_platform_device_count={count}"
+                                                              if count > 1 else ""))
     assert flags_after(3) == "--xla_force_host_platform_device_count=3"
     assert flags_after(1) == ""
     assert flags_after(3, "--xla_force_host_platform_device_count=2") == "--xla_force_host_platform_device_count=2"
     assert flags_after(3, started=True) == ""
+    monkeypatch.setenv("JAX_PLATFORMS", "cuda")
+    assert flags_after(3) == ""
+    monkeypatch.setenv("JAX_PLATFORMS", "cuda,cpu")
+    assert flags_after(3) == "--xla_force_host_platform_device_count=3"
 
 
 @pytest.mark.long

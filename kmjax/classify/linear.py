@@ -68,19 +68,27 @@ class LinearModel(NamedTuple):
 STORAGES = ("float32", "bfloat16")  # the dtypes train_linear can hold its features in
 
 
+def _bfloat16_head(v):
+    """float32 ``v`` with its mantissa cut to bfloat16's 8 bits: exact in bfloat16, and ``v`` minus it
+    exact in float32. Cut by masking the bits, not by a float32 -> bfloat16 -> float32 round trip,
+    which a compiler may fold away (XLA's GPU pipeline simplifies such conversion pairs)."""
+    bits = jax.lax.bitcast_convert_type(v, jnp.uint32) & jnp.uint32(0xFFFF0000)
+    return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
 def _dot(a, b):
     """a @ b with float32 results. For bfloat16 ``a`` (features held in half the bytes), the float32
-    ``b`` is split into three bfloat16 parts, b = b1 + b2 + b3 to float32's 24 bits, multiplied in
-    one product accumulated in float32: the float32 product of the rounded ``a`` with the exact
-    ``b``. The objective is then a smooth function of the weights (no rounding of them), and an
-    L-BFGS line search sees what it would in float32."""
+    ``b`` is split into three bfloat16 parts, b = b1 + b2 + b3 exactly (8 bits each of float32's
+    24), multiplied in one product accumulated in float32: the float32 product of the rounded
+    ``a`` with the exact ``b``. The objective is then a smooth function of the weights (no
+    rounding of them), and an L-BFGS line search sees what it would in float32."""
     if a.dtype != jnp.bfloat16:
         return jnp.matmul(a, b, precision=_HIGHEST)
     parts, rest = [], b.astype(jnp.float32)
     for _ in range(3):
-        part = rest.astype(jnp.bfloat16)
-        parts.append(part)
-        rest = rest - part.astype(jnp.float32)
+        head = _bfloat16_head(rest)
+        parts.append(head.astype(jnp.bfloat16))
+        rest = rest - head
     out = jax.lax.dot(a, jnp.concatenate(parts, axis=1), preferred_element_type=jnp.float32)
     return out.reshape(a.shape[0], 3, b.shape[1]).sum(axis=1)
 
@@ -108,7 +116,8 @@ _scores.defvjp(_scores_fwd, _scores_bwd)
 
 
 def _product(weights, x, xt):
-    return _dot(x, weights) if xt is None else _scores(weights, x, xt)
+    # always through _scores: JAX's own transpose of _dot would round a bfloat16 x's gradient to bfloat16
+    return _scores(weights, x, x.T if xt is None else xt)
 
 
 def svm_loss(weights, x, labels, C, xt=None):
@@ -203,8 +212,9 @@ def train_linear(x, labels, *, loss: str = "svm", C: float = 100.0, num_classes:
       memory: L-BFGS history length.
       storage: the dtype the features are held in while training, one of ``STORAGES``. Each
         L-BFGS evaluation reads them twice (x @ w and the gradient), and on CPUs it is bound by
-        those bytes: "bfloat16" halves them (and the memory) and runs 2-3x faster, fitting the
-        features rounded to bfloat16 with float32 weights, products and objective (``_dot``).
+        those bytes: "bfloat16" halves them (and the training copies' memory) and runs 2-3x
+        faster, fitting the features rounded to bfloat16 with float32 weights, products and
+        objective (``_dot``). Pass bfloat16 ``x`` to keep no float32 copy at all.
       progress: optional ``progress(iteration, max_iter, loss)`` called every few iterations (the
         loop then runs in pieces of the same compiled program: the same numbers; see
         ``kmjax._loop.run_in_pieces``).
@@ -217,7 +227,7 @@ def train_linear(x, labels, *, loss: str = "svm", C: float = 100.0, num_classes:
     """
     choice(loss, LOSSES, "loss")
     choice(storage, STORAGES, "storage")
-    x = jnp.asarray(x, jnp.float32).astype(storage)
+    x = jnp.asarray(x, jnp.dtype(storage))
     labels = jnp.asarray(labels, jnp.int32)
     if x.ndim != 2 or labels.shape != (x.shape[0],):
         raise ValueError(f"x must be (N, F) and labels (N,), got {x.shape} and {labels.shape}")

@@ -109,7 +109,7 @@ def _lbfgs_search(features, labels, split, C_grid, fit_args, mirror, log):
     # a function of its own: the standardized copy of the fitted part is freed before the final fit
     fit, _, scored = split
     std = fit_standardizer(features[fit])
-    xf = standardize(std, features[fit])
+    xf = standardize(std, features[fit]).astype(fit_args["storage"])
     score = _scorer(features, labels, scored, mirror)
     return search_C(C_grid, lambda C: score(std, train_linear(xf, labels[fit], C=C, **fit_args)[0]), log)
 
@@ -119,8 +119,8 @@ def _fit_lbfgs(features, labels, C, C_grid, split, fit_args, mirror, report, log
     if C_grid:
         C, scores = _lbfgs_search(features, labels, split, C_grid, fit_args, mirror, log)
     std = fit_standardizer(features)
-    model, info = train_linear(standardize(std, features), labels, C=C, progress=report("L-BFGS", "iterations"),
-                               **fit_args)
+    x = standardize(std, features).astype(fit_args["storage"])  # no float32 copy alive beside a bfloat16 one
+    model, info = train_linear(x, labels, C=C, progress=report("L-BFGS", "iterations"), **fit_args)
     return ClassifierFit(std, model, float(C), scores, int(info.n_iter), float(info.loss), float(info.grad_norm))
 
 

@@ -340,7 +340,8 @@ def _classifier_stage(cfg, features, labels, num_classes, copies, key, store, st
         with timer.stage("classifier"):
             fit = fit_classifier(features, labels, num_classes=num_classes, loss=c.loss, C=c.C, C_grid=c.C_grid,
                                  val_fraction=c.val_fraction, key=key, copies=copies, max_iter=c.max_iter, tol=c.tol,
-                                 solver=c.solver, rank=c.rank, storage=c.storage,
+                                 solver=c.solver, rank=c.rank,
+                                 storage="float32" if c.loss == "ridge" else c.storage,
                                  mirror_scoring=copies > 1 and cfg.features.train_flip and cfg.features.test_flip,
                                  progress=lambda label, unit: progress(label, quiet, unit),
                                  log=lambda line: log(line, quiet), resume=checkpoints,
