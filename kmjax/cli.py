@@ -310,8 +310,7 @@ def _split_cpu(args) -> None:
         devices = load_config(args.config, args.set).devices
     except (ValueError, OSError):  # the command itself reports it
         return
-    several = getattr(args, "distributed", False) or getattr(args, "coordinator", None) is not None
-    if devices == 0 and several:
+    if devices == 0 and _several_processes(args):
         return  # processes on different hosts would count different cores: one CPU device each
     split_cpu(devices)
 

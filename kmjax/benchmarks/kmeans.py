@@ -242,7 +242,8 @@ def _parser():
     p.add_argument("--json", default=None, metavar="PATH", help="write the records here")
     p.add_argument("--devices", type=int, default=1, metavar="N",
                    help="kmjax data-parallel on N local devices (a CPU is split into N before JAX starts; 0: one "
-                        "per core), as `kmjax run` with devices = N; the peers keep every thread (default 1)")
+                        "per hardware thread, at most 8), as `kmjax run` with devices = N; the peers keep every "
+                        "thread (default 1)")
     p.add_argument("--precision", default="float32", choices=("float32", "tf32", "bfloat16"),
                    help="kmjax's distance products, and PyTorch's with tf32 (tf32/bfloat16: faster on GPUs)")
     p.add_argument("--update", choices=("scatter", "matmul"), default=None,
