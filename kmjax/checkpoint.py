@@ -23,15 +23,12 @@ import jax
 import numpy as np
 
 from kmjax._io import atomic_write
+from kmjax.errors import FileFormatError
 
 __all__ = ["FileFormatError", "Slot", "save_tree", "read_meta", "load_tree", "tree_names"]
 
 META = "__meta__"
 _DATE = (1980, 1, 1, 0, 0, 0)  # the zip format's earliest timestamp: identical bytes for identical trees
-
-
-class FileFormatError(ValueError):
-    """A file that is not the kmjax artifact it should be; the message names the file and the problem."""
 
 
 class Slot:

@@ -22,6 +22,7 @@ from kmjax.cluster import EMPTY_POLICIES, INITS
 from kmjax.dictionary import AUTHORS, NORMALIZATIONS, SAMPLINGS
 from kmjax.encoders import ENCODERS
 from kmjax.features import FeatureSpec
+from kmjax.errors import ConfigError
 from kmjax.pooling import POOLS
 
 __all__ = ["Config", "ConfigError", "load_config", "parse_config", "apply_overrides", "to_dict", "parse_value",
@@ -29,10 +30,6 @@ __all__ = ["Config", "ConfigError", "load_config", "parse_config", "apply_overri
 
 
 _SPEC = FeatureSpec._field_defaults  # the features' defaults, defined once with FeatureSpec
-
-
-class ConfigError(ValueError):
-    """A config file or override that cannot be used; the message says which key and why."""
 
 
 @dataclass(frozen=True)

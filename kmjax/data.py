@@ -30,6 +30,7 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
+from kmjax.errors import DataError
 from kmjax._checks import choice
 from kmjax.safe_pickle import RefusedPickle, safe_loads
 
@@ -68,10 +69,6 @@ _IMAGE_SHAPE_CHW = (3, 32, 32)
 _PIXELS_PER_IMAGE = 3 * 32 * 32  # 3072
 _NUM_TRAIN_BATCHES = 5
 _SPLITS = ("train", "test")
-
-
-class DataError(Exception):
-    """A problem with the CIFAR-10 files; the message names the file and how to fix it."""
 
 
 class Cifar10(NamedTuple):

@@ -23,16 +23,13 @@ from kmjax._io import atomic_write
 from kmjax.checkpoint import FileFormatError, load_tree, save_tree
 from kmjax import templates
 from kmjax.config import check_name
+from kmjax.errors import RunError
 
 __all__ = ["RunError", "new_run_dir", "RunLock", "StageStore", "stage_keys", "data_id", "config_differences",
            "write_json"]
 
 # Config entries that change how fast a run goes, never its numbers.
 SPEED_ONLY = ("features.memory_mb", "features.keep")
-
-
-class RunError(ValueError):
-    """A run folder that cannot be used as asked; the message says why and what to do."""
 
 
 def _unwritable(folder: Path, e: OSError) -> RunError:
