@@ -1,10 +1,15 @@
 """kmjax: Coates-Lee-Ng single-layer k-means features on CIFAR-10, as pure JAX functions.
 
-Data flows through the modules in this order: data -> (augment) -> patches -> preprocess ->
-nearest -> lloyd -> cluster -> encoders -> pooling -> symmetry -> dictionary -> features -> classify ->
-model; parallel places rows on a mesh of devices for cluster and features. The functions return
-pytrees and write no files; the shell around them (experiment: runner, stage store, sweep; config,
-plots, cli) persists them through checkpoint, with the file templates of templates.
+Data flows through the modules in this order: data (CIFAR-10, read through safe_pickle) ->
+(augment) -> patches -> preprocess -> nearest -> lloyd -> cluster -> encoders -> pooling ->
+symmetry -> dictionary -> features -> classify -> model; parallel places rows on a mesh of devices
+for cluster and features. The array functions return pytrees and write no files. The shell around
+them does: data downloads the data set; model and the experiment package (the runner, its plan,
+stage store, processes, sweep, export and report, one module per concern) save pytrees through
+checkpoint, against the file templates of templates; config reads the TOML configs, plots draws
+the figures, cli is the command line. sklearn wraps the functions as scikit-learn estimators and
+benchmarks times them. errors is the family of errors a user can fix; _checks, _loop, _ops and
+_io are shared helpers. docs/design.md describes every module in one line.
 """
 
 __version__ = "0.2.0"  # the one version number (pyproject reads it); part of every stage key

@@ -52,11 +52,12 @@ def max_argmax(scores):
 
 
 # XLA's CPU compiler hands matrix products, with the element-wise work around them, to YNNPACK
-# ("YNN fusions"). For k-means (products and a row argmax) and the L-BFGS products that is the
-# faster choice, 1.7x and 15x here; for the dense features, whose encoder and pooling do as much
-# element-wise work per score as the product does, XLA's own loop fusions around Eigen's products
-# are 1.15-1.5x faster (BENCHMARKS.md, "Hot loops on a CPU"). So that loop alone is compiled with
-# YNN fusions off.
+# ("YNN fusions"). For k-means (products and a row argmax) and the L-BFGS products (by far with
+# bfloat16 features) that is the faster choice; for the dense features, whose encoder and pooling
+# do as much element-wise work per score as the product does, XLA's own loop fusions around
+# Eigen's products are faster. So that loop alone is compiled with YNN fusions off. Measured in
+# BENCHMARKS.md, "Hot loops on a CPU, second pass": python experiments/hot_loop_parts.py, and the
+# benchmarks with and without XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type= .
 _XLA_FUSIONS = (("xla_cpu_experimental_ynn_fusion_type", ""),)
 
 

@@ -96,10 +96,10 @@ def auto_batch_size(spec: FeatureSpec, k: int, image_shape, memory_mb: float = 5
 
 def _default_step(spec, k, image_shape, memory_mb) -> int:
     # On a CPU two images per product: their maps (2 x 729 x 1600 floats at the paper's settings)
-    # stay near the cores between the encoder's product and the pooling. 1.1-1.15x faster than one
-    # image for the triangle encoder at K = 1600 and 4000, and than 4 or 8 images for the soft
-    # threshold (BENCHMARKS.md, "Hot loops"; a batch-wide product is 1.7x slower). An accelerator
-    # wants the widest product the memory budget allows.
+    # stay near the cores between the encoder's product and the pooling, and the product is wider
+    # than one image's; more images per product, or the whole batch, are slower again
+    # (BENCHMARKS.md, "Hot loops on a CPU, second pass": kmjax bench features --batch-wide-step N).
+    # An accelerator wants the widest product the memory budget allows.
     if jax.default_backend() == "cpu":
         return 2
     return auto_batch_size(spec, k, image_shape, memory_mb)

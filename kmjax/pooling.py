@@ -68,9 +68,9 @@ def pool(feature_map, grid: int = 2, op: str = "sum", size: int | None = None, s
     row_spans, col_spans = region_spans(h, w, grid, size, stride)
     reduce = POOLS[op]
     # Each band of rows is reduced first, then each span of columns in the band: XLA fuses the
-    # encoder's element-wise work into the band reductions, so the codes are never written out
-    # (on a CPU 1.2x faster for the whole features loop than one product with a 0/1 matrix of
-    # regions, and 1.7x faster than reducing each region on its own; BENCHMARKS.md, "Hot loops").
+    # encoder's element-wise work into the band reductions, so the codes are never written out.
+    # On a CPU that beats one product with a 0/1 matrix of regions and reducing each region on its
+    # own (BENCHMARKS.md, "Hot loops on a CPU, second pass": python experiments/hot_loop_parts.py).
     bands = [reduce(feature_map[:, r0:r1], axis=1) for r0, r1 in row_spans]
     return jnp.concatenate([reduce(band[:, c0:c1], axis=1) for band in bands for c0, c1 in col_spans], axis=1)
 

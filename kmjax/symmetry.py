@@ -43,6 +43,19 @@ standardized pair sums IS the mirror-augmented classifier with that standardizat
 predictions are mirror-invariant (test-time mirror averaging comes free: the two views score
 alike), and no mirrored image is ever encoded. The Gram matrix is a quarter of the mirrored
 one's size and an eighth of its arithmetic (half the rows, half the columns).
+
+What is exact, and relative to what. A classifier fitted on the standardized pair sums is, to
+rounding, the classifier of the explicit rows z_i and P z_i standardized with the pair sums'
+statistics: every feature centred on its mean over the 2N rows (mean(r_j) / sqrt(2) for both
+features of pair j) and scaled by its pair's sqrt(var(r_j) + eps), eps the classifier's
+(``tests/test_symmetry.py`` checks weights and scores against that explicit ridge in float64).
+It is not the classifier of the encoded mirrors with the usual standardization, each feature
+scaled by its own sqrt(var + eps) over the 2N rows: the means agree, but with m, v the features'
+means and variances over the N images (population variances), feature a's variance over the 2N
+rows is (v_a + v_b) / 2 + ((m_a - m_b) / 2)^2, where var(r_j) = (v_a + v_b) / 2 + cov(x_a, x_b).
+The two are different scalings, pair by pair, of the same features, both mirror-invariant: for
+the same C they are different ridge (or SVM) problems, which kmjax has not compared on one
+dictionary.
 """
 
 from __future__ import annotations
