@@ -15,16 +15,16 @@ _io are shared helpers. docs/design.md describes every module in one line.
 __version__ = "0.2.0"  # the one version number (pyproject reads it); part of every stage key
 
 from kmjax.augment import mirror, random_crops
-from kmjax.checkpoint import FileFormatError
 from kmjax.classify import (
     ClassifierFit, GramStats, LinearModel, Standardizer, accumulate_gram, accuracy, fit_classifier, fit_ridge,
     fit_standardizer, gram_stats, predict, predict_features, search_C, softmax_loss, standardize, svm_loss,
     train_linear, validation_split,
 )
 from kmjax.cluster import KMeansResult, assign, init_centroids, kmeans
-from kmjax.data import Cifar10, DataError, download_cifar10, load_cifar10, resolve_data_dir
+from kmjax.data import Cifar10, download_cifar10, load_cifar10, resolve_data_dir
 from kmjax.dictionary import Dictionary, learn_dictionary
 from kmjax.encoders import encode, hard, nearest_q, soft_threshold, triangle
+from kmjax.errors import ConfigError, DataError, FileFormatError, InputError, InputTypeError, KmjaxError, RunError
 from kmjax.features import FeatureSpec, batch_features, extract_features, feature_dim
 from kmjax.model import Model, load, load_dictionary, predict_images, save, save_dictionary
 from kmjax.patches import extract_patches, sample_patches
@@ -44,5 +44,6 @@ __all__ = [
     "Standardizer", "fit_standardizer", "standardize", "LinearModel", "svm_loss", "softmax_loss",
     "train_linear", "predict", "accuracy", "GramStats", "gram_stats", "accumulate_gram", "fit_ridge",
     "predict_features", "ClassifierFit", "fit_classifier", "validation_split", "search_C",
-    "Model", "save", "load", "predict_images", "save_dictionary", "load_dictionary", "FileFormatError",
+    "Model", "save", "load", "predict_images", "save_dictionary", "load_dictionary",
+    "KmjaxError", "InputError", "InputTypeError", "ConfigError", "DataError", "FileFormatError", "RunError",
 ]

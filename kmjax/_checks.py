@@ -1,4 +1,7 @@
-"""Argument checks shared by the public functions: clear errors before anything is traced."""
+"""Argument checks shared by the public functions: clear errors before anything is traced.
+
+Every check raises ``InputError`` (a ``ValueError``), or ``InputTypeError`` (a ``TypeError``) for a
+traced value given to a host-level function: ``kmjax.errors``, the errors a user can fix."""
 
 from __future__ import annotations
 
@@ -6,6 +9,8 @@ import numpy as np
 
 import jax
 import jax.numpy as jnp
+
+from kmjax.errors import InputError, InputTypeError
 
 
 def is_tracer(x) -> bool:
@@ -18,15 +23,15 @@ def check_images(images) -> None:
     shape = np.shape(images)
     if len(shape) != 4:
         hint = " (add a channel axis: images[..., None])" if len(shape) == 3 else ""
-        raise ValueError(f"images must have shape (N, H, W, C), got shape {shape}{hint}")
+        raise InputError(f"images must have shape (N, H, W, C), got shape {shape}{hint}")
     if shape[0] == 0:
-        raise ValueError("images is empty: got 0 images")
+        raise InputError("images is empty: got 0 images")
     if is_tracer(images) or np.asarray(images[:0]).dtype.kind != "f":
         return
     bad = ~np.isfinite(np.asarray(images))
     if bad.any():
         which = np.flatnonzero(bad.reshape(shape[0], -1).any(axis=1))
-        raise ValueError(f"images hold {int(bad.sum())} NaN or Inf values, in {which.size} of {shape[0]} images "
+        raise InputError(f"images hold {int(bad.sum())} NaN or Inf values, in {which.size} of {shape[0]} images "
                          f"(the first: index {int(which[0])}); fix or drop those images")
 
 
@@ -40,23 +45,23 @@ def check_matrix(x, name: str = "x") -> None:
     """A (N, D) array of N >= 1 finite values (finiteness checked only on concrete arrays)."""
     shape = np.shape(x)
     if len(shape) != 2:
-        raise ValueError(f"{name} must be a 2-D array (N, D), got shape {shape}")
+        raise InputError(f"{name} must be a 2-D array (N, D), got shape {shape}")
     if shape[0] == 0 or shape[1] == 0:
-        raise ValueError(f"{name} is empty: shape {shape}")
+        raise InputError(f"{name} is empty: shape {shape}")
     if is_tracer(x):
         return
     if isinstance(x, jax.Array) and bool(_all_finite(x)):
         return
     bad = int((~np.isfinite(np.asarray(x))).sum())
     if bad:
-        raise ValueError(f"{name} contains {bad} NaN or Inf values; clean or drop those rows first")
+        raise InputError(f"{name} contains {bad} NaN or Inf values; clean or drop those rows first")
 
 
 def choice(value, choices, name: str, hint: str = "") -> str:
-    """``value`` if it is one of the strings ``choices``; else a ValueError that lists them.
+    """``value`` if it is one of the strings ``choices``; else an ``InputError`` that lists them.
     ``hint``: appended to the message (e.g. " or pass a (k, D) array")."""
     if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"unknown {name} {value!r}; choose one of {tuple(choices)}{hint}")
+        raise InputError(f"unknown {name} {value!r}; choose one of {tuple(choices)}{hint}")
     return value
 
 
@@ -66,14 +71,14 @@ def integer(value, name: str, minimum: int | None = None, maximum: int | None = 
             minimum is not None and value < minimum) or (maximum is not None and value > maximum):
         bounds = {(True, False): f" >= {minimum}", (False, True): f" <= {maximum}",
                   (True, True): f" in [{minimum}, {maximum}]", (False, False): ""}
-        raise ValueError(f"{name} must be an integer{bounds[minimum is not None, maximum is not None]}, got {value!r}")
+        raise InputError(f"{name} must be an integer{bounds[minimum is not None, maximum is not None]}, got {value!r}")
     return int(value)
 
 
 def positive_int(value, name: str) -> int:
     """``value`` as a Python int >= 1."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        raise InputError(f"{name} must be a positive integer, got {value!r}")
     return int(value)
 
 
@@ -87,7 +92,7 @@ def number(value, name: str, *, above: float | None = None, at_least: float | No
     if not ok:
         parts = [f"> {above}" if above is not None else "", f">= {at_least}" if at_least is not None else "",
                  f"< {below}" if below is not None else ""]
-        raise ValueError(f"{name} must be a number {' and '.join(p for p in parts if p)}, got {value!r}".replace(
+        raise InputError(f"{name} must be a number {' and '.join(p for p in parts if p)}, got {value!r}".replace(
             "a number , got", "a number, got"))
     return float(value)
 
@@ -96,12 +101,12 @@ def check_labels(labels, n: int, num_classes: int, rows=None) -> np.ndarray:
     """(n,) integer class indices in [0, num_classes) (only ``rows`` of them, if given), as a NumPy array."""
     labels = np.asarray(labels)
     if labels.shape != (n,):
-        raise ValueError(f"there are {n} rows of features but labels of shape {labels.shape}: one label per row")
+        raise InputError(f"there are {n} rows of features but labels of shape {labels.shape}: one label per row")
     if not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"labels must be integer class indices, got dtype {labels.dtype}")
+        raise InputError(f"labels must be integer class indices, got dtype {labels.dtype}")
     used = labels if rows is None else labels[rows]
     if used.size and (used.min() < 0 or used.max() >= num_classes):
-        raise ValueError(f"labels must lie in [0, {num_classes}), got {used.min()}..{used.max()}")
+        raise InputError(f"labels must lie in [0, {num_classes}), got {used.min()}..{used.max()}")
     return labels
 
 
@@ -109,5 +114,5 @@ def host_only(name: str, instead: str, *values) -> None:
     """Refuse traced values in one line: ``kmjax.name`` is a host-level entry point (it loops on the
     host, or returns NumPy arrays or Python numbers), and ``instead`` works inside ``jax.jit``."""
     if any(is_tracer(v) for v in values):
-        raise TypeError(f"kmjax.{name} is a host-level entry point and cannot run inside jax.jit; "
+        raise InputTypeError(f"kmjax.{name} is a host-level entry point and cannot run inside jax.jit; "
                         f"inside jit use {instead}")

@@ -8,13 +8,12 @@ JAX arrays, also inside ``jax.jit``).
 
 from __future__ import annotations
 
-import numbers
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kmjax._checks import is_tracer
+from kmjax._checks import integer, is_tracer
+from kmjax.errors import InputError
 
 __all__ = ["mirror", "random_crops"]
 
@@ -22,7 +21,7 @@ __all__ = ["mirror", "random_crops"]
 def _check_rank(images, name: str) -> None:
     shape = np.shape(images)
     if len(shape) != 4:
-        raise ValueError(f"{name} needs images of shape (N, H, W, C), got shape {shape}")
+        raise InputError(f"{name} needs images of shape (N, H, W, C), got shape {shape}")
 
 
 def mirror(images):
@@ -57,18 +56,16 @@ def random_crops(key, images, pad: int = 4, *, among=None):
       (N, H, W, C), same dtype; NumPy for a NumPy input, else a JAX array.
     """
     _check_rank(images, "random_crops")
-    if isinstance(pad, bool) or not isinstance(pad, numbers.Integral) or pad < 0:
-        raise ValueError(f"pad must be an integer >= 0, got {pad!r}")
-    pad = int(pad)
+    pad = integer(pad, "pad", minimum=0)
     n, h, w, _ = np.shape(images)
     index, total = (None, n) if among is None else among
     corners = jax.random.randint(key, (total, 2), 0, 2 * pad + 1)
     if index is not None:
         if np.shape(index) != (n,):
-            raise ValueError(f"among = (index, n) needs one index per image: {n} images, index of shape "
+            raise InputError(f"among = (index, n) needs one index per image: {n} images, index of shape "
                              f"{np.shape(index)}")
         if not is_tracer(index) and n and not 0 <= int(np.min(index)) <= int(np.max(index)) < total:
-            raise ValueError(f"among = (index, n): the indices must lie in [0, {total}), got "
+            raise InputError(f"among = (index, n): the indices must lie in [0, {total}), got "
                              f"{int(np.min(index))}..{int(np.max(index))}")
         corners = corners[jnp.asarray(index)]
     host = isinstance(images, np.ndarray) and not is_tracer(corners)

@@ -1,7 +1,11 @@
 """Command line: ``kmjax run | sweep | export | predict | filters | bench | info`` (the shell).
 
-Exit codes scripts can rely on: 0 success; 1 an unexpected error (a bug: please report it);
-2 bad usage, config, data, input or output folder (the message says what to fix); 130 interrupted.
+Exit codes scripts can rely on: 0 success; 1 an unexpected error, printed with its traceback (a
+bug: please report it); 2 bad usage, config, data, input or output folder (the message says what
+to fix); 130 interrupted. Exit code 2 is given for exactly the errors a user can fix: a
+``kmjax.errors.KmjaxError``, or an ``OSError`` such as a missing file or a full disk
+(``_USER_ERRNOS``). Any other exception, a plain ``ValueError`` from inside NumPy or JAX included,
+is a bug.
 """
 
 from __future__ import annotations
@@ -14,10 +18,12 @@ import sys
 import traceback
 from pathlib import Path
 
+from kmjax.errors import KmjaxError
+
 __all__ = ["main"]
 
 
-class _UsageError(Exception):
+class _UsageError(KmjaxError):
     """Bad input to a command: exit code 2 with the message."""
 
 
@@ -105,6 +111,9 @@ def _read_images(paths, resize: bool, shape):
                 a = np.load(p, allow_pickle=False)
             except (OSError, ValueError) as e:
                 raise _UsageError(f"cannot read {p}: {e}") from None
+            if a.ndim not in (3, 4):
+                raise _UsageError(f"{p} holds an array of shape {a.shape}: one image (H, W, C) or images "
+                                  "(N, H, W, C) on the 0-255 scale")
             out.extend(a[None] if a.ndim == 3 else a)
             continue
         try:
@@ -187,7 +196,8 @@ def _cmd_info(args) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kmjax", description="k-means feature learning on CIFAR-10, in JAX",
-                                epilog="exit codes: 0 ok, 1 unexpected error, 2 bad usage/config/data, 130 interrupted")
+                                epilog="exit codes: 0 ok, 1 unexpected error (a bug, printed with its traceback), "
+                                "2 bad usage/config/data/files (the message says what to fix), 130 interrupted")
     sub = p.add_subparsers(dest="command", required=True)
 
     def data_args(sp):
@@ -273,9 +283,25 @@ _USER_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQU
                 errno.EISDIR}
 
 
-def main(argv=None) -> int:
-    from kmjax.data import DataError
+def _exit_code(e: BaseException) -> int:
+    """130 for an interrupt; 2 for what the user can fix: a ``KmjaxError``, or an ``OSError`` of
+    a file or folder (missing, not writable, disk full: ``_USER_ERRNOS``); 1 for anything else,
+    which is a bug (a plain ``ValueError`` from inside NumPy or JAX too)."""
+    if isinstance(e, KeyboardInterrupt):
+        return 130
+    if isinstance(e, KmjaxError) or (isinstance(e, OSError) and e.errno in _USER_ERRNOS):
+        return 2
+    return 1
 
+
+def _message(e: BaseException) -> str:
+    """The one line printed for an error of exit code 2."""
+    if isinstance(e, OSError) and not isinstance(e, KmjaxError) and e.strerror:
+        return e.strerror + (f" ({e.filename})" if e.filename else "")
+    return str(e)
+
+
+def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     if getattr(args, "devices", None) is not None:
         args.set = list(args.set) + [f"devices={args.devices}"]
@@ -285,18 +311,17 @@ def main(argv=None) -> int:
         return _run_distributed(args)
     try:
         return args.func(args)
-    except (ValueError, DataError, _UsageError) as e:  # ConfigError, RunError, FileFormatError are ValueErrors
-        print(f"kmjax: error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        if e.errno not in _USER_ERRNOS:
-            raise
-        where = f" ({e.filename})" if e.filename else ""
-        print(f"kmjax: error: {e.strerror}{where}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("kmjax: interrupted; finished stages are saved: rerun with --resume RUN_DIR", file=sys.stderr)
-        return 130
+    except (Exception, KeyboardInterrupt) as e:
+        code = _exit_code(e)
+        if code == 130:
+            print("kmjax: interrupted; finished stages are saved: rerun with --resume RUN_DIR", file=sys.stderr)
+        elif code == 2:
+            print(f"kmjax: error: {_message(e)}", file=sys.stderr)
+        else:
+            traceback.print_exc()
+            print(f"kmjax: unexpected error ({type(e).__name__}), a bug: please report it with the traceback "
+                  "above", file=sys.stderr)
+        return code
 
 
 def _split_cpu(args) -> None:
@@ -340,15 +365,8 @@ def _run_distributed(args) -> int:
     try:
         code = args.func(args)
     except BaseException as e:  # noqa: BLE001 - every failure ends every process
-        from kmjax.data import DataError
-
-        if isinstance(e, KeyboardInterrupt):
-            exit_code = 130
-        elif isinstance(e, (ValueError, DataError, _UsageError)) or (
-                isinstance(e, OSError) and e.errno in _USER_ERRNOS):
-            exit_code = 2
-        else:  # a bug: its traceback, as in one process
-            exit_code = 1
+        exit_code = _exit_code(e)
+        if exit_code == 1:  # a bug: its traceback, as in one process
             traceback.print_exc()
         processes.abort(f"kmjax: error in {where}: {str(e) or type(e).__name__}\nkmjax: the run stops on every "
                         f"process (one that died or failed ends it; the others stop within --heartbeat-timeout, "

@@ -30,7 +30,7 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
-from kmjax.errors import DataError
+from kmjax.errors import DataError, InputError
 from kmjax._checks import choice
 from kmjax.safe_pickle import RefusedPickle, safe_loads
 
@@ -218,9 +218,12 @@ def _read_class_names(batches_dir: pathlib.Path, fix: str) -> tuple[str, ...]:
     meta = _unpickle(path, fix)
     if not isinstance(meta, dict) or not any(k in meta for k in (b"label_names", "label_names")):
         return CLASS_NAMES
-    names = tuple(
-        n.decode() if isinstance(n, bytes) else str(n) for n in _get(meta, "label_names", path, fix)
-    )
+    try:
+        names = tuple(
+            n.decode() if isinstance(n, bytes) else str(n) for n in _get(meta, "label_names", path, fix)
+        )
+    except (TypeError, UnicodeDecodeError) as e:  # not a list, or names that are not UTF-8
+        raise DataError(f"CIFAR-10 file {path} has unreadable class names ({e}); {fix}") from None
     if len(names) != len(CLASS_NAMES):
         raise DataError(
             f"CIFAR-10 file {path} lists {len(names)} class names, expected {len(CLASS_NAMES)}; {fix}"
@@ -232,7 +235,7 @@ def _batch_files(split: str, batches: Sequence[int] | None) -> list[str]:
     choice(split, _SPLITS, "split")
     if split == "test":
         if batches is not None:
-            raise ValueError("batches selects training batches; it cannot be used with split='test'")
+            raise InputError("batches selects training batches; it cannot be used with split='test'")
         return ["test_batch"]
     if batches is None:
         batches = range(1, _NUM_TRAIN_BATCHES + 1)
@@ -242,9 +245,9 @@ def _batch_files(split: str, batches: Sequence[int] | None) -> list[str]:
         isinstance(b, bool) or not isinstance(b, (int, np.integer)) or b not in valid
         for b in batches
     ):
-        raise ValueError(f"batches must be a non-empty list of numbers 1..5, got {batches!r}")
+        raise InputError(f"batches must be a non-empty list of numbers 1..5, got {batches!r}")
     if len(set(batches)) != len(batches):
-        raise ValueError(f"batches must not repeat a batch, got {batches!r}")
+        raise InputError(f"batches must not repeat a batch, got {batches!r}")
     return [f"data_batch_{int(b)}" for b in batches]
 
 
@@ -260,7 +263,7 @@ def load_cifar10(data_dir=None, split: str = "train", *, download: bool = True, 
         (10,000 images). Default: all five, in order.
 
     Returns Cifar10(images uint8 (N, 32, 32, 3) in 0..255, labels int32 (N,), class_names).
-    Raises ValueError for bad arguments and DataError for missing or damaged files.
+    Raises InputError (a ValueError) for bad arguments and DataError for missing or damaged files.
     """
     names = _batch_files(split, batches)  # check arguments before touching the disk
     root, source = locate_data_dir(data_dir)

@@ -16,6 +16,7 @@ import numpy as np
 
 from kmjax._checks import choice
 from kmjax.cluster import KMeansResult, kmeans
+from kmjax.errors import InputError
 from kmjax.patches import extract_patches, sample_patches
 from kmjax.preprocess import ZCA, apply_zca, fit_zca, normalize_patches, standardize_dimensions
 from kmjax.symmetry import close_dictionary, patch_mirror_index, symmetrize_zca
@@ -107,11 +108,11 @@ def learn_dictionary(
     choice(sampling, SAMPLINGS, "sampling")
     choice(normalize, NORMALIZATIONS, "normalization")
     if flip_closed and (isinstance(k, bool) or not isinstance(k, int) or k < 2 or k % 2):
-        raise ValueError(f"a flip-closed dictionary holds pairs of atoms: k must be even and >= 2, got {k!r}")
+        raise InputError(f"a flip-closed dictionary holds pairs of atoms: k must be even and >= 2, got {k!r}")
     key_kmeans = jax.random.split(key)[1]
     if patches is not None:
         if np.ndim(patches) != 2 or np.shape(patches)[1] != patch_size * patch_size * images.shape[-1]:
-            raise ValueError(f"patches must be (n, {patch_size * patch_size * images.shape[-1]}) for patch_size "
+            raise InputError(f"patches must be (n, {patch_size * patch_size * images.shape[-1]}) for patch_size "
                              f"{patch_size} and {images.shape[-1]} channels, got shape {np.shape(patches)}")
     elif sampling == "random":
         patches = sample_patches(patch_key(key), images, n_patches, patch_size)

@@ -15,6 +15,7 @@ import numpy as np
 
 from kmjax._checks import choice
 from kmjax._ops import matmul
+from kmjax.errors import InputError
 from kmjax.nearest import nearest
 
 __all__ = ["ENCODERS", "Encoder", "triangle", "hard", "soft_threshold", "nearest_q", "encode", "num_outputs"]
@@ -128,7 +129,7 @@ def nearest_q(x, centroids, q: int, precision: str = "float32"):
     """
     k = centroids.shape[0]
     if isinstance(q, bool) or not isinstance(q, (int, np.integer)) or not 1 <= q < k:
-        raise ValueError(f"nearest_q needs q, the atoms coded per sign, from 1 to K - 1 = {k - 1}, got {q!r}")
+        raise InputError(f"nearest_q needs q, the atoms coded per sign, from 1 to K - 1 = {k - 1}, got {q!r}")
     proj = matmul(x, centroids.T, precision)
     half_sq = 0.5 * jnp.sum(centroids * centroids, axis=1)
     scores = jnp.stack([half_sq - proj, half_sq + proj], axis=1)  # (M, 2, K): x, then -x

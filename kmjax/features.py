@@ -21,6 +21,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from kmjax._checks import check_images, check_matrix, choice, host_only, integer, positive_int
 from kmjax._ops import check_precision, xla_fusions
 from kmjax.encoders import ENCODERS, encode, num_outputs
+from kmjax.errors import InputError
 from kmjax.parallel import replicate, resolve_mesh
 from kmjax.patches import grid_size, patch_grid
 from kmjax.pooling import POOLS, num_regions, pool
@@ -78,7 +79,7 @@ def feature_dim(spec: FeatureSpec, k: int, image_shape=None) -> int:
     if size is None:
         regions = spec.grid * spec.grid
     elif image_shape is None:
-        raise ValueError(f"with pooling windows (pool_size = {spec.pool_size}) the number of features depends on "
+        raise InputError(f"with pooling windows (pool_size = {spec.pool_size}) the number of features depends on "
                          "the image size: pass feature_dim(spec, k, image_shape=(H, W, C))")
     else:
         gh, gw = grid_size(image_shape[0], image_shape[1], spec.patch_size, spec.stride)
@@ -136,32 +137,34 @@ def _check_spec(spec: FeatureSpec, images, centroids, zca) -> None:
     choice(spec.encoder, ENCODERS, "encoder")
     choice(spec.pool, POOLS, "pooling")
     _, h, w, c = images.shape
+    for name in ("patch_size", "stride", "grid"):
+        positive_int(getattr(spec, name), f"FeatureSpec.{name}")
     if spec.patch_size > min(h, w):
-        raise ValueError(f"patch_size {spec.patch_size} is larger than the {h}x{w} images")
+        raise InputError(f"patch_size {spec.patch_size} is larger than the {h}x{w} images")
     d = spec.patch_size * spec.patch_size * c
     if centroids.ndim != 2 or centroids.shape[1] != d:
-        raise ValueError(
+        raise InputError(
             f"centroids must have shape (K, {d}) for {spec.patch_size}x{spec.patch_size}x{c} patches, "
             f"got {centroids.shape}"
         )
     if zca is not None and zca.matrix.shape != (d, d):
-        raise ValueError(f"the ZCA transform is for dimension {zca.matrix.shape[0]}, patches have {d}")
+        raise InputError(f"the ZCA transform is for dimension {zca.matrix.shape[0]}, patches have {d}")
     gh, gw = grid_size(h, w, spec.patch_size, spec.stride)
     for name in ("pool_size", "pool_stride", "q"):
         integer(getattr(spec, name), f"FeatureSpec.{name}", minimum=0)
     if spec.pool_size == 0:
         if spec.pool_stride:
-            raise ValueError(f"pool_stride = {spec.pool_stride} needs pooling windows: set pool_size too")
+            raise InputError(f"pool_stride = {spec.pool_stride} needs pooling windows: set pool_size too")
         if spec.grid > min(gh, gw):
-            raise ValueError(f"pooling grid {spec.grid} is finer than the {gh}x{gw} map of positions")
+            raise InputError(f"pooling grid {spec.grid} is finer than the {gh}x{gw} map of positions")
     elif spec.pool_size > min(gh, gw):
-        raise ValueError(f"pooling windows of pool_size = {spec.pool_size} positions do not fit the {gh}x{gw} map "
+        raise InputError(f"pooling windows of pool_size = {spec.pool_size} positions do not fit the {gh}x{gw} map "
                          f"of positions ({h}x{w} images, patch_size {spec.patch_size}, stride {spec.stride})")
     if spec.mirror_sums:
         check_mirror_symmetric(spec, images.shape[1:])
         check_flip_closed(centroids, spec.patch_size)
     if "q" in ENCODERS[spec.encoder].params and not 1 <= spec.q < centroids.shape[0]:
-        raise ValueError(f"the {spec.encoder} encoder codes q atoms per sign, 1 <= q < K = {centroids.shape[0]}; "
+        raise InputError(f"the {spec.encoder} encoder codes q atoms per sign, 1 <= q < K = {centroids.shape[0]}; "
                          f"got q = {spec.q} (e.g. q = {max(1, int(0.4 * centroids.shape[0]))}: 0.4 K, Thiry et al.)")
 
 
@@ -231,7 +234,7 @@ def extract_features(
     if mesh is not None:
         mesh = resolve_mesh(mesh, axis_name)
         if not all(dev.process_index == jax.process_index() for dev in mesh.devices.flat):
-            raise ValueError("extract_features needs a mesh of this process's devices (kmjax.parallel.data_mesh("
+            raise InputError("extract_features needs a mesh of this process's devices (kmjax.parallel.data_mesh("
                              "local=True)); on several hosts run it in each process on that process's images")
         shards = mesh.shape[axis_name]
     centroids, step, batch_size = prepare_features(images, centroids, zca, spec, precision=precision,
@@ -272,7 +275,7 @@ def run_batches(images, batch_size: int, dim: int, compute, progress=None, out=N
     if out is None:
         out = np.empty((n, dim), np.float32)
     elif out.shape != (n, dim) or out.dtype != np.float32:
-        raise ValueError(f"out must be a float32 array of shape {(n, dim)}, got {out.dtype} {out.shape}")
+        raise InputError(f"out must be a float32 array of shape {(n, dim)}, got {out.dtype} {out.shape}")
 
     def store(start, m, feats):
         out[start : start + m] = np.asarray(feats)[:m]

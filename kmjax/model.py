@@ -15,10 +15,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from kmjax._checks import host_only
-from kmjax.checkpoint import FileFormatError, Slot, load_tree, read_meta, save_tree
+from kmjax.checkpoint import Slot, load_tree, read_meta, save_tree
 from kmjax.classify import LinearModel, Standardizer, predict, standardize
 from kmjax import templates
 from kmjax.dictionary import Dictionary
+from kmjax.errors import FileFormatError, InputError
 from kmjax.features import FeatureSpec, extract_features, feature_dim
 from kmjax.preprocess import ZCA
 
@@ -78,10 +79,13 @@ def load(path) -> Model:
     like = Model(None, templates.zca(whitened), Slot("K", "D"), *templates.classifier(len(class_names)), None, None)
     arrays, _ = load_tree(path, like, what)
     k, d = arrays.centroids.shape
-    f = feature_dim(spec, k, image_shape)
     if len(image_shape) != 3 or d != spec.patch_size ** 2 * image_shape[2]:
         raise FileFormatError(f"{what} {path}: centroids of dimension {d} do not fit {spec.patch_size}x"
                               f"{spec.patch_size} patches of {image_shape} images")
+    try:
+        f = feature_dim(spec, k, image_shape)
+    except InputError as e:  # a spec that no extraction could run (an unknown encoder, windows that do not fit)
+        raise FileFormatError(f"{what} {path} has an unusable feature spec: {e}") from None
     if arrays.standardizer.mean.shape != (f,) or arrays.classifier.weights.shape[0] != f + 1:
         raise FileFormatError(f"{what} {path}: {k} centroids with the {spec.encoder} encoder make {f} features, but "
                               f"the standardizer has {arrays.standardizer.mean.shape[0]} and the weights "
@@ -122,7 +126,7 @@ def predict_images(model: Model, images, **kwargs) -> np.ndarray:
     if images.ndim == 3 and tuple(images.shape) == tuple(model.image_shape):
         images = images[None]
     if images.ndim != 4 or tuple(images.shape[1:]) != tuple(model.image_shape):
-        raise ValueError(f"images must have shape (N, {', '.join(map(str, model.image_shape))}) like the "
+        raise InputError(f"images must have shape (N, {', '.join(map(str, model.image_shape))}) like the "
                          f"training images, got {images.shape}")
     feats = extract_features(images, model.centroids, model.zca, model.spec, **kwargs)
     return np.asarray(predict(model.classifier, standardize(model.standardizer, feats)))

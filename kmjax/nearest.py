@@ -35,6 +35,7 @@ import jax.numpy as jnp
 
 from kmjax._checks import choice
 from kmjax._ops import matmul, max_argmax
+from kmjax.errors import InputError
 
 __all__ = ["KERNELS", "nearest", "nearest_pallas", "check_kernel"]
 
@@ -71,7 +72,7 @@ def check_kernel(kernel: str) -> None:
     """ValueError for an unknown kernel, or the fused one on a backend it does not compile for (TPUs)."""
     choice(kernel, KERNELS, "kernel")
     if kernel == "pallas" and jax.default_backend() == "tpu":
-        raise ValueError("kernel='pallas' is a GPU kernel (compiled with Triton; interpreted on CPUs); on a TPU use "
+        raise InputError("kernel='pallas' is a GPU kernel (compiled with Triton; interpreted on CPUs); on a TPU use "
                          "kernel='xla', whose product and row maximum XLA fuses there")
 
 

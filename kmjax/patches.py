@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kmjax._checks import check_images, positive_int
+from kmjax.errors import InputError
 
 __all__ = ["extract_patches", "sample_patches", "sample_positions", "windows", "grid_size"]
 
@@ -29,7 +30,7 @@ def _check_window(images, size, stride) -> tuple[int, int]:
     size, stride = positive_int(size, "patch size"), positive_int(stride, "stride")
     _, h, w, _ = np.shape(images)
     if size > h or size > w:
-        raise ValueError(
+        raise InputError(
             f"patch size {size} is larger than the {h}x{w} images; use a size of at most {min(h, w)}"
         )
     return size, stride

@@ -7,6 +7,7 @@ import math
 import jax.numpy as jnp
 
 from kmjax._checks import choice, integer, positive_int
+from kmjax.errors import InputError
 
 __all__ = ["POOLS", "grid_edges", "window_starts", "num_regions", "region_spans", "pool"]
 
@@ -36,7 +37,7 @@ def window_starts(n: int, size: int, stride: int) -> list[int]:
     """
     size, stride = _window_args(size, stride)
     if size > n:
-        raise ValueError(f"pooling windows of {size} positions do not fit an axis of {n} positions")
+        raise InputError(f"pooling windows of {size} positions do not fit an axis of {n} positions")
     return list(range(0, n - size + 1, stride))
 
 
@@ -80,7 +81,7 @@ def region_spans(h: int, w: int, grid: int = 2, size: int | None = None, stride:
     over, with the same arguments; regions are every (row span, column span), row-major."""
     if size is None:
         if stride is not None:
-            raise ValueError(f"a pooling stride ({stride!r}) needs a window size: pass size= too")
+            raise InputError(f"a pooling stride ({stride!r}) needs a window size: pass size= too")
         integer(grid, f"grid (for a {h}x{w} map)", minimum=1, maximum=min(h, w))
         rows, cols = grid_edges(h, grid), grid_edges(w, grid)
         return list(zip(rows[:-1], rows[1:])), list(zip(cols[:-1], cols[1:]))

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from kmjax._checks import check_matrix, number
+from kmjax.errors import InputError
 
 __all__ = ["normalize_patches", "standardize_dimensions", "ZCA", "fit_zca", "apply_zca"]
 
@@ -96,7 +97,7 @@ def fit_zca(patches, eps: float = 0.1) -> ZCA:
     check_matrix(patches, "patches")
     patches = jnp.asarray(patches)
     if patches.shape[0] < 2:
-        raise ValueError(f"fit_zca needs at least 2 patches to estimate a covariance, got {patches.shape[0]}")
+        raise InputError(f"fit_zca needs at least 2 patches to estimate a covariance, got {patches.shape[0]}")
     number(eps, "eps", at_least=0)
     return _fit_zca(patches, jnp.float32(eps))
 

@@ -14,6 +14,8 @@ import pickletools
 
 import numpy as np
 
+from kmjax.errors import KmjaxError
+
 __all__ = ["RefusedPickle", "safe_loads"]
 
 
@@ -45,8 +47,8 @@ def _reconstruct():
     return f
 
 
-class RefusedPickle(Exception):
-    """A pickle asks for something a CIFAR-10 batch never needs."""
+class RefusedPickle(KmjaxError, pickle.UnpicklingError):
+    """A pickle asks for something a CIFAR-10 batch never needs (a file to replace, not a bug)."""
 
 
 class _BatchUnpickler(pickle.Unpickler):

@@ -65,6 +65,7 @@ import numpy as np
 import jax.numpy as jnp
 
 from kmjax.encoders import ENCODERS
+from kmjax.errors import InputError
 from kmjax.patches import grid_size
 from kmjax.pooling import region_spans
 from kmjax.preprocess import ZCA
@@ -83,7 +84,7 @@ def patch_mirror_index(patch_size: int, channels: int) -> np.ndarray:
 def _patch_index(d: int, patch_size: int) -> np.ndarray:
     channels, rest = divmod(d, patch_size * patch_size)
     if rest or channels < 1:
-        raise ValueError(f"vectors of length {d} are not {patch_size}x{patch_size}xC patches")
+        raise InputError(f"vectors of length {d} are not {patch_size}x{patch_size}xC patches")
     return patch_mirror_index(patch_size, channels)
 
 
@@ -108,12 +109,12 @@ def check_flip_closed(centroids, patch_size: int, rtol: float = 1e-6) -> None:
     c = np.asarray(centroids, np.float32)
     k = c.shape[0]
     if k % 2:
-        raise ValueError(f"a flip-closed dictionary has an even number of atoms (pairs), got K = {k}")
+        raise InputError(f"a flip-closed dictionary has an even number of atoms (pairs), got K = {k}")
     mirrored = c[: k // 2][:, _patch_index(c.shape[1], patch_size)]
     err = np.abs(mirrored - c[k // 2 :]).max(initial=0.0)
     scale = np.abs(c).max(initial=0.0)
     if not err <= rtol * max(scale, 1e-30):
-        raise ValueError(f"the dictionary is not flip-closed: atoms K/2 + j must be the mirror images of atoms j "
+        raise InputError(f"the dictionary is not flip-closed: atoms K/2 + j must be the mirror images of atoms j "
                          f"(largest difference {err:.3g} against atoms of size {scale:.3g}); build it with "
                          "kmjax.close_dictionary or learn_dictionary(flip_closed=True)")
 
@@ -128,7 +129,7 @@ def _mirror_columns(spec, image_shape) -> list[int]:
     positions or the regions are not mirror-symmetric."""
     h, w = image_shape[0], image_shape[1]
     if (w - spec.patch_size) % spec.stride:
-        raise ValueError(f"the dense grid at stride {spec.stride} does not reach the right edge of {w}-pixel images "
+        raise InputError(f"the dense grid at stride {spec.stride} does not reach the right edge of {w}-pixel images "
                          f"with {spec.patch_size}-pixel patches, so it is not mirror-symmetric; use a stride that "
                          f"divides {w - spec.patch_size}")
     gh, gw = grid_size(h, w, spec.patch_size, spec.stride)
@@ -136,7 +137,7 @@ def _mirror_columns(spec, image_shape) -> list[int]:
     where = {span: i for i, span in enumerate(cols)}
     mirrored = [where.get((gw - c1, gw - c0)) for c0, c1 in cols]
     if None in mirrored:
-        raise ValueError(f"the pooling regions' columns {cols} on {gw} positions are not mirror-symmetric (the "
+        raise InputError(f"the pooling regions' columns {cols} on {gw} positions are not mirror-symmetric (the "
                          "mirror image of a region must be a region): use 3x3 windows (pool_size = 15, pool_stride "
                          "= 6 on 27 positions) or grid = 1 or 3, not the paper's 14 / 13 quadrants")
     return mirrored
@@ -152,7 +153,7 @@ def feature_mirror_permutation(spec, k: int, image_shape) -> np.ndarray:
     """(F,) int ``perm`` with phi(mirror x) = phi(x)[perm] for the features of ``spec`` (not
     reduced) with a flip-closed dictionary of ``k`` atoms in kmjax's layout. An involution."""
     if k % 2:
-        raise ValueError(f"a flip-closed dictionary has an even number of atoms, got K = {k}")
+        raise InputError(f"a flip-closed dictionary has an even number of atoms, got K = {k}")
     mirrored = _mirror_columns(spec, image_shape)
     h, w = image_shape[0], image_shape[1]
     gh, gw = grid_size(h, w, spec.patch_size, spec.stride)

@@ -27,14 +27,19 @@ def export_features(run_dir, out) -> Path:
     if not results_file.is_file():
         raise RunError(f"{run_dir} holds no finished run (no results.json); finish it first (kmjax run CONFIG "
                        f"--resume {run_dir})")
-    results = json.loads(results_file.read_text())
-    cfg = parse_config(results["config"])
+    try:
+        results = json.loads(results_file.read_text())
+        cfg = parse_config(results["config"])
+        feature_key = results["stage_keys"]["features"] if cfg.features.enabled else None
+    except (ValueError, KeyError, TypeError) as e:  # a damaged or hand-edited results.json
+        raise RunError(f"{results_file} is unreadable or incomplete ({type(e).__name__}: {e}); rerun the "
+                       "run's config") from None
     if not cfg.features.enabled:
         raise RunError(f"{run_dir} is a dictionary-only run (features.enabled = false): it has no features")
     store = StageStore(run_dir / "stages")
     names = ["train", "train_labels"] + (["test", "test_labels"] if results.get("n_test") else [])
     names += ["test_mirror"] if results.get("n_test") and cfg.features.test_flip and not mirror_sums(cfg) else []
-    saved = store.load_arrays("features", results["stage_keys"]["features"], names)
+    saved = store.load_arrays("features", feature_key, names)
     if saved is None:
         raise RunError(f"the features of {run_dir} are not kept (features.keep = false, or the stage files were "
                        f"deleted); recompute them with kmjax run CONFIG --set features.keep=true")
