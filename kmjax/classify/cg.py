@@ -29,10 +29,11 @@ import numpy as np
 
 from kmjax._checks import host_only
 from kmjax._loop import run_in_pieces
+from kmjax.errors import InputError
 from kmjax.classify.linear import LinearModel, Standardizer
 from kmjax.classify.tiled import normal_product
 
-__all__ = ["CGRidge", "CGState", "prepare_cg_ridge", "start_cg", "cg_iterate", "solve_cg_ridge"]
+__all__ = ["CGRidge", "CGState", "prepare_cg_ridge", "init_cg", "cg_iterate", "solve_cg_ridge"]
 
 _ROWS = 4096  # rows per block read: 1 GB of float32 at F = 64,000
 
@@ -97,9 +98,9 @@ def prepare_cg_ridge(features, labels, num_classes: int, *, rows=None, rank: int
     labels = np.asarray(labels)
     rows = np.arange(n) if rows is None else np.unique(np.asarray(rows, np.int64))
     if labels.shape != (n,) or labels[rows].min() < 0 or labels[rows].max() >= num_classes:
-        raise ValueError(f"labels must be (N,) = ({n},) class indices in [0, {num_classes})")
+        raise InputError(f"labels must be (N,) = ({n},) class indices in [0, {num_classes})")
     if rows.size < 2:
-        raise ValueError(f"the CG solver needs at least 2 rows, got {rows.size}")
+        raise InputError(f"the CG solver needs at least 2 rows, got {rows.size}")
     rank = max(1, min(int(rank), f))
 
     def report(done):
@@ -133,7 +134,8 @@ def prepare_cg_ridge(features, labels, num_classes: int, *, rows=None, rank: int
 
 
 class CGState(NamedTuple):
-    """Where a CG solve stands (host arrays, a pytree to persist and resume from): the weights w,
+    """Where a CG solve stands (host arrays, a pytree to persist and resume from; made by
+    ``init_cg``, advanced by ``cg_iterate``): the weights w,
     residual r, search direction p (F, classes), rz = <r, M r> per class, the relative residual
     per class, and the iterations run."""
 
@@ -159,7 +161,7 @@ def _operators(prep: CGRidge, features, C: float):
     return precondition, product
 
 
-def start_cg(prep: CGRidge, features, C: float, init=None) -> CGState:
+def init_cg(prep: CGRidge, features, C: float, init=None) -> CGState:
     """The state before the first CG iteration at ``C``, from zero or from ``init`` (F, classes)
     weights (a neighbouring C's solution: fewer iterations; one pass over the features)."""
     precondition, product = _operators(prep, features, C)
@@ -196,17 +198,20 @@ def solve_cg_ridge(prep: CGRidge, features, C: float, *, init=None, tol: float =
     its right-hand side's.
 
     init: optional (F, classes) starting weights (a neighbouring C's solution: fewer iterations).
-    state: a ``CGState`` of an interrupted solve at the same C to continue from (instead of ``init``).
+    state: a ``CGState`` that ``checkpoint`` was given by an interrupted solve at the same C: it
+      continues from there (default: ``init_cg``, from ``init``).
     progress: optional ``progress(iteration, max_iter, relative residual)`` after each iteration.
-    checkpoint: optional ``checkpoint(state)``, given the ``CGState`` after each iteration (to persist).
+    checkpoint: optional ``checkpoint(state) -> CGState | None``, given the ``CGState`` after each
+      iteration, to persist it; what it returns (when not None: the same values) is the state the
+      solve goes on with.
 
     Returns (Standardizer, LinearModel, {"iterations", "residual", "converged", "seconds"}), the first
     two usable like those of ``fit_ridge``.
     """
     if not C > 0:
-        raise ValueError(f"C must be > 0, got {C!r}")
+        raise InputError(f"C must be > 0, got {C!r}")
     t0 = time.perf_counter()
-    state = start_cg(prep, features, C, init) if state is None else state
+    state = init_cg(prep, features, C, init) if state is None else state
 
     state = run_in_pieces(lambda s, until: cg_iterate(prep, features, C, s, until, tol), state, max_iter,
                           done=lambda s: int(s.iterations), stopped=lambda s: bool(s.relative.max() <= tol),

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kmjax._checks import host_only, number
+from kmjax.errors import InputError
 from kmjax.classify.linear import LinearModel, Standardizer
 from kmjax.classify.tiled import add_gram, cholesky, cholesky_solve, mirror_tiles
 
@@ -48,8 +49,8 @@ _TILE_ROWS = 512  # kernel rows per float64 product (185 MB at N = 45,000)
 
 
 class KernelStats(NamedTuple):
-    """The dual solver's state as it grows over column blocks: a pytree of host arrays (the caller
-    persists it; ``accumulate_kernel`` updates it in place and returns it).
+    """The dual solver's state as it grows over column blocks: a pytree of host arrays made by
+    ``empty_kernel_stats`` and advanced by ``accumulate_kernel`` (the caller persists it).
 
     columns: () int64, the features read so far (columns [0, columns)). mean, scale: (F,) float64,
     the standardization of each feature read (over the kernel's rows). kernel: (N, N) float32,
@@ -75,7 +76,10 @@ def empty_kernel_stats(n_rows: int, n_features: int) -> KernelStats:
 
 def accumulate_kernel(stats: KernelStats, features, *, rows=None, until: int | None = None, eps: float = 0.01,
                       block: int = _COLUMNS, progress=None) -> KernelStats:
-    """Add the columns [stats.columns, until) of (N_all, F) features to the kernel, in place.
+    """The statistics of ``stats`` with the columns [stats.columns, until) of (N_all, F) features added.
+
+    ``stats`` is consumed: its arrays are written in place and reused for the result (a 10 GB
+    kernel is never copied), so use the returned statistics, never ``stats`` again.
 
     Each block of ``block`` columns is read once (a ``np.memmap`` works: only those columns of the
     rows are read), its mean and scale sqrt(var + eps) taken over ``rows`` in float64 (the
@@ -83,21 +87,22 @@ def accumulate_kernel(stats: KernelStats, features, *, rows=None, until: int | N
     kernel (float32 products by tiles, ``kmjax.classify.tiled``).
 
     Args:
-      stats: from ``empty_kernel_stats`` (N = len(rows)) or an earlier call.
+      stats: from ``empty_kernel_stats`` (N = len(rows)) or an earlier call; writeable arrays.
       features: (N_all, F) array-like.
       rows: sorted distinct indices of the kernel's rows (default: all N_all rows).
-      until: stop after this column (default: F); the caller can persist ``stats`` between calls.
+      until: stop after this column (default: F); the caller can persist the statistics between calls.
       progress: optional ``progress(columns done, F, None)`` after each block.
     """
     host_only("accumulate_kernel", "nothing: the kernel is accumulated on the host", features)
     n_all, f = np.shape(features)
     rows = np.arange(n_all) if rows is None else np.asarray(rows, np.int64)
     if stats.kernel.shape != (rows.size, rows.size) or stats.mean.shape != (f,):
-        raise ValueError(f"`stats` holds a {stats.kernel.shape[0]}-row kernel of {stats.mean.shape[0]} features; "
+        raise InputError(f"`stats` holds a {stats.kernel.shape[0]}-row kernel of {stats.mean.shape[0]} features; "
                          f"these are {rows.size} rows of {f} features")
     until = f if until is None else min(int(until), f)
     contiguous = rows.size == 0 or rows[-1] - rows[0] + 1 == rows.size
-    for start in range(int(stats.columns), until, block):
+    columns = int(stats.columns)
+    for start in range(columns, until, block):
         stop = min(start + block, until)
         part = features[:, start:stop]
         x = np.asarray(part[rows[0] : rows[-1] + 1] if contiguous else part[rows], np.float64)
@@ -108,11 +113,11 @@ def accumulate_kernel(stats: KernelStats, features, *, rows=None, until: int | N
         del x
         add_gram(stats.kernel, np.ascontiguousarray(z.T))
         stats.mean[start:stop], stats.scale[start:stop] = mean, scale
-        stats.columns[...] = stop
+        columns = stop
         if progress is not None:
             progress(stop, f, None)
     mirror_tiles(stats.kernel)
-    return stats
+    return stats._replace(columns=np.asarray(columns, np.int64))
 
 
 class DualFit(NamedTuple):
@@ -147,10 +152,10 @@ def fit_dual(stats: KernelStats, labels, C: float, *, num_classes: int, rows=Non
     rows = np.arange(n_all) if rows is None else np.sort(np.asarray(rows, np.int64))
     labels = np.asarray(labels)
     if labels.shape != (n_all,):
-        raise ValueError(f"labels must have one entry per kernel row ({n_all}), got shape {labels.shape}")
+        raise InputError(f"labels must have one entry per kernel row ({n_all}), got shape {labels.shape}")
     n = rows.size
     if n < 2:
-        raise ValueError(f"fit_dual needs at least 2 rows, got {n}")
+        raise InputError(f"fit_dual needs at least 2 rows, got {n}")
     y = 2.0 * np.eye(num_classes)[labels[rows]] - 1.0
     y_mean = y.mean(axis=0)
     row_mean = np.zeros(n_all)
@@ -175,7 +180,7 @@ def fit_dual(stats: KernelStats, labels, C: float, *, num_classes: int, rows=Non
     for _ in range(refine):
         alpha += cholesky_solve(factor, target - product(alpha)).astype(np.float64)
     if not np.all(np.isfinite(alpha)):
-        raise ValueError(f"the dual ridge system at C = {C:g} is too ill-conditioned for a float32 factorization; "
+        raise InputError(f"the dual ridge system at C = {C:g} is too ill-conditioned for a float32 factorization; "
                          "use a smaller C (stronger regularization)")
     return fit._replace(alpha=alpha)
 
@@ -200,7 +205,7 @@ def primal_model(stats: KernelStats, fit: DualFit, features, *, rows=None,
     rows = np.arange(n_all) if rows is None else np.asarray(rows, np.int64)
     fitted = rows[fit.rows]
     if int(stats.columns) != f:
-        raise ValueError(f"the kernel holds {int(stats.columns)} of the {f} features: accumulate them all first")
+        raise InputError(f"the kernel holds {int(stats.columns)} of the {f} features: accumulate them all first")
     weights = np.empty((f + 1, fit.alpha.shape[1]))
     bias = fit.y_mean.copy()
     alpha_sum = fit.alpha.sum(axis=0)  # zero in exact arithmetic (1^T H = 0)

@@ -19,10 +19,12 @@ import optax
 
 from kmjax._checks import choice, host_only, is_tracer, number
 from kmjax._loop import run_in_pieces
+from kmjax.errors import InputError
 
 __all__ = [
     "Standardizer", "fit_standardizer", "standardize",
-    "STORAGES", "LinearModel", "svm_loss", "softmax_loss", "LOSSES", "TrainInfo", "train_linear", "predict", "accuracy",
+    "STORAGES", "LinearModel", "svm_loss", "softmax_loss", "LOSSES", "TrainInfo", "LBFGSState", "init_lbfgs",
+    "train_linear", "predict", "accuracy",
     "predict_features",
 ]
 
@@ -44,7 +46,7 @@ def fit_standardizer(features, eps: float = 0.01, block: int = 1024) -> Standard
               "in float64 on the host)", features)
     f = features
     if np.ndim(f) != 2 or np.shape(f)[0] < 2:
-        raise ValueError(f"features must be (N, F) with N >= 2 to estimate a variance, got shape {np.shape(f)}")
+        raise InputError(f"features must be (N, F) with N >= 2 to estimate a variance, got shape {np.shape(f)}")
     n = f.shape[0]
     mean = sum(np.asarray(f[i : i + block]).sum(axis=0, dtype=np.float64) for i in range(0, n, block)) / n
     ss = sum(np.square(np.asarray(f[i : i + block], np.float64) - mean).sum(axis=0) for i in range(0, n, block))
@@ -159,38 +161,51 @@ def _objective(x, xt, labels, C, fit: _Fit):
     return partial(LOSSES[fit.loss], x=x, labels=labels, C=C, xt=xt)
 
 
-@partial(jax.jit, static_argnames=("fit",))
-def _lbfgs_start(x, fit: _Fit):
-    w0 = jnp.zeros((x.shape[1], fit.num_classes), jnp.float32)
-    return w0, optax.lbfgs(memory_size=fit.memory).init(w0), jnp.float32(jnp.inf), jnp.int32(0)
+class LBFGSState(NamedTuple):
+    """Where an L-BFGS fit stands, a pytree to persist and continue from (``train_linear(state=)``).
+
+    weights: (F + 1, classes) float32. optimizer: optax's L-BFGS state (its history of
+    ``memory`` steps and its line search). grad_norm: () the gradient norm at the last step (inf
+    before the first). iterations: () int32, the iterations run.
+    """
+
+    weights: jax.Array
+    optimizer: optax.OptState
+    grad_norm: jax.Array
+    iterations: jax.Array
+
+
+@partial(jax.jit, static_argnames=("num_weights", "num_classes", "memory"))
+def init_lbfgs(num_weights: int, num_classes: int, memory: int = 20) -> LBFGSState:
+    """The state before the first iteration: zero (num_weights, num_classes) weights (num_weights:
+    the features plus the bias column) and an empty history of ``memory`` steps."""
+    w0 = jnp.zeros((num_weights, num_classes), jnp.float32)
+    return LBFGSState(w0, optax.lbfgs(memory_size=memory).init(w0), jnp.float32(jnp.inf), jnp.int32(0))
 
 
 @partial(jax.jit, static_argnames=("fit",))
-def _lbfgs_iterate(x, xt, labels, C, tol, state, until, fit: _Fit):
+def _lbfgs_iterate(x, xt, labels, C, tol, state: LBFGSState, until, fit: _Fit) -> LBFGSState:
     """L-BFGS iterations from ``state`` until iteration ``until`` (traced: one compiled program
     however the loop is split), ``fit.max_iter``, or a gradient norm below ``tol``."""
     fun = _objective(x, xt, labels, C, fit)
     opt = optax.lbfgs(memory_size=fit.memory)
     value_and_grad = optax.value_and_grad_from_state(fun)
 
-    def step(carry):
-        w, state, _, it = carry
-        value, grad = value_and_grad(w, state=state)
-        updates, state = opt.update(grad, state, w, value=value, grad=grad, value_fn=fun)
-        return w + updates, state, optax.tree.norm(grad), it + 1
+    def step(s: LBFGSState) -> LBFGSState:
+        value, grad = value_and_grad(s.weights, state=s.optimizer)
+        updates, optimizer = opt.update(grad, s.optimizer, s.weights, value=value, grad=grad, value_fn=fun)
+        return LBFGSState(s.weights + updates, optimizer, optax.tree.norm(grad), s.iterations + 1)
 
-    def cond(carry):
-        _, _, gnorm, it = carry
-        return (it < jnp.minimum(until, fit.max_iter)) & (gnorm > tol)
+    def cond(s: LBFGSState):
+        return (s.iterations < jnp.minimum(until, fit.max_iter)) & (s.grad_norm > tol)
 
     return jax.lax.while_loop(cond, step, state)
 
 
 @partial(jax.jit, static_argnames=("fit",))
-def _lbfgs_finish(x, xt, labels, C, state, fit: _Fit):
-    w, _, _, it = state
-    value, grad = jax.value_and_grad(_objective(x, xt, labels, C, fit))(w)
-    return LinearModel(w), TrainInfo(value, optax.tree.norm(grad), it)
+def _lbfgs_finish(x, xt, labels, C, state: LBFGSState, fit: _Fit):
+    value, grad = jax.value_and_grad(_objective(x, xt, labels, C, fit))(state.weights)
+    return LinearModel(state.weights), TrainInfo(value, optax.tree.norm(grad), state.iterations)
 
 
 # The transposed copy of the features that the gradient reads (see _scores), made once per fit.
@@ -199,7 +214,7 @@ _transpose = jax.jit(lambda x: x.T.copy())
 
 def train_linear(x, labels, *, loss: str = "svm", C: float = 100.0, num_classes: int | None = None,
                  max_iter: int = 1000, tol: float = 1e-3, memory: int = 20, storage: str = "float32",
-                 progress=None):
+                 progress=None, state: LBFGSState | None = None, checkpoint=None):
     """Train a linear classifier on standardized features with L-BFGS.
 
     Args:
@@ -215,9 +230,13 @@ def train_linear(x, labels, *, loss: str = "svm", C: float = 100.0, num_classes:
         those bytes: "bfloat16" halves them (and the training copies' memory) and runs 2-3x
         faster, fitting the features rounded to bfloat16 with float32 weights, products and
         objective (``_dot``). Pass bfloat16 ``x`` to keep no float32 copy at all.
-      progress: optional ``progress(iteration, max_iter, loss)`` called every few iterations (the
-        loop then runs in pieces of the same compiled program: the same numbers; see
-        ``kmjax._loop.run_in_pieces``).
+      progress: optional ``progress(iteration, max_iter, loss)`` called every few iterations.
+      state: an ``LBFGSState`` that ``checkpoint`` was given by an interrupted call with the same
+        arguments: the loop continues from it (default: ``init_lbfgs``).
+      checkpoint: optional ``checkpoint(state) -> LBFGSState | None``, given the ``LBFGSState``
+        every few iterations, to persist it; what it returns (when not None: the same values) is
+        the state the loop goes on with. With ``progress`` or ``checkpoint`` the loop runs in
+        pieces of the same compiled program: the same numbers (``kmjax._loop.run_in_pieces``).
 
     Works inside ``jax.jit`` when ``num_classes`` is given (the values of traced labels and C are
     then not checked).
@@ -230,24 +249,38 @@ def train_linear(x, labels, *, loss: str = "svm", C: float = 100.0, num_classes:
     x = jnp.asarray(x, jnp.dtype(storage))
     labels = jnp.asarray(labels, jnp.int32)
     if x.ndim != 2 or labels.shape != (x.shape[0],):
-        raise ValueError(f"x must be (N, F) and labels (N,), got {x.shape} and {labels.shape}")
+        raise InputError(f"x must be (N, F) and labels (N,), got {x.shape} and {labels.shape}")
     if not is_tracer(C):
         number(C, "C", above=0)
     if num_classes is None:
         if is_tracer(labels):
-            raise ValueError("inside jax.jit, pass num_classes: it cannot be read from traced labels")
+            raise InputError("inside jax.jit, pass num_classes: it cannot be read from traced labels")
         num_classes = int(labels.max()) + 1
     if not is_tracer(labels) and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
-        raise ValueError(f"labels must lie in [0, {num_classes}), got {int(labels.min())}..{int(labels.max())}")
+        raise InputError(f"labels must lie in [0, {num_classes}), got {int(labels.min())}..{int(labels.max())}")
     fit = _Fit(loss, int(num_classes), int(max_iter), int(memory))
+    start = init_lbfgs(x.shape[1], fit.num_classes, fit.memory)
+    if state is not None:
+        state = _check_state(state, start)
     C, tol, xt = jnp.float32(C), jnp.float32(tol), _transpose(x)
+    reports = progress is not None or checkpoint is not None
     state = run_in_pieces(lambda s, until: _lbfgs_iterate(x, xt, labels, C, tol, s, jnp.int32(until), fit),
-                          _lbfgs_start(x, fit), fit.max_iter, done=lambda s: int(s[3]),
-                          stopped=lambda s: not float(s[2]) > float(tol), progress=progress,
-                          every=None if progress is None else _REPORT_EVERY,
+                          start if state is None else state, fit.max_iter, done=lambda s: int(s.iterations),
+                          stopped=lambda s: not float(s.grad_norm) > float(tol), progress=progress,
+                          checkpoint=checkpoint, every=_REPORT_EVERY if reports else None,
                           # the objective at the current weights, as the line search left it in the optimizer state
-                          value=lambda s: float(np.asarray(optax.tree_utils.tree_get(s[1], "value"))))
+                          value=lambda s: float(np.asarray(optax.tree_utils.tree_get(s.optimizer, "value"))))
     return _lbfgs_finish(x, xt, labels, C, state, fit)
+
+
+def _check_state(state, start: LBFGSState) -> LBFGSState:
+    """A saved ``LBFGSState`` as arrays of the structure, shapes and dtypes of this call's ``start``."""
+    leaves, treedef = jax.tree.flatten(state)
+    want, want_def = jax.tree.flatten(start)
+    if treedef != want_def or any(np.shape(a) != np.shape(b) for a, b in zip(leaves, want)):
+        raise InputError("state is not an L-BFGS state of this call: it must come from a call with the same "
+                         f"features' width, num_classes and memory; got shapes {[np.shape(a) for a in leaves]}")
+    return jax.tree.unflatten(want_def, [jnp.asarray(a, b.dtype) for a, b in zip(leaves, want)])
 
 
 _REPORT_EVERY = 10  # L-BFGS iterations between progress reports
@@ -284,7 +317,7 @@ def predict_features(standardizer: Standardizer, model: LinearModel, features, b
     host_only("predict_features", "kmjax.predict(model, kmjax.standardize(standardizer, features))", features)
     n, size = features.shape[0], block
     if mirrors is not None and np.shape(mirrors) != np.shape(features):
-        raise ValueError(f"mirrors must have the features' shape {np.shape(features)}, got {np.shape(mirrors)}")
+        raise InputError(f"mirrors must have the features' shape {np.shape(features)}, got {np.shape(mirrors)}")
 
     def scores(x, i):
         rows = np.asarray(x[i : i + size], np.float32)

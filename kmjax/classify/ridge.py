@@ -2,8 +2,8 @@
 
 The features never need to be in memory at once: ``gram_stats`` reads them in row blocks (a
 ``np.memmap`` works) and keeps only their F x F Gram matrix, ``accumulate_gram`` adds more rows
-to such statistics in place, and ``fit_ridge`` solves from them, for any C, with the SVM's
-standardization and C scaling.
+to such statistics (``stats = accumulate_gram(stats, ...)``, reusing their arrays), and
+``fit_ridge`` solves from them, for any C, with the SVM's standardization and C scaling.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kmjax._checks import check_labels, host_only, number
+from kmjax.errors import InputError
 
 from kmjax.classify.linear import LinearModel, Standardizer
 from kmjax.classify.tiled import add_gram, cholesky, cholesky_solve, mirror_tiles, row_tiles_matmul
@@ -22,8 +23,8 @@ __all__ = ["GramStats", "empty_gram_stats", "accumulate_gram", "gram_stats", "fi
 
 
 class GramStats(NamedTuple):
-    """Sufficient statistics of a least-squares fit over rows (x_i, y_i): float64 NumPy arrays, all
-    updated in place by ``accumulate_gram``.
+    """Sufficient statistics of a least-squares fit over rows (x_i, y_i): float64 NumPy arrays, a
+    pytree made by ``empty_gram_stats`` (or ``gram_stats``) and advanced by ``accumulate_gram``.
 
     count: () the number of rows. shift: (F,) subtracted from every x first (the mean of the first block read),
     so that the centred Gram matrix below does not lose its digits to large feature means.
@@ -43,7 +44,7 @@ def empty_gram_stats(shift, num_classes: int) -> GramStats:
     """Statistics of no rows yet, for (F,) ``shift`` and ``num_classes`` classes."""
     shift = np.array(shift, np.float64)  # a copy: the statistics own every array
     if shift.ndim != 1:
-        raise ValueError(f"shift must be (F,), got shape {shift.shape}")
+        raise InputError(f"shift must be (F,), got shape {shift.shape}")
     f = shift.shape[0]
     return GramStats(np.zeros(()), shift, np.zeros(f), np.zeros((f, f)), np.zeros((f, num_classes)),
                      np.zeros(num_classes))
@@ -54,11 +55,11 @@ def _rows(features, labels, num_classes: int, rows):
     n = np.shape(features)[0]
     rows = np.arange(n) if rows is None else np.sort(np.asarray(rows, np.int64))
     if rows.size == 0:
-        raise ValueError("gram_stats got no rows")
+        raise InputError("gram_stats got no rows")
     if rows[0] < 0 or rows[-1] >= n:
-        raise ValueError(f"rows must be indices in [0, {n}), got {rows[0]}..{rows[-1]}")
+        raise InputError(f"rows must be indices in [0, {n}), got {rows[0]}..{rows[-1]}")
     if np.any(rows[1:] == rows[:-1]):
-        raise ValueError("rows must be distinct: a repeated row would be read as its neighbour")
+        raise InputError("rows must be distinct: a repeated row would be read as its neighbour")
     check_labels(labels, n, num_classes, rows)
     return rows
 
@@ -72,14 +73,15 @@ def _read(features, idx):
 
 def accumulate_gram(stats: GramStats, features, labels, *, rows=None, block: int = 8192,
                     progress=None) -> GramStats:
-    """Add rows of (N, F) features to ``stats`` in place, ``block`` rows at a time; returns ``stats``.
+    """The statistics of ``stats``' rows and rows of (N, F) features, added ``block`` rows at a time.
 
-    Every field of ``stats`` is updated in place (count included: a 0-d array), so that the
-    statistics hold the same numbers as one pass over all the rows they have seen; no F x F copy
-    is made (8 GB in float64 at F = 32,000).
+    ``stats`` is consumed: its arrays are reused for the result (no F x F copy is made: 8 GB in
+    float64 at F = 32,000), so use the returned statistics, never ``stats`` again. They hold the
+    same numbers as one pass over all the rows they have seen.
 
     Args:
-      stats: from ``gram_stats`` or ``empty_gram_stats``; its shift is subtracted from these rows.
+      stats: from ``gram_stats``, ``empty_gram_stats`` or an earlier call; its shift is subtracted
+        from these rows. Its arrays must be writeable float64 NumPy arrays.
       features: (N, F) array-like; a ``np.memmap`` is read block by block, never whole.
       labels: (N,) int class indices in [0, C), C the classes of ``stats``.
       rows: optional distinct indices of the rows to add (e.g. a training split), in any order.
@@ -91,12 +93,12 @@ def accumulate_gram(stats: GramStats, features, labels, *, rows=None, block: int
     host_only("accumulate_gram", "nothing: the ridge statistics are accumulated on the host in float64: fit outside jit, or train_linear inside it", features, labels)
     f, num_classes = stats.cross.shape
     if np.ndim(features) != 2 or np.shape(features)[1] != f:
-        raise ValueError(f"`stats` holds statistics of {f} features and {num_classes} classes, these rows have "
+        raise InputError(f"`stats` holds statistics of {f} features and {num_classes} classes, these rows have "
                          f"shape {np.shape(features)}")
-    if (not all(isinstance(a, np.ndarray) and a.dtype == np.float64 and a.flags.writeable for a in stats)
-            or stats.count.shape != ()):
-        raise ValueError("`stats` must hold writeable float64 NumPy arrays, count a 0-d one, to be updated in "
-                         "place; make them with gram_stats or empty_gram_stats")
+    if (not all(isinstance(a, np.ndarray) and a.dtype == np.float64 and a.flags.writeable for a in stats[1:])
+            or np.shape(stats.count) != ()):
+        raise InputError("`stats` must hold writeable float64 NumPy arrays (and a count), to be reused for the "
+                         "result; make them with gram_stats or empty_gram_stats")
     labels = np.asarray(labels)
     return _add_rows(stats, features, labels, _rows(features, labels, num_classes, rows), block, progress)
 
@@ -104,20 +106,22 @@ def accumulate_gram(stats: GramStats, features, labels, *, rows=None, block: int
 def _add_rows(stats: GramStats, features, labels, rows, block, progress) -> GramStats:
     """``accumulate_gram`` on checked, sorted rows."""
     eye = np.eye(stats.cross.shape[1], dtype=np.float32)
+    count = np.float64(stats.count)
     for start in range(0, rows.size, block):
         idx = rows[start : start + block]
         x = _read(features, idx)
         x -= stats.shift.astype(np.float32)
         y = 2.0 * eye[labels[idx]] - 1.0
         add_gram(stats.gram, x)
-        sums = ((stats.cross, x.T @ y), (stats.count, idx.size), (stats.x_sum, x.sum(axis=0, dtype=np.float64)),
+        sums = ((stats.cross, x.T @ y), (stats.x_sum, x.sum(axis=0, dtype=np.float64)),
                 (stats.y_sum, y.sum(axis=0, dtype=np.float64)))
         for total, part in sums:
-            total += part  # in place: the caller's arrays
+            total += part  # in place: the arrays of ``stats``, consumed
+        count += idx.size
         if progress is not None:
             progress(min(start + block, rows.size), rows.size, None)
     mirror_tiles(stats.gram)
-    return stats
+    return stats._replace(count=np.asarray(count))
 
 
 def gram_stats(features, labels, num_classes: int, *, rows=None, shift=None, block: int = 8192,
@@ -133,10 +137,10 @@ def gram_stats(features, labels, num_classes: int, *, rows=None, shift=None, blo
     host_only("gram_stats", "nothing: the ridge statistics are accumulated on the host in float64: fit outside jit, or train_linear inside it", features, labels)
     labels = np.asarray(labels)
     if np.ndim(features) != 2:
-        raise ValueError(f"features must be (N, F), got shape {np.shape(features)}")
+        raise InputError(f"features must be (N, F), got shape {np.shape(features)}")
     sorted_rows = _rows(features, labels, num_classes, rows)
     if shift is not None and np.shape(shift) != np.shape(features)[1:]:
-        raise ValueError(f"shift must be (F,) = {np.shape(features)[1:]}, got shape {np.shape(shift)}")
+        raise InputError(f"shift must be (F,) = {np.shape(features)[1:]}, got shape {np.shape(shift)}")
     if shift is None:
         shift = _read(features, sorted_rows[:block]).mean(axis=0, dtype=np.float64)
     return _add_rows(empty_gram_stats(shift, num_classes), features, labels, sorted_rows, block, progress)
@@ -165,7 +169,7 @@ def fit_ridge(stats: GramStats, C: float, eps: float = 0.01, refine: int = 3) ->
     # instead of float32 (NumPy 2's promotion), which can round differently
     n = float(stats.count)
     if n < 2:
-        raise ValueError(f"fit_ridge needs statistics of at least 2 rows, got {n:g}")
+        raise InputError(f"fit_ridge needs statistics of at least 2 rows, got {n:g}")
     m = stats.x_sum / n  # mean of x - shift
     scale = np.sqrt(np.maximum(np.diag(stats.gram) - n * m * m, 0.0) / (n - 1) + eps)
     lam = n / (2.0 * C)
@@ -190,7 +194,7 @@ def fit_ridge(stats: GramStats, C: float, eps: float = 0.01, refine: int = 3) ->
     for _ in range(refine):
         w += solve(rhs - product(w))
     if not np.all(np.isfinite(w)):
-        raise ValueError(f"the ridge system at C = {C:g} is too ill-conditioned for a float32 factorization; "
+        raise InputError(f"the ridge system at C = {C:g} is too ill-conditioned for a float32 factorization; "
                          "use a smaller C (stronger regularization)")
     weights = np.vstack([w, stats.y_sum[None, :] / n])  # centred z: the bias is the mean target
     std = Standardizer(jnp.asarray(stats.shift + m, jnp.float32), jnp.asarray(scale, jnp.float32))

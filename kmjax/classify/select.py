@@ -157,7 +157,7 @@ def _fit_ridge(features, labels, num_classes, C, C_grid, split, mirror, report, 
     score = _scorer(features, labels, scored, mirror)
     best, scores = search_C(C_grid, lambda C: score(*fit_ridge(stats, C)), log)
     del score
-    accumulate_gram(stats, features, labels, rows=val)  # the held-out rows join the final fit
+    stats = accumulate_gram(stats, features, labels, rows=val)  # the held-out rows join the final fit
     return ClassifierFit(*fit_ridge(stats, best), best, scores, None, None, None)
 
 
@@ -215,7 +215,7 @@ def _fit_ridge_dual(features, labels, num_classes, C, C_grid, split, mirror, rep
         reporter = report("kernel", "features")
         saved = time.monotonic()
         while int(stats.columns) < f:
-            accumulate_kernel(stats, features, until=int(stats.columns) + 4 * 4096, progress=reporter)
+            stats = accumulate_kernel(stats, features, until=int(stats.columns) + 4 * 4096, progress=reporter)
             if int(stats.columns) == f:
                 # the complete kernel goes on as what the checkpoint gives back (the runner: a memory
                 # map of its file, so that the solves hold one factorization, not the kernel too)

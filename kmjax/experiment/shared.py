@@ -9,7 +9,8 @@ import numpy as np
 
 from kmjax import templates
 from kmjax.checkpoint import Slot
-from kmjax.classify import GramStats, KernelStats, accumulate_kernel, empty_gram_stats, gram_stats, validation_split
+from kmjax.classify import (GramStats, KernelStats, accumulate_kernel, empty_gram_stats, empty_kernel_stats, gram_stats,
+                            validation_split)
 from kmjax.experiment import processes
 from kmjax.experiment.plan import training_copies
 from kmjax.experiment.report import log, progress
@@ -60,11 +61,15 @@ def shared_gram(cfg, features, mine, num_classes, key, store, stage_key, quiet) 
     fitted = np.flatnonzero(np.isin(index, rows))
     part = (empty_gram_stats(shift, num_classes) if not fitted.size else
             gram_stats(x, y, num_classes, rows=fitted, shift=shift))
-    summed = processes.total([part.count, part.x_sum, part.gram, part.cross, part.y_sum])
+    summed = processes.total([getattr(part, name) for name in _SUMMED])  # None outside the main process
     if store is not None:
-        count, x_sum, gram, cross, y_sum = summed
-        checkpoints.save("gram", GramStats(np.asarray(count, np.float64), shift, x_sum, gram, cross, y_sum))
-        log(f"[classifier] Gram statistics of {int(count):,} rows, summed over {processes.count()} processes", quiet)
+        stats = part._replace(**dict(zip(_SUMMED, summed)))
+        checkpoints.save("gram", stats)
+        log(f"[classifier] Gram statistics of {int(stats.count):,} rows, summed over {processes.count()} processes",
+            quiet)
+
+
+_SUMMED = tuple(name for name in GramStats._fields if name != "shift")  # every field but the shared shift
 
 
 _KERNEL_BLOCK = 4096  # feature columns sent to a process at a time: 0.8 GB of float32 at N = 50,000
@@ -102,12 +107,13 @@ def shared_kernel(cfg, features, store, stage_key, quiet) -> None:
                 mine = block if r == me else mine
         if i < len(blocks[me]):
             start, stop = blocks[me][i]
-            part = KernelStats(np.zeros((), np.int64), np.zeros(stop - start), np.ones(stop - start), kernel)
-            accumulate_kernel(part, features[:, start:stop] if me == 0 else mine)
-            mean[start:stop], scale[start:stop] = part.mean, part.scale
+            # the statistics of this block's columns, added to the kernel of the process's earlier blocks
+            part = accumulate_kernel(empty_kernel_stats(0, stop - start)._replace(kernel=kernel),
+                                     features[:, start:stop] if me == 0 else mine)
+            kernel, mean[start:stop], scale[start:stop] = part.kernel, part.mean, part.scale
             if report is not None:
                 report(stop, f // count)
     processes.total([kernel, mean, scale])
     if store is not None:
-        checkpoints.save("kernel", KernelStats(np.array(f, np.int64), mean, scale, kernel))
+        checkpoints.save("kernel", KernelStats(columns=np.array(f, np.int64), mean=mean, scale=scale, kernel=kernel))
         log(f"[classifier] {n:,} x {n:,} kernel of {f:,} features, their columns shared by {count} processes", quiet)
