@@ -9,6 +9,11 @@ and metadata give the same bytes).
 Reading checks a file against a template of the expected tree whose leaves are ``Slot`` s: every
 named array must be there, with the expected dtype kind and shape (named dimensions must agree
 across arrays), and finite; anything else is a ``FileFormatError`` naming the file and the array.
+
+A file written with ``checksum=True`` (every stage and checkpoint of a run) also holds the SHA-256
+of each member's stored bytes (``__checksums__``, written last); reading it verifies them all
+first, memory-mapped or not, so a byte changed on disk is refused instead of used. (The zip
+format's own CRC-32 is checked only by reads that decompress a member, not by memory maps.)
 """
 
 from __future__ import annotations
@@ -22,12 +27,13 @@ from typing import Any
 import jax
 import numpy as np
 
-from kmjax._io import atomic_write
+from kmjax._io import atomic_write, checksum as _new_checksum, file_checksum
 from kmjax.errors import FileFormatError
 
-__all__ = ["FileFormatError", "Slot", "save_tree", "read_meta", "load_tree", "tree_names"]
+__all__ = ["FileFormatError", "Slot", "save_tree", "read_meta", "load_tree", "tree_names", "verify"]
 
 META = "__meta__"
+CHECKSUMS = "__checksums__"  # {member: SHA-256 hex of its stored bytes}, the last member
 _DATE = (1980, 1, 1, 0, 0, 0)  # the zip format's earliest timestamp: identical bytes for identical trees
 
 
@@ -57,21 +63,77 @@ def tree_names(tree) -> tuple[list[str], list[Any], Any]:
     return names, [leaf for _, leaf in paths], treedef
 
 
-def save_tree(path, tree, meta: dict | None = None) -> Path:
-    """Write the arrays of ``tree`` (and ``meta``, JSON-serializable) to ``path`` atomically."""
+class _Hashing:
+    """A writable file that passes bytes on and checksums them as they go."""
+
+    def __init__(self, out):
+        self.out, self.hash = out, _new_checksum()
+
+    def write(self, data):
+        self.hash.update(data)
+        return self.out.write(data)
+
+
+def save_tree(path, tree, meta: dict | None = None, *, checksum: bool = False) -> Path:
+    """Write the arrays of ``tree`` (and ``meta``, JSON-serializable) to ``path`` atomically (flushed to
+    disk before the rename). ``checksum``: also store each member's SHA-256, verified by ``load_tree``."""
     path = Path(path)
     names, leaves, _ = tree_names(tree)
-    if META in names or len(set(names)) != len(names):
-        raise ValueError(f"array names must be unique and not {META!r}: {names}")
+    if {META, CHECKSUMS} & set(names) or len(set(names)) != len(names):
+        raise ValueError(f"array names must be unique and not {META!r} or {CHECKSUMS!r}: {names}")
 
     def write(f):
+        sums = {}
         with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
-            entries = [(META, np.array(json.dumps(meta or {}, sort_keys=True)))] + list(zip(names, leaves))
-            for name, leaf in entries:
+            def member(name, array):
                 with z.open(zipfile.ZipInfo(name + ".npy", date_time=_DATE), "w", force_zip64=True) as out:
-                    np.lib.format.write_array(out, np.asarray(leaf), allow_pickle=False)
+                    hashing = _Hashing(out)
+                    np.lib.format.write_array(hashing, np.asarray(array), allow_pickle=False)
+                    sums[name] = hashing.hash.hexdigest()
+
+            for name, leaf in [(META, np.array(json.dumps(meta or {}, sort_keys=True)))] + list(zip(names, leaves)):
+                member(name, leaf)
+            if checksum:
+                member(CHECKSUMS, np.array(json.dumps(sums, sort_keys=True)))
 
     return atomic_write(path, write)
+
+
+def _data_offset(f, info: zipfile.ZipInfo) -> int:
+    """Where a member's stored bytes begin in the file (after its local header)."""
+    f.seek(info.header_offset + 26)  # the local file header's name and extra-field lengths
+    n_name, n_extra = struct.unpack("<HH", f.read(4))
+    return info.header_offset + 30 + n_name + n_extra
+
+
+def verify(path, what: str = "kmjax file", *, required: bool = False) -> bool:
+    """Check every member of a file written by ``save_tree(checksum=True)`` against its stored
+    SHA-256, reading the file once in chunks (nothing held in memory). Returns whether the file
+    had checksums; a file without them is accepted unless ``required``. Raises ``FileFormatError``
+    naming the first member whose bytes changed."""
+    path = Path(path)
+    with _open(path, what) as z:
+        if CHECKSUMS not in z.files:
+            if required:
+                raise FileFormatError(f"{what} {path} has no checksums (written by another kmjax version, or not "
+                                      "by kmjax): delete it so that it is computed again")
+            return False
+        try:
+            sums = json.loads(str(z[CHECKSUMS]))
+        except Exception as e:  # noqa: BLE001 - a damaged checksum member is a damaged file
+            raise FileFormatError(f"{what} {path} has unreadable checksums ({e}); delete it so that it is computed "
+                                  "again") from None
+        infos = {i.filename[: -len(".npy")]: i for i in z.zip.infolist()}
+    if set(sums) != set(infos) - {CHECKSUMS}:
+        raise FileFormatError(f"{what} {path} holds members {sorted(set(infos) - {CHECKSUMS})} but checksums for "
+                              f"{sorted(sums)}: it was changed after kmjax wrote it; delete it so that it is computed again")
+    with open(path, "rb") as f:
+        offsets = {name: _data_offset(f, infos[name]) for name in sums}
+    for name, want in sums.items():
+        if file_checksum(path, offsets[name], infos[name].compress_size) != want:
+            raise FileFormatError(f"{what} {path}: array {name!r} fails its checksum (its bytes changed on disk "
+                                  "after kmjax wrote them); delete the file so that it is computed again, or restore it")
+    return True
 
 
 def _open(path: Path, what: str):
@@ -90,9 +152,7 @@ def _mapped(path: Path, z, name: str):
     if info.compress_type != zipfile.ZIP_STORED:
         return z[name]
     with open(path, "rb") as f:
-        f.seek(info.header_offset + 26)  # the local file header's name and extra-field lengths
-        n_name, n_extra = struct.unpack("<HH", f.read(4))
-        f.seek(info.header_offset + 30 + n_name + n_extra)
+        f.seek(_data_offset(f, info))
         version = np.lib.format.read_magic(f)
         read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
         shape, fortran, dtype = read_header(f)
@@ -134,17 +194,19 @@ def read_meta(path, what: str = "kmjax file", kind: str | None = None) -> dict:
     return meta
 
 
-def load_tree(path, like, what: str = "kmjax file", *, mmap: bool = False):
+def load_tree(path, like, what: str = "kmjax file", *, mmap: bool = False, checksum: bool = False):
     """Read a file written by ``save_tree`` into the structure of ``like`` (leaves: ``Slot``).
 
     mmap: return the arrays as read-only ``np.memmap`` s of the file instead of copies in memory
     (for arrays larger than the memory one wants to hold, e.g. a dual ridge's kernel).
+    checksum: refuse a file without stored checksums (those it has are always verified first).
 
     Returns (tree of NumPy arrays, metadata dict). Raises ``FileFormatError`` for a missing,
-    truncated or corrupt file, a missing array, or an array of the wrong dtype, shape or with
-    non-finite values.
+    truncated or corrupt file, bytes that fail their checksum, a missing array, or an array of the
+    wrong dtype, shape or with non-finite values.
     """
     path = Path(path)
+    verify(path, what, required=checksum)
     meta = read_meta(path, what)
     names, slots, treedef = tree_names(like)
     dims: dict[str, tuple[int, str]] = {}

@@ -40,12 +40,14 @@ def _cmd_run(args) -> int:
 
 def _cmd_sweep(args) -> int:
     from kmjax.experiment import parse_grid, sweep
+    from kmjax.experiment.provenance import TEST_KEYS, test_accuracy_of
 
     rows = sweep(args.config, parse_grid(args.grid), overrides=args.set, data_dir=args.data_dir, out=args.out,
                  resume=args.resume, quiet=args.quiet, compile_cache=args.compile_cache)
-    keys = [k for k in rows[0] if k not in ("train_accuracy", "test_accuracy", "seconds", "run_dir")]
+    keys = [k for k in rows[0] if k not in ("train_accuracy", "test_set", *TEST_KEYS.values(), "seconds", "run_dir")]
     for r in rows:
-        acc = "-" if r["test_accuracy"] is None else f"{100 * r['test_accuracy']:.2f}%"
+        tested = test_accuracy_of(r)
+        acc = "-" if tested is None else f"{100 * tested[1]:.2f}%" + ("" if tested[0] == "full" else f" ({tested[0]})")
         print("  ".join(f"{k}={r[k]}" for k in keys) + f"  test {acc}  ({r['seconds']:.0f} s)")
     print(f"table and plot: {Path(rows[0]['run_dir']).parent.parent}")
     return 0

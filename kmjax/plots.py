@@ -83,13 +83,17 @@ def save_confusion(path, confusion, class_names) -> None:
 
 def save_sweep(path, keys, rows) -> None:
     """Test accuracy against the first grid key, one line per combination of the other keys."""
+    from kmjax.experiment.provenance import test_accuracy_of
+
     x_key, rest = keys[0], keys[1:]
     lines: dict = {}
+    kinds = set()
     for r in rows:
-        if r.get("test_accuracy") is None:
+        if (tested := test_accuracy_of(r)) is None:
             continue
+        kinds.add(tested[0])
         label = ", ".join(f"{k.split('.')[-1]}={r[k]}" for k in rest) or "test accuracy"
-        lines.setdefault(label, []).append((r[x_key], 100 * r["test_accuracy"]))
+        lines.setdefault(label, []).append((r[x_key], 100 * tested[1]))
     fig = Figure(figsize=(6, 4))
     ax = fig.subplots()
     numeric = all(isinstance(x, (int, float)) and not isinstance(x, bool) for pts in lines.values() for x, _ in pts)
@@ -101,7 +105,7 @@ def save_sweep(path, keys, rows) -> None:
         ax.set_xticks(sorted({x for pts in lines.values() for x, _ in pts}))
         ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
     ax.set_xlabel(x_key)
-    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylabel("test accuracy (%)" + ("" if kinds <= {"full"} else f" ({' / '.join(sorted(kinds))} test set)"))
     ax.grid(alpha=0.3)
     if len(lines) > 1:
         ax.legend(fontsize=8)

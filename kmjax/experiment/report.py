@@ -216,8 +216,14 @@ def summary(results: dict) -> str:
                  f"{k['empty_clusters']} empty clusters")
     if "train_accuracy" in results:
         lines.append(f"  train accuracy: {100 * results['train_accuracy']:.2f}%")
-    if "test_accuracy" in results:
-        lines.append(f"  test accuracy:  {100 * results['test_accuracy']:.2f}%")
+    from kmjax.experiment.provenance import test_accuracy_of
+
+    tested = test_accuracy_of(results)
+    if tested is not None:
+        kind, accuracy = tested
+        about = {"full": "", "partial": f" (the first {results['test_set']['images']:,} test images only)",
+                 "stand-in": " (a STAND-IN test set that shares images with the training set)"}[kind]
+        lines.append(f"  test accuracy:  {100 * accuracy:.2f}%{about}")
     s = results["seconds"]
     lines.append("  seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in s.items()))
     if results.get("compile_seconds"):

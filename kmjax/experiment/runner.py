@@ -23,14 +23,18 @@ from kmjax import __version__, plots
 from kmjax.augment import mirror
 from kmjax.classify import LinearModel, Standardizer, fit_classifier, predict_features
 from kmjax.config import Config, to_dict
+from kmjax.data import load_cifar10
 from kmjax import templates
 from kmjax.dictionary import Dictionary, learn_dictionary
 from kmjax.experiment import processes
 from kmjax.experiment.plan import (data_ids, dictionary_options, dictionary_patches, feature_spec, load_data,
                                    local_mesh, mirror_sums, run_mesh, training_copies, training_images)
 from kmjax.experiment.compile_cache import use_compile_cache
-from kmjax.experiment.report import AnonMemoryPeak, Timer, environment, log, progress
+from kmjax.experiment.provenance import stage_code, start_record, test_set
+from kmjax.experiment.report import AnonMemoryPeak, Timer, log, progress
+from kmjax.experiment.report import environment as report_environment
 from kmjax.experiment.shared import shared_gram, shared_kernel, shared_solver
+from kmjax._io import remove_stale_temporaries
 from kmjax.experiment.store import (RunError, RunLock, StageStore, config_differences, new_run_dir,
                                     stage_keys, write_json)
 from kmjax.features import extract_features, feature_dim
@@ -63,6 +67,28 @@ def _plan_resume(cfg: Config, resume: Path):
     raise RunError(f"the config differs from the one in {config_file} ({listed}); --resume continues the same "
                    "experiment, and only classifier settings may change (into a new folder beside it). "
                    "Run without --resume to start a new experiment.")
+
+
+def _record_start(run_dir: Path, keys: dict, quiet: bool) -> list[dict]:
+    """Append this start (or resume) to the run folder's ``provenance.json``; say which stages the
+    code changed since the last start (their keys differ: they are computed again). Returns every
+    start recorded."""
+    path = run_dir / "provenance.json"
+    try:
+        starts = json.loads(path.read_text())["starts"] if path.is_file() else []
+    except (ValueError, KeyError, TypeError) as e:
+        raise RunError(f"{path} is unreadable ({e}); the run's record of its starts is damaged: start a new run "
+                       "instead of resuming") from None
+    record = {**start_record(), "stage_keys": keys}
+    if starts:
+        changed = [stage for stage, code in record["code"].items() if starts[-1].get("code", {}).get(stage) != code]
+        if changed:
+            log(f"resuming with other kmjax code than the last start ({(starts[-1].get('git') or {}).get('commit')} "
+                f"-> {(record['git'] or {}).get('commit')}): the {', '.join(changed)} stage{'s' * (len(changed) > 1)} "
+                "and those after are computed again, not read from files other code wrote", quiet)
+    starts.append(record)
+    write_json(path, {"starts": starts})
+    return starts
 
 
 def run(cfg: Config, *, data_dir=None, out: str | os.PathLike = "runs", resume: str | os.PathLike | None = None,
@@ -104,6 +130,7 @@ def run(cfg: Config, *, data_dir=None, out: str | os.PathLike = "runs", resume: 
             log(f"only classifier settings differ from {resume}: a new run folder beside it, reusing its stages",
                 quiet)
     t_start = time.perf_counter()
+    environment = report_environment() if main else None  # the code as it is when the run starts
     timer = Timer(quiet)
     with timer.stage("load"):
         if not main:  # after the main process, which may download the data set into a shared cache
@@ -118,9 +145,15 @@ def run(cfg: Config, *, data_dir=None, out: str | os.PathLike = "runs", resume: 
             except ValueError as e:
                 raise RunError(f"kmeans.flip_closed with features.train_flip needs mirror-symmetric features: {e}") \
                     from None
+        if test is not None and main:  # which kind of test set: its accuracy is reported under that name
+            complete = cfg.data.n_test == 0 or cfg.data.n_test == len(load_cifar10(data_dir, "test").labels)
+            tested_on = test_set(test, train, complete)
         mesh = run_mesh(cfg)
         devices = 1 if mesh is None else mesh.size  # the actual count: float sums depend on it
-        keys = stage_keys({**to_dict(cfg), "devices": devices}, train_id, test_id, __version__)
+        keys = stage_keys({**to_dict(cfg), "devices": devices}, train_id, test_id, __version__, stage_code())
+        if processes.agree(keys) != keys:  # the same config and data: another kmjax source on this host
+            raise RunError(f"process {processes.index()} runs other kmjax code than process 0 (its stage keys differ: "
+                           f"{keys}); install the same kmjax on every host")
     fresh = run_dir is None
     if fresh:
         run_dir = Path(processes.agree(str(new_run_dir(Path(out), cfg.name)) if main else None))
@@ -128,21 +161,30 @@ def run(cfg: Config, *, data_dir=None, out: str | os.PathLike = "runs", resume: 
         return _run_stages(cfg, train, test, keys, run_dir, None, timer, quiet, mesh)
     try:
         with RunLock(run_dir):
+            remove_stale_temporaries(run_dir)
             if fresh:
                 link = Path(cache) if cache is not None else stages
                 if link is not None:
                     Path(link).mkdir(parents=True, exist_ok=True)
                     os.symlink(os.path.relpath(Path(link).resolve(), run_dir.resolve()), run_dir / "stages")
-            with AnonMemoryPeak() as memory:
-                results = _run_stages(cfg, train, test, keys, run_dir, StageStore(run_dir / "stages"), timer, quiet,
-                                      mesh)
+            starts = _record_start(run_dir, keys, quiet)
+            with AnonMemoryPeak() as memory, StageStore(run_dir / "stages") as store:
+                results = _run_stages(cfg, train, test, keys, run_dir, store, timer, quiet, mesh)
+            results["starts"] = starts
+            if "test_accuracy" in results:
+                results["test_set"] = tested_on
+                results[tested_on["accuracy_key"]] = results.pop("test_accuracy")
+                if tested_on["kind"] != "full":
+                    log(f"the test set is {'a stand-in: ' if tested_on['kind'] == 'stand-in' else ''}"
+                        f"{tested_on['images']:,} images, {tested_on['images_also_in_training']:,} of them training "
+                        f"images: its accuracy is reported as {tested_on['accuracy_key']}, not test_accuracy", quiet)
             if resume is not None and fresh:
                 results["reused_stages_of"] = str(resume)
             results["seconds"] = {**timer.seconds, "total": round(time.perf_counter() - t_start, 3)}
             results["compile_seconds"] = timer.compile_seconds
             results["peak_memory_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
             results["peak_anon_memory_mb"] = None if memory.peak_mb is None else round(memory.peak_mb, 1)
-            results["environment"] = environment()
+            results["environment"] = environment
             write_json(run_dir / "results.json", results)  # last, and still under the lock
             processes.wait_for_all("results")  # the other processes wait here while this one fits
             processes.agree(results)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kmjax._io import atomic_write
+from kmjax._io import atomic_write, checksum as _new_checksum, remove_stale_temporaries, sync_folder
 from kmjax.checkpoint import FileFormatError, load_tree, save_tree
 from kmjax import templates
 from kmjax.config import check_name
@@ -110,14 +110,16 @@ def _hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def stage_keys(config: dict, train_id: str, test_id: str | None, version: str) -> dict[str, str]:
-    """A key per stage of everything that determines its output, and its inputs' keys."""
+def stage_keys(config: dict, train_id: str, test_id: str | None, version: str, code: dict[str, str]) -> dict[str, str]:
+    """A key per stage of everything that determines its output, and its inputs' keys: the config
+    entries that matter, the data's identity, kmjax's version and ``code``, the id of the source of
+    each stage's code (``kmjax.experiment.provenance.stage_code``)."""
     c = config
     feats = {k: v for k, v in c["features"].items() if f"features.{k}" not in SPEED_ONLY}
-    parts = {"dictionary": [version, c["seed"], c["data"]["train_batches"], c["data"]["n_train"], train_id,
-                            c["patches"], c["preprocess"], c["kmeans"], c["devices"]]}
-    parts["features"] = [parts["dictionary"], feats, c["data"]["n_test"], test_id]
-    parts["classifier"] = [parts["features"], c["classifier"]]
+    parts = {"dictionary": [version, code["dictionary"], c["seed"], c["data"]["train_batches"], c["data"]["n_train"],
+                            train_id, c["patches"], c["preprocess"], c["kmeans"], c["devices"]]}
+    parts["features"] = [parts["dictionary"], code["features"], feats, c["data"]["n_test"], test_id]
+    parts["classifier"] = [parts["features"], code["classifier"], c["classifier"]]
     return {name: _hash(v) for name, v in parts.items()}
 
 
@@ -142,11 +144,33 @@ class StageStore:
     """Finished stages in one folder: trees as ``STAGE-KEY.npz``, large arrays as ``.npy`` files
     (filled in place as ``.partial`` files, renamed when the stage is done, then a ``.done``
     marker). A ``.partial`` file keeps the rows its ``.rows`` file counts (``mark_rows``): an
-    interrupted stage resumes from there; anything else unfinished is recomputed."""
+    interrupted stage resumes from there; anything else unfinished is recomputed.
+
+    Everything saved carries its stage key and a SHA-256 content checksum written with it (a tree's
+    in its ``.npz``; an array's per segment of rows, in its ``.rows`` record and then its stage's
+    ``.done`` marker), verified when it is read back, memory-mapped or not: a file changed on disk,
+    or saved under another key, is refused with a message (``RunError``) instead of used.
+
+    Use it as a context manager (``with StageStore(folder) as store``): the folder is locked against
+    other kmjax processes (a stage folder may be shared by several runs: ``--cache``, a sweep, a
+    classifier-only resume) and the temporaries a killed process left in it are removed."""
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
         self._checkpoints: dict = {}
+        self._lock = None
+        self._segments: dict = {}  # the row checksums of each array being filled (its .partial path)
+        self._verified: set = set()  # array stages this process wrote or checked: not read twice
+
+    def __enter__(self):
+        self._mkdir()
+        self._lock = RunLock(self.folder).__enter__()
+        remove_stale_temporaries(self.folder)
+        return self
+
+    def __exit__(self, *exc):
+        self._lock.__exit__(*exc)
+        self._lock = None
 
     def _path(self, stage, key, suffix):
         return self.folder / f"{stage}-{key}{suffix}"
@@ -158,19 +182,79 @@ class StageStore:
             raise _unwritable(self.folder, e) from None
 
     def load_tree(self, stage, key, like, mmap: bool = False):
-        """(tree, meta) of a finished stage, or None; ``mmap``: arrays as read-only memmaps."""
+        """(tree, meta) of a finished stage, or None; ``mmap``: arrays as read-only memmaps. A file
+        that fails its checksum or was saved under another key is refused (``RunError``)."""
         path = self._path(stage, key, ".npz")
-        return load_tree(path, like, "stage file", mmap=mmap) if path.is_file() else None
+        if not path.is_file():
+            return None
+        try:
+            tree, meta = load_tree(path, like, "stage file", mmap=mmap, checksum=True)
+        except FileFormatError as e:
+            raise RunError(f"{e}. (kmjax refuses to resume from a saved stage it cannot verify.)") from None
+        if meta.get("stage_key") != key:
+            raise RunError(f"stage file {path} was saved under the key {meta.get('stage_key')!r}, not {key!r} as its "
+                           "name says (renamed or copied by hand?); delete it so that the stage is computed again")
+        return tree, meta
 
     def save_tree(self, stage, key, tree, meta):
         self._mkdir()
-        save_tree(self._path(stage, key, ".npz"), tree, meta)
+        path = self._path(stage, key, ".npz")
+        try:
+            save_tree(path, tree, {**meta, "stage_key": key}, checksum=True)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise RunError(f"no space left in {self.folder} while writing {path.name} ({e.strerror}); free some space "
+                           "or put the stages elsewhere (--cache DIR), then rerun with --resume RUN_DIR: what was "
+                           "saved before is intact") from None
 
     def load_arrays(self, stage, key, names):
-        """{name: read-only memmap} of a finished array stage, or None."""
-        if not self._path(stage, key, ".done").is_file():
+        """{name: read-only memmap} of a finished array stage, or None; each array's rows are
+        checked against the checksums recorded as they were written (once per process: reading
+        a 10 GB file again costs seconds), and a mismatch is refused (``RunError``)."""
+        done = self._path(stage, key, ".done")
+        if not done.is_file():
             return None
-        return {n: np.load(self._path(f"{stage}.{n}", key, ".npy"), mmap_mode="r") for n in names}
+        try:
+            record = json.loads(done.read_text())
+            arrays = record["arrays"]
+            if record["stage_key"] != key:
+                raise ValueError(f"it names the key {record['stage_key']!r}")
+        except (ValueError, KeyError, TypeError) as e:
+            raise RunError(f"{done} is not a kmjax stage record ({e}); delete it and the {stage} files of key {key} "
+                           "so that the stage is computed again") from None
+        loaded = {}
+        for n in names:
+            path = self._path(f"{stage}.{n}", key, ".npy")
+            try:
+                loaded[n] = np.load(path, mmap_mode="r")
+            except (OSError, ValueError) as e:
+                raise RunError(f"stage file {path} is unreadable ({e}); delete {done} so that the stage is computed "
+                               "again") from None
+            if (stage, key, n) not in self._verified:
+                self._check_segments(loaded[n], arrays.get(n, {}).get("segments"), path)
+                self._verified.add((stage, key, n))
+        return loaded
+
+    @staticmethod
+    def _segment_sum(a, start: int, stop: int) -> str:
+        h = _new_checksum()
+        step = max(1, (1 << 26) // max(1, a[:1].nbytes))  # 64 MB of rows at a time
+        for i in range(start, stop, step):
+            h.update(memoryview(np.ascontiguousarray(a[i : min(i + step, stop)])).cast("B"))
+        return h.hexdigest()
+
+    def _check_segments(self, a, segments, path) -> None:
+        """Refuse ``a`` unless ``segments`` ([start, stop, checksum] of rows) cover its rows and match."""
+        covered = 0
+        for start, stop, want in segments or []:
+            if start != covered or self._segment_sum(a, start, stop) != want:
+                raise RunError(f"stage file {path}: rows {start}-{stop} fail their checksum (changed on disk after "
+                               "kmjax wrote them); delete it so that the stage is computed again")
+            covered = stop
+        if covered != a.shape[0]:
+            raise RunError(f"stage file {path}: checksums cover {covered} of its {a.shape[0]} rows; delete it so "
+                           "that the stage is computed again")
 
     def check_space(self, nbytes: int, stage: str, key: str) -> None:
         """Refuse to start writing ``nbytes`` of ``stage`` arrays unless the disk has room for
@@ -202,12 +286,17 @@ class StageStore:
         if resume and path.is_file() and rows_file.is_file():
             try:
                 a = np.load(path, mmap_mode="r+")
-                rows = int(rows_file.read_text())
-            except (OSError, ValueError):
-                a, rows = None, 0
-            if a is not None and a.shape == tuple(shape) and a.dtype == np.dtype(dtype) and 0 <= rows <= a.shape[0]:
+                record = json.loads(rows_file.read_text())
+                rows, segments = int(record["rows"]), record["segments"]
+                fits = record["stage_key"] == key and segments[-1][1] == rows
+            except (OSError, ValueError, KeyError, TypeError, IndexError):
+                a, fits = None, False
+            if fits and a.shape == tuple(shape) and a.dtype == np.dtype(dtype) and 0 < rows <= a.shape[0]:
+                self._check_segments(a[:rows], segments, path)  # the rows kept must be the rows written
+                self._segments[os.path.realpath(path)] = (key, segments)
                 return a, rows
         rows_file.unlink(missing_ok=True)
+        self._segments[os.path.realpath(path)] = (key, [])
         a = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=tuple(shape))
         try:
             with open(path, "r+b") as f:
@@ -224,18 +313,33 @@ class StageStore:
 
     def mark_rows(self, a, rows: int) -> None:
         """Record that the first ``rows`` rows of ``a`` (from ``open_array``) are written: flushed
-        to disk first, so that a crash after this call keeps them."""
+        to disk first, so that a crash after this call keeps them, and the new rows' checksum
+        recorded with their count."""
         a.flush()
-        atomic_write(self._rows_file(a), lambda f: f.write(str(int(rows)).encode()))
+        key, segments = self._segments[os.path.realpath(a.filename)]
+        start = segments[-1][1] if segments else 0
+        if rows > start:
+            segments.append([start, int(rows), self._segment_sum(a, start, int(rows))])
+        record = {"stage_key": key, "rows": int(rows), "segments": segments}
+        atomic_write(self._rows_file(a), lambda f: f.write(json.dumps(record).encode()))
 
     def commit_arrays(self, stage, key, arrays: dict) -> None:
-        """Give arrays from ``new_array`` their final names, then mark the stage done."""
+        """Give arrays from ``new_array`` their final names, then mark the stage done (its record
+        holds each array's row checksums: those ``mark_rows`` recorded, or computed now)."""
+        record = {"stage_key": key, "arrays": {}}
         for n, a in arrays.items():
             a.flush()
-            os.replace(a.filename, self._path(f"{stage}.{n}", key, ".npy"))
+            segments = self._segments.pop(os.path.realpath(a.filename), (key, []))[1]
+            if not segments or segments[-1][1] != a.shape[0]:
+                segments = [[0, a.shape[0], self._segment_sum(a, 0, a.shape[0])]]
+            record["arrays"][n] = {"shape": list(a.shape), "dtype": a.dtype.str, "segments": segments}
+            final = self._path(f"{stage}.{n}", key, ".npy")
+            os.replace(a.filename, final)
             self._rows_file(a).unlink(missing_ok=True)
+            self._verified.add((stage, key, n))
+        sync_folder(self.folder)
         # written last: a stage without its marker was interrupted and is recomputed
-        atomic_write(self._path(stage, key, ".done"), lambda f: f.write(" ".join(arrays).encode()))
+        atomic_write(self._path(stage, key, ".done"), lambda f: f.write(json.dumps(record).encode()))
 
     def delete_arrays(self, stage, key, names) -> None:
         self._path(stage, key, ".done").unlink(missing_ok=True)

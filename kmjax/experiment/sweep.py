@@ -17,6 +17,7 @@ from pathlib import Path
 from kmjax import plots
 from kmjax._io import atomic_write
 from kmjax.config import ConfigError, load_config, parse_value
+from kmjax.experiment.provenance import TEST_KEYS
 from kmjax.experiment.report import log
 from kmjax.experiment import processes
 from kmjax.experiment.runner import run
@@ -24,7 +25,8 @@ from kmjax.experiment.store import RunError, RunLock, new_run_dir, write_json
 
 __all__ = ["sweep", "parse_grid"]
 
-_COLUMNS = ["train_accuracy", "test_accuracy", "seconds", "run_dir"]
+# a run's test accuracy is under the key of its kind of test set (``provenance.TEST_KEYS``), named in "test_set"
+_COLUMNS = ["train_accuracy", "test_set", *TEST_KEYS.values(), "seconds", "run_dir"]
 
 
 def parse_grid(items: list[str]) -> dict[str, list]:
@@ -77,7 +79,9 @@ def sweep(config_path, grid: dict[str, list], *, overrides: list[str] = (), data
             res = run(cfg, data_dir=data_dir, out=sweep_dir / "runs", cache=sweep_dir / "cache", quiet=quiet,
                       compile_cache=compile_cache, resume=previous if again else None)
             rows.append({**dict(zip(keys, (parse_value(v) for v in combo))),
-                         "train_accuracy": res.get("train_accuracy"), "test_accuracy": res.get("test_accuracy"),
+                         "train_accuracy": res.get("train_accuracy"),
+                         "test_set": res.get("test_set", {}).get("kind"),
+                         **{k: res[k] for k in TEST_KEYS.values() if k in res},
                          "seconds": res["seconds"]["total"], "run_dir": res["run_dir"]})
             if main:
                 _write_sweep(sweep_dir, keys, rows)
