@@ -101,6 +101,9 @@ def save_tree(path, tree, meta: dict | None = None, *, checksum: bool = False) -
 
 def _data_offset(f, info: zipfile.ZipInfo) -> int:
     """Where a member's stored bytes begin in the file (after its local header)."""
+    f.seek(info.header_offset)
+    if f.read(4) != b"PK\x03\x04":
+        raise ValueError(f"no local header for {info.filename} at byte {info.header_offset}")
     f.seek(info.header_offset + 26)  # the local file header's name and extra-field lengths
     n_name, n_extra = struct.unpack("<HH", f.read(4))
     return info.header_offset + 30 + n_name + n_extra
@@ -127,8 +130,12 @@ def verify(path, what: str = "kmjax file", *, required: bool = False) -> bool:
     if set(sums) != set(infos) - {CHECKSUMS}:
         raise FileFormatError(f"{what} {path} holds members {sorted(set(infos) - {CHECKSUMS})} but checksums for "
                               f"{sorted(sums)}: it was changed after kmjax wrote it; delete it so that it is computed again")
-    with open(path, "rb") as f:
-        offsets = {name: _data_offset(f, infos[name]) for name in sums}
+    try:
+        with open(path, "rb") as f:
+            offsets = {name: _data_offset(f, infos[name]) for name in sums}
+    except (OSError, struct.error, ValueError) as e:
+        raise FileFormatError(f"{what} {path} is damaged (its zip directory does not match its members: {e}); delete "
+                              "it so that it is computed again") from None
     for name, want in sums.items():
         if file_checksum(path, offsets[name], infos[name].compress_size) != want:
             raise FileFormatError(f"{what} {path}: array {name!r} fails its checksum (its bytes changed on disk "

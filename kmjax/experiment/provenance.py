@@ -93,15 +93,15 @@ def stage_code() -> dict[str, str]:
             for stage, (modules, files) in _STAGES.items()}
 
 
-def start_record() -> dict:
-    """What a run records each time it starts or resumes."""
+def start_record(code: dict[str, str]) -> dict:
+    """What a run records each time it starts or resumes; ``code``: its ``stage_code()``."""
     return {
         "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": [os.path.basename(sys.argv[0])] + sys.argv[1:] if sys.argv and sys.argv[0] else list(sys.argv),
         "cwd": os.getcwd(),
         "host": platform.node(),
         "git": source_commit(),
-        "code": stage_code(),
+        "code": code,
     }
 
 

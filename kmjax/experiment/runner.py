@@ -69,7 +69,7 @@ def _plan_resume(cfg: Config, resume: Path):
                    "Run without --resume to start a new experiment.")
 
 
-def _record_start(run_dir: Path, keys: dict, quiet: bool) -> list[dict]:
+def _record_start(run_dir: Path, code: dict, keys: dict, quiet: bool) -> list[dict]:
     """Append this start (or resume) to the run folder's ``provenance.json``; say which stages the
     code changed since the last start (their keys differ: they are computed again). Returns every
     start recorded."""
@@ -79,7 +79,7 @@ def _record_start(run_dir: Path, keys: dict, quiet: bool) -> list[dict]:
     except (ValueError, KeyError, TypeError) as e:
         raise RunError(f"{path} is unreadable ({e}); the run's record of its starts is damaged: start a new run "
                        "instead of resuming") from None
-    record = {**start_record(), "stage_keys": keys}
+    record = {**start_record(code), "stage_keys": keys}
     if starts:
         changed = [stage for stage, code in record["code"].items() if starts[-1].get("code", {}).get(stage) != code]
         if changed:
@@ -150,7 +150,8 @@ def run(cfg: Config, *, data_dir=None, out: str | os.PathLike = "runs", resume: 
             tested_on = test_set(test, train, complete)
         mesh = run_mesh(cfg)
         devices = 1 if mesh is None else mesh.size  # the actual count: float sums depend on it
-        keys = stage_keys({**to_dict(cfg), "devices": devices}, train_id, test_id, __version__, stage_code())
+        code = stage_code()
+        keys = stage_keys({**to_dict(cfg), "devices": devices}, train_id, test_id, __version__, code)
         if processes.agree(keys) != keys:  # the same config and data: another kmjax source on this host
             raise RunError(f"process {processes.index()} runs other kmjax code than process 0 (its stage keys differ: "
                            f"{keys}); install the same kmjax on every host")
@@ -167,7 +168,7 @@ def run(cfg: Config, *, data_dir=None, out: str | os.PathLike = "runs", resume: 
                 if link is not None:
                     Path(link).mkdir(parents=True, exist_ok=True)
                     os.symlink(os.path.relpath(Path(link).resolve(), run_dir.resolve()), run_dir / "stages")
-            starts = _record_start(run_dir, keys, quiet)
+            starts = _record_start(run_dir, code, keys, quiet)
             with AnonMemoryPeak() as memory, StageStore(run_dir / "stages") as store:
                 results = _run_stages(cfg, train, test, keys, run_dir, store, timer, quiet, mesh)
             results["starts"] = starts
