@@ -17,11 +17,14 @@ from kmjax.dictionary import Dictionary
 from kmjax.lloyd import LoopState
 from kmjax.preprocess import ZCA
 
-__all__ = ["zca", "dictionary", "lloyd_state", "classifier", "classifier_stage", "fit_state", "MAPPED_STATES"]
+__all__ = ["zca", "dictionary", "lloyd_state", "classifier", "classifier_stage", "fit_state", "mapped"]
 
-# fit states read back as memory maps (``load_tree(mmap=True)``): the N x N kernel is read once per
-# solve, through the page cache, instead of held in memory beside its factorization
-MAPPED_STATES = ("kernel",)
+def mapped(name: str, tree=None) -> bool:
+    """Whether the fit state saved under ``name`` is read back memory-mapped (``load_tree(mmap=True)``):
+    the N x N kernel, read once per solve through the page cache instead of held in memory beside
+    its factorization. Given the ``tree`` just saved: only once it is complete (a growing kernel
+    stays the fit's own, in memory, to grow)."""
+    return name == "kernel" and (tree is None or int(tree.columns) == tree.mean.shape[0])
 
 
 def zca(whitened: bool) -> ZCA | None:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from kmjax.classify import (
-    GramStats, LinearModel, accumulate_gram, accuracy, empty_gram_stats, fit_ridge, fit_standardizer, gram_stats,
+    ClassifierState, GramStats, LBFGSState, LinearModel, accumulate_gram, accuracy, empty_gram_stats, fit_ridge, fit_standardizer, gram_stats,
     predict, predict_features, softmax_loss, standardize, svm_loss, train_linear,
 )
 from kmjax.classify.tiled import add_gram, cholesky, cholesky_solve, mirror_tiles, row_tiles_matmul
@@ -470,6 +470,16 @@ def test_progress_reports_change_nothing():
     values = [s[2] for s in seen]
     assert all(b <= a + 1e-4 * abs(a) for a, b in zip(values, values[1:]))  # the objective decreases
     np.testing.assert_allclose(values[-1], float(info.loss), rtol=1e-5)  # and ends at the final one
+    # the state handed to checkpoint after iteration 20, given back as state=, ends where the whole fit
+    # ends, bit for bit (the same compiled loop, in pieces); a state of another call is refused
+    states = []
+    train_linear(xs, labels, C=10.0, max_iter=35, tol=0.0, checkpoint=lambda s: states.append(jax.tree.map(np.asarray, s)))
+    assert [int(s.iterations) for s in states] == [10, 20, 30, 35] and isinstance(states[1], LBFGSState)
+    resumed, resumed_info = train_linear(xs, labels, C=10.0, max_iter=35, tol=0.0, state=states[1])
+    np.testing.assert_array_equal(np.asarray(resumed.weights), np.asarray(quiet_model.weights))
+    assert int(resumed_info.n_iter) == 35
+    with pytest.raises(ValueError, match="not an L-BFGS state of this call"):
+        train_linear(xs, labels, C=10.0, max_iter=35, memory=5, state=states[1])
 
 
 def _correlated_problem(n=1500, f=300, seed=0):
@@ -519,44 +529,58 @@ def test_fit_classifier_ridge_cg_matches_the_gram_solver():
         fit_classifier(x, labels, num_classes=4, loss="svm", solver="cg")
 
 
-class _DictCheckpoints:
-    """``fit_classifier(resume=, checkpoint=)`` in memory, counting what it hands back."""
+class _MemoryCheckpoints:
+    """``fit_classifier(state=, checkpoint=)`` in memory: the last state, copied (the fit goes on to
+    change its arrays in place), and the parts each call handed over."""
 
     def __init__(self):
-        self.saved, self.loaded = {}, []
+        self.state, self.parts = None, set()
 
-    def get(self, name):
-        if name in self.saved:
-            self.loaded.append(name)
-        return self.saved.get(name)
-
-    def save(self, name, tree):
-        self.saved[name] = jax.tree.map(np.copy, tree)
+    def __call__(self, state):
+        assert isinstance(state, ClassifierState)
+        self.state = jax.tree.map(np.copy, state)
+        self.parts |= set(state.parts())
 
 
 @pytest.mark.parametrize("solver", ["gram", "cg"])
-def test_fit_classifier_resumes_a_ridge_fit_from_its_checkpoints(solver):
-    from kmjax.classify import fit_classifier
+def test_fit_classifier_resumes_a_ridge_fit_from_its_checkpoints(solver, monkeypatch):
+    from kmjax.classify import fit_classifier, select
 
     x, labels = _correlated_problem(n=1200, f=200, seed=1)
     kw = dict(num_classes=4, loss="ridge", C_grid=[1.0, 10.0], key=jax.random.key(0), copies=2, solver=solver,
               rank=64)
-    store, first_log, again_log = _DictCheckpoints(), [], []
-    first = fit_classifier(x, labels, resume=store, checkpoint=store.save, log=first_log.append, **kw)
-    assert sorted(store.saved) == (["gram"] if solver == "gram" else
+    store, first_log, again_log = _MemoryCheckpoints(), [], []
+    first = fit_classifier(x, labels, checkpoint=store, log=first_log.append, **kw)
+    assert sorted(store.parts) == (["gram"] if solver == "gram" else
                                    ["cg-final", "cg-prep-final", "cg-prep-search", "cg-search-C1", "cg-search-C10"])
+    assert sorted(store.state.parts()) == sorted(store.parts)
     if solver == "gram":  # saved before the held-out rows join: the statistics of the fitted rows only
-        assert float(store.saved["gram"].count) == 1080
-    again = fit_classifier(x, labels, resume=store, checkpoint=store.save, log=again_log.append, **kw)
-    assert sorted(store.loaded) == sorted(store.saved)
+        assert float(store.state.gram.count) == 1080
+    else:
+        assert set(store.state.cg_search) == {1.0, 10.0}
+    # resumed: nothing computed again that was saved
+    for name in ("gram_stats", "prepare_cg_ridge"):
+        monkeypatch.setattr(select, name, lambda *a, **k: pytest.fail("computed again"))
+    again = fit_classifier(x, labels, state=store.state, checkpoint=store, log=again_log.append, **kw)
     assert again.C == first.C and again.scores == first.scores
-    if solver == "gram":
-        np.testing.assert_array_equal(np.asarray(again.model.weights), np.asarray(first.model.weights))
-    else:  # each C continues from its saved solver state, here converged: no pass, the same weights
-        passes = [int(line.split(": ")[1].split()[0]) for line in again_log if "passes" in line]
-        first_passes = [int(line.split(": ")[1].split()[0]) for line in first_log if "passes" in line]
+    np.testing.assert_array_equal(np.asarray(again.model.weights), np.asarray(first.model.weights))
+    if solver == "cg":  # each C continues from its saved solver state, here converged: no pass, the same weights
+        passes = [int(line.split(": ")[1].split()[0]) for line in again_log if line.startswith("  C = ") and "passes" in line]
+        first_passes = [int(line.split(": ")[1].split()[0]) for line in first_log if line.startswith("  C = ") and "passes" in line]
         assert passes == first_passes and min(first_passes) > 2, (first_log, again_log)
-        np.testing.assert_array_equal(np.asarray(again.model.weights), np.asarray(first.model.weights))
+
+
+def test_fit_classifier_announces_each_step_before_its_progress():
+    from kmjax.classify import fit_classifier
+
+    x, labels = _correlated_problem(n=400, f=30, seed=2)
+    events = []
+    fit_classifier(x, labels, num_classes=4, loss="ridge", solver="cg", rank=8, log=lambda line: events.append(line),
+                   progress=lambda done, total, value: events.append((done, total)))
+    steps = [i for i, e in enumerate(events) if isinstance(e, str) and not e.startswith("  C = ")]
+    assert [events[i].split(":")[0] for i in steps] == ["  CG set-up", "  CG at C = 100"]
+    assert events[steps[0] + 1 : steps[1]] == [(1, 4), (2, 4), (3, 4), (4, 4)]  # the set-up's four passes
+    assert all(total == 1000 for _, total in events[steps[1] + 1 : -1])  # then the solve's, of max_iter
 
 
 def test_mirror_averaging_sums_the_two_views_scores():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
 
@@ -81,16 +82,13 @@ def test_kernel_grows_in_pieces_bitwise():
 
 
 class _Store:
-    """The checkpoints protocol of fit_classifier, in memory, counting saves."""
+    """fit_classifier's checkpoint in memory: the last state, copied, and the number of calls."""
 
     def __init__(self):
-        self.trees, self.saves = {}, 0
+        self.state, self.saves = None, 0
 
-    def get(self, name):
-        return self.trees.get(name)
-
-    def save(self, name, tree):
-        self.trees[name] = type(tree)(*(np.array(a) for a in tree))
+    def __call__(self, state):
+        self.state = jax.tree.map(np.array, state)
         self.saves += 1
 
 
@@ -98,15 +96,27 @@ def test_fit_classifier_chooses_the_dual_by_shape_and_resumes():
     x, labels, classes = _problem()
     primal = kmjax.fit_classifier(x, labels, num_classes=classes, loss="ridge", C=10.0, solver="gram")
     store = _Store()
-    auto = kmjax.fit_classifier(x, labels, num_classes=classes, loss="ridge", C=10.0, resume=store, checkpoint=store.save)
-    assert store.saves == 1 and int(store.trees["kernel"][0]) == x.shape[1]  # the dual ran, its kernel was kept
+    auto = kmjax.fit_classifier(x, labels, num_classes=classes, loss="ridge", C=10.0, checkpoint=store)
+    assert store.saves == 1 and int(store.state.kernel.columns) == x.shape[1]  # the dual ran, its kernel was kept
     pred = predict_features(primal.standardizer, primal.model, x)
     assert np.mean(predict_features(auto.standardizer, auto.model, x) == pred) == 1.0
     # a run that stopped half-way resumes from the saved kernel: the same model
     half = _kernel(x, until=200)
-    store.trees["kernel"] = half
-    resumed = kmjax.fit_classifier(x, labels, num_classes=classes, loss="ridge", C=10.0, resume=store, checkpoint=store.save)
+    resumed = kmjax.fit_classifier(x, labels, num_classes=classes, loss="ridge", C=10.0,
+                                   state=kmjax.classify.ClassifierState(kernel=half), checkpoint=store)
     np.testing.assert_allclose(resumed.model.weights, auto.model.weights, rtol=0, atol=1e-6)
+    # a complete kernel handed back read-only (as a runner's memory map) is what the solve goes on with
+    mapped = []
+
+    def read_only(state):
+        kernel = jax.tree.map(np.array, state.kernel)
+        kernel.kernel.flags.writeable = False
+        mapped.append(kernel)
+        return state._replace(kernel=kernel)
+
+    again = kmjax.fit_classifier(x, labels, num_classes=classes, loss="ridge", C=10.0, checkpoint=read_only)
+    np.testing.assert_array_equal(again.model.weights, auto.model.weights)
+    assert len(mapped) == 1
     # with a grid: C chosen on held-out rows, like the primal solver's choice on this easy problem
     grid = kmjax.fit_classifier(x, labels, num_classes=classes, loss="ridge", C_grid=[1, 10, 100],
                                 key=__import__("jax").random.key(0), solver="dual")

@@ -114,18 +114,15 @@ def test_fit_classifier_lbfgs_chooses_C_on_held_out_rows_then_fits_all_rows(loss
     x, labels = blobs(copies=2)
     grid = [0.01, 1, 100]
     key = jax.random.key(3)
-    made, lines = [], []
-
-    def progress(label, unit):
-        made.append((label, unit))
-        return lambda done, total, value=None: None
-
+    lines, reports = [], []
     r = fit_classifier(x, labels, num_classes=K, loss=loss, C=5.0, C_grid=grid, key=key, copies=2, max_iter=50,
-                       progress=progress, log=lines.append)
-    assert set(r.scores) == {float(C) for C in grid} and r.C in r.scores and len(lines) == 3
+                       progress=lambda done, total, value: reports.append((done, total)), log=lines.append)
+    assert set(r.scores) == {float(C) for C in grid} and r.C in r.scores and len(lines) == 4
     assert r.C == max(r.scores, key=lambda C: (r.scores[C], -C))
     assert r.scores[r.C] > 0.8  # chance: 0.25
-    assert made == [("L-BFGS", "iterations")]
+    # a line per C, then the one step with progress: the final fit's iterations
+    assert lines[3].startswith(f"  L-BFGS at C = {r.C:g} on {x.shape[0]:,} rows")
+    assert reports and all(total == 50 for _, total in reports) and reports[-1][0] == r.n_iter
     # the scores are those of a fit on the split's fit rows, scored on its held-out originals
     fit, _, scored = validation_split(x.shape[0], key, copies=2)
     std = fit_standardizer(x[fit])
@@ -143,23 +140,18 @@ def test_fit_classifier_lbfgs_chooses_C_on_held_out_rows_then_fits_all_rows(loss
 def test_fit_classifier_ridge_chooses_C_then_fits_the_union_of_the_rows(copies):
     x, labels = blobs(copies=copies)
     grid = [1e-3, 0.1, 10]
-    made, reports = [], []
-
-    def progress(label, unit):
-        made.append((label, unit))
-        return lambda done, total, value=None: reports.append((done, total))
-
+    lines, reports = [], []
     key = jax.random.key(5)
     r = fit_classifier(x, labels, num_classes=K, loss="ridge", C_grid=grid, key=key, copies=copies,
-                       progress=progress)
+                       progress=lambda done, total, value: reports.append((done, total)), log=lines.append)
     assert set(r.scores) == {float(C) for C in grid} and r.C == max(r.scores, key=lambda C: (r.scores[C], -C))
     assert r.scores[r.C] > 0.8 and r.scores[1e-3] < 0.5  # C = 1e-3 shrinks the weights to almost nothing
     fit, val, scored = validation_split(x.shape[0], key, copies=copies)
-    assert made == [("Gram", "rows")] and reports[-1] == (fit.size, fit.size)
+    assert lines[0] == f"  Gram statistics of {fit.size:,} rows" and reports[-1] == (fit.size, fit.size)
     # the scores: a fit on the fit rows only, scored on the held-out originals
     std, model = fit_ridge(gram_stats(x, labels, K, rows=fit), r.C)
     assert r.scores[r.C] == np.mean(predict_features(std, model, x[scored]) == labels[scored])
-    # the final fit: held-out rows added to the fit rows' statistics, in place
+    # the final fit: held-out rows added to the fit rows' statistics
     stats = accumulate_gram(gram_stats(x, labels, K, rows=fit), x, labels, rows=val)
     std, model = fit_ridge(stats, r.C)
     np.testing.assert_array_equal(np.asarray(r.model.weights), np.asarray(model.weights))

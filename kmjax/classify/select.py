@@ -15,14 +15,16 @@ import jax
 import numpy as np
 
 from kmjax._checks import check_labels, choice, host_only, integer, number, positive_int
+from kmjax.errors import InputError
 from kmjax.classify.linear import (LOSSES, STORAGES, LinearModel, Standardizer, fit_standardizer, predict_features, standardize,
                                    train_linear)
 from kmjax.classify.cg import prepare_cg_ridge, solve_cg_ridge
-from kmjax.classify.dual import (KernelStats, accumulate_kernel, dual_scores, empty_kernel_stats, fit_dual,
-                                 kernel_memory, primal_model)
+from kmjax.classify.dual import accumulate_kernel, dual_scores, empty_kernel_stats, fit_dual, kernel_memory, primal_model
 from kmjax.classify.ridge import accumulate_gram, fit_ridge, gram_stats
+from kmjax.classify.spec import ClassifierSpec, ClassifierState
 
-__all__ = ["CLASSIFIERS", "SOLVERS", "ClassifierFit", "validation_split", "search_C", "fit_classifier"]
+__all__ = ["CLASSIFIERS", "SOLVERS", "ClassifierSpec", "ClassifierState", "ClassifierFit", "validation_split", "search_C",
+           "fit_classifier"]
 
 CLASSIFIERS = (*LOSSES, "ridge")  # the ``loss`` names fit_classifier accepts
 # how ridge is solved: exactly from the F x F Gram matrix ("gram") or the N x N kernel ("dual"), the
@@ -60,12 +62,12 @@ def validation_split(n_rows: int, key, *, val_fraction: float = 0.1, copies: int
     host_only("validation_split", "jax.random.permutation", key)
     n_rows, copies = positive_int(n_rows, "n_rows"), positive_int(copies, "copies")
     if n_rows % copies:
-        raise ValueError(f"{n_rows} rows are not {copies} copies of the same images: copies must divide the rows")
+        raise InputError(f"{n_rows} rows are not {copies} copies of the same images: copies must divide the rows")
     n = n_rows // copies
     number(val_fraction, "val_fraction", above=0, below=1)
     n_val = max(1, int(round(val_fraction * n)))
     if n_val >= n:
-        raise ValueError(f"holding out {n_val} of {n} images leaves none to fit; use more rows or a smaller "
+        raise InputError(f"holding out {n_val} of {n} images leaves none to fit; use more rows or a smaller "
                          "val_fraction")
     perm = np.asarray(jax.random.permutation(key, n))
     val, fit = (np.sort(np.concatenate([idx + j * n for j in range(copies)])) for idx in (perm[:n_val], perm[n_val:]))
@@ -84,7 +86,7 @@ def search_C(grid, score: Callable[[float], float], log: Callable[[str], None] |
     regularization (the smaller C). ``log``: optional callable given one line per C."""
     grid = _check_grid(grid)
     if not grid:
-        raise ValueError("search_C needs at least one C in the grid")
+        raise InputError("search_C needs at least one C in the grid")
     scores = {}
     for C in grid:
         scores[float(C)] = score(float(C))
@@ -105,144 +107,176 @@ def _scorer(features, labels, scored, mirror_offset):
     return score
 
 
-def _lbfgs_search(features, labels, split, C_grid, fit_args, mirror, log):
+class _Run:
+    """What the solver paths of one ``fit_classifier`` share: its data, spec and split, the state it
+    stands at, and its callbacks."""
+
+    def __init__(self, features, labels, num_classes, spec: ClassifierSpec, split, mirror, progress, log, state,
+                 checkpoint):
+        self.features, self.labels, self.num_classes, self.spec = features, labels, num_classes, spec
+        self.split, self.mirror, self.progress, self.log = split, mirror, progress, log
+        self.state, self.checkpoint = state if state is not None else ClassifierState(), checkpoint
+
+    def say(self, line: str) -> None:
+        if self.log is not None:
+            self.log(line)
+
+    def step(self, line: str):
+        """Announce a step that reports progress (one line of ``log``); its ``progress``."""
+        self.say(line)
+        return self.progress
+
+    def get(self, name: str):
+        """The state part ``name`` (``ClassifierState.parts``) an interrupted fit reached, or None."""
+        return self.state.parts().get(name)
+
+    def put(self, name: str, part):
+        """Record part ``name`` and hand the whole state to ``checkpoint``; the part to go on with."""
+        self.state = ClassifierState.from_parts({**self.state.parts(), name: part})
+        if self.checkpoint is not None:
+            kept = self.checkpoint(self.state)
+            self.state = self.state if kept is None else kept
+        return self.get(name)
+
+    def once(self, name: str, compute):
+        """The part ``name`` reached before, or ``compute()`` recorded there."""
+        saved = self.get(name)
+        return saved if saved is not None else self.put(name, compute())
+
+
+def _lbfgs_search(run: _Run, fit_args):
     # a function of its own: the standardized copy of the fitted part is freed before the final fit
-    fit, _, scored = split
+    fit, _, scored = run.split
+    features, labels = run.features, run.labels
     std = fit_standardizer(features[fit])
-    xf = standardize(std, features[fit]).astype(fit_args["storage"])
-    score = _scorer(features, labels, scored, mirror)
-    return search_C(C_grid, lambda C: score(std, train_linear(xf, labels[fit], C=C, **fit_args)[0]), log)
+    xf = standardize(std, features[fit]).astype(run.spec.storage)
+    score = _scorer(features, labels, scored, run.mirror)
+    return search_C(run.spec.C_grid, lambda C: score(std, train_linear(xf, labels[fit], C=C, **fit_args)[0]), run.log)
 
 
-def _fit_lbfgs(features, labels, C, C_grid, split, fit_args, mirror, report, log) -> ClassifierFit:
-    scores = {}
-    if C_grid:
-        C, scores = _lbfgs_search(features, labels, split, C_grid, fit_args, mirror, log)
-    std = fit_standardizer(features)
-    x = standardize(std, features).astype(fit_args["storage"])  # no float32 copy alive beside a bfloat16 one
-    model, info = train_linear(x, labels, C=C, progress=report("L-BFGS", "iterations"), **fit_args)
+def _fit_lbfgs(run: _Run) -> ClassifierFit:
+    spec, scores, C = run.spec, {}, run.spec.C
+    fit_args = dict(loss=spec.loss, num_classes=run.num_classes, max_iter=spec.max_iter, tol=spec.tol,
+                    storage=spec.storage)
+    if spec.C_grid:
+        C, scores = _lbfgs_search(run, fit_args)
+    std = fit_standardizer(run.features)
+    x = standardize(std, run.features).astype(spec.storage)  # no float32 copy alive beside a bfloat16 one
+    report = run.step(f"  L-BFGS at C = {C:g} on {x.shape[0]:,} rows: up to {spec.max_iter} iterations")
+    model, info = train_linear(x, run.labels, C=C, progress=report, **fit_args)
     return ClassifierFit(std, model, float(C), scores, int(info.n_iter), float(info.loss), float(info.grad_norm))
 
 
-class _States:
-    """A fit's intermediate states: ``get(name)`` one saved by an interrupted fit (``resume``), and
-    ``save(name, tree)``, which hands a state to ``checkpoint`` and returns what to go on with."""
-
-    def __init__(self, resume, checkpoint):
-        self.resume, self.checkpoint = resume, checkpoint
-
-    def get(self, name):
-        return None if self.resume is None else self.resume.get(name)
-
-    def save(self, name, tree):
-        if self.checkpoint is None:
-            return tree
-        kept = self.checkpoint(name, tree)
-        return tree if kept is None else kept
-
-    def once(self, name, compute):
-        """The state saved under ``name``, or ``compute()`` saved there."""
-        saved = self.get(name)
-        return saved if saved is not None else self.save(name, compute())
-
-
-def _fit_ridge(features, labels, num_classes, C, C_grid, split, mirror, report, log, states) -> ClassifierFit:
+def _fit_ridge(run: _Run) -> ClassifierFit:
+    C_grid, split = run.spec.C_grid, run.split
     rows = None if not C_grid else split[0]
+    features, labels = run.features, run.labels
+
+    def gram():
+        report = run.step(f"  Gram statistics of {len(labels) if rows is None else rows.size:,} rows")
+        return gram_stats(features, labels, run.num_classes, rows=rows, progress=report)
+
     # the Gram matrix is most of the time of a ridge fit: kept, so that an interruption after it costs little
-    stats = states.once("gram", lambda: gram_stats(features, labels, num_classes, rows=rows,
-                                                   progress=report("Gram", "rows")))
+    stats = run.once("gram", gram)
     if not C_grid:
-        return ClassifierFit(*fit_ridge(stats, C), float(C), {}, None, None, None)
+        return ClassifierFit(*fit_ridge(stats, run.spec.C), float(run.spec.C), {}, None, None, None)
     _, val, scored = split
-    score = _scorer(features, labels, scored, mirror)
-    best, scores = search_C(C_grid, lambda C: score(*fit_ridge(stats, C)), log)
+    score = _scorer(features, labels, scored, run.mirror)
+    best, scores = search_C(C_grid, lambda C: score(*fit_ridge(stats, C)), run.log)
     del score
     stats = accumulate_gram(stats, features, labels, rows=val)  # the held-out rows join the final fit
     return ClassifierFit(*fit_ridge(stats, best), best, scores, None, None, None)
 
 
-def _fit_ridge_cg(features, labels, num_classes, C, C_grid, split, mirror, rank, max_iter, report, log, states):
+def _fit_ridge_cg(run: _Run) -> ClassifierFit:
     """The ridge objective by conjugate gradients (``cg.py``): for features too wide for the Gram
     matrix. The C search warm-starts each C from the previous one's weights. The set-up passes and
     each C's solver state (after every iteration) are checkpointed: an interrupted fit skips the
     set-up and continues each C where it stopped."""
+    spec, features, labels = run.spec, run.features, run.labels
+
     def solve(prep, C, init, name):
-        std, model, info = solve_cg_ridge(prep, features, C, init=init, max_iter=max_iter, state=states.get(name),
-                                          progress=report(f"CG at C = {C:g}", "passes"),
-                                          checkpoint=lambda state: states.save(name, state))
-        if log is not None:
-            log(f"  C = {C:g}: {info['iterations']} passes, residual {info['residual']:.1e}"
+        report = run.step(f"  CG at C = {C:g}: up to {spec.max_iter} iterations, one pass over the features each")
+        std, model, info = solve_cg_ridge(prep, features, C, init=init, max_iter=spec.max_iter, state=run.get(name),
+                                          progress=report, checkpoint=lambda state: run.put(name, state))
+        run.say(f"  C = {C:g}: {info['iterations']} passes, residual {info['residual']:.1e}"
                 + ("" if info["converged"] else " (not converged: raise max_iter)"))
         return std, model, np.asarray(model.weights[:-1], np.float64)
 
-    scores = {}
-    if C_grid:
-        fit, _, scored = split
-        prep = states.once("cg-prep-search", lambda: prepare_cg_ridge(
-            features, labels, num_classes, rows=fit, rank=rank, progress=report("CG set-up", "passes")))
-        score = _scorer(features, labels, scored, mirror)
+    def prepare(rows, sketch=None):
+        report = run.step(f"  CG set-up: four passes over {len(labels) if rows is None else rows.size:,} rows")
+        return prepare_cg_ridge(features, labels, run.num_classes, rows=rows, rank=spec.rank, sketch=sketch,
+                                progress=report)
+
+    scores, C = {}, spec.C
+    if spec.C_grid:
+        fit, _, scored = run.split
+        prep = run.once("cg-prep-search", lambda: prepare(fit))
+        score = _scorer(features, labels, scored, run.mirror)
         weights = {}
 
         def fit_and_score(C):  # each C starts from the last one's weights
             init = list(weights.values())[-1] if weights else None
-            std, model, weights[C] = solve(prep, C, init, f"cg-search-C{C:g}")
+            std, model, weights[C] = solve(prep, C, init, ClassifierState.search_part(C))
             return score(std, model)
 
-        C, scores = search_C(sorted(C_grid), fit_and_score, log)  # small C first: the fastest to converge
+        C, scores = search_C(sorted(spec.C_grid), fit_and_score, run.log)  # small C first: the fastest to converge
         basis = prep.basis, prep.eigenvalues * (labels.shape[0] / fit.size)  # the sketch of the fitted rows, rescaled
         init = weights[C]
     else:
         basis, init = None, None
-    prep = states.once("cg-prep-final", lambda: prepare_cg_ridge(
-        features, labels, num_classes, rank=rank, sketch=basis, progress=report("CG set-up", "passes")))
+    prep = run.once("cg-prep-final", lambda: prepare(None, basis))
     std, model, _ = solve(prep, C, init, "cg-final")
     return ClassifierFit(std, model, float(C), scores, None, None, None)
 
 
-def _fit_ridge_dual(features, labels, num_classes, C, C_grid, split, mirror, report, log, states):
+def _fit_ridge_dual(run: _Run) -> ClassifierFit:
     """Ridge from the N x N kernel (``dual.py``), grown over column blocks of the features and
     checkpointed as it grows (every ``_SAVE_EVERY`` seconds and when complete); each C of the grid
     is one factorization of the fitted rows' block, scored on the held-out rows' cross-kernel."""
+    features, labels, num_classes = run.features, run.labels, run.num_classes
     n, f = np.shape(features)
-    if log is not None:
-        log(f"  dual ridge ({f:,} features, {n:,} rows): a {n:,} x {n:,} float32 kernel and its factorization, "
+    run.say(f"  dual ridge ({f:,} features, {n:,} rows): a {n:,} x {n:,} float32 kernel and its factorization, "
             f"{kernel_memory(n) / 2**30:.1f} GB")
-    stats = states.get("kernel")
+    stats = run.get("kernel")
     if stats is None or stats.kernel.shape != (n, n) or stats.mean.shape != (f,):
         stats = empty_kernel_stats(n, f)
+    elif int(stats.columns) < f:
+        stats = jax.tree.map(np.array, stats)  # writeable copies of the saved kernel, to grow
     if int(stats.columns) < f:
-        stats = KernelStats(*(np.array(a) for a in stats))  # writeable copies to grow
-        reporter = report("kernel", "features")
+        report = run.step(f"  the kernel of {f:,} features")
         saved = time.monotonic()
         while int(stats.columns) < f:
-            stats = accumulate_kernel(stats, features, until=int(stats.columns) + 4 * 4096, progress=reporter)
-            if int(stats.columns) == f:
-                # the complete kernel goes on as what the checkpoint gives back (the runner: a memory
-                # map of its file, so that the solves hold one factorization, not the kernel too)
-                stats = states.save("kernel", stats)
-            elif time.monotonic() - saved > _SAVE_EVERY:
-                states.save("kernel", stats)
+            stats = accumulate_kernel(stats, features, until=int(stats.columns) + 4 * 4096, progress=report)
+            if int(stats.columns) == f or time.monotonic() - saved > _SAVE_EVERY:
+                # the complete kernel goes on as the checkpoint gives it back (the runner: a memory map of
+                # its file, so that the solves hold one factorization, not the kernel too)
+                stats = run.put("kernel", stats)
                 saved = time.monotonic()
-    scores = {}
-    if C_grid:
-        fit, _, scored = split
+    scores, C = {}, run.spec.C
+    if run.spec.C_grid:
+        fit, _, scored = run.split
 
         def score(C):
             solution = fit_dual(stats, labels, C, num_classes=num_classes, rows=fit)
             s = dual_scores(stats, solution, scored)
-            if mirror is not None:
-                s += dual_scores(stats, solution, scored + mirror)
+            if run.mirror is not None:
+                s += dual_scores(stats, solution, scored + run.mirror)
             return float(np.mean(np.argmax(s, axis=1) == labels[scored]))
 
-        C, scores = search_C(C_grid, score, log)
+        C, scores = search_C(run.spec.C_grid, score, run.log)
     std, model = primal_model(stats, fit_dual(stats, labels, C, num_classes=num_classes), features)
     return ClassifierFit(std, model, float(C), scores, None, None, None)
 
 
-def fit_classifier(features, labels, *, num_classes: int, loss: str = "svm", C: float = 100.0, C_grid=(),
-                   val_fraction: float = 0.1, key=None, copies: int = 1, max_iter: int = 1000, tol: float = 1e-3,
-                   solver: str = "auto", rank: int = 1024, mirror_scoring: bool = False, storage: str = "float32",
-                   progress=None, log=None, resume=None, checkpoint=None) -> ClassifierFit:
+_D = ClassifierSpec._field_defaults  # the options' defaults, defined once with ClassifierSpec
+
+
+def fit_classifier(features, labels, *, num_classes: int, loss: str = _D["loss"], C: float = _D["C"],
+                   C_grid=_D["C_grid"], val_fraction: float = _D["val_fraction"], key=None, copies: int = 1,
+                   max_iter: int = _D["max_iter"], tol: float = _D["tol"], solver: str = _D["solver"],
+                   rank: int = _D["rank"], mirror_scoring: bool = _D["mirror_scoring"], storage: str = _D["storage"],
+                   progress=None, log=None, state: ClassifierState | None = None, checkpoint=None) -> ClassifierFit:
     """Fit a linear classifier to raw (N, F) features, choosing C on a held-out split if asked.
 
     Args:
@@ -267,20 +301,25 @@ def fit_classifier(features, labels, *, num_classes: int, loss: str = "svm", C: 
         (half the bytes per iteration, float32 weights and products: see ``train_linear``).
       mirror_scoring: score each held-out image by the summed scores of the image and its mirror,
         the second copy (rows i + N/copies; as the runner's ``features.test_flip`` does on the test set).
-      progress: optional factory ``progress(label, unit)`` returning None or a reporter
-        ``report(done, total, value=None)``, asked for ("Gram", "rows"), ("L-BFGS", "iterations"), and
-        the CG solver's set-up and passes.
-      log: optional callable given one line of text per C tried.
-      checkpoint: optional ``checkpoint(name, state)``, given a ridge fit's intermediate states as
-        pytrees when they are reached, to persist them: its Gram statistics ("gram", a ``GramStats``)
-        or its kernel ("kernel", a ``KernelStats``, also every 10 minutes as it grows), the CG
-        solver's set-up ("cg-prep-search", "cg-prep-final") and each C's solver state after each
-        iteration ("cg-search-C<C>", "cg-final"). It returns None or the state to go on with (e.g.
-        the same values, memory-mapped from the file it wrote). ``kmjax.templates.fit_state(name)``
-        is each state's file template.
-      resume: optional mapping (``get(name)``) of the states an interrupted fit with the same
-        arguments handed its ``checkpoint``; the fit resumes from them. The caller keys them by
-        everything that determines the fit (the runner: the classifier stage key).
+        (The options and their defaults are those of ``ClassifierSpec``.)
+      log: optional ``log(line)``, given a line as each step that reports progress starts (the Gram
+        statistics, the kernel, the CG set-up, each CG solve, the final L-BFGS fit) and a line per
+        C tried.
+      progress: optional ``progress(done, total, value)``: the progress of the step the last line
+        of ``log`` announced (rows, features, passes or iterations; value: L-BFGS's objective, CG's
+        relative residual, or None).
+      state: a ``ClassifierState`` that ``checkpoint`` was given by an interrupted fit with the same
+        arguments: the fit continues from the states it holds.
+      checkpoint: optional ``checkpoint(state) -> ClassifierState | None``, given the whole
+        ``ClassifierState`` each time a ridge fit reaches a state worth keeping: its Gram statistics
+        (before the held-out rows join them), its kernel (every 10 minutes as it grows, and when
+        complete), the CG solver's set-ups and each C's solver state after every iteration. A caller
+        that persists it need only write the parts (``state.parts()``) that are not the objects it
+        wrote before. What it returns, when not None, is the state to go on with: the same values,
+        e.g. a complete kernel memory-mapped from the file it was written to (so that the solves
+        never hold it twice). The fit goes on to change the arrays of the states it handed in place
+        (the Gram statistics gain the held-out rows, a kernel grows): persist or copy them there.
+        ``kmjax.templates.fit_state(name)`` is each part's file template.
 
     Returns:
       ClassifierFit(standardizer, model, C, scores, n_iter, objective, grad_norm).
@@ -294,39 +333,31 @@ def fit_classifier(features, labels, *, num_classes: int, loss: str = "svm", C: 
     max_iter = positive_int(max_iter, "max_iter")
     shape = np.shape(features)
     if len(shape) != 2 or shape[0] < 2:
-        raise ValueError(f"features must be (N, F) with N >= 2, got shape {shape}")
+        raise InputError(f"features must be (N, F) with N >= 2, got shape {shape}")
     labels = check_labels(labels, shape[0], num_classes)
     if shape[0] % copies:
-        raise ValueError(f"{shape[0]} rows are not {copies} copies of the same images: copies must divide the rows")
+        raise InputError(f"{shape[0]} rows are not {copies} copies of the same images: copies must divide the rows")
     choice(solver, SOLVERS, "solver")
     choice(storage, STORAGES, "storage")
     if storage != "float32" and loss == "ridge":
-        raise ValueError(f"storage {storage!r} is for the L-BFGS losses (svm, logistic); ridge accumulates its "
+        raise InputError(f"storage {storage!r} is for the L-BFGS losses (svm, logistic); ridge accumulates its "
                          "statistics in float64 from the features as they are: leave storage at 'float32'")
     if solver not in ("auto", "gram") and loss != "ridge":
-        raise ValueError(f"solver {solver!r} is for loss='ridge'; the {loss} loss is trained with L-BFGS")
+        raise InputError(f"solver {solver!r} is for loss='ridge'; the {loss} loss is trained with L-BFGS")
     if mirror_scoring and copies < 2:
-        raise ValueError("mirror_scoring needs the mirrored rows: copies >= 2 (rows i and i + N/copies)")
-    mirror = shape[0] // copies if mirror_scoring else None
+        raise InputError("mirror_scoring needs the mirrored rows: copies >= 2 (rows i and i + N/copies)")
     split = None
     if C_grid:
         if key is None:
-            raise ValueError("choosing C from C_grid needs a jax.random key for the validation split: pass key=")
+            raise InputError("choosing C from C_grid needs a jax.random key for the validation split: pass key=")
         split = validation_split(shape[0], key, val_fraction=val_fraction, copies=copies)
-
-    def report(label, unit):
-        return None if progress is None else progress(label, unit)
-
-    states = _States(resume, checkpoint)
-
     if solver == "auto":
         solver = "dual" if shape[1] > shape[0] else "gram"
-    if loss == "ridge" and solver == "dual":
-        return _fit_ridge_dual(features, labels, num_classes, C, C_grid, split, mirror, report, log, states)
-    if loss == "ridge" and solver == "cg":
-        return _fit_ridge_cg(features, labels, num_classes, C, C_grid, split, mirror, rank, max_iter, report, log,
-                             states)
-    if loss == "ridge":
-        return _fit_ridge(features, labels, num_classes, C, C_grid, split, mirror, report, log, states)
-    fit_args = dict(loss=loss, num_classes=num_classes, max_iter=max_iter, tol=tol, storage=storage)
-    return _fit_lbfgs(features, labels, C, C_grid, split, fit_args, mirror, report, log)
+    spec = ClassifierSpec(loss=loss, C=float(C), C_grid=tuple(C_grid), val_fraction=float(val_fraction),
+                          max_iter=max_iter, tol=float(tol), solver=solver, rank=int(rank), storage=storage,
+                          mirror_scoring=bool(mirror_scoring))
+    run = _Run(features, labels, num_classes, spec, split, shape[0] // copies if mirror_scoring else None, progress,
+               log, state, checkpoint)
+    if loss != "ridge":
+        return _fit_lbfgs(run)
+    return {"dual": _fit_ridge_dual, "cg": _fit_ridge_cg, "gram": _fit_ridge}[solver](run)

@@ -21,7 +21,7 @@ import numpy as np
 
 from kmjax import __version__, plots
 from kmjax.augment import mirror
-from kmjax.classify import LinearModel, Standardizer, fit_classifier, predict_features
+from kmjax.classify import ClassifierState, LinearModel, Standardizer, fit_classifier, predict_features
 from kmjax.config import Config, to_dict
 from kmjax.data import load_cifar10
 from kmjax import templates
@@ -380,15 +380,24 @@ def _classifier_stage(cfg, features, labels, num_classes, copies, key, store, st
     else:
         c = cfg.classifier
         checkpoints = store.checkpoints("classifier", stage_key, lambda line: log(line, quiet))
+        bar = [None]
+
+        def step(line):  # the fit's log: a line as each step starts, whose progress gets a bar of its own
+            log(line, quiet)
+            bar[0] = progress("classifier", quiet, "done")
+
+        def report(done, total, value):
+            if bar[0] is not None:
+                bar[0](done, total, value)
+
         with timer.stage("classifier"):
             fit = fit_classifier(features, labels, num_classes=num_classes, loss=c.loss, C=c.C, C_grid=c.C_grid,
                                  val_fraction=c.val_fraction, key=key, copies=copies, max_iter=c.max_iter, tol=c.tol,
                                  solver=c.solver, rank=c.rank,
                                  storage="float32" if c.loss == "ridge" else c.storage,
                                  mirror_scoring=copies > 1 and cfg.features.train_flip and cfg.features.test_flip,
-                                 progress=lambda label, unit: progress(label, quiet, unit),
-                                 log=lambda line: log(line, quiet), resume=checkpoints,
-                                 checkpoint=checkpoints.save)
+                                 progress=report, log=step, state=checkpoints.state(ClassifierState),
+                                 checkpoint=checkpoints.checkpoint)
         tree = {"standardizer": jax.tree.map(np.asarray, fit.standardizer), "model": jax.tree.map(np.asarray, fit.model)}
         meta = {"kind": "classifier", "C": fit.C, "scores": {f"{C:g}": a for C, a in fit.scores.items()},
                 "n_iter": fit.n_iter, "objective": fit.objective, "grad_norm": fit.grad_norm}

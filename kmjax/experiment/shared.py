@@ -9,8 +9,8 @@ import numpy as np
 
 from kmjax import templates
 from kmjax.checkpoint import Slot
-from kmjax.classify import (GramStats, KernelStats, accumulate_kernel, empty_gram_stats, empty_kernel_stats, gram_stats,
-                            validation_split)
+from kmjax.classify import (ClassifierState, GramStats, KernelStats, accumulate_kernel, empty_gram_stats,
+                            empty_kernel_stats, gram_stats, validation_split)
 from kmjax.experiment import processes
 from kmjax.experiment.plan import training_copies
 from kmjax.experiment.report import log, progress
@@ -64,7 +64,7 @@ def shared_gram(cfg, features, mine, num_classes, key, store, stage_key, quiet) 
     summed = processes.total([getattr(part, name) for name in _SUMMED])  # None outside the main process
     if store is not None:
         stats = part._replace(**dict(zip(_SUMMED, summed)))
-        checkpoints.save("gram", stats)
+        checkpoints.checkpoint(ClassifierState(gram=stats))
         log(f"[classifier] Gram statistics of {int(stats.count):,} rows, summed over {processes.count()} processes",
             quiet)
 
@@ -115,5 +115,6 @@ def shared_kernel(cfg, features, store, stage_key, quiet) -> None:
                 report(stop, f // count)
     processes.total([kernel, mean, scale])
     if store is not None:
-        checkpoints.save("kernel", KernelStats(columns=np.array(f, np.int64), mean=mean, scale=scale, kernel=kernel))
+        stats = KernelStats(columns=np.array(f, np.int64), mean=mean, scale=scale, kernel=kernel)
+        checkpoints.checkpoint(ClassifierState(kernel=stats))
         log(f"[classifier] {n:,} x {n:,} kernel of {f:,} features, their columns shared by {count} processes", quiet)

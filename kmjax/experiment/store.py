@@ -357,20 +357,23 @@ class StageStore:
 
 
 class StageCheckpoints:
-    """Intermediate states of one unfinished stage (``fit_classifier(resume=, checkpoint=)``), saved as
-    ``STAGE.NAME-KEY.npz`` with their templates (``kmjax.templates.fit_state``) and deleted by
+    """The intermediate state of one unfinished stage, as the library hands it to its
+    ``checkpoint(state)``, and reads it back (``state=``): each named part (the dictionary's k-means
+    loop state "kmeans"; the parts of a ``kmjax.classify.ClassifierState``) saved as
+    ``STAGE.NAME-KEY.npz`` with its template (``kmjax.templates.fit_state``), and deleted by
     ``clear`` once the stage is done. A file that does not read back is ignored (recomputed), never
     an error: it holds no result of its own."""
 
     def __init__(self, store: StageStore, stage: str, key: str, log=None):
         self.store, self.stage, self.key, self.log = store, stage, key, log
         self._written: set = set()  # names saved by this process: reading them back is no resumption
+        self._known: dict = {}  # name: the part last saved or read back, not to be written again
 
     def _read(self, name):
         try:
             saved = self.store.load_tree(f"{self.stage}.{name}", self.key, templates.fit_state(name),
-                                         mmap=name in templates.MAPPED_STATES)
-        except FileFormatError:
+                                         mmap=templates.mapped(name))
+        except (FileFormatError, RunError):
             return None
         return None if saved is None else saved[0]
 
@@ -379,18 +382,42 @@ class StageCheckpoints:
         return self.store._path(f"{self.stage}.{name}", self.key, ".npz").is_file()
 
     def get(self, name):
-        """The state saved under ``name`` (the large ones memory-mapped), or None."""
+        """The part saved under ``name`` (the large ones memory-mapped), or None."""
+        self._known.pop(name, None)  # no reference held while it is read again (an F x F Gram matrix twice)
         saved = self._read(name)
-        if saved is not None and self.log is not None and name not in self._written:
-            self.log(f"[{self.stage}] resuming from its saved {name}")
+        if saved is not None:
+            self._known[name] = saved
+            if self.log is not None and name not in self._written:
+                self.log(f"[{self.stage}] resuming from its saved {name}")
         return saved
 
     def save(self, name, tree):
-        """Save a state; return it memory-mapped from its file when it is one of the large ones, else None."""
+        """Save a part; return it memory-mapped from its file when it is read back so
+        (``kmjax.templates.mapped``: a complete kernel), else None."""
         self.store.save_tree(f"{self.stage}.{name}", self.key, tree, {"kind": "checkpoint"})
         self._written.add(name)
-        return self._read(name) if name in templates.MAPPED_STATES else None
+        kept = self._read(name) if templates.mapped(name, tree) else None
+        self._known[name] = tree if kept is None else kept
+        return kept
+
+    def state(self, kind):
+        """``kind.from_parts`` of the parts saved (e.g. ``ClassifierState``), or None if there are none."""
+        prefix, suffix = f"{self.stage}.", f"-{self.key}.npz"
+        names = sorted(p.name[len(prefix) : -len(suffix)] for p in self.store.folder.glob(f"{prefix}*{suffix}"))
+        parts = {name: part for name in names if (part := self.get(name)) is not None}
+        return kind.from_parts(parts) if parts else None
+
+    def checkpoint(self, state):
+        """The library's ``checkpoint(state)`` for a state of named parts (``state.parts()``): saves
+        the parts that are not the objects saved or read back before; returns the state with the
+        parts read back memory-mapped (so that the library never holds them twice), or None."""
+        parts = state.parts()
+        kept = {name: self.save(name, part) for name, part in parts.items() if part is not self._known.get(name)}
+        kept = {name: part for name, part in kept.items() if part is not None}
+        return type(state).from_parts({**parts, **kept}) if kept else None
 
     def clear(self) -> None:
         for path in self.store.folder.glob(f"{self.stage}.*-{self.key}.npz"):
             path.unlink(missing_ok=True)
+        self._written.clear()
+        self._known.clear()  # no reference to a large state outlives its stage
