@@ -597,3 +597,51 @@ def test_mirror_averaging_sums_the_two_views_scores():
         predict_features(std, model, x, mirrors=other[:5])
     with pytest.raises(ValueError, match="mirror_scoring needs the mirrored rows: copies >= 2"):
         fit_classifier(x, labels, num_classes=4, mirror_scoring=True)
+
+
+def test_every_solver_state_reads_back_through_its_derived_template(tmp_path):
+    """Each state's template comes from its init (``kmjax.templates.derived``): a state of other sizes
+    saved with ``save_tree`` reads back through it, and one of another state's shapes is refused."""
+    from kmjax import templates
+    from kmjax.checkpoint import FileFormatError, load_tree, save_tree
+    from kmjax.classify import empty_kernel_stats, init_cg, init_lbfgs, prepare_cg_ridge
+    from kmjax.lloyd import LoopState
+
+    x, labels = _ridge_problem(n=60)
+    prep = prepare_cg_ridge(x, labels, 4, rank=6)
+    states = {
+        "lbfgs": (init_lbfgs(31, 4, 20), templates.lbfgs_state()),
+        "gram": (gram_stats(x, labels, 4), templates.fit_state("gram")),
+        "kernel": (empty_kernel_stats(60, 30), templates.fit_state("kernel")),
+        "cg-prep": (prep, templates.fit_state("cg-prep-final")),
+        "cg": (init_cg(prep, x, 10.0), templates.fit_state("cg-search-C10")),
+        "kmeans": (LoopState(np.ones((5, 4), np.float32), np.full(9, np.nan, np.float32), np.int32(3), np.bool_(False)),
+                   templates.fit_state("kmeans")),
+    }
+    for name, (state, like) in states.items():
+        path = save_tree(tmp_path / f"{name}.npz", jax.tree.map(np.asarray, state))
+        back, _ = load_tree(path, like)
+        for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(state)):
+            np.testing.assert_array_equal(a, np.asarray(b), err_msg=name)
+    bad = empty_gram_stats(np.zeros(30), 4)._replace(gram=np.zeros((30, 29)))  # F must agree everywhere
+    with pytest.raises(FileFormatError, match="must agree"):
+        load_tree(save_tree(tmp_path / "bad.npz", bad), templates.fit_state("gram"))
+
+
+def test_a_field_added_to_a_state_is_in_its_derived_template():
+    from typing import NamedTuple
+
+    from kmjax.templates import derived
+
+    class State(NamedTuple):
+        weights: np.ndarray
+        best: np.ndarray  # the new field: made by init, so in the template with no other edit
+
+    def init(F, classes):
+        return State(np.zeros((F, classes)), np.full(classes, np.inf))
+
+    like = derived(init, F=7, classes=3)
+    assert like.weights.shape == ("F", "classes") and like.weights.finite
+    assert like.best.shape == ("classes",) and not like.best.finite and like.best.kind == "f"
+    with pytest.raises(ValueError, match="distinct"):
+        derived(init, F=3, classes=3)
