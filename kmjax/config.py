@@ -17,7 +17,7 @@ from typing import Any
 
 from kmjax._checks import choice, integer, number
 from kmjax._ops import PRECISIONS
-from kmjax.classify import CLASSIFIERS, SOLVERS, STORAGES
+from kmjax.classify import CLASSIFIERS, SOLVERS, STORAGES, ClassifierSpec
 from kmjax.cluster import EMPTY_POLICIES, INITS
 from kmjax.dictionary import AUTHORS, NORMALIZATIONS, SAMPLINGS
 from kmjax.encoders import ENCODERS
@@ -26,10 +26,11 @@ from kmjax.errors import ConfigError
 from kmjax.pooling import POOLS
 
 __all__ = ["Config", "ConfigError", "load_config", "parse_config", "apply_overrides", "to_dict", "parse_value",
-           "check_name", "resolve_config", "shipped_configs"]
+           "check_name", "resolve_config", "shipped_configs", "word_or_none"]
 
 
 _SPEC = FeatureSpec._field_defaults  # the features' defaults, defined once with FeatureSpec
+_FIT = ClassifierSpec._field_defaults  # the classifier's, defined once with ClassifierSpec
 
 
 @dataclass(frozen=True)
@@ -60,10 +61,10 @@ class KMeansConfig:
     k: int = AUTHORS["k"]
     init: str = AUTHORS["init"]  # "randn" (authors'), "k-means++", "random"
     max_iter: int = AUTHORS["max_iter"]  # 0: no iterations, the init is the dictionary (init="random": random patches)
-    tol: float = -1.0  # relative objective decrease to stop at; negative: always run max_iter
+    tol: float | str = "none"  # relative objective decrease to stop at; "none" (authors'): always run max_iter
     empty: str = AUTHORS["empty"]  # "zero" (authors') or "reseed"
     spherical: bool = False  # OMP-1 / gain-shape dictionary
-    chunk_size: int = 0  # points per distance product (0: automatic)
+    chunk_size: int | str = "auto"  # points per distance product; "auto": as suits the backend
     precision: str = "float32"  # distance products: "float32", "tf32" (GPU default), "bfloat16"
     flip_closed: bool = False  # learn k/2 atoms, add their mirror images (with features.train_flip: mirrors for free)
 
@@ -89,15 +90,15 @@ class FeaturesConfig:
 
 @dataclass(frozen=True)
 class ClassifierConfig:
-    loss: str = "svm"  # "svm" (one-vs-all L2-SVM), "logistic", or "ridge" (least squares from the Gram matrix)
-    C: float = 100.0
-    C_grid: list = field(default_factory=list)  # if given, choose C on a held-out part of the training set
-    val_fraction: float = 0.1  # held-out share used to choose C
-    max_iter: int = 1000
-    tol: float = 1e-3  # gradient-norm stop
-    solver: str = "auto"  # ridge: "gram" (F x F Gram matrix), "dual" (N x N kernel), "auto" (the smaller), "cg"
-    rank: int = 1024  # ridge with solver "cg": the rank of its Nystrom preconditioner
-    storage: str = "float32"  # svm / logistic: the dtype L-BFGS holds the features in ("bfloat16": half the bytes);
+    loss: str = _FIT["loss"]  # "svm" (one-vs-all L2-SVM), "logistic", or "ridge" (least squares from the Gram matrix)
+    C: float = _FIT["C"]
+    C_grid: list = field(default_factory=lambda: list(_FIT["C_grid"]))  # if given, choose C on a held-out part
+    val_fraction: float = _FIT["val_fraction"]  # held-out share used to choose C
+    max_iter: int = _FIT["max_iter"]
+    tol: float = _FIT["tol"]  # gradient-norm stop
+    solver: str = _FIT["solver"]  # ridge: "gram" (F x F Gram matrix), "dual" (N x N kernel), "auto" (the smaller), "cg"
+    rank: int = _FIT["rank"]  # ridge with solver "cg": the rank of its Nystrom preconditioner
+    storage: str = _FIT["storage"]  # svm / logistic: the dtype L-BFGS holds the features in ("bfloat16": half the bytes);
     #                           ridge (float64 sums of the features as they are) ignores it
 
 
@@ -137,6 +138,34 @@ _POSITIVE = {("patches", "size"), ("patches", "num"), ("patches", "stride"), ("k
              ("features", "memory_mb"), ("classifier", "C"), ("classifier", "max_iter"), ("classifier", "rank")}
 
 
+# Keys whose value is a number or a word, where the library takes None ("none": no tolerance;
+# "auto": the library chooses), which TOML cannot say: {key: (word, the numbers it takes, the number
+# that meant the word before there was one, still read as the word)}
+_WORDS = {
+    "kmeans.tol": ("none", "a number >= 0", lambda v: v < 0),
+    "kmeans.chunk_size": ("auto", "an integer >= 1", lambda v: v == 0),
+}
+
+
+def _word_or_number(where: str, value):
+    word, numbers, old = _WORDS[where]
+    integral = numbers.startswith("an integer")
+    if value == word:
+        return word
+    if isinstance(value, bool) or not isinstance(value, int if integral else (int, float)):
+        raise ConfigError(f"{where} must be {numbers} or {word!r}, got {value!r}")
+    if old(value):
+        return word
+    if not value >= (1 if integral else 0):
+        raise ConfigError(f"{where} must be {numbers} or {word!r}, got {value!r}")
+    return value if integral else float(value)
+
+
+def word_or_none(value):
+    """A key of ``_WORDS`` as the library takes it: its word ("none", "auto") is None."""
+    return None if isinstance(value, str) else value
+
+
 def _check_type(where: str, value, default):
     expected = type(default)
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
@@ -163,6 +192,8 @@ def _build(cls, values: dict, prefix: str):
             if not isinstance(value, dict):
                 raise ConfigError(f"{where} must be a table [{key}], got {value!r}")
             out[key] = _build(type(default), value, f"{where}.")
+        elif where in _WORDS:
+            out[key] = _word_or_number(where, value)
         else:
             out[key] = _check_type(where, value, default)
     return cls(**out)

@@ -255,3 +255,46 @@ def test_shipped_configs_are_the_configs_folder():
 
     assert set(shipped_configs()) == {Path(p).stem for p in glob.glob(str(CONFIG_DIR / "*.toml"))}
     assert {"quick", "coates2011_triangle_1600", "seed"} <= set(shipped_configs())
+
+
+def test_tol_and_chunk_size_say_none_and_auto_in_words():
+    from kmjax.dictionary import AUTHORS
+    from kmjax.experiment.plan import dictionary_options
+
+    cfg = parse_config({})
+    assert cfg.kmeans.tol == "none" and cfg.kmeans.chunk_size == "auto"  # the authors' None: TOML has no null
+    options = dictionary_options(cfg)
+    assert options["tol"] is None is AUTHORS["tol"] and options["chunk_size"] is None is AUTHORS["chunk_size"]
+    cfg = parse_config({"kmeans": {"tol": 1e-4, "chunk_size": 512}})
+    assert dictionary_options(cfg)["tol"] == 1e-4 and dictionary_options(cfg)["chunk_size"] == 512
+    assert parse_config({"kmeans": {"tol": 0}}).kmeans.tol == 0.0  # stop at a fixed point
+    # the spellings before the words (a negative tol, chunk_size 0) still mean them, and resolve to them
+    old = parse_config({"kmeans": {"tol": -1.0, "chunk_size": 0}})
+    assert old == parse_config({"kmeans": {"tol": "none", "chunk_size": "auto"}}) == parse_config({})
+    assert to_dict(old)["kmeans"]["tol"] == "none"
+    for key, value, message in [("tol", "off", "kmeans.tol must be a number >= 0 or 'none', got 'off'"),
+                                ("tol", True, "kmeans.tol must be a number >= 0 or 'none'"),
+                                ("chunk_size", -3, "kmeans.chunk_size must be an integer >= 1 or 'auto', got -3"),
+                                ("chunk_size", 2.5, "kmeans.chunk_size must be an integer >= 1 or 'auto'"),
+                                ("chunk_size", "none", "kmeans.chunk_size must be an integer >= 1 or 'auto'")]:
+        with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            parse_config({"kmeans": {key: value}})
+
+
+def test_the_classifier_defaults_are_fit_classifiers():
+    import inspect
+
+    from kmjax.classify import ClassifierSpec, fit_classifier
+    from kmjax.experiment.plan import classifier_spec
+
+    defaults = ClassifierSpec._field_defaults
+    signature = inspect.signature(fit_classifier).parameters
+    assert all(signature[name].default == default for name, default in defaults.items())
+    section = to_dict(parse_config({}))["classifier"]
+    assert {k: v for k, v in defaults.items() if k in section} == {k: (tuple(v) if k == "C_grid" else v)
+                                                                   for k, v in section.items()}
+    assert classifier_spec(parse_config({})) == ClassifierSpec()
+    ridge = classifier_spec(parse_config({"classifier": {"loss": "ridge", "storage": "bfloat16", "C_grid": [1, 10]}}))
+    assert ridge.storage == "float32" and ridge.C_grid == (1.0, 10.0)  # ridge sums the features as they are
+    flips = {"features": {"train_flip": True, "test_flip": True}}
+    assert classifier_spec(parse_config(flips)).mirror_scoring

@@ -1,5 +1,6 @@
-"""What a config asks of the library: its feature spec, dictionary options, devices, data and
-training copies, read from a ``Config`` (used by the runner and by ``export_features``)."""
+"""What a config asks of the library: its feature spec, dictionary options, classifier spec,
+devices, data and training copies, read from a ``Config`` (used by the runner and by
+``export_features``)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import jax
 import numpy as np
 
 from kmjax.augment import mirror, random_crops
-from kmjax.config import Config
+from kmjax.classify import ClassifierSpec
+from kmjax.config import Config, word_or_none
 from kmjax.data import Cifar10, DataError, load_cifar10
 from kmjax.experiment import processes
 from kmjax.experiment.store import RunError, data_id
@@ -16,7 +18,7 @@ from kmjax.features import FeatureSpec
 from kmjax.patches import extract_patches, sample_positions, windows
 
 __all__ = ["feature_spec", "mirror_sums", "run_mesh", "local_mesh", "training_copies", "training_images",
-           "dictionary_patches", "dictionary_options", "load_data", "data_ids"]
+           "dictionary_patches", "dictionary_options", "classifier_spec", "load_data", "data_ids"]
 
 
 def feature_spec(cfg: Config) -> FeatureSpec:
@@ -105,9 +107,20 @@ def dictionary_options(cfg: Config) -> dict:
     p, pre, km = cfg.patches, cfg.preprocess, cfg.kmeans
     return dict(k=km.k, patch_size=p.size, n_patches=p.num, sampling=p.sampling, stride=p.stride,
                 normalize=pre.normalize, eps_norm=pre.eps_norm, whiten=pre.whiten, eps_zca=pre.eps_zca,
-                init=km.init, max_iter=km.max_iter, tol=None if km.tol < 0 else km.tol, empty=km.empty,
-                spherical=km.spherical, chunk_size=km.chunk_size or None, precision=km.precision,
+                init=km.init, max_iter=km.max_iter, tol=word_or_none(km.tol), empty=km.empty,
+                spherical=km.spherical, chunk_size=word_or_none(km.chunk_size), precision=km.precision,
                 flip_closed=km.flip_closed)
+
+
+def classifier_spec(cfg: Config) -> ClassifierSpec:
+    """The ``ClassifierSpec`` a config asks for (``fit_classifier(**spec._asdict())``): its classifier
+    section, with ridge's storage float32 (it sums the features as they are: a sweep over the loss
+    may leave a bfloat16 storage in place) and mirror scoring where the mirrored training rows
+    and mirrored test images both are."""
+    c = cfg.classifier
+    return ClassifierSpec(loss=c.loss, C=c.C, C_grid=tuple(c.C_grid), val_fraction=c.val_fraction, max_iter=c.max_iter,
+                          tol=c.tol, solver=c.solver, rank=c.rank, storage="float32" if c.loss == "ridge" else c.storage,
+                          mirror_scoring=training_copies(cfg) > 1 and cfg.features.train_flip and cfg.features.test_flip)
 
 
 def load_data(cfg: Config, data_dir):

@@ -27,8 +27,8 @@ from kmjax.data import load_cifar10
 from kmjax import templates
 from kmjax.dictionary import Dictionary, learn_dictionary
 from kmjax.experiment import processes
-from kmjax.experiment.plan import (data_ids, dictionary_options, dictionary_patches, feature_spec, load_data,
-                                   local_mesh, mirror_sums, run_mesh, training_copies, training_images)
+from kmjax.experiment.plan import (classifier_spec, data_ids, dictionary_options, dictionary_patches, feature_spec,
+                                   load_data, local_mesh, mirror_sums, run_mesh, training_copies, training_images)
 from kmjax.experiment.compile_cache import use_compile_cache
 from kmjax.experiment.provenance import stage_code, start_record, test_set
 from kmjax.experiment.report import AnonMemoryPeak, Timer, log, progress
@@ -378,7 +378,6 @@ def _classifier_stage(cfg, features, labels, num_classes, copies, key, store, st
         log(f"[classifier] reusing {store.folder}", quiet)
         tree, meta = saved
     else:
-        c = cfg.classifier
         checkpoints = store.checkpoints("classifier", stage_key, lambda line: log(line, quiet))
         bar = [None]
 
@@ -391,13 +390,9 @@ def _classifier_stage(cfg, features, labels, num_classes, copies, key, store, st
                 bar[0](done, total, value)
 
         with timer.stage("classifier"):
-            fit = fit_classifier(features, labels, num_classes=num_classes, loss=c.loss, C=c.C, C_grid=c.C_grid,
-                                 val_fraction=c.val_fraction, key=key, copies=copies, max_iter=c.max_iter, tol=c.tol,
-                                 solver=c.solver, rank=c.rank,
-                                 storage="float32" if c.loss == "ridge" else c.storage,
-                                 mirror_scoring=copies > 1 and cfg.features.train_flip and cfg.features.test_flip,
-                                 progress=report, log=step, state=checkpoints.state(ClassifierState),
-                                 checkpoint=checkpoints.checkpoint)
+            fit = fit_classifier(features, labels, num_classes=num_classes, key=key, copies=copies,
+                                 **classifier_spec(cfg)._asdict(), progress=report, log=step,
+                                 state=checkpoints.state(ClassifierState), checkpoint=checkpoints.checkpoint)
         tree = {"standardizer": jax.tree.map(np.asarray, fit.standardizer), "model": jax.tree.map(np.asarray, fit.model)}
         meta = {"kind": "classifier", "C": fit.C, "scores": {f"{C:g}": a for C, a in fit.scores.items()},
                 "n_iter": fit.n_iter, "objective": fit.objective, "grad_norm": fit.grad_norm}
