@@ -19,6 +19,7 @@ from kmjax import lloyd
 from kmjax._checks import check_matrix, choice, integer, is_tracer, number, positive_int
 from kmjax._loop import run_in_pieces
 from kmjax._ops import check_precision
+from kmjax.errors import InputError
 from kmjax.lloyd import KMeansResult, LloydSpec, LoopState
 from kmjax.nearest import KERNELS, check_kernel
 from kmjax.parallel import replicate, resolve_mesh, shard_rows, unit_weights
@@ -53,7 +54,7 @@ def _check_k(x, k) -> int:
     k = positive_int(k, "k")
     n = np.shape(x)[0]
     if k > n:
-        raise ValueError(f"k={k} is larger than the number of points ({n}); use k <= {n}")
+        raise InputError(f"k={k} is larger than the number of points ({n}); use k <= {n}")
     return k
 
 
@@ -63,9 +64,9 @@ def point_weights(n: int, weights):
         return jnp.ones((n,), jnp.float32)
     w = jnp.asarray(weights, jnp.float32)
     if w.shape != (n,):
-        raise ValueError(f"weights must have shape ({n},) to match x, got {w.shape}")
+        raise InputError(f"weights must have shape ({n},) to match x, got {w.shape}")
     if not is_tracer(w) and (not bool(jnp.all(jnp.isfinite(w) & (w >= 0))) or not float(w.sum()) > 0):
-        raise ValueError("weights must be finite, >= 0 and not all zero")
+        raise InputError("weights must be finite, >= 0 and not all zero")
     return w
 
 
@@ -113,7 +114,7 @@ def check_kmeans(x, k, *, init, max_iter, tol, chunk_size, empty, spherical, wei
     else:
         init = jnp.asarray(init, jnp.float32) if is_tracer(init) else np.asarray(init, np.float32)
         if init.shape != (k, d):
-            raise ValueError(f"init array must have shape (k, D) = ({k}, {d}), got {init.shape}")
+            raise InputError(f"init array must have shape (k, D) = ({k}, {d}), got {init.shape}")
         check_matrix(init, "init")
     if tol is not None and not is_tracer(tol):
         number(tol, "tol (or None)", at_least=0)
@@ -214,8 +215,10 @@ def kmeans(
       axis_name: the mesh axis the points are split along.
       state: a ``kmjax.lloyd.LoopState`` that ``checkpoint`` was given by an interrupted call with
         the same arguments: the loop continues from it (the init is not drawn again).
-      checkpoint: optional ``checkpoint(state)``, given the ``LoopState`` (a pytree: centroids,
-        objective so far, iteration, converged) after each iteration, to persist it.
+      checkpoint: optional ``checkpoint(state) -> LoopState | None``, given the ``LoopState`` (a
+        pytree made by ``kmjax.lloyd.start``: centroids, objective so far, iteration, converged)
+        after each iteration, to persist it; what it returns, when not None (the same values), is
+        the state the loop goes on with.
         On a mesh that spans several processes, pass ``progress`` and ``checkpoint`` in every process
         or in none (they may do nothing in some): they split the loop into pieces, and every piece is
         a collective that all processes must run alike.
@@ -277,7 +280,7 @@ def _check_state(state, k: int, d: int, spec: LloydSpec) -> tuple:
     """A saved ``LoopState`` as host arrays, checked against this call's shapes."""
     state = tuple(np.asarray(a) for a in state)
     if len(state) != 4 or state[0].shape != (k, d) or state[1].shape != (spec.max_iter,):
-        raise ValueError(f"state is not a k-means loop state of this call: it holds {k} x {d} centroids and "
+        raise InputError(f"state is not a k-means loop state of this call: it holds {k} x {d} centroids and "
                          f"{spec.max_iter} objective values only if it came from a call with the same k, data "
                          f"and max_iter; got shapes {[a.shape for a in state]}")
     return state
@@ -307,7 +310,7 @@ def assign(x, centroids, *, chunk_size: int | None = None, spherical: bool = Fal
     check_precision(precision)
     x, centroids = jnp.asarray(x), jnp.asarray(centroids)
     if centroids.shape[1] != x.shape[1]:
-        raise ValueError(f"centroids have dimension {centroids.shape[1]} but x has {x.shape[1]}")
+        raise InputError(f"centroids have dimension {centroids.shape[1]} but x has {x.shape[1]}")
     if chunk_size is None:
         chunk_size = default_chunk(x.shape[0], centroids.shape[0])
     chunk_size = min(positive_int(chunk_size, "chunk_size"), x.shape[0])

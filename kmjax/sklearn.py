@@ -3,12 +3,14 @@
 scikit-learn is an optional dependency: ``import kmjax`` never imports this module; use
 ``from kmjax.sklearn import KMeans, CoatesFeatures``.
 
-Numerics. The k-means iterations run in kmjax, in float32, on the default JAX device. Everything
-computed afterwards from the fitted centroids (``labels_``, ``inertia_``, ``predict``,
-``transform``, ``score``) is computed on the host in float64, in bounded-memory chunks, so these
-are mutually consistent (``labels_ == predict(X_train)``, ``inertia_ == -score(X_train)``) and
-independent of how rows are batched. ``cluster_centers_`` and ``transform`` keep the input's
-float dtype (float32 or float64; other inputs are converted to float64).
+Numerics. kmjax computes in float32 on the default JAX device, whatever the input's dtype
+(scikit-learn's own ``KMeans`` keeps float64 input in float64): the k-means iterations, and the
+nearest centroids and squared distances behind ``labels_``, ``inertia_``, ``predict`` and
+``score``, all four from one function (``kmjax.assign``, in bounded-memory chunks; the distances
+are summed in float64), so they are mutually consistent (``labels_ == predict(X_train)``,
+``inertia_ == -score(X_train)``). ``transform``'s distances are computed on the host in float64,
+in bounded-memory chunks. ``cluster_centers_`` and ``transform`` keep the input's float dtype
+(float32 or float64; other inputs are converted to float64).
 
 Randomness. ``random_state`` is an int in [0, 2**32) used as ``jax.random.key(random_state)``;
 None means 0 (so unlike scikit-learn, None is deterministic: every fit gives the same result); a
@@ -27,6 +29,7 @@ from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 from kmjax._checks import choice, integer, number
 from kmjax.cluster import EMPTY_POLICIES, INITS, assign, kmeans
 from kmjax.encoders import ENCODERS
+from kmjax.errors import InputError
 from kmjax.features import FeatureSpec, extract_features, feature_dim
 from kmjax.dictionary import AUTHORS, learn_dictionary
 from kmjax.pooling import POOLS
@@ -44,13 +47,13 @@ def _seed(random_state) -> int:
         return 0
     if isinstance(random_state, numbers.Integral) and not isinstance(random_state, bool):
         if not 0 <= random_state < 2**32:
-            raise ValueError(f"random_state must be in [0, 2**32), got {random_state!r}")
+            raise InputError(f"random_state must be in [0, 2**32), got {random_state!r}")
         return int(random_state)
     if isinstance(random_state, np.random.RandomState):
         return int(random_state.randint(np.iinfo(np.int32).max))
     if isinstance(random_state, np.random.Generator):
         return int(random_state.integers(np.iinfo(np.int32).max))
-    raise ValueError(
+    raise InputError(
         f"random_state must be None, an int or a numpy RandomState/Generator, got {random_state!r}"
     )
 
@@ -117,7 +120,7 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, ClusterMixin, TransformerMixin, Ba
     cluster_centers_ : ndarray (n_clusters, n_features), the input's float dtype.
     labels_ : ndarray (n_samples,) int32, nearest final centroid of each training sample.
     inertia_ : float, sum of (weighted) squared distances to the final centroids, consistent
-        with ``labels_`` (computed in float64).
+        with ``labels_`` (float32 distances, summed in float64).
     n_iter_ : int, Lloyd iterations run.
     n_features_in_, feature_names_in_ : as in scikit-learn.
     """
@@ -142,7 +145,7 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, ClusterMixin, TransformerMixin, Ba
         n, d = X.shape
         k = integer(self.n_clusters, "n_clusters", minimum=1)
         if k > n:
-            raise ValueError(f"n_samples={n} should be >= n_clusters={k}.")
+            raise InputError(f"n_samples={n} should be >= n_clusters={k}.")
         integer(self.max_iter, "max_iter", minimum=1)
         if self.tol is not None:
             number(self.tol, "tol (or None)", at_least=0)
@@ -154,7 +157,7 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, ClusterMixin, TransformerMixin, Ba
             return self.init
         init = check_array(self.init, dtype=[np.float64, np.float32], input_name="init")
         if init.shape != (k, d):
-            raise ValueError(f"init array must have shape (n_clusters, n_features) = ({k}, {d}), "
+            raise InputError(f"init array must have shape (n_clusters, n_features) = ({k}, {d}), "
                              f"got {init.shape}")
         return init.astype(np.float32)
 
@@ -165,11 +168,11 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, ClusterMixin, TransformerMixin, Ba
             sample_weight = np.full(X.shape[0], sample_weight, np.float64)
         sw = check_array(sample_weight, ensure_2d=False, dtype=np.float64, input_name="sample_weight")
         if sw.shape != (X.shape[0],):
-            raise ValueError(f"sample_weight.shape == {sw.shape}, expected {(X.shape[0],)}!")
+            raise InputError(f"sample_weight.shape == {sw.shape}, expected {(X.shape[0],)}!")
         if np.any(sw < 0):
-            raise ValueError("sample_weight must be non-negative")
+            raise InputError("sample_weight must be non-negative")
         if not sw.sum() > 0:
-            raise ValueError("Sample weights must contain at least one non-zero number.")
+            raise InputError("Sample weights must contain at least one non-zero number.")
         return sw
 
     def fit(self, X, y=None, sample_weight=None):
@@ -179,7 +182,7 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, ClusterMixin, TransformerMixin, Ba
         init = self._check_params(X)
         x32 = X.astype(np.float32)
         if not np.all(np.isfinite(x32)):
-            raise ValueError("X has values too large for float32, the precision kmjax computes in")
+            raise InputError("X has values too large for float32, the precision kmjax computes in")
         result = kmeans(
             jax.random.key(_seed(self.random_state)), x32, self.n_clusters, init=init,
             max_iter=self.max_iter, tol=self.tol, chunk_size=self.chunk_size, empty=self.empty,
@@ -309,7 +312,7 @@ class CoatesFeatures(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEsti
         ndim = np.ndim(X) if not hasattr(X, "iloc") else 2
         if ndim == 2:
             if self.image_shape is None:
-                raise ValueError(
+                raise InputError(
                     "X is 2-D (n_samples, n_values) but image_shape is None: pass images of shape "
                     "(N, H, W, C), or set image_shape=(H, W, C) so rows can be reshaped "
                     "(each row in (row, column, channel) order)"
@@ -318,15 +321,15 @@ class CoatesFeatures(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEsti
             if len(shape) == 2:
                 shape = shape + (1,)
             if len(shape) != 3 or min(shape) < 1:
-                raise ValueError(f"image_shape must be (H, W, C) or (H, W), got {self.image_shape!r}")
+                raise InputError(f"image_shape must be (H, W, C) or (H, W), got {self.image_shape!r}")
             X = validate_data(self, X, dtype="numeric", reset=reset)
             if X.shape[1] != np.prod(shape):
-                raise ValueError(f"X has {X.shape[1]} values per row but image_shape {shape} needs "
+                raise InputError(f"X has {X.shape[1]} values per row but image_shape {shape} needs "
                                  f"{int(np.prod(shape))}")
             return X.reshape((X.shape[0],) + shape)
         X = check_array(X, dtype="numeric", allow_nd=True, ensure_2d=False, input_name="X")
         if X.ndim != 4:
-            raise ValueError(f"X must be images of shape (N, H, W, C), or 2-D rows with image_shape "
+            raise InputError(f"X must be images of shape (N, H, W, C), or 2-D rows with image_shape "
                              f"set; got shape {X.shape}")
         if reset:
             for attr in ("n_features_in_", "feature_names_in_"):
@@ -341,7 +344,7 @@ class CoatesFeatures(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEsti
         k = integer(self.n_centroids, "n_centroids", minimum=1)
         n_patches = integer(self.n_patches, "n_patches", minimum=1)
         if not self.eps_zca >= 0:
-            raise ValueError(f"eps_zca must be >= 0, got {self.eps_zca!r}")
+            raise InputError(f"eps_zca must be >= 0, got {self.eps_zca!r}")
         dictionary = learn_dictionary(
             jax.random.key(_seed(self.random_state)), images, k, patch_size=spec.patch_size, n_patches=n_patches,
             normalize="none" if spec.eps_norm is None else "patch", eps_norm=spec.eps_norm or 0.0,
@@ -360,5 +363,5 @@ class CoatesFeatures(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEsti
         check_is_fitted(self, "centroids_")
         images = self._images(X, reset=False)
         if images.shape[3] != self.image_shape_[2]:
-            raise ValueError(f"X has {images.shape[3]} channels; fit saw {self.image_shape_[2]}")
+            raise InputError(f"X has {images.shape[3]} channels; fit saw {self.image_shape_[2]}")
         return extract_features(images, self.centroids_, self.zca_, self._spec())
