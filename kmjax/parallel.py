@@ -16,8 +16,7 @@ k-means gives the result of one device up to float32 rounding (each pass's sums 
 devices in another order); the features are those of one device. On a CPU-only machine
 ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` (set before JAX starts; ``split_cpu(8)``)
 splits the host into 8 devices, which is how the tests exercise this, and what ``kmjax run`` does
-with a config's ``devices`` (on 2 cores, k-means and the features ran 1.2x and 1.13x faster over
-two CPU devices than on one: the same threads, fewer waits between them).
+with a config's ``devices`` (docs/scaling.md gives the speed-ups measured).
 
 Several hosts (multi-process)
 -----------------------------
@@ -69,11 +68,8 @@ def split_cpu(count: int) -> None:
     use, at most ``MAX_CPU_DEVICES``), if JAX has not started yet, ``XLA_FLAGS`` names no device count
     and ``JAX_PLATFORMS`` does not leave the CPU out; otherwise nothing (a GPU's devices are what
     they are, and a started backend keeps its count)."""
-    from jax._src import xla_bridge
-
-    started = getattr(xla_bridge, "backends_are_initialized", lambda: False)()
     platforms = [p for p in os.environ.get("JAX_PLATFORMS", "").split(",") if p]
-    if started or (platforms and "cpu" not in platforms) or \
+    if _backends_started() or (platforms and "cpu" not in platforms) or \
             "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
         return
     if count == 0:
@@ -84,8 +80,29 @@ def split_cpu(count: int) -> None:
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
 
 
-# devices = 0 on a CPU: measured on 2 cores only (1.1-1.2x); past a few devices per batch the
-# features' fixed-size batches of 128 images per device outgrow the runner's 2,048-image segments
+def _backends_started() -> bool:
+    """Whether JAX has started its backends (the CPU's device count is then fixed). JAX has no public
+    query: ``jax._src.xla_bridge.backends_are_initialized`` (the sources of jax 0.10.0 to 0.11.1), and
+    where a JAX lacks it, the public option ``jax_num_cpu_devices``, which refuses a new value once
+    a backend has started (set and put back: nothing changes)."""
+    try:
+        from jax._src import xla_bridge
+
+        return bool(xla_bridge.backends_are_initialized())
+    except (ImportError, AttributeError):
+        pass
+    before = jax.config.jax_num_cpu_devices
+    try:
+        jax.config.update("jax_num_cpu_devices", before + 1)
+    except RuntimeError:
+        return True
+    jax.config.update("jax_num_cpu_devices", before)
+    return False
+
+
+# devices = 0 on a CPU: at most 8, since the features' fixed-size batches of 128 images per device
+# outgrow the runner's 2,048-image segments past a few devices per batch (docs/scaling.md: the
+# speed-up was measured on 2 cores only)
 MAX_CPU_DEVICES = 8
 
 

@@ -254,3 +254,46 @@ def test_two_processes_with_a_localhost_coordinator(tmp_path):
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, f"stdout:\n{out}\nstderr:\n{err[-3000:]}"
     assert [out.strip().splitlines()[-1] for out, _ in outs] == ["ok 0", "ok 1"]
+
+
+# split_cpu asks whether JAX has started its backends: through JAX's private query, or, where a JAX
+# lacks it, through the public option jax_num_cpu_devices, which refuses a change once they have
+
+_WITHOUT_THE_PRIVATE_QUERY = """
+import types
+
+import jax
+import jax._src as private
+
+real, private.xla_bridge = private.xla_bridge, types.SimpleNamespace()  # as a JAX without it
+from kmjax.parallel import _backends_started, split_cpu
+
+assert not _backends_started() and jax.config.jax_num_cpu_devices == -1
+split_cpu(3)
+assert _backends_started() is False
+private.xla_bridge = real
+assert len(jax.devices()) == 3, jax.devices()
+private.xla_bridge = types.SimpleNamespace()
+assert _backends_started() and jax.config.jax_num_cpu_devices == -1
+print("ok")
+"""
+
+
+def test_backends_started_without_jax_s_private_query(monkeypatch):
+    import types
+
+    import jax._src as private
+
+    from kmjax.parallel import _backends_started
+
+    jax.devices()
+    assert _backends_started()
+    monkeypatch.setattr(private, "xla_bridge", types.SimpleNamespace())
+    before = jax.config.jax_num_cpu_devices
+    assert _backends_started() and jax.config.jax_num_cpu_devices == before  # asked, left as it was
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="",
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    env.pop("JAX_NUM_CPU_DEVICES", None)
+    proc = subprocess.run([sys.executable, "-c", _WITHOUT_THE_PRIVATE_QUERY], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
