@@ -228,6 +228,9 @@ def _parser() -> argparse.ArgumentParser:
                        "(SLURM, Open MPI, Cloud TPU: what jax.distributed.initialize detects)")
         d.add_argument("--heartbeat-timeout", type=int, default=60, metavar="S", help="seconds after which the "
                        "processes give up on one that stopped answering (default 60)")
+        d.add_argument("--hang-timeout", type=int, default=3600, metavar="S", help="seconds after which the "
+                       "processes waiting for one give up on it if it shows no progress (no progress or log line, "
+                       "no collective passed; default 3600): a process that hangs rather than dies")
 
     r = sub.add_parser("run", help="run one experiment from a TOML config",
                        description="Run one experiment: dictionary, features, classifier, evaluation.")
@@ -357,7 +360,8 @@ def _run_distributed(args) -> int:
 
     try:
         processes.start(args.coordinator, args.num_processes, args.process_id,
-                        heartbeat_timeout=args.heartbeat_timeout)
+                        heartbeat_timeout=args.heartbeat_timeout, hang_timeout=args.hang_timeout,
+                        leave_after_share=args.command == "run")  # a sweep needs every process for its next run
     except Exception as e:  # a wrong address, a process id out of range, no cluster environment
         print(f"kmjax: error: could not join the other processes: {e}", file=sys.stderr)
         return 2

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import jax
 
+from kmjax.experiment import processes
+
 __all__ = ["log", "Timer", "progress", "environment", "summary", "CompileCounter", "AnonMemoryPeak"]
 
 # The three events of one compilation: tracing, lowering to MLIR, and the backend's compilation
@@ -24,6 +26,7 @@ _COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/
 
 
 def log(msg: str, quiet: bool = False) -> None:
+    processes.beat()  # quiet or not: each line is progress, which the other processes watch for
     if not quiet:
         print(msg, file=sys.stderr, flush=True)
 
@@ -125,14 +128,17 @@ class Timer:
 def progress(label: str, quiet: bool, unit: str = "images", start: int = 0):
     """A reporter ``report(done, total, value=None)``: a live line on a terminal, a line per 10%
     in a log file, with the time remaining; None when quiet. ``start``: the count already done
-    before this reporter (a resumed job), left out of the rate."""
+    before this reporter (a resumed job), left out of the rate. Each report is progress, which the
+    other processes of a run on several watch for (``processes.beat``): there, a quiet reporter beats
+    and prints nothing."""
     if quiet:
-        return None
+        return (lambda done, total, value=None: processes.beat()) if processes.watching() else None
     t0 = time.perf_counter()
     live = sys.stderr.isatty()
     last = [-1.0]
 
     def report(done, total, value=None):
+        processes.beat()
         done, total = int(done), int(total)
         elapsed = time.perf_counter() - t0
         if live:

@@ -187,8 +187,7 @@ def run(cfg: Config, *, data_dir=None, out: str | os.PathLike = "runs", resume: 
             results["peak_anon_memory_mb"] = None if memory.peak_mb is None else round(memory.peak_mb, 1)
             results["environment"] = environment
             write_json(run_dir / "results.json", results)  # last, and still under the lock
-            processes.wait_for_all("results")  # the other processes wait here while this one fits
-            processes.agree(results)
+            processes.done_sharing(results)  # the others leave (kmjax run), or wait for its results (a sweep)
     except BaseException:
         if fresh and not StageStore(run_dir / "stages").any_finished():
             shutil.rmtree(run_dir, ignore_errors=True)  # nothing to resume: the name is free again
@@ -206,8 +205,7 @@ def _run_stages(cfg, train, test, keys, run_dir, store, timer, quiet, mesh) -> d
             mine = _features_stage(cfg, train, test, dictionary, None, keys["features"], timer, quiet, mesh)
             shared_gram(cfg, None, mine, len(train.class_names), key_val, None, keys["classifier"], quiet)
             shared_kernel(cfg, None, None, keys["classifier"], quiet)
-        processes.wait_for_all("results")
-        return processes.agree(None)
+        return processes.done_sharing(None)  # kmjax run: leaves here; a sweep: the main process's results
     log(f"run folder: {run_dir}", quiet)
     results: dict = {"name": cfg.name, "seed": cfg.seed, "config": to_dict(cfg), "run_dir": str(run_dir),
                      "stage_keys": keys, "n_train": len(train.labels),
