@@ -357,12 +357,10 @@ class StageStore:
 
 
 class StageCheckpoints:
-    """The intermediate state of one unfinished stage, as the library hands it to its
-    ``checkpoint(state)``, and reads it back (``state=``): each named part (the dictionary's k-means
-    loop state "kmeans"; the parts of a ``kmjax.classify.ClassifierState``) saved as
-    ``STAGE.NAME-KEY.npz`` with its template (``kmjax.templates.fit_state``), and deleted by
-    ``clear`` once the stage is done. A file that does not read back is ignored (recomputed), never
-    an error: it holds no result of its own."""
+    """The state of an unfinished stage, as the library hands it to ``checkpoint(state)`` and takes
+    it back (``state=``): each named part (k-means' "kmeans", a ``ClassifierState``'s parts) saved as
+    ``STAGE.NAME-KEY.npz`` (template: ``kmjax.templates.fit_state``), deleted by ``clear`` once the
+    stage is done. A file that does not read back is ignored (recomputed): it holds no result."""
 
     def __init__(self, store: StageStore, stage: str, key: str, log=None):
         self.store, self.stage, self.key, self.log = store, stage, key, log
@@ -392,8 +390,7 @@ class StageCheckpoints:
         return saved
 
     def save(self, name, tree):
-        """Save a part; return it memory-mapped from its file when it is read back so
-        (``kmjax.templates.mapped``: a complete kernel), else None."""
+        """Save a part; return it memory-mapped from its file if ``kmjax.templates.mapped``, else None."""
         self.store.save_tree(f"{self.stage}.{name}", self.key, tree, {"kind": "checkpoint"})
         self._written.add(name)
         kept = self._read(name) if templates.mapped(name, tree) else None
@@ -408,9 +405,8 @@ class StageCheckpoints:
         return kind.from_parts(parts) if parts else None
 
     def checkpoint(self, state):
-        """The library's ``checkpoint(state)`` for a state of named parts (``state.parts()``): saves
-        the parts that are not the objects saved or read back before; returns the state with the
-        parts read back memory-mapped (so that the library never holds them twice), or None."""
+        """Save the parts of ``state`` not saved or read back before (the same objects); the state with
+        the parts mapped from their files (so that the library never holds them twice), or None."""
         parts = state.parts()
         kept = {name: self.save(name, part) for name, part in parts.items() if part is not self._known.get(name)}
         kept = {name: part for name, part in kept.items() if part is not None}
@@ -419,5 +415,4 @@ class StageCheckpoints:
     def clear(self) -> None:
         for path in self.store.folder.glob(f"{self.stage}.*-{self.key}.npz"):
             path.unlink(missing_ok=True)
-        self._written.clear()
-        self._known.clear()  # no reference to a large state outlives its stage
+        self._written, self._known = set(), {}  # no reference to a large state outlives its stage
