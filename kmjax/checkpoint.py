@@ -28,7 +28,7 @@ import jax
 import numpy as np
 
 from kmjax._io import atomic_write, checksum as _new_checksum, file_checksum
-from kmjax.errors import FileFormatError
+from kmjax.errors import ChecksumError, FileFormatError
 
 __all__ = ["FileFormatError", "Slot", "save_tree", "read_meta", "load_tree", "tree_names", "verify"]
 
@@ -112,33 +112,33 @@ def _data_offset(f, info: zipfile.ZipInfo) -> int:
 def verify(path, what: str = "kmjax file", *, required: bool = False) -> bool:
     """Check every member of a file written by ``save_tree(checksum=True)`` against its stored
     SHA-256, reading the file once in chunks (nothing held in memory). Returns whether the file
-    had checksums; a file without them is accepted unless ``required``. Raises ``FileFormatError``
-    naming the first member whose bytes changed."""
+    had checksums; a file without them is accepted unless ``required``. Raises ``ChecksumError`` (a
+    ``FileFormatError``) naming the first member whose bytes changed."""
     path = Path(path)
     with _open(path, what) as z:
         if CHECKSUMS not in z.files:
             if required:
-                raise FileFormatError(f"{what} {path} has no checksums (written by another kmjax version, or not "
+                raise ChecksumError(f"{what} {path} has no checksums (written by another kmjax version, or not "
                                       "by kmjax): delete it so that it is computed again")
             return False
         try:
             sums = json.loads(str(z[CHECKSUMS]))
         except Exception as e:  # noqa: BLE001 - a damaged checksum member is a damaged file
-            raise FileFormatError(f"{what} {path} has unreadable checksums ({e}); delete it so that it is computed "
+            raise ChecksumError(f"{what} {path} has unreadable checksums ({e}); delete it so that it is computed "
                                   "again") from None
         infos = {i.filename[: -len(".npy")]: i for i in z.zip.infolist()}
     if set(sums) != set(infos) - {CHECKSUMS}:
-        raise FileFormatError(f"{what} {path} holds members {sorted(set(infos) - {CHECKSUMS})} but checksums for "
+        raise ChecksumError(f"{what} {path} holds members {sorted(set(infos) - {CHECKSUMS})} but checksums for "
                               f"{sorted(sums)}: it was changed after kmjax wrote it; delete it so that it is computed again")
     try:
         with open(path, "rb") as f:
             offsets = {name: _data_offset(f, infos[name]) for name in sums}
     except (OSError, struct.error, ValueError) as e:
-        raise FileFormatError(f"{what} {path} is damaged (its zip directory does not match its members: {e}); delete "
+        raise ChecksumError(f"{what} {path} is damaged (its zip directory does not match its members: {e}); delete "
                               "it so that it is computed again") from None
     for name, want in sums.items():
         if file_checksum(path, offsets[name], infos[name].compress_size) != want:
-            raise FileFormatError(f"{what} {path}: array {name!r} fails its checksum (its bytes changed on disk "
+            raise ChecksumError(f"{what} {path}: array {name!r} fails its checksum (its bytes changed on disk "
                                   "after kmjax wrote them); delete the file so that it is computed again, or restore it")
     return True
 

@@ -9,7 +9,7 @@ it used to be, so ``except ValueError`` in existing code keeps working.
 
 from __future__ import annotations
 
-__all__ = ["KmjaxError", "InputError", "InputTypeError", "ConfigError", "DataError", "FileFormatError", "RunError"]
+__all__ = ["KmjaxError", "InputError", "InputTypeError", "ConfigError", "DataError", "FileFormatError", "ChecksumError", "RunError"]
 
 
 class KmjaxError(Exception):
@@ -35,6 +35,11 @@ class DataError(KmjaxError):
 class FileFormatError(KmjaxError, ValueError):
     """A file that is not the kmjax artifact it should be (or fails its checksum); the message names
     the file and the problem."""
+
+
+class ChecksumError(FileFormatError):
+    """A file whose bytes do not match the checksums kmjax wrote with it (changed on disk, damaged,
+    or without checksums where they are required): never read as if it were what was saved."""
 
 
 class RunError(KmjaxError, ValueError):

@@ -186,3 +186,41 @@ def test_a_test_set_says_what_it_is(data_dir, tmp_path):
     res = go(stand_in, tmp_path / "c")
     assert res["test_set"]["kind"] == "stand-in" and res["test_set"]["images_also_in_training"] == 40
     assert "test_accuracy" not in res and "stand_in_test_accuracy" in res
+
+
+def test_a_damaged_checkpoint_is_refused_and_one_of_another_size_recomputed(tmp_path):
+    from kmjax.classify import GramStats
+
+    store = StageStore(tmp_path)
+    checkpoints = store.checkpoints("classifier", "k1")
+    gram = GramStats(np.float64(4), np.zeros(3), np.arange(3.0), np.eye(3), np.ones((3, 2)), np.ones(2))
+    checkpoints.save("gram", gram)
+    path = tmp_path / "classifier.gram-k1.npz"
+    intact = path.read_bytes()
+    data = bytearray(intact)
+    data[data.find(np.eye(3).tobytes())] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(RunError, match="fails its checksum"):
+        StageStore(tmp_path).checkpoints("classifier", "k1").get("gram")
+    path.write_bytes(intact)
+    assert np.array_equal(StageStore(tmp_path).checkpoints("classifier", "k1").get("gram").gram, np.eye(3))
+
+
+def test_a_run_folder_of_an_older_config_spelling_resumes(data_dir, tmp_path):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    import kmjax.experiment.runner as r
+
+    original = r.fit_classifier
+    r.fit_classifier = interrupted
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            go(data_dir, tmp_path)
+    finally:
+        r.fit_classifier = original
+    folder = tmp_path / "quick"
+    saved = json.loads((folder / "config.json").read_text())
+    saved["kmeans"]["tol"], saved["kmeans"]["chunk_size"] = -1.0, 0  # how configs said "none" and "auto" before
+    (folder / "config.json").write_text(json.dumps(saved))
+    assert go(data_dir, tmp_path, resume=folder)["run_dir"] == str(folder)

@@ -22,7 +22,7 @@ import numpy as np
 from kmjax import __version__, plots
 from kmjax.augment import mirror
 from kmjax.classify import ClassifierState, LinearModel, Standardizer, fit_classifier, predict_features
-from kmjax.config import Config, to_dict
+from kmjax.config import Config, parse_config, to_dict
 from kmjax.data import load_cifar10
 from kmjax import templates
 from kmjax.dictionary import Dictionary, learn_dictionary
@@ -57,6 +57,10 @@ def _plan_resume(cfg: Config, resume: Path):
         before = json.loads(config_file.read_text())
     except ValueError as e:
         raise RunError(f"{config_file} is unreadable ({e}); start a new run instead of resuming") from None
+    try:  # read as a config of today's kmjax (spellings that changed, defaults added since)
+        before = to_dict(parse_config(before))
+    except ValueError:
+        pass  # compared as written: the differences name the keys
     diffs = config_differences(before, to_dict(cfg))
     if not diffs:
         results = resume / "results.json"

@@ -2,9 +2,10 @@
 
 A run folder holds one experiment: ``config.json`` first, ``results.json`` last, and ``stages/``
 (or a link to a stage folder shared by a sweep). A stage is saved under a key that hashes
-everything its output depends on (kmjax's version, the config entries that matter, the identity
-of the data), so a later run whose key matches loads it instead of recomputing it. Writes are
-atomic, and a folder in use is locked against a second process.
+everything its output depends on (kmjax's version and the code of the stage, the config entries
+that matter, the identity of the data), so a later run whose key matches loads it instead of
+recomputing it, after checking the checksums written with it. Writes are atomic, and a folder in
+use is locked against a second process.
 """
 
 from __future__ import annotations
@@ -19,11 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
-from kmjax._io import atomic_write, checksum as _new_checksum, remove_stale_temporaries, sync_folder
+from kmjax._io import atomic_write, remove_stale_temporaries, rows_checksum, sync_folder
 from kmjax.checkpoint import FileFormatError, load_tree, save_tree
 from kmjax import templates
 from kmjax.config import check_name
-from kmjax.errors import RunError
+from kmjax.errors import ChecksumError, RunError
 
 __all__ = ["RunError", "new_run_dir", "RunLock", "StageStore", "stage_keys", "data_id", "config_differences",
            "write_json"]
@@ -183,13 +184,14 @@ class StageStore:
 
     def load_tree(self, stage, key, like, mmap: bool = False):
         """(tree, meta) of a finished stage, or None; ``mmap``: arrays as read-only memmaps. A file
-        that fails its checksum or was saved under another key is refused (``RunError``)."""
+        that fails its checksum or was saved under another key is refused (``RunError``); one that does
+        not fit ``like`` is a ``FileFormatError``."""
         path = self._path(stage, key, ".npz")
         if not path.is_file():
             return None
         try:
             tree, meta = load_tree(path, like, "stage file", mmap=mmap, checksum=True)
-        except FileFormatError as e:
+        except ChecksumError as e:
             raise RunError(f"{e}. (kmjax refuses to resume from a saved stage it cannot verify.)") from None
         if meta.get("stage_key") != key:
             raise RunError(f"stage file {path} was saved under the key {meta.get('stage_key')!r}, not {key!r} as its "
@@ -236,19 +238,11 @@ class StageStore:
                 self._verified.add((stage, key, n))
         return loaded
 
-    @staticmethod
-    def _segment_sum(a, start: int, stop: int) -> str:
-        h = _new_checksum()
-        step = max(1, (1 << 26) // max(1, a[:1].nbytes))  # 64 MB of rows at a time
-        for i in range(start, stop, step):
-            h.update(memoryview(np.ascontiguousarray(a[i : min(i + step, stop)])).cast("B"))
-        return h.hexdigest()
-
     def _check_segments(self, a, segments, path) -> None:
         """Refuse ``a`` unless ``segments`` ([start, stop, checksum] of rows) cover its rows and match."""
         covered = 0
         for start, stop, want in segments or []:
-            if start != covered or self._segment_sum(a, start, stop) != want:
+            if start != covered or rows_checksum(a, start, stop) != want:
                 raise RunError(f"stage file {path}: rows {start}-{stop} fail their checksum (changed on disk after "
                                "kmjax wrote them); delete it so that the stage is computed again")
             covered = stop
@@ -319,7 +313,7 @@ class StageStore:
         key, segments = self._segments[os.path.realpath(a.filename)]
         start = segments[-1][1] if segments else 0
         if rows > start:
-            segments.append([start, int(rows), self._segment_sum(a, start, int(rows))])
+            segments.append([start, int(rows), rows_checksum(a, start, int(rows))])
         record = {"stage_key": key, "rows": int(rows), "segments": segments}
         atomic_write(self._rows_file(a), lambda f: f.write(json.dumps(record).encode()))
 
@@ -331,7 +325,7 @@ class StageStore:
             a.flush()
             segments = self._segments.pop(os.path.realpath(a.filename), (key, []))[1]
             if not segments or segments[-1][1] != a.shape[0]:
-                segments = [[0, a.shape[0], self._segment_sum(a, 0, a.shape[0])]]
+                segments = [[0, a.shape[0], rows_checksum(a, 0, a.shape[0])]]
             record["arrays"][n] = {"shape": list(a.shape), "dtype": a.dtype.str, "segments": segments}
             final = self._path(f"{stage}.{n}", key, ".npy")
             os.replace(a.filename, final)
@@ -360,7 +354,9 @@ class StageCheckpoints:
     """The state of an unfinished stage, as the library hands it to ``checkpoint(state)`` and takes
     it back (``state=``): each named part (k-means' "kmeans", a ``ClassifierState``'s parts) saved as
     ``STAGE.NAME-KEY.npz`` (template: ``kmjax.templates.fit_state``), deleted by ``clear`` once the
-    stage is done. A file that does not read back is ignored (recomputed): it holds no result."""
+    stage is done. A file that fails its checksum or sits under another key stops the run
+    (``RunError``: something changed it on disk); one whose arrays do not fit the template (another
+    problem size) is ignored and recomputed."""
 
     def __init__(self, store: StageStore, stage: str, key: str, log=None):
         self.store, self.stage, self.key, self.log = store, stage, key, log
@@ -371,7 +367,7 @@ class StageCheckpoints:
         try:
             saved = self.store.load_tree(f"{self.stage}.{name}", self.key, templates.fit_state(name),
                                          mmap=templates.mapped(name))
-        except (FileFormatError, RunError):
+        except FileFormatError:  # not this problem's state: recomputed (a damaged file is a RunError)
             return None
         return None if saved is None else saved[0]
 
