@@ -32,6 +32,7 @@ from kmjax.experiment.plan import (classifier_spec, data_ids, dictionary_options
 from kmjax.experiment.compile_cache import use_compile_cache
 from kmjax.experiment.provenance import stage_code, start_record, test_set
 from kmjax.experiment.report import AnonMemoryPeak, Timer, log, progress
+from kmjax.experiment.role import Main, Worker
 from kmjax.experiment.report import environment as report_environment
 from kmjax.experiment.shared import shared_gram, shared_kernel, shared_solver
 from kmjax._io import remove_stale_temporaries
@@ -163,7 +164,7 @@ def run(cfg: Config, *, data_dir=None, out: str | os.PathLike = "runs", resume: 
     if fresh:
         run_dir = Path(processes.agree(str(new_run_dir(Path(out), cfg.name)) if main else None))
     if not main:  # the other processes share the work and write nothing
-        return _run_stages(cfg, train, test, keys, run_dir, None, timer, quiet, mesh)
+        return _run_stages(cfg, train, test, keys, run_dir, Worker(), timer, quiet, mesh)
     try:
         with RunLock(run_dir):
             remove_stale_temporaries(run_dir)
@@ -174,7 +175,7 @@ def run(cfg: Config, *, data_dir=None, out: str | os.PathLike = "runs", resume: 
                     os.symlink(os.path.relpath(Path(link).resolve(), run_dir.resolve()), run_dir / "stages")
             starts = _record_start(run_dir, code, keys, quiet)
             with AnonMemoryPeak() as memory, StageStore(run_dir / "stages") as store:
-                results = _run_stages(cfg, train, test, keys, run_dir, store, timer, quiet, mesh)
+                results = _run_stages(cfg, train, test, keys, run_dir, Main(store), timer, quiet, mesh)
             results["starts"] = starts
             if "test_accuracy" in results:
                 results["test_set"] = tested_on
@@ -199,16 +200,17 @@ def run(cfg: Config, *, data_dir=None, out: str | os.PathLike = "runs", resume: 
     return results
 
 
-def _run_stages(cfg, train, test, keys, run_dir, store, timer, quiet, mesh) -> dict:
-    """The stages; ``store`` None: a process other than the main one (several processes), which
-    computes its part of the dictionary and the features, then returns the main process's results."""
+def _run_stages(cfg, train, test, keys, run_dir, role, timer, quiet, mesh) -> dict:
+    """The stages, as ``role`` (``kmjax.experiment.role``) plays them: a worker computes its part of
+    the dictionary and the features (and of the shared classifier statistics), then returns the
+    main process's results."""
     key_dict, key_val = jax.random.split(jax.random.key(cfg.seed))
-    if store is None:
-        dictionary = _dictionary_stage(cfg, train, key_dict, None, keys["dictionary"], timer, mesh)
+    if not role.is_main:
+        dictionary = _dictionary_stage(cfg, train, key_dict, role, keys["dictionary"], timer, mesh)
         if cfg.features.enabled:
-            mine = _features_stage(cfg, train, test, dictionary, None, keys["features"], timer, quiet, mesh)
-            shared_gram(cfg, None, mine, len(train.class_names), key_val, None, keys["classifier"], quiet)
-            shared_kernel(cfg, None, None, keys["classifier"], quiet)
+            mine = _features_stage(cfg, train, test, dictionary, role, keys["features"], timer, quiet, mesh)
+            shared_gram(cfg, None, mine, len(train.class_names), key_val, role, keys["classifier"], quiet)
+            shared_kernel(cfg, None, role, keys["classifier"], quiet)
         return processes.done_sharing(None)  # kmjax run: leaves here; a sweep: the main process's results
     log(f"run folder: {run_dir}", quiet)
     results: dict = {"name": cfg.name, "seed": cfg.seed, "config": to_dict(cfg), "run_dir": str(run_dir),
@@ -216,7 +218,8 @@ def _run_stages(cfg, train, test, keys, run_dir, store, timer, quiet, mesh) -> d
                      "n_test": 0 if test is None else len(test.labels)}
     write_json(run_dir / "config.json", results["config"])
 
-    dictionary = _dictionary_stage(cfg, train, key_dict, store, keys["dictionary"], timer, mesh)
+    store = role.store
+    dictionary = _dictionary_stage(cfg, train, key_dict, role, keys["dictionary"], timer, mesh)
     km = dictionary.kmeans
     n_iter = int(km.n_iter)
     results["kmeans"] = {
@@ -234,12 +237,12 @@ def _run_stages(cfg, train, test, keys, run_dir, store, timer, quiet, mesh) -> d
         return results
 
     copies = training_copies(cfg)
-    feats = _features_stage(cfg, train, test, dictionary, store, keys["features"], timer, quiet, mesh)
+    feats = _features_stage(cfg, train, test, dictionary, role, keys["features"], timer, quiet, mesh)
     f_train, f_test, labels = feats["train"], feats.get("test"), np.asarray(feats["train_labels"])
     f_mirror = feats.get("test_mirror")
     num_classes = len(train.class_names)
-    shared_gram(cfg, f_train, feats.pop("mine", None), num_classes, key_val, store, keys["classifier"], quiet)
-    shared_kernel(cfg, f_train, store, keys["classifier"], quiet)
+    shared_gram(cfg, f_train, feats.pop("mine", None), num_classes, key_val, role, keys["classifier"], quiet)
+    shared_kernel(cfg, f_train, role, keys["classifier"], quiet)
     fit = _classifier_stage(cfg, f_train, labels, num_classes, copies, key_val, store, keys["classifier"], timer,
                             quiet)
     results["classifier"] = {"loss": cfg.classifier.loss, "C": fit["C"]}
@@ -269,20 +272,22 @@ def _run_stages(cfg, train, test, keys, run_dir, store, timer, quiet, mesh) -> d
     return results
 
 
-def _dictionary_stage(cfg, train, key, store, stage_key, timer, mesh) -> Dictionary:
+def _first(found):
+    return None if found is None else found[0]
+
+
+def _dictionary_stage(cfg, train, key, role, stage_key, timer, mesh) -> Dictionary:
     like = templates.dictionary(cfg.preprocess.whiten, cfg.kmeans.max_iter)
-    saved = None if store is None else store.load_tree("dictionary", stage_key, like)
-    saved = processes.broadcast(None if saved is None else saved[0], like)  # the main process's, everywhere
+    saved = role.send(lambda: _first(role.store.load_tree("dictionary", stage_key, like)), like)
     if saved is not None:
-        log(f"[dictionary] reusing {store and store.folder}", timer.quiet)
+        log(f"[dictionary] reusing {role.folder}", timer.quiet)
         return saved
-    checkpoints = None if store is None else store.checkpoints("dictionary", stage_key,
-                                                               lambda line: log(line, timer.quiet))
-    state = processes.broadcast(None if store is None else checkpoints.get("kmeans"), templates.lloyd_state())
+    checkpoints = role.checkpoints("dictionary", stage_key, lambda line: log(line, timer.quiet))
+    state = role.send(lambda: checkpoints.get("kmeans"), templates.lloyd_state())
     saved_at = [time.monotonic()]
 
-    def checkpoint(state):  # the k-means loop state, every _SAVE_KMEANS seconds
-        if store is not None and time.monotonic() - saved_at[0] > _SAVE_KMEANS:
+    def checkpoint(state):  # the k-means loop state, every _SAVE_KMEANS seconds (a worker's saves nothing)
+        if role.is_main and time.monotonic() - saved_at[0] > _SAVE_KMEANS:
             checkpoints.save("kmeans", jax.tree.map(np.asarray, state))
             saved_at[0] = time.monotonic()
 
@@ -292,31 +297,29 @@ def _dictionary_stage(cfg, train, key, store, stage_key, timer, mesh) -> Diction
                                       state=state, checkpoint=checkpoint,
                                       patches=dictionary_patches(cfg, key, train))
         dictionary = jax.tree.map(np.asarray, dictionary)
-    if store is None:
-        return dictionary
-    store.save_tree("dictionary", stage_key, dictionary, {"kind": "dictionary"})
+    role.local(lambda: role.store.save_tree("dictionary", stage_key, dictionary, {"kind": "dictionary"}))
     checkpoints.clear()
     return dictionary
 
 
-def _features_stage(cfg, train, test, dictionary, store, stage_key, timer, quiet, mesh):
+def _features_stage(cfg, train, test, dictionary, role, stage_key, timer, quiet, mesh):
     """{"train": features, "train_labels": labels, and "test", "test_labels" (and "test_mirror") with a
     test set}: memmaps of the stage files (the labels saved beside the features, so that they can be
     exported alone). On several processes, also "mine": this process's training rows (indices,
     features, labels) when the Gram statistics are shared (``kmjax.experiment.shared.shared_solver``), else None; a
-    process other than the main one (``store`` None) returns only that."""
+    worker returns only that."""
     copies = training_copies(cfg)
     parts = {"train": train} if test is None else {"train": train, "test": test}
     if test is not None and cfg.features.test_flip and not mirror_sums(cfg):  # else predictions are mirror-invariant
         parts["test_mirror"] = test._replace(images=mirror(test.images))
     names = [n for part in parts for n in (part, f"{part}_labels")]
-    saved = None if store is None else store.load_arrays("features", stage_key, names)
-    if processes.agree(None if store is None else saved is not None):
-        log(f"[features] reusing {store and store.folder}", quiet)
-        return saved
+    store = role.store  # None in a worker, which writes nothing
+    if role.decide(lambda: store.load_arrays("features", stage_key, names) is not None):
+        log(f"[features] reusing {role.folder}", quiet)
+        return role.local(lambda: store.load_arrays("features", stage_key, names))  # checked once already
     spec = feature_spec(cfg)
     dim = feature_dim(spec, dictionary.centroids.shape[0], train.images.shape[1:])
-    if store is not None:
+    if role.is_main:
         store.check_space(4 * dim * sum((copies if name == "train" else 1) * len(d.labels)
                                         for name, d in parts.items()), "features", stage_key)
     saved, kept = {}, []
@@ -331,8 +334,8 @@ def _features_stage(cfg, train, test, dictionary, store, stage_key, timer, quiet
                 labels = np.concatenate([labels] * copies)
             # written straight to disk (the features of a large dictionary need not fit in memory),
             # in segments whose rows are recorded: an interrupted run resumes after the last one
-            out, done = (None, None) if store is None else store.open_array("features", stage_key, name,
-                                                                            (len(labels), dim))
+            out, done = role.local(lambda: store.open_array("features", stage_key, name, (len(labels), dim))) \
+                or (None, None)
             done = processes.agree(done)
             if name == "train" and done and keep:
                 kept.append(None)  # rows computed before: no process holds all of its own
@@ -355,20 +358,20 @@ def _features_stage(cfg, train, test, dictionary, store, stage_key, timer, quiet
                     if name == "train" and keep and kept[:1] != [None]:  # for the Gram statistics of its rows
                         kept.append((mine, local, labels[mine]))
                     gathered = processes.gather_rows(local, owners)
-                    if store is None:
+                    if not role.is_main:
                         continue
                     out[start:stop] = gathered
                     if report is not None:
                         report(stop, len(labels))
                 store.mark_rows(out, stop)
-            if store is None:
+            if not role.is_main:
                 continue
             saved[name] = out
             saved[f"{name}_labels"] = store.new_array("features", stage_key, f"{name}_labels", labels.shape, np.int32)
             saved[f"{name}_labels"][:] = labels
     # this process's training rows, features and labels: all of them, or none if the stage resumed
     mine = tuple(np.concatenate(parts) for parts in zip(*kept)) if kept and kept[0] is not None else None
-    if store is None:
+    if not role.is_main:
         return mine
     store.commit_arrays("features", stage_key, saved)
     return {**store.load_arrays("features", stage_key, names), "mine": mine}

@@ -37,32 +37,30 @@ def _unsaved(store, stage_key, quiet, state: str):
     return checkpoints
 
 
-def shared_gram(cfg, features, mine, num_classes, key, store, stage_key, quiet) -> None:
+def shared_gram(cfg, features, mine, num_classes, key, role, stage_key, quiet) -> None:
     """Several processes, ridge from the Gram matrix: every process sums the Gram statistics of its
     own training rows (``mine``: their indices, features and labels, kept by the features stage) and
     the main process saves the total as the classifier's "gram" checkpoint, where ``fit_classifier``
-    finds it. Decided by the main process: not when the features were reused (no process keeps its
-    rows then), the classifier is saved, or its Gram statistics are."""
+    finds it. Decided by the main process (``role``): not when the features were reused (no process
+    keeps its rows then), the classifier is saved, or its Gram statistics are."""
     if processes.count() == 1:
         return
     c = cfg.classifier
-    if store is not None:
-        checkpoints = _unsaved(store, stage_key, quiet, "gram")
-        wanted = mine is not None and shared_solver(cfg, *features.shape) == "gram" and checkpoints is not None
-    if not processes.agree(wanted if store is not None else None):
+    checkpoints = role.local(lambda: _unsaved(role.store, stage_key, quiet, "gram"))
+    if not role.decide(lambda: mine is not None and shared_solver(cfg, *features.shape) == "gram"
+                       and checkpoints is not None):
         return
-    n = processes.agree(None if store is None else int(features.shape[0]))
+    n = role.decide(lambda: int(features.shape[0]))
     rows = np.arange(n) if not c.C_grid else validation_split(n, key, val_fraction=c.val_fraction,
                                                                copies=training_copies(cfg))[0]
     # the shift of one process's gram_stats: the mean of the first block of rows, from the main process
-    shift = processes.broadcast(None if store is None else np.asarray(features[rows[:8192]], np.float64).mean(axis=0),
-                                Slot("F"))
+    shift = role.send(lambda: np.asarray(features[rows[:8192]], np.float64).mean(axis=0), Slot("F"))
     index, x, y = mine if mine is not None else (np.zeros(0, np.int64), None, None)  # None: no rows of its own
     fitted = np.flatnonzero(np.isin(index, rows))
     part = (empty_gram_stats(shift, num_classes) if not fitted.size else
             gram_stats(x, y, num_classes, rows=fitted, shift=shift))
     summed = processes.total([getattr(part, name) for name in _SUMMED])  # None outside the main process
-    if store is not None:
+    if role.is_main:
         stats = part._replace(**dict(zip(_SUMMED, summed)))
         checkpoints.checkpoint(ClassifierState(gram=stats))
         log(f"[classifier] Gram statistics of {int(stats.count):,} rows, summed over {processes.count()} processes",
@@ -75,7 +73,7 @@ _SUMMED = tuple(name for name in GramStats._fields if name != "shift")  # every 
 _KERNEL_BLOCK = 4096  # feature columns sent to a process at a time: 0.8 GB of float32 at N = 50,000
 
 
-def shared_kernel(cfg, features, store, stage_key, quiet) -> None:
+def shared_kernel(cfg, features, role, stage_key, quiet) -> None:
     """Several processes, ridge from the N x N kernel (``kmjax.classify.dual``, N rows: images times
     their training copies): the feature columns are split evenly between the processes, each adds up
     the kernel of its columns, and process 0 sums the kernels and saves the whole one as the
@@ -86,12 +84,10 @@ def shared_kernel(cfg, features, store, stage_key, quiet) -> None:
     N x N float32 kernel; an interrupted share is computed again (only the whole kernel is saved)."""
     if processes.count() == 1:
         return
-    if store is not None:
-        checkpoints = _unsaved(store, stage_key, quiet, "kernel")
-        wanted = shared_solver(cfg, *features.shape) == "dual" and checkpoints is not None
-    if not processes.agree(wanted if store is not None else None):
+    checkpoints = role.local(lambda: _unsaved(role.store, stage_key, quiet, "kernel"))
+    if not role.decide(lambda: shared_solver(cfg, *features.shape) == "dual" and checkpoints is not None):
         return
-    n, f = processes.agree(None if store is None else list(features.shape))
+    n, f = role.decide(lambda: list(features.shape))
     me, count = processes.index(), processes.count()
     blocks = [[(start, min(start + _KERNEL_BLOCK, (r + 1) * f // count))
                for start in range(r * f // count, (r + 1) * f // count, _KERNEL_BLOCK)] for r in range(count)]
@@ -102,8 +98,7 @@ def shared_kernel(cfg, features, store, stage_key, quiet) -> None:
         for r in range(1, count):  # process 0 sends the others their next block
             if i < len(blocks[r]):
                 start, stop = blocks[r][i]
-                block = processes.send(None if store is None else features[:, start:stop], (n, stop - start),
-                                       np.float32)
+                block = role.send_array(lambda: features[:, start:stop], (n, stop - start), np.float32)
                 mine = block if r == me else mine
         if i < len(blocks[me]):
             start, stop = blocks[me][i]
@@ -114,7 +109,7 @@ def shared_kernel(cfg, features, store, stage_key, quiet) -> None:
             if report is not None:
                 report(stop, f // count)
     processes.total([kernel, mean, scale])
-    if store is not None:
+    if role.is_main:
         stats = KernelStats(columns=np.array(f, np.int64), mean=mean, scale=scale, kernel=kernel)
         checkpoints.checkpoint(ClassifierState(kernel=stats))
         log(f"[classifier] {n:,} x {n:,} kernel of {f:,} features, their columns shared by {count} processes", quiet)
