@@ -59,6 +59,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from kmjax._checks import positive_int
+from kmjax.errors import InputError, InputTypeError
 
 __all__ = ["data_mesh", "resolve_mesh", "shard_rows", "unit_weights", "replicate", "split_cpu", "MAX_CPU_DEVICES"]
 
@@ -116,16 +117,16 @@ def data_mesh(n_devices: int | None = None, axis_name: str = "data", *, local: b
     devices = jax.local_devices() if local else jax.devices()
     n = len(devices) if n_devices is None else positive_int(n_devices, "n_devices")
     if n > len(devices):
-        raise ValueError(f"asked for {n} devices, only {len(devices)} available")
+        raise InputError(f"asked for {n} devices, only {len(devices)} available")
     return jax.make_mesh((n,), (axis_name,), (AxisType.Auto,), devices=devices[:n])
 
 
 def resolve_mesh(mesh, axis_name: str) -> Mesh:
     """``mesh`` checked (a ``Mesh`` with the axis ``axis_name``), with Auto axes."""
     if not isinstance(mesh, Mesh):
-        raise TypeError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
+        raise InputTypeError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
     if axis_name not in mesh.axis_names:
-        raise ValueError(f"mesh has axes {mesh.axis_names}, not {axis_name!r}; pass axis_name=")
+        raise InputError(f"mesh has axes {mesh.axis_names}, not {axis_name!r}; pass axis_name=")
     # The same devices with Auto axes: arrays placed on an Explicit mesh carry their sharding in
     # their type, and the init's gathers (x[indices]) then refuse to run without out_sharding=.
     return Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
