@@ -16,7 +16,8 @@ __version__ = "0.2.0"  # the one version number (pyproject reads it); part of ev
 
 from kmjax.augment import mirror, random_crops
 from kmjax.classify import (
-    ClassifierFit, GramStats, LinearModel, Standardizer, accumulate_gram, accuracy, fit_classifier, fit_ridge,
+    ClassifierFit, ClassifierSpec, ClassifierState, GramStats, LBFGSState, LinearModel, Standardizer, accumulate_gram,
+    accuracy, fit_classifier, fit_ridge, init_lbfgs,
     fit_standardizer, gram_stats, predict, predict_features, search_C, softmax_loss, standardize, svm_loss,
     train_linear, validation_split,
 )
@@ -43,7 +44,7 @@ __all__ = [
     "close_dictionary", "feature_mirror_permutation", "mirror_pairs", "pair_sums",
     "Standardizer", "fit_standardizer", "standardize", "LinearModel", "svm_loss", "softmax_loss",
     "train_linear", "predict", "accuracy", "GramStats", "gram_stats", "accumulate_gram", "fit_ridge",
-    "predict_features", "ClassifierFit", "fit_classifier", "validation_split", "search_C",
+    "predict_features", "ClassifierFit", "ClassifierSpec", "ClassifierState", "LBFGSState", "init_lbfgs", "fit_classifier", "validation_split", "search_C",
     "Model", "save", "load", "predict_images", "save_dictionary", "load_dictionary",
     "KmjaxError", "InputError", "InputTypeError", "ConfigError", "DataError", "FileFormatError", "RunError",
 ]
