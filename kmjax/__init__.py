@@ -22,7 +22,8 @@ from kmjax.classify import (
     train_linear, validation_split,
 )
 from kmjax.cluster import KMeansResult, assign, init_centroids, kmeans
-from kmjax.data import Cifar10, download_cifar10, load_cifar10, resolve_data_dir
+from kmjax.data import Cifar10, Dataset, download_cifar10, load_cifar10, resolve_data_dir
+from kmjax.datasets import load_dataset
 from kmjax.dictionary import Dictionary, learn_dictionary
 from kmjax.encoders import encode, hard, nearest_q, soft_threshold, triangle
 from kmjax.errors import ConfigError, DataError, FileFormatError, InputError, InputTypeError, KmjaxError, RunError
@@ -34,7 +35,7 @@ from kmjax.preprocess import ZCA, apply_zca, fit_zca, normalize_patches, standar
 from kmjax.symmetry import close_dictionary, feature_mirror_permutation, mirror_pairs, pair_sums
 
 __all__ = [
-    "Cifar10", "DataError", "download_cifar10", "load_cifar10", "resolve_data_dir",
+    "Cifar10", "Dataset", "DataError", "download_cifar10", "load_cifar10", "load_dataset", "resolve_data_dir",
     "extract_patches", "sample_patches",
     "normalize_patches", "standardize_dimensions", "ZCA", "fit_zca", "apply_zca",
     "KMeansResult", "kmeans", "assign", "init_centroids",

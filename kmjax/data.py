@@ -1,4 +1,6 @@
-"""CIFAR-10: find it, check it, download it, load it.
+"""CIFAR-10: find it, check it, download it, load it; and the helpers every data set's reader shares
+(locating the data dir, reading a pickle safely, downloading with a checksum). ``kmjax.datasets``
+reads the other data sets through ``load_dataset``; ``load_cifar10`` is its CIFAR-10 spelling.
 
 This is the impure shell of kmjax (files, environment, network); it uses numpy only.
 
@@ -34,31 +36,11 @@ from kmjax.errors import DataError, InputError
 from kmjax._checks import choice
 from kmjax.safe_pickle import RefusedPickle, safe_loads
 
-__all__ = [
-    "ARCHIVE_MD5",
-    "ARCHIVE_URL",
-    "BATCHES_FOLDER",
-    "CLASS_NAMES",
-    "Cifar10",
-    "DataError",
-    "download_cifar10",
-    "load_cifar10",
-    "locate_data_dir",
-    "resolve_data_dir",
-]
+__all__ = ["ARCHIVE_MD5", "ARCHIVE_URL", "BATCHES_FOLDER", "CLASS_NAMES", "Cifar10", "DataError", "Dataset",
+           "download_archive", "download_cifar10", "load_cifar10", "locate_data_dir", "resolve_data_dir"]
 
-CLASS_NAMES: tuple[str, ...] = (
-    "airplane",
-    "automobile",
-    "bird",
-    "cat",
-    "deer",
-    "dog",
-    "frog",
-    "horse",
-    "ship",
-    "truck",
-)
+CLASS_NAMES: tuple[str, ...] = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+                               "truck")
 ARCHIVE_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 ARCHIVE_MD5 = "c58f30108f718f92721af3b95e74349a"
 BATCHES_FOLDER = "cifar-10-batches-py"
@@ -71,17 +53,20 @@ _NUM_TRAIN_BATCHES = 5
 _SPLITS = ("train", "test")
 
 
-class Cifar10(NamedTuple):
-    """One split of CIFAR-10.
+class Dataset(NamedTuple):
+    """One split of a data set (``load_dataset``, ``load_cifar10``).
 
-    images: uint8 array (N, 32, 32, 3), height-width-channel, RGB, values 0..255.
-    labels: int32 array (N,), class indices 0..9.
-    class_names: the 10 class names, indexed by label.
+    images: uint8 array (N, H, W, 3), height-width-channel, RGB, values 0..255 (CIFAR-10: 32 x 32).
+    labels: int32 array (N,), class indices 0..C-1 (-1 where a split has no labels: STL-10's unlabeled).
+    class_names: the C class names, indexed by label.
     """
 
     images: np.ndarray
     labels: np.ndarray
     class_names: tuple[str, ...]
+
+
+Cifar10 = Dataset  # its first name, when CIFAR-10 was the only data set
 
 
 # --------------------------------------------------------------------------------------
@@ -96,16 +81,17 @@ def _cache_dir() -> pathlib.Path:
     return base / "kmjax"
 
 
-def locate_data_dir(data_dir=None) -> tuple[pathlib.Path, str]:
-    """(``resolve_data_dir(data_dir)``, where it came from: "argument", "env" or "cache")."""
+def locate_data_dir(data_dir=None, folder: str = BATCHES_FOLDER) -> tuple[pathlib.Path, str]:
+    """(``resolve_data_dir(data_dir)``, where it came from: "argument", "env" or "cache").
+    ``folder``: the data set's own folder inside the data dir (a path to it is taken as its parent)."""
     if data_dir is not None:
         path, source = pathlib.Path(data_dir).expanduser(), "argument"
     elif os.environ.get(ENV_VAR):  # an empty variable counts as unset
         path, source = pathlib.Path(os.environ[ENV_VAR]).expanduser(), "env"
     else:
         path, source = _cache_dir(), "cache"
-    # Accept being pointed at the batches folder itself: use the folder that contains it.
-    if path.name == BATCHES_FOLDER and not (path / BATCHES_FOLDER).is_dir():
+    # Accept being pointed at the data set's folder itself: use the folder that contains it.
+    if path.name == folder and not (path / folder).is_dir():
         path = path.parent
     return path, source
 
@@ -126,39 +112,39 @@ def resolve_data_dir(data_dir=None) -> pathlib.Path:
 # --------------------------------------------------------------------------------------
 
 
-def _unpickle(path: pathlib.Path, fix: str):
-    """Read a CIFAR-10 pickle without running code from it.
+def _unpickle(path: pathlib.Path, fix: str, what: str = "CIFAR-10"):
+    """Read a CIFAR pickle (``what``: the data set, for messages) without running code from it.
 
     The files are pickles, and a plain ``pickle.load`` calls whatever a crafted file names.
     ``kmjax.safe_pickle`` checks every opcode first and admits only NumPy's array constructors;
     anything else is a ``DataError`` naming the file, raised before any object of the file is built.
     """
     if not path.is_file():
-        raise DataError(f"CIFAR-10 file {path} is missing; {fix}")
+        raise DataError(f"{what} file {path} is missing; {fix}")
     try:
         data = path.read_bytes()
     except OSError as e:  # permissions, I/O errors: not the file's content
-        raise DataError(f"could not read CIFAR-10 file {path}: {e}") from e
+        raise DataError(f"could not read {what} file {path}: {e}") from e
     try:
         return safe_loads(data)
     except RefusedPickle as e:
         raise DataError(
-            f"CIFAR-10 file {path} {e}, which no CIFAR-10 batch does: refusing to load it (it may be crafted "
+            f"{what} file {path} {e}, which no {what} file does: refusing to load it (it may be crafted "
             f"to run code); {fix}"
         ) from None
     except Exception as e:  # a damaged pickle can raise almost anything
         raise DataError(
-            f"CIFAR-10 file {path} is truncated or corrupt ({type(e).__name__}: {e}); {fix}"
+            f"{what} file {path} is truncated or corrupt ({type(e).__name__}: {e}); {fix}"
         ) from e
 
 
-def _get(d: dict, key: str, path: pathlib.Path, fix: str):
+def _get(d: dict, key: str, path: pathlib.Path, fix: str, what: str = "CIFAR-10"):
     """d[key], accepting both b"key" (official files read with encoding="bytes") and "key"."""
     for k in (key.encode(), key):
         if k in d:
             return d[k]
     found = ", ".join(repr(k) for k in d) or "none"
-    raise DataError(f"CIFAR-10 file {path} has no {key!r} entry (keys found: {found}); {fix}")
+    raise DataError(f"{what} file {path} has no {key!r} entry (keys found: {found}); {fix}")
 
 
 def _as_ints_in_range(value, lo: int, hi: int, dtype) -> np.ndarray | None:
@@ -178,36 +164,34 @@ def _as_ints_in_range(value, lo: int, hi: int, dtype) -> np.ndarray | None:
     return a.astype(dtype)
 
 
-def _read_batch(path: pathlib.Path, fix: str) -> tuple[np.ndarray, np.ndarray]:
-    """Read one batch file: (data uint8 (n, 3072), labels int32 (n,))."""
-    d = _unpickle(path, fix)
+def _read_batch(path: pathlib.Path, fix: str, what: str = "CIFAR-10", label_key: str = "labels",
+                n_classes: int = len(CLASS_NAMES)) -> tuple[np.ndarray, np.ndarray]:
+    """Read one batch file of CIFAR-10 (or CIFAR-100: ``label_key`` "fine_labels", 100 classes):
+    (data uint8 (n, 3072), labels int32 (n,))."""
+    d = _unpickle(path, fix, what)
     if not isinstance(d, dict):
-        raise DataError(
-            f"CIFAR-10 file {path} holds a {type(d).__name__}, not a dict of data and labels; {fix}"
-        )
-    raw_data = _get(d, "data", path, fix)
-    raw_labels = _get(d, "labels", path, fix)
+        raise DataError(f"{what} file {path} holds a {type(d).__name__}, not a dict of data and labels; {fix}")
+    raw_data = _get(d, "data", path, fix, what)
+    raw_labels = _get(d, label_key, path, fix, what)
 
     data = _as_ints_in_range(raw_data, 0, 255, np.uint8)
     if data is None:
-        raise DataError(f"CIFAR-10 file {path}: 'data' is not whole numbers in 0..255; {fix}")
+        raise DataError(f"{what} file {path}: 'data' is not whole numbers in 0..255; {fix}")
     if data.ndim != 2 or data.shape[1] != _PIXELS_PER_IMAGE:
-        raise DataError(
-            f"CIFAR-10 file {path}: 'data' has shape {data.shape}, "
-            f"expected (n, {_PIXELS_PER_IMAGE}); {fix}"
-        )
+        raise DataError(f"{what} file {path}: 'data' has shape {data.shape}, expected (n, {_PIXELS_PER_IMAGE}); {fix}")
     n = data.shape[0]
 
-    labels = _as_ints_in_range(raw_labels, 0, len(CLASS_NAMES) - 1, np.int32)
+    labels = _as_ints_in_range(raw_labels, 0, n_classes - 1, np.int32)
     if labels is None or labels.ndim != 1:
-        raise DataError(
-            f"CIFAR-10 file {path}: 'labels' is not a list of class indices in 0..9; {fix}"
-        )
+        raise DataError(f"{what} file {path}: {label_key!r} is not a list of class indices in 0..{n_classes - 1}; {fix}")
     if len(labels) != n:
-        raise DataError(
-            f"CIFAR-10 file {path} has {n} images but {len(labels)} labels; {fix}"
-        )
+        raise DataError(f"{what} file {path} has {n} images but {len(labels)} labels; {fix}")
     return data, labels
+
+
+def rows_to_images(data: np.ndarray) -> np.ndarray:
+    """CIFAR rows (n, 3072: three row-major 32x32 planes R, G, B) as contiguous HWC images (n, 32, 32, 3)."""
+    return np.ascontiguousarray(data.reshape((-1, *_IMAGE_SHAPE_CHW)).transpose(0, 2, 3, 1))
 
 
 def _read_class_names(batches_dir: pathlib.Path, fix: str) -> tuple[str, ...]:
@@ -251,8 +235,8 @@ def _batch_files(split: str, batches: Sequence[int] | None) -> list[str]:
     return [f"data_batch_{int(b)}" for b in batches]
 
 
-def load_cifar10(data_dir=None, split: str = "train", *, download: bool = True, batches=None) -> Cifar10:
-    """Load one split of CIFAR-10 as numpy arrays.
+def load_cifar10(data_dir=None, split: str = "train", *, download: bool = True, batches=None) -> Dataset:
+    """Load one split of CIFAR-10 as numpy arrays: ``load_dataset("cifar10", split, data_dir, ...)``.
 
     data_dir: the folder containing ``cifar-10-batches-py/`` (or that folder itself); see
         ``resolve_data_dir`` for the default.
@@ -262,30 +246,43 @@ def load_cifar10(data_dir=None, split: str = "train", *, download: bool = True, 
     batches: train only; which training batches to load, e.g. [1] for data_batch_1 alone
         (10,000 images). Default: all five, in order.
 
-    Returns Cifar10(images uint8 (N, 32, 32, 3) in 0..255, labels int32 (N,), class_names).
+    Returns Dataset(images uint8 (N, 32, 32, 3) in 0..255, labels int32 (N,), class_names).
     Raises InputError (a ValueError) for bad arguments and DataError for missing or damaged files.
     """
-    names = _batch_files(split, batches)  # check arguments before touching the disk
-    root, source = locate_data_dir(data_dir)
-    batches_dir = root / BATCHES_FOLDER
+    from kmjax.datasets import load_dataset  # kmjax.datasets builds on this module
 
-    if not batches_dir.is_dir():
+    return load_dataset("cifar10", split, data_dir, download=download, batches=batches)
+
+
+def require_folder(data_dir, folder: str, download: bool, fetch, call: str) -> pathlib.Path:
+    """``<data dir>/<folder>``, downloaded into the cache first (``fetch(root)``) when it is missing
+    there and ``download`` is true. A folder given explicitly is never downloaded into: missing data
+    there is a ``DataError``. ``call``: the Python call that downloads it, up to its folder argument."""
+    root, source = locate_data_dir(data_dir, folder)
+    if not (root / folder).is_dir():
         if source == "cache" and download:
-            download_cifar10(root)
+            fetch(root)
         elif source == "cache":
             raise DataError(
-                f"cache folder {root} has no {BATCHES_FOLDER}/ and download=False; "
-                f"pass download=True, call download_cifar10({str(root)!r}), "
-                f"or pass the folder that contains {BATCHES_FOLDER}/ ({_WHERE})"
+                f"cache folder {root} has no {folder}/ and download=False; "
+                f"pass download=True, call {call}{str(root)!r}), "
+                f"or pass the folder that contains {folder}/ ({_WHERE})"
             )
         else:
             how = "--data-dir / data_dir=" if source == "argument" else ENV_VAR
             raise DataError(
-                f"folder {root} (from {how}) has no {BATCHES_FOLDER}/; pass the folder that contains it, "
+                f"folder {root} (from {how}) has no {folder}/; pass the folder that contains it, "
                 f"or set neither --data-dir nor {ENV_VAR} to download into the cache {_cache_dir()}, "
-                f"or call kmjax.download_cifar10({str(root)!r})"
+                f"or call {call}{str(root)!r})"
             )
+    return root / folder
 
+
+def read_cifar10(data_dir, split: str, download: bool, batches=None) -> Dataset:
+    """The CIFAR-10 reader behind ``load_dataset("cifar10", ...)`` (see ``load_cifar10``)."""
+    names = _batch_files(split, batches)  # check arguments before touching the disk
+    batches_dir = require_folder(data_dir, BATCHES_FOLDER, download, lambda root: download_cifar10(root),
+                                 "kmjax.download_cifar10(")
     fix = (
         f"delete {batches_dir} and download again (download_cifar10), "
         f"or re-extract it from cifar-10-python.tar.gz"
@@ -294,9 +291,7 @@ def load_cifar10(data_dir=None, split: str = "train", *, download: bool = True, 
     parts = [_read_batch(batches_dir / name, fix) for name in names]
     data = np.concatenate([p[0] for p in parts])
     labels = np.concatenate([p[1] for p in parts])
-    # Each row is three 32x32 planes (R, G, B): CHW -> HWC. Copy so the result is contiguous.
-    images = np.ascontiguousarray(data.reshape((-1, *_IMAGE_SHAPE_CHW)).transpose(0, 2, 3, 1))
-    return Cifar10(images=images, labels=labels, class_names=class_names)
+    return Dataset(images=rows_to_images(data), labels=labels, class_names=class_names)
 
 
 # --------------------------------------------------------------------------------------
@@ -343,36 +338,54 @@ def download_cifar10(dest_dir, *, url: str = ARCHIVE_URL, md5: str = ARCHIVE_MD5
     place only when complete, so a failed run never leaves a folder that looks valid.
     ``url`` may be a file:// URL.
     """
+    return download_archive(dest_dir, url=url, md5=md5, folder=BATCHES_FOLDER, what="CIFAR-10")
+
+
+def _by_hand() -> str:
+    return f"Download it by hand, extract it, and pass its folder ({_WHERE}) or set {ENV_VAR}"
+
+
+def make_dest(dest_dir, what: str) -> pathlib.Path:
+    """``dest_dir`` as a path, created if needed (a ``DataError`` if it cannot be)."""
     dest = pathlib.Path(dest_dir).expanduser()
-    target = dest / BATCHES_FOLDER
-    if target.is_dir():
-        return dest
     try:
         dest.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise DataError(f"could not create folder {dest} for CIFAR-10: {e}") from e
+        raise DataError(f"could not create folder {dest} for {what}: {e}") from e
+    return dest
 
-    by_hand = (
-        f"Download it by hand, extract it, and pass its folder ({_WHERE}) or set {ENV_VAR}"
-    )
-    fd, archive_name = tempfile.mkstemp(dir=dest, prefix=".cifar-10-", suffix=".tar.gz.part")
+
+def fetch_checked(url: str, md5: str | None, out_path: pathlib.Path) -> None:
+    """Download ``url`` into ``out_path`` and check its MD5; a ``DataError`` (naming both sums) if it
+    cannot be fetched or does not match. The caller deletes ``out_path`` afterwards on failure."""
+    try:
+        with open(out_path, "wb") as out:
+            actual = _fetch(url, out)
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        # URLError covers HTTP errors and unreachable hosts; OSError covers timeouts and
+        # disk errors; ValueError covers malformed URLs.
+        reason = getattr(e, "reason", e)
+        raise DataError(f"could not download {url}: {reason}. {_by_hand()}") from e
+    if md5 is not None and actual != md5.lower():
+        raise DataError(f"download of {url} is damaged: MD5 {actual}, expected {md5}; try again. {_by_hand()}")
+
+
+def download_archive(dest_dir, *, url: str, md5: str | None, folder: str, what: str) -> pathlib.Path:
+    """Download the tar archive at ``url`` and extract its ``folder/`` into ``dest_dir`` (as
+    ``download_cifar10`` does: nothing if the folder exists, the MD5 checked before anything is
+    extracted, unsafe members refused, the folder moved into place only when complete)."""
+    dest = pathlib.Path(dest_dir).expanduser()
+    target = dest / folder
+    if target.is_dir():
+        return dest
+    dest = make_dest(dest, what)
+    by_hand = _by_hand()
+    fd, archive_name = tempfile.mkstemp(dir=dest, prefix=f".{folder}-", suffix=".tar.gz.part")
+    os.close(fd)
     archive = pathlib.Path(archive_name)
     try:
-        try:
-            with os.fdopen(fd, "wb") as out:
-                actual = _fetch(url, out)
-        except (urllib.error.URLError, OSError, ValueError) as e:
-            # URLError covers HTTP errors and unreachable hosts; OSError covers timeouts and
-            # disk errors; ValueError covers malformed URLs.
-            reason = getattr(e, "reason", e)
-            raise DataError(f"could not download {url}: {reason}. {by_hand}") from e
-
-        if md5 is not None and actual != md5.lower():
-            raise DataError(
-                f"download of {url} is damaged: MD5 {actual}, expected {md5}; try again. {by_hand}"
-            )
-
-        extract_dir = pathlib.Path(tempfile.mkdtemp(dir=dest, prefix=".cifar-10-extract-"))
+        fetch_checked(url, md5, archive)
+        extract_dir = pathlib.Path(tempfile.mkdtemp(dir=dest, prefix=f".{folder}-extract-"))
         try:
             try:
                 with tarfile.open(archive, "r:*") as tar:
@@ -382,9 +395,9 @@ def download_cifar10(dest_dir, *, url: str = ARCHIVE_URL, md5: str = ARCHIVE_MD5
                     tar.extractall(extract_dir, members=members, **kwargs)
             except (tarfile.TarError, EOFError, OSError) as e:
                 raise DataError(f"could not extract {url} into {dest}: {e}. {by_hand}") from e
-            extracted = extract_dir / BATCHES_FOLDER
+            extracted = extract_dir / folder
             if not extracted.is_dir():
-                raise DataError(f"archive {url} has no {BATCHES_FOLDER}/ folder. {by_hand}")
+                raise DataError(f"archive {url} has no {folder}/ folder. {by_hand}")
             os.replace(extracted, target)  # atomic on one file system
         finally:
             shutil.rmtree(extract_dir, ignore_errors=True)
