@@ -238,13 +238,14 @@ def _read_stl_images(path: pathlib.Path, n: int | None, fix: str) -> np.ndarray:
     if n is not None and count != n:
         raise DataError(f"STL-10 file {path} holds {count} images but its labels file {n} labels; {fix}")
     out = np.empty((count, _STL_SIDE, _STL_SIDE, 3), np.uint8)
+    buf = np.empty((min(_CHUNK, count), 3, _STL_SIDE, _STL_SIDE), np.uint8)  # reused for every chunk
     with open(path, "rb") as f:
         for start in range(0, count, _CHUNK):
             k = min(_CHUNK, count - start)
-            buf = np.fromfile(f, dtype=np.uint8, count=k * _STL_BYTES)
-            if buf.size != k * _STL_BYTES:  # the file shrank while being read
-                raise DataError(f"STL-10 file {path} ended early at image {start + buf.size // _STL_BYTES}; {fix}")
-            out[start:start + k] = buf.reshape(k, 3, _STL_SIDE, _STL_SIDE).transpose(0, 3, 2, 1)
+            got = f.readinto(memoryview(buf[:k]).cast("B"))
+            if got != k * _STL_BYTES:  # the file shrank while being read
+                raise DataError(f"STL-10 file {path} ended early at image {start + got // _STL_BYTES}; {fix}")
+            out[start:start + k] = buf[:k].transpose(0, 3, 2, 1)
     return out
 
 
