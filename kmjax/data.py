@@ -183,7 +183,8 @@ def _read_batch(path: pathlib.Path, fix: str, what: str = "CIFAR-10", label_key:
 
     labels = _as_ints_in_range(raw_labels, 0, n_classes - 1, np.int32)
     if labels is None or labels.ndim != 1:
-        raise DataError(f"{what} file {path}: {label_key!r} is not a list of class indices in 0..{n_classes - 1}; {fix}")
+        raise DataError(f"{what} file {path}: {label_key!r} is not a list of class indices in 0..{n_classes - 1}; "
+                        f"{fix}")
     if len(labels) != n:
         raise DataError(f"{what} file {path} has {n} images but {len(labels)} labels; {fix}")
     return data, labels

@@ -1,17 +1,12 @@
 """Every data set through one entry point: ``load_dataset(name, split, data_dir, download=, **options)``.
 
-Each reader returns the same ``Dataset`` (images uint8 (N, H, W, 3), labels int32 (N,), class_names)
-and checks what it reads: a missing, truncated or damaged file, a label out of range, a class folder
-with no images or an unreadable image is a ``DataError`` that names the file and what to do.
-
-Trust: nothing in a data folder can run code. CIFAR's pickles go through ``kmjax.safe_pickle``,
-``.npz`` files are read with ``allow_pickle=False``, SVHN's ``.mat`` files with ``scipy.io.loadmat``
-(data only), STL-10's ``.bin`` files are raw bytes, and images are decoded by Pillow.
-
-Downloads (cifar10, cifar100, stl10, svhn) happen only into the cache folder, only when the data is
-missing there and ``download=True``, and the published MD5 is checked before anything is extracted
-or kept (``kmjax.data.download_archive``); ``download_dataset`` downloads into a folder you name.
-The checksums are those torchvision's dataset classes publish (read in their sources, below).
+Each reader returns the same ``Dataset`` and checks what it reads: a missing, truncated or damaged file,
+a label out of range, a class folder with no images or an unreadable image is a ``DataError`` naming
+the file and what to do. Nothing in a data folder can run code: CIFAR's pickles go through
+``kmjax.safe_pickle``, ``.npz`` files are read with ``allow_pickle=False``, SVHN's ``.mat`` files with
+``scipy.io.loadmat`` (data only), STL-10's ``.bin`` files are raw bytes, images are decoded by Pillow.
+Downloads go only into the cache, when asked, with the MD5 that torchvision's cifar.py, stl10.py and
+svhn.py publish checked before anything is extracted or kept; ``download_dataset`` names the folder.
 """
 
 from __future__ import annotations
@@ -70,18 +65,15 @@ def load_dataset(name: str, split: str = "train", data_dir=None, *, download: bo
     - ``"svhn"``: "train", "test", "extra"; ``<data dir>/svhn/{split}_32x32.mat`` (or those files in
       ``data_dir`` itself); needs SciPy (``pip install 'kmjax[svhn]'``). Digit 0 (label 10 in the
       files) is label 0; class_names "0".."9".
-    - ``"folder"``: ``data_dir/<split>/<class>/*.png|jpg|jpeg|bmp|gif|webp`` (any split name; ``data_dir``
-      is required). Classes are the class folders sorted by name (as torchvision's ``ImageFolder``;
-      folders whose name starts with "." are skipped), images are found in each class folder and its
-      subfolders, in sorted order. Grayscale, palette, CMYK and RGBA images become RGB (alpha is
-      dropped). All images must have one size unless ``image_size=(H, W)`` is given: then every image
-      of another size is resized to it with Pillow's bicubic filter (``Image.BICUBIC``). Give every
-      split the same class folders, as the labels index each split's own sorted list.
-    - ``"npz"``: ``data_dir`` names one ``.npz`` file holding ``x_train``, ``y_train``, ``x_test``,
-      ``y_test`` (Keras' convention) and optionally ``class_names``; "train", "test". ``x`` is uint8
-      (N, H, W, 3), or grayscale (N, H, W) or (N, H, W, 1) which becomes 3 equal channels; ``y`` holds
-      whole numbers in 0..C-1, C = len(class_names), else the largest label of both splits + 1 (class
-      names "0".."C-1"). Read with ``allow_pickle=False``.
+    - ``"folder"``: ``data_dir/<split>/<class>/**/*.png|jpg|jpeg|bmp|gif|webp`` (any split name). Classes:
+      the class folders sorted by name, as torchvision's ``ImageFolder`` (names starting with "." are
+      skipped). Grayscale, palette, CMYK and RGBA become RGB (alpha dropped). All images must have one
+      size unless ``image_size=(H, W)`` is given: then any other size is resized to it with Pillow's
+      bicubic filter (``Image.BICUBIC``). Labels index each split's own sorted list of classes.
+    - ``"npz"``: "train", "test"; ``data_dir`` is a ``.npz`` file of ``x_train``, ``y_train``, ``x_test``,
+      ``y_test`` (Keras' convention), optionally ``class_names``. ``x``: uint8 (N, H, W, 3), or grayscale
+      (N, H, W) / (N, H, W, 1) made 3 equal channels; ``y``: 0..C-1, C = len(class_names), else the
+      largest label of both splits + 1 (names "0".."C-1"). Read with ``allow_pickle=False``.
 
     data_dir: for the four named sets, the folder that contains their folder (default: as
         ``kmjax.data.resolve_data_dir``: the ``KMJAX_DATA_DIR`` variable, else the cache).
@@ -134,10 +126,7 @@ def download_dataset(name: str, dest_dir, *, split: str = "train", url: str | No
     return dest
 
 
-# --------------------------------------------------------------------------------------
-# CIFAR-100
-# --------------------------------------------------------------------------------------
-
+# CIFAR-100 ----------------------------------------------------------------------------------------
 
 def _read_cifar100(data_dir, split: str, download: bool, labels: str = "fine") -> Dataset:
     choice(split, ("train", "test"), "split")
@@ -162,10 +151,7 @@ def _read_cifar100(data_dir, split: str, download: bool, labels: str = "fine") -
     return Dataset(images=rows_to_images(data), labels=y, class_names=names)
 
 
-# --------------------------------------------------------------------------------------
-# STL-10
-# --------------------------------------------------------------------------------------
-
+# STL-10 -------------------------------------------------------------------------------------------
 
 def _read_stl10(data_dir, split: str, download: bool, fold=None) -> Dataset:
     choice(split, ("train", "test", "unlabeled"), "split")
@@ -189,8 +175,9 @@ def _read_stl10(data_dir, split: str, download: bool, fold=None) -> Dataset:
     return Dataset(images=images, labels=labels, class_names=names)
 
 
-def _missing(path: pathlib.Path, what: str, fix: str) -> DataError:
-    return DataError(f"{what} file {path} is missing; {fix}")
+def _need_file(path: pathlib.Path, fix: str) -> None:
+    if not path.is_file():
+        raise DataError(f"STL-10 file {path} is missing; {fix}")
 
 
 def _stl_class_names(path: pathlib.Path, fix: str) -> tuple[str, ...]:
@@ -208,8 +195,7 @@ def _stl_class_names(path: pathlib.Path, fix: str) -> tuple[str, ...]:
 
 def _read_stl_labels(path: pathlib.Path, fix: str) -> np.ndarray:
     """The uint8 labels 1..10 of an STL-10 ``*_y.bin`` file, as int32 0..9."""
-    if not path.is_file():
-        raise _missing(path, "STL-10", fix)
+    _need_file(path, fix)
     raw = np.fromfile(path, dtype=np.uint8)
     if raw.size == 0:
         raise DataError(f"STL-10 file {path} is empty; {fix}")
@@ -228,8 +214,7 @@ def _read_stl_images(path: pathlib.Path, n: int | None, fix: str) -> np.ndarray:
     ``_CHUNK`` images at a time straight into the preallocated result, so the peak memory is the
     result plus one chunk (the 2.8 GB unlabeled split never exists twice).
     """
-    if not path.is_file():
-        raise _missing(path, "STL-10", fix)
+    _need_file(path, fix)
     size = path.stat().st_size
     if size == 0 or size % _STL_BYTES:
         raise DataError(f"STL-10 file {path} is truncated or corrupt: {size} bytes is not a whole number of "
@@ -251,8 +236,7 @@ def _read_stl_images(path: pathlib.Path, n: int | None, fix: str) -> np.ndarray:
 
 def _read_fold(path: pathlib.Path, fold: int, n: int, fix: str) -> np.ndarray:
     """Line ``fold`` of fold_indices.txt (10 lines of space-separated 0-based indices into train)."""
-    if not path.is_file():
-        raise _missing(path, "STL-10", fix)
+    _need_file(path, fix)
     lines = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
     if len(lines) != 10:
         raise DataError(f"STL-10 file {path} has {len(lines)} folds, expected 10 lines of indices; {fix}")
@@ -268,10 +252,7 @@ def _read_fold(path: pathlib.Path, fold: int, n: int, fix: str) -> np.ndarray:
     return keep
 
 
-# --------------------------------------------------------------------------------------
-# SVHN
-# --------------------------------------------------------------------------------------
-
+# SVHN ---------------------------------------------------------------------------------------------
 
 def _read_svhn(data_dir, split: str, download: bool) -> Dataset:
     choice(split, ("train", "test", "extra"), "split")
@@ -326,10 +307,7 @@ def _hwcn_to_nhwc(x: np.ndarray) -> np.ndarray:
     return flat.reshape(n, h, w, c)
 
 
-# --------------------------------------------------------------------------------------
-# A folder of images
-# --------------------------------------------------------------------------------------
-
+# A folder of images -------------------------------------------------------------------------------
 
 def _image_size(value) -> tuple[int, int]:
     if not isinstance(value, (tuple, list)) or len(value) != 2:
@@ -339,7 +317,6 @@ def _image_size(value) -> tuple[int, int]:
 
 def _read_folder(data_dir, split: str, download: bool, image_size=None) -> Dataset:
     from PIL import Image  # Pillow comes with matplotlib
-
     size = None if image_size is None else _image_size(image_size)
     if split in ("", ".", "..") or "/" in split or os.sep in split:
         raise InputError(f"split must be the name of a folder inside data_dir, got {split!r}")
@@ -386,10 +363,7 @@ def _read_folder(data_dir, split: str, download: bool, image_size=None) -> Datas
     return Dataset(images=out, labels=np.asarray(labels, np.int32), class_names=tuple(classes))
 
 
-# --------------------------------------------------------------------------------------
-# One .npz file (Keras' convention)
-# --------------------------------------------------------------------------------------
-
+# One .npz file (Keras' convention) ----------------------------------------------------------------
 
 def _read_npz(data_dir, split: str, download: bool) -> Dataset:
     choice(split, ("train", "test"), "split")
@@ -404,8 +378,8 @@ def _read_npz(data_dir, split: str, download: bool) -> Dataset:
             keys = set(z.files)
             need = [k for k in (f"x_{split}", "y_train", "y_test") if k not in keys]
             if need:
-                raise DataError(f"npz file {path} has no {', '.join(need)} (it holds: {', '.join(sorted(keys)) or 'nothing'}); "
-                                f"{fix}")
+                held = ", ".join(sorted(keys)) or "nothing"
+                raise DataError(f"npz file {path} has no {', '.join(need)} (it holds: {held}); {fix}")
             x, y, ys = z[f"x_{split}"], z[f"y_{split}"], [z["y_train"], z["y_test"]]
             names = z["class_names"] if "class_names" in keys else None
     except DataError:
@@ -430,7 +404,8 @@ def _read_npz(data_dir, split: str, download: bool) -> Dataset:
         raise DataError(f"npz file {path}: x_{split} ({x.dtype}) is not whole numbers in 0..255; store uint8 pixels")
     if names is not None:
         if names.dtype.kind not in "US" or names.ndim != 1:
-            raise DataError(f"npz file {path}: class_names must be a 1-D array of strings, got {names.dtype} {names.shape}")
+            raise DataError(f"npz file {path}: class_names must be a 1-D array of strings, "
+                            f"got {names.dtype} {names.shape}")
         names = tuple(n.decode() if isinstance(n, bytes) else str(n) for n in names.tolist())
     else:
         top = max((int(v.max()) for v in ys if v.size and v.dtype.kind in "iuf" and np.all(np.isfinite(v))), default=0)
