@@ -24,12 +24,12 @@ from kmjax.encoders import ENCODERS, encode, num_outputs
 from kmjax.errors import InputError
 from kmjax.parallel import replicate, resolve_mesh
 from kmjax.patches import grid_size, patch_grid
-from kmjax.pooling import POOLS, num_regions, pool
+from kmjax.pooling import POOLS, check_fit, num_regions, pool
 from kmjax.preprocess import ZCA, apply_zca, normalize_patches
 from kmjax.symmetry import check_flip_closed, check_mirror_symmetric, mirror_pairs, pair_sums
 
-__all__ = ["FeatureSpec", "extract_features", "batch_features", "feature_dim", "auto_batch_size", "prepare_features",
-           "run_batches"]
+__all__ = ["FeatureSpec", "extract_features", "batch_features", "feature_dim", "check_pooling", "auto_batch_size",
+           "prepare_features", "run_batches"]
 
 
 class FeatureSpec(NamedTuple):
@@ -69,13 +69,34 @@ def _windows(spec: FeatureSpec) -> tuple:
     return spec.pool_size, spec.pool_stride or spec.pool_size
 
 
+def _check_patch(spec: FeatureSpec, h: int, w: int) -> None:
+    if spec.patch_size > min(h, w):
+        raise InputError(f"patch_size {spec.patch_size} is larger than the {h}x{w} images; use a patch_size of at "
+                         f"most {min(h, w)}")
+
+
+def check_pooling(spec: FeatureSpec, image_shape) -> None:
+    """``InputError`` naming a setting that fits unless the patches and the pooling regions of
+    ``spec`` fit images of ``image_shape`` (H, W[, C]) (any size: the map of positions is
+    (H - patch_size) // stride + 1 by (W - patch_size) // stride + 1)."""
+    h, w = int(image_shape[0]), int(image_shape[1])
+    _check_patch(spec, h, w)
+    gh, gw = grid_size(h, w, spec.patch_size, spec.stride)
+    size, stride = _windows(spec)
+    check_fit(gh, gw, spec.grid, size, stride, names=("grid", "pool_size", "pool_stride"),
+              context=f" ({h}x{w} images, patch_size {spec.patch_size}, stride {spec.stride})")
+
+
 def feature_dim(spec: FeatureSpec, k: int, image_shape=None) -> int:
     """Length of one image's feature vector.
 
     image_shape: (H, W) or (H, W, C) of the images; needed only with pooling windows
-    (``spec.pool_size`` > 0), whose number depends on the size of the map of positions.
+    (``spec.pool_size`` > 0), whose number depends on the size of the map of positions. When
+    given, the pooling must fit it (``check_pooling``).
     """
     size, stride = _windows(spec)
+    if image_shape is not None:
+        check_pooling(spec, image_shape)
     if size is None:
         regions = spec.grid * spec.grid
     elif image_shape is None:
@@ -139,8 +160,7 @@ def _check_spec(spec: FeatureSpec, images, centroids, zca) -> None:
     _, h, w, c = images.shape
     for name in ("patch_size", "stride", "grid"):
         positive_int(getattr(spec, name), f"FeatureSpec.{name}")
-    if spec.patch_size > min(h, w):
-        raise InputError(f"patch_size {spec.patch_size} is larger than the {h}x{w} images")
+    _check_patch(spec, h, w)
     d = spec.patch_size * spec.patch_size * c
     if centroids.ndim != 2 or centroids.shape[1] != d:
         raise InputError(
@@ -149,17 +169,11 @@ def _check_spec(spec: FeatureSpec, images, centroids, zca) -> None:
         )
     if zca is not None and zca.matrix.shape != (d, d):
         raise InputError(f"the ZCA transform is for dimension {zca.matrix.shape[0]}, patches have {d}")
-    gh, gw = grid_size(h, w, spec.patch_size, spec.stride)
     for name in ("pool_size", "pool_stride", "q"):
         integer(getattr(spec, name), f"FeatureSpec.{name}", minimum=0)
-    if spec.pool_size == 0:
-        if spec.pool_stride:
-            raise InputError(f"pool_stride = {spec.pool_stride} needs pooling windows: set pool_size too")
-        if spec.grid > min(gh, gw):
-            raise InputError(f"pooling grid {spec.grid} is finer than the {gh}x{gw} map of positions")
-    elif spec.pool_size > min(gh, gw):
-        raise InputError(f"pooling windows of pool_size = {spec.pool_size} positions do not fit the {gh}x{gw} map "
-                         f"of positions ({h}x{w} images, patch_size {spec.patch_size}, stride {spec.stride})")
+    if spec.pool_size == 0 and spec.pool_stride:
+        raise InputError(f"pool_stride = {spec.pool_stride} needs pooling windows: set pool_size too")
+    check_pooling(spec, (h, w))
     if spec.mirror_sums:
         check_mirror_symmetric(spec, images.shape[1:])
         check_flip_closed(centroids, spec.patch_size)

@@ -2,7 +2,11 @@
 ``dictionary.npz`` (arrays + JSON metadata through ``kmjax.checkpoint``: no pickle).
 
     model = kmjax.load("runs/coates2011_triangle_1600/model.npz")
-    labels = kmjax.predict_images(model, images)      # (N, 32, 32, 3) on the 0-255 scale
+    labels = kmjax.predict_images(model, images)      # (N, H, W, C) on the 0-255 scale
+
+A model records the (H, W, C) of the images it was trained on (``Model.image_shape``: 32 x 32 x 3
+for CIFAR-10, 96 x 96 x 3 for STL-10, any size); it classifies images of that shape only (its
+features' length, with pooling windows, and their meaning depend on it).
 """
 
 from __future__ import annotations
@@ -119,7 +123,8 @@ def load_dictionary(path) -> tuple[Dictionary, tuple]:
 
 
 def predict_images(model: Model, images, **kwargs) -> np.ndarray:
-    """Class indices of (N, H, W, C) images on the scale the model was trained on (0-255)."""
+    """Class indices of (N, H, W, C) images (or one (H, W, C) image) on the scale the model was trained
+    on (0-255), (H, W, C) = ``model.image_shape``."""
     host_only("predict_images", "kmjax.predict(model.classifier, kmjax.standardize(model.standardizer, "
               "kmjax.batch_features(images, model.zca, model.centroids, spec=model.spec)))", images)
     images = np.asarray(images)
@@ -127,6 +132,7 @@ def predict_images(model: Model, images, **kwargs) -> np.ndarray:
         images = images[None]
     if images.ndim != 4 or tuple(images.shape[1:]) != tuple(model.image_shape):
         raise InputError(f"images must have shape (N, {', '.join(map(str, model.image_shape))}) like the "
-                         f"training images, got {images.shape}")
+                         f"training images, got {images.shape}: resize them to {model.image_shape[0]}x"
+                         f"{model.image_shape[1]} first (kmjax predict --resize does)")
     feats = extract_features(images, model.centroids, model.zca, model.spec, **kwargs)
     return np.asarray(predict(model.classifier, standardize(model.standardizer, feats)))

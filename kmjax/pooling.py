@@ -9,7 +9,8 @@ import jax.numpy as jnp
 from kmjax._checks import choice, integer, positive_int
 from kmjax.errors import InputError
 
-__all__ = ["POOLS", "grid_edges", "window_starts", "num_regions", "region_spans", "pool"]
+__all__ = ["POOLS", "grid_edges", "window_starts", "num_regions", "region_spans", "pool", "fitting_windows",
+           "check_fit"]
 
 POOLS = {"sum": jnp.sum, "max": jnp.max}  # the vocabulary of pooling operations, defined once
 
@@ -20,6 +21,38 @@ def grid_edges(n: int, grid: int) -> list[int]:
     MATLAB's round (halves away from zero), so a 27-long axis splits 14 / 13 for grid = 2.
     """
     return [int(math.floor(i * n / grid + 0.5)) for i in range(grid + 1)]
+
+
+def fitting_windows(n: int, count: int = 3) -> tuple[int, int]:
+    """(size, stride) of ``count`` overlapping windows that cover an n-long axis end to end, in Recht et
+    al.'s proportion (15 / 6 on 27 positions: stride = 6 / 27 of the axis for 3 windows), so the
+    last window ends on the last position (mirror-symmetric). 27 -> (15, 6), 91 -> (51, 20), the map
+    of 96 x 96 images with 6 x 6 patches; fewer windows if the axis has fewer than ``count`` positions."""
+    n = positive_int(n, "positions")
+    count = min(positive_int(count, "windows"), n)
+    stride = max(1, int(math.floor(n * 6 / (15 + 6 * (count - 1)) + 0.5)))
+    return n - (count - 1) * stride, stride
+
+
+def check_fit(h: int, w: int, grid: int = 2, size: int | None = None, stride: int | None = None, *,
+              context: str = "", names: tuple = ("grid", "size", "stride")) -> None:
+    """``InputError`` naming a choice that fits unless the regions of ``pool`` (same arguments) fit an
+    h x w map of positions: a grid of at most min(h, w) regions per side, windows of at most
+    min(h, w) positions. ``context`` (e.g. " (96x96 images, patch_size 6, stride 1)") follows the map
+    in the message; ``names`` are the arguments' names as the caller spells them (FeatureSpec:
+    grid, pool_size, pool_stride)."""
+    fits = min(h, w)
+    g, s, t = names
+    if size is None:
+        if grid > fits:
+            raise InputError(f"a pooling {g} of {grid} regions per side is finer than the {h}x{w} map of positions"
+                             f"{context}: use {g} <= {fits} (e.g. {g} = {min(2, fits)})")
+    elif size > fits:
+        a, b = fitting_windows(fits)
+        rows, cols = len(window_starts(h, a, b)), len(window_starts(w, a, b))
+        raise InputError(f"pooling windows of {s} = {size} positions do not fit the {h}x{w} map of positions"
+                         f"{context}: use {s} <= {fits}, e.g. {s} = {a}, {t} = {b} ({rows} x {cols} overlapping "
+                         "windows, as Recht et al.'s 15 / 6 on 27 positions)")
 
 
 def _window_args(size, stride) -> tuple[int, int]:
@@ -37,7 +70,10 @@ def window_starts(n: int, size: int, stride: int) -> list[int]:
     """
     size, stride = _window_args(size, stride)
     if size > n:
-        raise InputError(f"pooling windows of {size} positions do not fit an axis of {n} positions")
+        a, b = fitting_windows(n)
+        raise InputError(f"pooling windows of {size} positions do not fit an axis of {n} positions: use a size of "
+                         f"at most {n}, e.g. size = {a}, stride = {b} ({len(range(0, n - a + 1, b))} overlapping "
+                         "windows)")
     return list(range(0, n - size + 1, stride))
 
 
@@ -82,9 +118,10 @@ def region_spans(h: int, w: int, grid: int = 2, size: int | None = None, stride:
     if size is None:
         if stride is not None:
             raise InputError(f"a pooling stride ({stride!r}) needs a window size: pass size= too")
-        integer(grid, f"grid (for a {h}x{w} map)", minimum=1, maximum=min(h, w))
+        check_fit(h, w, integer(grid, f"grid (for a {h}x{w} map)", minimum=1))
         rows, cols = grid_edges(h, grid), grid_edges(w, grid)
         return list(zip(rows[:-1], rows[1:])), list(zip(cols[:-1], cols[1:]))
     size, stride = _window_args(size, stride)
+    check_fit(h, w, grid, size, stride)
     return ([(r, r + size) for r in window_starts(h, size, stride)],
             [(c, c + size) for c in window_starts(w, size, stride)])

@@ -11,8 +11,12 @@ Write Pi for the left-right flip of one w x w x C patch (a permutation of its D 
    on a flip-symmetric patch set it does up to rounding, and the symmetrization makes it exact);
 3. a mirror-symmetric map of positions and pooling regions: the dense grid reaches the right edge
    ((W - w) divisible by the stride) and the mirror image of every pooling region is a region
-   (3 x 3 windows of 15 every 6 on 27 positions, grids of 1 or 3 are; the paper's 14 / 13
-   quadrants are not) (``check_mirror_symmetric``).
+   (``check_mirror_symmetric``, whose refusal names settings that are: ``symmetric_choices``).
+   Only the columns matter, so this holds or fails by the image's width alone. Odd grids always
+   are; grid = 2 is when a row has an even number of positions (46 / 45 on the 91 positions of
+   96 x 96 images is not, nor the paper's 14 / 13 on 27 at 32 x 32, while 7 x 7 patches give 13 / 13);
+   windows are when the last one ends on the last position (15 every 6 on 27 positions; on 91,
+   e.g. 51 every 20, ``kmjax.pooling.fitting_windows``).
 
 Per-patch normalization is a function of the patch's values as a set, so it commutes with Pi. The
 patch at (i, j) of the mirrored image is Pi times the patch at (i, W' - 1 - j) of the image, and
@@ -67,11 +71,11 @@ import jax.numpy as jnp
 from kmjax.encoders import ENCODERS
 from kmjax.errors import InputError
 from kmjax.patches import grid_size
-from kmjax.pooling import region_spans
+from kmjax.pooling import fitting_windows, region_spans
 from kmjax.preprocess import ZCA
 
 __all__ = ["patch_mirror_index", "close_dictionary", "symmetrize_zca", "check_flip_closed", "check_mirror_symmetric",
-           "feature_mirror_permutation", "mirror_pairs", "pair_sums"]
+           "symmetric_choices", "feature_mirror_permutation", "mirror_pairs", "pair_sums"]
 
 
 def patch_mirror_index(patch_size: int, channels: int) -> np.ndarray:
@@ -124,6 +128,64 @@ def _region_spans(gh: int, gw: int, spec):
     return region_spans(gh, gw, spec.grid, size, (spec.pool_stride or spec.pool_size) if size else None)
 
 
+def _column_mirror(spec, h: int, w: int) -> list | None:
+    """Index of the mirror image of each column span of the pooling regions, None if the positions
+    or the regions are not mirror-symmetric (or the regions do not fit)."""
+    if spec.patch_size > min(h, w) or (w - spec.patch_size) % spec.stride:
+        return None
+    gh, gw = grid_size(h, w, spec.patch_size, spec.stride)
+    try:
+        _, cols = _region_spans(gh, gw, spec)
+    except InputError:
+        return None
+    where = {span: i for i, span in enumerate(cols)}
+    mirrored = [where.get((gw - c1, gw - c0)) for c0, c1 in cols]
+    return None if None in mirrored else mirrored
+
+
+def _describe(spec) -> str:
+    if spec.pool_size:
+        return f"pool_size = {spec.pool_size}, pool_stride = {spec.pool_stride or spec.pool_size}"
+    return f"grid = {spec.grid}"
+
+
+def symmetric_choices(spec, image_shape, limit: int = 4) -> list[str]:
+    """Settings near ``spec`` whose features are mirror-symmetric on images of ``image_shape``, as
+    "name = value" strings, nearest first: another grid (odd grids always are: MATLAB's rounding of
+    the edges i * n / grid is symmetric unless some i * n / grid ends in .5), windows that end on
+    the last position, 3 windows per row across the map (``kmjax.pooling.fitting_windows``), or a
+    patch_size that makes the number of positions even."""
+    h, w = int(image_shape[0]), int(image_shape[1])
+    if (w - spec.patch_size) % spec.stride:
+        return []
+    gh, gw = grid_size(h, w, spec.patch_size, spec.stride)
+    grid = lambda g: spec._replace(grid=g, pool_size=0, pool_stride=0)  # noqa: E731
+    size, stride = spec.pool_size, spec.pool_stride or spec.pool_size
+    a, b = fitting_windows(gw)
+    if size and size <= gw:  # the same windows ending on the last position, or the nearest stride that does
+        divisors = sorted((d for d in range(1, gw - size + 1) if (gw - size) % d == 0), key=lambda d: abs(d - stride))
+        candidates = [spec._replace(pool_size=size + (gw - size) % stride)]
+        candidates += [spec._replace(pool_stride=d) for d in divisors[:1]]
+    elif size:
+        candidates = []
+    else:
+        candidates = [grid(spec.grid + d) for d in (1, -1, 2, -2) if spec.grid + d >= 1]
+    candidates += [spec._replace(pool_size=a, pool_stride=b), grid(3), grid(1)]
+    candidates += [spec._replace(patch_size=p) for p in (spec.patch_size - 1, spec.patch_size + 1) if p >= 1]
+    changes = [_change(spec, c) for c in candidates if c != spec and _column_mirror(c, h, w) is not None]
+    return list(dict.fromkeys(changes))[:limit]
+
+
+def _change(spec, new) -> str:
+    """What ``new`` changes in ``spec``, as "name = value, ...": the pooling in full (grid, or
+    pool_size and pool_stride) when it changes."""
+    parts = [f"patch_size = {new.patch_size}"] if new.patch_size != spec.patch_size else []
+    if _describe(new) != _describe(spec):
+        parts.append(_describe(new) if new.pool_size else f"grid = {new.grid}, pool_size = 0, pool_stride = 0"
+                     if spec.pool_size else f"grid = {new.grid}")
+    return ", ".join(parts)
+
+
 def _mirror_columns(spec, image_shape) -> list[int]:
     """Index of the mirror image of each column span of the pooling regions; ValueError if the
     positions or the regions are not mirror-symmetric."""
@@ -132,14 +194,16 @@ def _mirror_columns(spec, image_shape) -> list[int]:
         raise InputError(f"the dense grid at stride {spec.stride} does not reach the right edge of {w}-pixel images "
                          f"with {spec.patch_size}-pixel patches, so it is not mirror-symmetric; use a stride that "
                          f"divides {w - spec.patch_size}")
-    gh, gw = grid_size(h, w, spec.patch_size, spec.stride)
-    _, cols = _region_spans(gh, gw, spec)
-    where = {span: i for i, span in enumerate(cols)}
-    mirrored = [where.get((gw - c1, gw - c0)) for c0, c1 in cols]
-    if None in mirrored:
-        raise InputError(f"the pooling regions' columns {cols} on {gw} positions are not mirror-symmetric (the "
-                         "mirror image of a region must be a region): use 3x3 windows (pool_size = 15, pool_stride "
-                         "= 6 on 27 positions) or grid = 1 or 3, not the paper's 14 / 13 quadrants")
+    mirrored = _column_mirror(spec, h, w)
+    if mirrored is None:
+        gh, gw = grid_size(h, w, spec.patch_size, spec.stride)
+        _, cols = _region_spans(gh, gw, spec)
+        shown = cols if len(cols) <= 6 else cols[:3] + ["..."] + cols[-2:]
+        hint = "; ".join(symmetric_choices(spec, image_shape))
+        raise InputError(f"the pooling regions' columns {', '.join(map(str, shown))} ({_describe(spec)}) on the {gw} "
+                         f"positions of a row ({h}x{w} images, patch_size {spec.patch_size}, stride {spec.stride}) "
+                         "are not mirror-symmetric (the mirror image of a region must be a region)"
+                         + (f": use e.g. {hint}" if hint else ""))
     return mirrored
 
 
