@@ -42,6 +42,7 @@ def atomic_write(path, write) -> Path:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         sync_folder(path.parent)
+        remember(path)
     except OSError as e:
         if e.filename is None:  # a failed write names no file (ENOSPC from a write call): name the one written
             raise OSError(e.errno, e.strerror, str(path)) from e
@@ -63,6 +64,29 @@ def remove_stale_temporaries(folder) -> list[Path]:
             p.unlink(missing_ok=True)
             removed.append(p)
     return removed
+
+
+_VERIFIED: set = set()  # files this process wrote, or verified, as they are now (see ``known``)
+
+
+def _identity(path) -> tuple:
+    st = os.stat(path)
+    return os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def known(path) -> bool:
+    """Whether this process wrote ``path`` or verified its checksums, and it has not changed since
+    (same inode, size and modification time): its checksums need not be read again (a 10 GB
+    kernel written and mapped back, a sweep's shared features read by each of its runs)."""
+    try:
+        return _identity(path) in _VERIFIED
+    except OSError:
+        return False
+
+
+def remember(path) -> None:
+    """Record that ``path``, as it is now, was written or verified by this process."""
+    _VERIFIED.add(_identity(path))
 
 
 def checksum():

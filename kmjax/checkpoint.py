@@ -27,7 +27,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from kmjax._io import atomic_write, checksum as _new_checksum, file_checksum
+from kmjax._io import atomic_write, checksum as _new_checksum, file_checksum, known, remember
 from kmjax.errors import ChecksumError, FileFormatError
 
 __all__ = ["FileFormatError", "Slot", "save_tree", "read_meta", "load_tree", "tree_names", "verify"]
@@ -111,16 +111,22 @@ def _data_offset(f, info: zipfile.ZipInfo) -> int:
 
 def verify(path, what: str = "kmjax file", *, required: bool = False) -> bool:
     """Check every member of a file written by ``save_tree(checksum=True)`` against its stored
-    SHA-256, reading the file once in chunks (nothing held in memory). Returns whether the file
-    had checksums; a file without them is accepted unless ``required``. Raises ``ChecksumError`` (a
+    SHA-256, reading the file once in chunks (nothing held in memory), unless this process wrote or
+    verified it as it is now (``kmjax._io.known``). Returns whether the file had checksums; a file without them is accepted unless ``required``. Raises ``ChecksumError`` (a
     ``FileFormatError``) naming the first member whose bytes changed."""
     path = Path(path)
-    with _open(path, what) as z:
+    try:
+        z = _open(path, what)
+    except FileFormatError as e:  # not even a readable zip: damaged
+        raise ChecksumError(str(e)) from None
+    with z:
         if CHECKSUMS not in z.files:
             if required:
                 raise ChecksumError(f"{what} {path} has no checksums (written by another kmjax version, or not "
                                       "by kmjax): delete it so that it is computed again")
             return False
+        if known(path):
+            return True
         try:
             sums = json.loads(str(z[CHECKSUMS]))
         except Exception as e:  # noqa: BLE001 - a damaged checksum member is a damaged file
@@ -140,6 +146,7 @@ def verify(path, what: str = "kmjax file", *, required: bool = False) -> bool:
         if file_checksum(path, offsets[name], infos[name].compress_size) != want:
             raise ChecksumError(f"{what} {path}: array {name!r} fails its checksum (its bytes changed on disk "
                                   "after kmjax wrote them); delete the file so that it is computed again, or restore it")
+    remember(path)
     return True
 
 

@@ -48,10 +48,19 @@ def cli(data_dir, *extra, resume=None, out=None):
     return main(args)
 
 
+def changed_later(path: Path, data: bytes) -> None:
+    """Write ``data`` over ``path`` as a change made after kmjax wrote it would be: with a later
+    modification time (within one clock tick of the write, the file would look unchanged to the
+    process that wrote it, which does not hash its own files again)."""
+    before = path.stat().st_mtime_ns
+    path.write_bytes(data)
+    os.utime(path, ns=(before + 10**9, before + 10**9))
+
+
 def flip_byte(path: Path, offset_from_end: int = 100) -> None:
     data = bytearray(path.read_bytes())
     data[len(data) - offset_from_end] ^= 0x01
-    path.write_bytes(bytes(data))
+    changed_later(path, bytes(data))
 
 
 def test_a_flipped_byte_is_refused_memory_mapped_or_not(tmp_path):
@@ -61,7 +70,7 @@ def test_a_flipped_byte_is_refused_memory_mapped_or_not(tmp_path):
     assert load_tree(path, like, mmap=True, checksum=True)[1] == {"kind": "x"}
     data = bytearray(path.read_bytes())
     data[data.find(np.float32(500).tobytes())] ^= 0x01  # one bit of one value of "a"
-    path.write_bytes(bytes(data))
+    changed_later(path, bytes(data))
     for mmap in (False, True):
         with pytest.raises(FileFormatError, match="'a' fails its checksum"):
             load_tree(path, like, mmap=mmap)
@@ -81,7 +90,7 @@ def test_a_flipped_byte_in_a_saved_stage_stops_the_resume_with_a_message(data_di
     assert cli(data_dir, "classifier.C=10", resume=folder) == 2
     err = capsys.readouterr().err
     assert "fails its checksum" in err and stage.name in err and "Traceback" not in err
-    stage.write_bytes(intact)
+    changed_later(stage, intact)
     flip_byte(stage, 100)  # in the zip's central directory
     assert cli(data_dir, "classifier.C=10", resume=folder) == 2
     err = capsys.readouterr().err
@@ -199,10 +208,10 @@ def test_a_damaged_checkpoint_is_refused_and_one_of_another_size_recomputed(tmp_
     intact = path.read_bytes()
     data = bytearray(intact)
     data[data.find(np.eye(3).tobytes())] ^= 0x01
-    path.write_bytes(bytes(data))
+    changed_later(path, bytes(data))
     with pytest.raises(RunError, match="fails its checksum"):
         StageStore(tmp_path).checkpoints("classifier", "k1").get("gram")
-    path.write_bytes(intact)
+    changed_later(path, intact)
     assert np.array_equal(StageStore(tmp_path).checkpoints("classifier", "k1").get("gram").gram, np.eye(3))
 
 
@@ -224,3 +233,41 @@ def test_a_run_folder_of_an_older_config_spelling_resumes(data_dir, tmp_path):
     saved["kmeans"]["tol"], saved["kmeans"]["chunk_size"] = -1.0, 0  # how configs said "none" and "auto" before
     (folder / "config.json").write_text(json.dumps(saved))
     assert go(data_dir, tmp_path, resume=folder)["run_dir"] == str(folder)
+
+
+def test_a_changed_array_header_is_refused(data_dir, tmp_path, capsys):
+    folder = Path(go(data_dir, tmp_path)["run_dir"])
+    (features,) = (folder / "stages").glob("features.train-*.npy")
+    data = features.read_bytes()
+    changed_later(features, data.replace(b"'<f4'", b"'<i4'", 1))  # the same bytes read as integers
+    assert cli(data_dir, "classifier.C=10", resume=folder) == 2
+    assert "its header changed on disk" in capsys.readouterr().err
+
+
+def test_checksums_are_read_once_per_process_and_never_for_what_it_wrote(tmp_path, monkeypatch):
+    import kmjax.checkpoint as checkpoint
+
+    reads = []
+    monkeypatch.setattr(checkpoint, "file_checksum", lambda *a, **k: reads.append(a) or "")
+    store = StageStore(tmp_path)
+    store.save_tree("stage", "k1", {"a": np.arange(4.0)}, {"kind": "x"})
+    assert store.load_tree("stage", "k1", {"a": Slot(4)})[1]["stage_key"] == "k1"
+    assert reads == []  # written by this process: not hashed again (a 10 GB kernel costs seconds)
+    path = tmp_path / "stage-k1.npz"
+    os.utime(path, ns=(1, 1))  # as if another process had rewritten it
+    with pytest.raises(RunError, match="fails its checksum"):  # hashed now ("" never matches)
+        store.load_tree("stage", "k1", {"a": Slot(4)})
+    assert reads
+
+
+def test_damaged_results_and_leftover_checkpoints(data_dir, tmp_path, capsys):
+    folder = Path(go(data_dir, tmp_path)["run_dir"])
+    (folder / "results.json").write_text('{"name": "qu')  # cut short
+    assert cli(data_dir, resume=folder) == 2
+    assert "results.json is unreadable" in capsys.readouterr().err
+    (folder / "results.json").unlink()
+    (stage,) = (folder / "stages").glob("classifier-*.npz")
+    key = stage.name[len("classifier-"):-len(".npz")]
+    StageStore(folder / "stages").save_tree("classifier.gram", key, {"a": np.zeros(2)}, {"kind": "checkpoint"})
+    go(data_dir, tmp_path, resume=folder)  # the stage is reused: a checkpoint a killed run left is removed
+    assert not list((folder / "stages").glob("classifier.*.npz"))

@@ -33,10 +33,12 @@ _PACKAGE = Path(__file__).resolve().parents[1]  # the kmjax folder
 
 # Each stage: (library modules followed through their kmjax imports, runner files taken as they are:
 # the runner's glue imports nearly everything, and following it would tie every stage to all code)
+# (processes.py places rows and orders sums across processes: part of every stage)
+_RUNNER = ["experiment/plan.py", "experiment/runner.py", "experiment/processes.py"]
 _STAGES = {
-    "dictionary": (["kmjax.dictionary"], ["experiment/plan.py", "experiment/runner.py"]),
-    "features": (["kmjax.features", "kmjax.augment", "kmjax.symmetry"], ["experiment/plan.py", "experiment/runner.py"]),
-    "classifier": (["kmjax.classify"], ["experiment/plan.py", "experiment/runner.py", "experiment/shared.py"]),
+    "dictionary": (["kmjax.dictionary", "kmjax.augment"], _RUNNER),
+    "features": (["kmjax.features", "kmjax.augment", "kmjax.symmetry"], _RUNNER),
+    "classifier": (["kmjax.classify"], _RUNNER + ["experiment/shared.py"]),
 }
 
 

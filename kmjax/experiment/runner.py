@@ -65,7 +65,11 @@ def _plan_resume(cfg: Config, resume: Path):
     diffs = config_differences(before, to_dict(cfg))
     if not diffs:
         results = resume / "results.json"
-        return resume, (json.loads(results.read_text()) if results.is_file() else None)
+        try:
+            return resume, (json.loads(results.read_text()) if results.is_file() else None)
+        except ValueError as e:
+            raise RunError(f"{results} is unreadable ({e}); the run finished but its results are damaged: delete "
+                           "results.json to compute them again from the saved stages") from None
     listed = "; ".join(f"{k}: {a!r} there, {b!r} here" for k, a, b in ((k, *v) for k, v in diffs.items()))
     if all(k.startswith("classifier.") for k in diffs):
         return None, None  # a new folder beside it, sharing its stages
@@ -279,10 +283,11 @@ def _first(found):
 def _dictionary_stage(cfg, train, key, role, stage_key, timer, mesh) -> Dictionary:
     like = templates.dictionary(cfg.preprocess.whiten, cfg.kmeans.max_iter)
     saved = role.send(lambda: _first(role.store.load_tree("dictionary", stage_key, like)), like)
+    checkpoints = role.checkpoints("dictionary", stage_key, lambda line: log(line, timer.quiet))
     if saved is not None:
         log(f"[dictionary] reusing {role.folder}", timer.quiet)
+        checkpoints.clear()  # left by a run killed after it saved the stage
         return saved
-    checkpoints = role.checkpoints("dictionary", stage_key, lambda line: log(line, timer.quiet))
     state = role.send(lambda: checkpoints.get("kmeans"), templates.lloyd_state())
     saved_at = [time.monotonic()]
 
@@ -381,6 +386,7 @@ def _classifier_stage(cfg, features, labels, num_classes, copies, key, store, st
     saved = store.load_tree("classifier", stage_key, templates.classifier_stage())
     if saved is not None:
         log(f"[classifier] reusing {store.folder}", quiet)
+        store.checkpoints("classifier", stage_key).clear()  # a 10 GB kernel left by a run killed after the save
         tree, meta = saved
     else:
         checkpoints = store.checkpoints("classifier", stage_key, lambda line: log(line, quiet))

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kmjax._io import atomic_write, remove_stale_temporaries, rows_checksum, sync_folder
+from kmjax._io import atomic_write, known, remember, remove_stale_temporaries, rows_checksum, sync_folder
 from kmjax.checkpoint import FileFormatError, load_tree, save_tree
 from kmjax import templates
 from kmjax.config import check_name
@@ -161,7 +161,6 @@ class StageStore:
         self._checkpoints: dict = {}
         self._lock = None
         self._segments: dict = {}  # the row checksums of each array being filled (its .partial path)
-        self._verified: set = set()  # array stages this process wrote or checked: not read twice
 
     def __enter__(self):
         self._mkdir()
@@ -233,9 +232,14 @@ class StageStore:
             except (OSError, ValueError) as e:
                 raise RunError(f"stage file {path} is unreadable ({e}); delete {done} so that the stage is computed "
                                "again") from None
-            if (stage, key, n) not in self._verified:
-                self._check_segments(loaded[n], arrays.get(n, {}).get("segments"), path)
-                self._verified.add((stage, key, n))
+            a, want = loaded[n], arrays.get(n, {})
+            if [a.dtype.str, list(a.shape), a.flags.c_contiguous] != [want.get("dtype"), want.get("shape"), True]:
+                raise RunError(f"stage file {path} holds a {a.dtype.str} {a.shape} array, its record says "
+                               f"{want.get('dtype')} {want.get('shape')} (its header changed on disk); delete {done} "
+                               "so that the stage is computed again")
+            if not known(path):  # once per process and file: a sweep's runs share the features
+                self._check_segments(a, want.get("segments"), path)
+                remember(path)
         return loaded
 
     def _check_segments(self, a, segments, path) -> None:
@@ -330,7 +334,7 @@ class StageStore:
             final = self._path(f"{stage}.{n}", key, ".npy")
             os.replace(a.filename, final)
             self._rows_file(a).unlink(missing_ok=True)
-            self._verified.add((stage, key, n))
+            remember(final)
         sync_folder(self.folder)
         # written last: a stage without its marker was interrupted and is recomputed
         atomic_write(self._path(stage, key, ".done"), lambda f: f.write(json.dumps(record).encode()))
