@@ -40,7 +40,9 @@ class FeatureSpec(NamedTuple):
     threshold. grid: pooling regions per side. pool: "sum" or "max".
     pool_size, pool_stride: if pool_size > 0, pool over pool_size x pool_size windows of positions
     every pool_stride positions (0: pool_size) instead of the grid x grid partition (see
-    ``kmjax.pool``); 15 / 6 is Recht et al.'s 3 x 3 overlapping windows on a 27 x 27 map.
+    ``kmjax.pool``); 15 / 6 is Recht et al.'s 3 x 3 overlapping windows on a 27 x 27 map (32 x 32
+    images), 51 / 20 the same on the 91 x 91 map of 96 x 96 images (``kmjax.pooling.fitting_windows``).
+    Any image size: ``check_pooling`` refuses pooling that does not fit, naming a choice that does.
     q: atoms coded per sign by the "nearest_q" encoder (1 <= q < K).
     mirror_sums: for a flip-closed dictionary (``kmjax.close_dictionary``) and mirror-symmetric
     pooling: the F/2 sums (x_a + x_b) / sqrt(2) over the pairs of features that mirroring the
