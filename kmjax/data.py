@@ -250,9 +250,9 @@ def load_cifar10(data_dir=None, split: str = "train", *, download: bool = True, 
     Returns Dataset(images uint8 (N, 32, 32, 3) in 0..255, labels int32 (N,), class_names).
     Raises InputError (a ValueError) for bad arguments and DataError for missing or damaged files.
     """
-    from kmjax.datasets import load_dataset  # kmjax.datasets builds on this module
-
-    return load_dataset("cifar10", split, data_dir, download=download, batches=batches)
+    if not isinstance(split, str):
+        raise InputError(f"split must be a string such as 'train', got {split!r}")
+    return read_cifar10(data_dir, split, download, batches=batches)  # what load_dataset("cifar10") reads
 
 
 def require_folder(data_dir, folder: str, download: bool, fetch, call: str) -> pathlib.Path:

@@ -323,7 +323,7 @@ def test_classifier_stage_file_holds_its_report(data_dir, tmp_path):
 def test_provenance_names_the_kmjax_commit_only(tmp_path):
     import subprocess
 
-    from kmjax.experiment.report import source_commit
+    from kmjax.experiment.provenance import source_commit
 
     here = Path(__file__).resolve().parents[1]
     if (here / ".git").exists():

@@ -20,12 +20,12 @@ import functools
 import hashlib
 import os
 import platform
+import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from kmjax.experiment.report import source_commit
 
 __all__ = ["stage_code", "code_id", "start_record", "test_set", "TEST_KEYS", "test_accuracy_of"]
 
@@ -40,6 +40,26 @@ _STAGES = {
     "features": (["kmjax.features", "kmjax.augment", "kmjax.symmetry"], _RUNNER),
     "classifier": (["kmjax.classify"], _RUNNER + ["experiment/shared.py"]),
 }
+
+
+def source_commit(root: Path | None = None) -> dict | None:
+    """{"commit", "dirty"} of the kmjax source tree itself, when kmjax runs from a git checkout of
+    kmjax (``root``: the folder above the package); None when it is installed anywhere else, even
+    inside some other git repository."""
+    root = Path(__file__).resolve().parents[2] if root is None else Path(root)
+    if not ((root / ".git").exists() and (root / "kmjax" / "__init__.py").is_file()
+            and (root / "pyproject.toml").is_file() and 'name = "kmjax"' in (root / "pyproject.toml").read_text()):
+        return None
+    try:
+        def git(*args):
+            return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
+                                  timeout=5).stdout.strip()
+
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"commit": commit, "dirty": dirty} if commit else None
 
 
 def _file(module: str) -> Path | None:

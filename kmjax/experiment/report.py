@@ -6,7 +6,6 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import platform
-import subprocess
 import sys
 import threading
 import time
@@ -16,6 +15,7 @@ from pathlib import Path
 import jax
 
 from kmjax.experiment import processes
+from kmjax.experiment.provenance import source_commit, test_accuracy_of
 
 __all__ = ["log", "Timer", "progress", "environment", "summary", "CompileCounter", "AnonMemoryPeak"]
 
@@ -163,26 +163,6 @@ def _version(package: str) -> str | None:
         return None
 
 
-def source_commit(root: Path | None = None) -> dict | None:
-    """{"commit", "dirty"} of the kmjax source tree itself, when kmjax runs from a git checkout of
-    kmjax (``root``: the folder above the package); None when it is installed anywhere else, even
-    inside some other git repository."""
-    root = Path(__file__).resolve().parents[2] if root is None else Path(root)
-    if not ((root / ".git").exists() and (root / "kmjax" / "__init__.py").is_file()
-            and (root / "pyproject.toml").is_file() and 'name = "kmjax"' in (root / "pyproject.toml").read_text()):
-        return None
-    try:
-        def git(*args):
-            return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
-                                  timeout=5).stdout.strip()
-
-        commit = git("rev-parse", "HEAD")
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return {"commit": commit, "dirty": dirty} if commit else None
-
-
 def cpu_model() -> str:
     """The CPU's model name and its matrix extensions (AMX, AVX-512), e.g. "Intel(R) Xeon(R)
     Processor (avx512f, amx_bf16)"; the machine type where /proc/cpuinfo is absent."""
@@ -222,8 +202,6 @@ def summary(results: dict) -> str:
                  f"{k['empty_clusters']} empty clusters")
     if "train_accuracy" in results:
         lines.append(f"  train accuracy: {100 * results['train_accuracy']:.2f}%")
-    from kmjax.experiment.provenance import test_accuracy_of
-
     tested = test_accuracy_of(results)
     if tested is not None:
         kind, accuracy = tested
