@@ -31,33 +31,46 @@ def _cmd_run(args) -> int:
     from kmjax.config import load_config
     from kmjax.experiment import run, summary
 
+    from kmjax.experiment.plan import data_line
+
     cfg = load_config(args.config, args.set)
     results = run(cfg, data_dir=args.data_dir, out=args.out, resume=args.resume, cache=args.cache,
                   quiet=args.quiet, compile_cache=args.compile_cache)
     print(summary(results))
+    print(f"  data: {data_line(results.get('data'))}")
     return 0
 
 
 def _cmd_sweep(args) -> int:
-    from kmjax.experiment import parse_grid, sweep
+    from kmjax.config import load_config
+    from kmjax.experiment.plan import data_line, describe_data
     from kmjax.experiment.provenance import TEST_KEYS, test_accuracy_of
+    from kmjax.experiment.sweep import FOLD, fold_summary, parse_grid, sweep
 
     rows = sweep(args.config, parse_grid(args.grid), overrides=args.set, data_dir=args.data_dir, out=args.out,
                  resume=args.resume, quiet=args.quiet, compile_cache=args.compile_cache)
     keys = [k for k in rows[0] if k not in ("train_accuracy", "test_set", *TEST_KEYS.values(), "seconds", "run_dir")]
+    print(f"data: {data_line(describe_data(load_config(args.config, args.set), args.data_dir))}")
     for r in rows:
         tested = test_accuracy_of(r)
         acc = "-" if tested is None else f"{100 * tested[1]:.2f}%" + ("" if tested[0] == "full" else f" ({tested[0]})")
         print("  ".join(f"{k}={r[k]}" for k in keys) + f"  test {acc}  ({r['seconds']:.0f} s)")
+    for g in fold_summary(rows) if FOLD in keys else []:  # STL-10's protocol: mean +- std over the folds
+        std = "" if g["std"] is None else f" +- {100 * g['std']:.2f}"
+        others = "  ".join(f"{k}={g[k]}" for k in keys if k in g)
+        print(f"{others + '  ' if others else ''}test {100 * g['mean']:.2f}%{std} over {len(g['folds'])} folds "
+              f"(mean +- sample std; folds.json)")
     print(f"table and plot: {Path(rows[0]['run_dir']).parent.parent}")
     return 0
 
 
 def _cmd_export(args) -> int:
-    from kmjax.experiment import export_features
+    from kmjax.experiment.export import data_of, export_features
+    from kmjax.experiment.plan import data_line
 
     out = export_features(args.run_dir, args.out)
     print(out)
+    print(f"data: {data_line(data_of(args.run_dir))}", file=sys.stderr)  # stdout: the file alone
     return 0
 
 
@@ -102,9 +115,17 @@ def _cmd_filters(args) -> int:
 
 
 def _read_images(paths, resize: bool, shape):
-    """Images from PNG/JPEG files or .npy arrays, as uint8 (N, H, W, C) RGB."""
+    """Images from PNG/JPEG files or .npy arrays, as (N, H, W, C) of the model's ``shape`` (its C
+    channels: "L" for one, else RGB); ``resize``: every image of another height or width, files and
+    arrays alike, resized to the model's (bicubic)."""
     import numpy as np
     from PIL import Image, UnidentifiedImageError
+
+    mode = "L" if shape[2] == 1 else "RGB"
+
+    def sized(im):
+        im = im.resize((shape[1], shape[0]), Image.BICUBIC) if resize and im.size != (shape[1], shape[0]) else im
+        return np.asarray(im, np.uint8).reshape(im.size[1], im.size[0], -1)
 
     out = []
     for p in map(Path, paths):
@@ -116,20 +137,25 @@ def _read_images(paths, resize: bool, shape):
             if a.ndim not in (3, 4):
                 raise _UsageError(f"{p} holds an array of shape {a.shape}: one image (H, W, C) or images "
                                   "(N, H, W, C) on the 0-255 scale")
-            out.extend(a[None] if a.ndim == 3 else a)
+            a = a[None] if a.ndim == 3 else a
+            if resize and a.shape[1:3] != tuple(shape[:2]):
+                if a.shape[-1] not in (1, 3) or not np.all((a >= 0) & (a <= 255)):
+                    raise _UsageError(f"{p}: --resize takes arrays of 1 or 3 channels on the 0-255 scale, "
+                                      f"got {a.shape}")
+                a = np.stack([sized(Image.fromarray(np.rint(x[..., 0] if x.shape[-1] == 1 else x).astype(np.uint8)))
+                              for x in a])
+            out.extend(a)
             continue
         try:
             with Image.open(p) as im:
-                im = im.convert("RGB")  # grayscale / palette / alpha -> the 3 channels of training
-                if resize and im.size != (shape[1], shape[0]):
-                    im = im.resize((shape[1], shape[0]), Image.BICUBIC)
-                out.append(np.asarray(im, np.uint8))
+                out.append(sized(im.convert(mode)))  # grayscale / palette / alpha -> the channels of training
         except (OSError, UnidentifiedImageError) as e:
             raise _UsageError(f"cannot read image {p}: {e}") from None
     shapes = {tuple(a.shape) for a in out}
     if shapes != {tuple(shape)}:
-        raise _UsageError(f"images must be {shape[0]}x{shape[1]} with {shape[2]} channels like the training "
-                          f"images, got shapes {sorted(shapes)}; pass --resize to resize them")
+        raise _UsageError(f"images must be {shape[0]}x{shape[1]} with {shape[2]} channels like the model's training "
+                          f"images, got shapes {sorted(shapes)}; pass --resize to resize them (image files and .npy "
+                          "arrays)")
     return np.stack(out)
 
 
@@ -169,6 +195,7 @@ def _cmd_info(args) -> int:
     from kmjax import __version__
     from kmjax.data import BATCHES_FOLDER, ENV_VAR, locate_data_dir
     from kmjax.experiment.compile_cache import ENV_VAR as CACHE_VAR, default_folder
+    from kmjax.experiment.plan import data_locations
 
     from kmjax.experiment.report import cpu_model
 
@@ -191,6 +218,8 @@ def _cmd_info(args) -> int:
     else:
         state = f"incomplete, missing {', '.join(missing)}: runs that need those files will stop with an error"
     print(f"data folder ({where}): {root}\n  {state}")
+    print("\n".join(["other data sets (data.dataset in a config; data.dir names their folder):",
+                     *data_locations(args.data_dir)]))
     cache = os.environ.get(CACHE_VAR, str(default_folder()))
     print(f"compile cache ({'from ' + CACHE_VAR if CACHE_VAR in os.environ else 'default'}): {cache}")
     return 0
@@ -259,10 +288,13 @@ def _parser() -> argparse.ArgumentParser:
     e.set_defaults(func=_cmd_export)
 
     pr = sub.add_parser("predict", help="classify images with a trained model",
-                        description="Classify PNG/JPEG files or .npy arrays (N, 32, 32, 3) on the 0-255 scale.")
+                        description="Classify PNG/JPEG files or .npy arrays (H, W, C) or (N, H, W, C) on the "
+                        "0-255 scale, at the model's own image size: the size of its training images (H x W, "
+                        "C channels; model.image_shape, named in the error when the images differ).")
     pr.add_argument("model", help="model.npz of a run folder")
     pr.add_argument("images", nargs="+", help="image files (.png, .jpg) or .npy arrays")
-    pr.add_argument("--resize", action="store_true", help="resize images to the training size instead of failing")
+    pr.add_argument("--resize", action="store_true", help="resize images (files and .npy arrays) to the model's "
+                    "training size (bicubic) instead of failing")
     pr.add_argument("--json", action="store_true", help="print JSON instead of lines")
     pr.set_defaults(func=_cmd_predict)
 

@@ -35,7 +35,13 @@ _FIT = ClassifierSpec._field_defaults  # the classifier's, defined once with Cla
 
 @dataclass(frozen=True)
 class DataConfig:
-    train_batches: list = field(default_factory=lambda: [1, 2, 3, 4, 5])  # data_batch_N to train on
+    dataset: str = "cifar10"  # a name of kmjax.load_dataset: cifar10, cifar100, stl10, svhn, folder, npz
+    dir: str = ""  # its data dir, a folder or (npz) the file ("": --data-dir, else KMJAX_DATA_DIR, else the cache)
+    labels: str = ""  # cifar100: "fine" (the reader's default) or "coarse"
+    fold: int = -1  # stl10: train on predefined training fold 0..9 (-1: all 5,000 training images)
+    image_size: list = field(default_factory=list)  # folder: [H, W], every image resized to it (bicubic)
+    dictionary_split: str = ""  # learn the dictionary from this split ("unlabeled": STL-10's); "": the training images
+    train_batches: list = field(default_factory=lambda: [1, 2, 3, 4, 5])  # cifar10: data_batch_N to train on
     n_train: int = 0  # use only the first n_train training images (0: all)
     n_test: int = 0  # evaluate on the first n_test test images (0: all; -1: no test set)
 
@@ -232,6 +238,7 @@ def _validate(cfg: Config) -> None:
             integer(getattr(cfg.features, key), where, minimum=0)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    _validate_data(cfg.data)
     if not cfg.data.train_batches:
         raise ConfigError("data.train_batches must be a non-empty list of batch numbers 1..5, got []")
     if cfg.kmeans.flip_closed and cfg.kmeans.k % 2:
@@ -250,6 +257,34 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("data.n_train must be >= 0 and data.n_test >= -1")
     if cfg.preprocess.eps_norm < 0 or cfg.preprocess.eps_zca < 0:
         raise ConfigError("preprocess.eps_norm and preprocess.eps_zca must be >= 0")
+
+
+_DATA_OPTIONS = {"labels": ("cifar100", ""), "fold": ("stl10", -1), "image_size": ("folder", [])}
+
+
+def _validate_data(d: DataConfig) -> None:
+    from kmjax.datasets import NAMES
+
+    if d.dataset not in NAMES:
+        raise ConfigError(f"data.dataset = {d.dataset!r} is not a data set kmjax reads; valid: {', '.join(NAMES)}")
+    for key, (dataset, unset) in _DATA_OPTIONS.items():
+        if getattr(d, key) != unset and d.dataset != dataset:
+            raise ConfigError(f"data.{key} is an option of the {dataset} data set, not of data.dataset = "
+                              f"{d.dataset!r}; remove it")
+    if d.labels not in ("", "fine", "coarse"):
+        raise ConfigError(f"data.labels must be 'fine' or 'coarse' (CIFAR-100's 100 classes or 20 superclasses), "
+                          f"got {d.labels!r}")
+    if not -1 <= d.fold <= 9:
+        raise ConfigError(f"data.fold must be one of STL-10's training folds 0..9 (or -1: all), got {d.fold}")
+    if d.image_size and (len(d.image_size) != 2 or not all(isinstance(v, int) and v > 0 for v in d.image_size)):
+        raise ConfigError(f"data.image_size must be [height, width] in pixels, got {d.image_size!r}")
+    if d.dataset != "cifar10" and d.train_batches != DataConfig().train_batches:
+        raise ConfigError(f"data.train_batches picks CIFAR-10's batch files; data.dataset = {d.dataset!r} has none: "
+                          "remove it (data.n_train keeps the first images)")
+    if d.dictionary_split == "test" or "/" in d.dictionary_split or ".." in d.dictionary_split:
+        raise ConfigError(f"data.dictionary_split names a split other than the test set to learn the dictionary "
+                          f"from (e.g. 'unlabeled' with stl10, 'extra' with svhn), got {d.dictionary_split!r}; "
+                          "leave it unset to learn it from the training images")
 
 
 def parse_config(values: dict) -> Config:

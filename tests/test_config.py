@@ -257,6 +257,22 @@ def test_shipped_configs_are_the_configs_folder():
     assert {"quick", "coates2011_triangle_1600", "seed"} <= set(shipped_configs())
 
 
+def test_shipped_configs_of_other_data_sets():
+    from kmjax.experiment.plan import feature_spec
+    from kmjax.features import check_pooling
+    from kmjax.symmetry import check_mirror_symmetric
+
+    stl = load_config("stl10_triangle_1600")
+    assert (stl.data.dataset, stl.data.fold, stl.data.dictionary_split) == ("stl10", 0, "unlabeled")
+    assert (stl.kmeans.k, stl.features.encoder, stl.features.grid) == (1600, "triangle", 2)
+    check_pooling(feature_spec(stl), (96, 96, 3))  # STL-10's own size
+    c100 = load_config("cifar100_omp1_soft_8000_closed_pool3_flip")
+    best = load_config("omp1_soft_8000_closed_pool3_flip")
+    assert (c100.data.dataset, c100.data.labels) == ("cifar100", "fine")
+    assert to_dict(c100) | {"name": "", "data": {}} == to_dict(best) | {"name": "", "data": {}}  # the recipe
+    check_mirror_symmetric(feature_spec(c100), (32, 32, 3))
+
+
 def test_tol_and_chunk_size_say_none_and_auto_in_words():
     from kmjax.dictionary import AUTHORS
     from kmjax.experiment.plan import dictionary_options

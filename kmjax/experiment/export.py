@@ -12,7 +12,15 @@ from kmjax.config import parse_config
 from kmjax.experiment.plan import feature_spec, mirror_sums, training_copies
 from kmjax.experiment.store import RunError, StageStore
 
-__all__ = ["export_features"]
+__all__ = ["export_features", "data_of"]
+
+
+def data_of(run_dir) -> dict | None:
+    """The data set a finished run read (results.json's "data"); None if not recorded."""
+    try:
+        return json.loads((Path(run_dir) / "results.json").read_text()).get("data")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def export_features(run_dir, out) -> Path:

@@ -11,14 +11,17 @@ from kmjax.augment import mirror, random_crops
 from kmjax.classify import ClassifierSpec
 from kmjax.config import Config, word_or_none
 from kmjax.data import Cifar10, DataError, load_cifar10
+from kmjax.datasets import load_dataset
 from kmjax.experiment import processes
 from kmjax.experiment.store import RunError, data_id
 from kmjax.dictionary import patch_key
-from kmjax.features import FeatureSpec
+from kmjax.features import FeatureSpec, check_pooling
 from kmjax.patches import extract_patches, sample_positions, windows
 
 __all__ = ["feature_spec", "mirror_sums", "run_mesh", "local_mesh", "training_copies", "training_images",
-           "dictionary_patches", "dictionary_options", "classifier_spec", "load_data", "data_ids"]
+           "dictionary_patches", "dictionary_options", "classifier_spec", "load_data", "data_ids",
+           "data_dir_of", "data_options", "describe_data", "data_line", "data_locations", "dictionary_data",
+           "prepare_data"]
 
 
 def feature_spec(cfg: Config) -> FeatureSpec:
@@ -123,18 +126,142 @@ def classifier_spec(cfg: Config) -> ClassifierSpec:
                           mirror_scoring=training_copies(cfg) > 1 and cfg.features.train_flip and cfg.features.test_flip)
 
 
+def data_dir_of(cfg: Config, data_dir):
+    """The data dir a config reads: its ``data.dir``, else ``data_dir`` (--data-dir; None: the
+    KMJAX_DATA_DIR variable, else the download cache)."""
+    return cfg.data.dir or data_dir
+
+
+def data_options(cfg: Config, split: str) -> dict:
+    """The ``load_dataset`` options a config gives for ``split`` (the fold: the training split's only)."""
+    d = cfg.data
+    options = {"labels": d.labels or None, "fold": d.fold if d.fold >= 0 and split == "train" else None,
+               "image_size": tuple(d.image_size) or None}
+    return {k: v for k, v in options.items() if v is not None}
+
+
+def describe_data(cfg: Config, data_dir=None) -> dict:
+    """The data set a config reads, as results.json records it."""
+    d = cfg.data
+    folder = data_dir_of(cfg, data_dir)
+    return {"dataset": d.dataset, "dir": None if folder is None else str(folder),
+            "options": data_options(cfg, "train"), "dictionary_split": d.dictionary_split or "train"}
+
+
+def data_line(data) -> str:
+    """The data set a run read (``describe_data``, results.json's "data"), in one line."""
+    if not data:
+        return "cifar10 (a run of an earlier kmjax, before data sets were recorded)"
+    where = f" from {data['dir']}" if data.get("dir") else ""
+    split = data["dictionary_split"]
+    return (data["dataset"] + "".join(f", {k} {v}" for k, v in data["options"].items()) + where
+            + ("" if split == "train" else f"; dictionary learned from its {split} split"))
+
+
+_FILES = {"cifar100": ("cifar-100-python", ["train", "test", "meta"]),
+          "stl10": ("stl10_binary", [f"{s}_{x}.bin" for s in ("train", "test") for x in "Xy"]
+                    + ["unlabeled_X.bin", "class_names.txt", "fold_indices.txt"]),
+          "svhn": ("svhn", [f"{s}_32x32.mat" for s in ("train", "test", "extra")])}
+
+
+def data_locations(data_dir=None) -> list[str]:
+    """Where ``kmjax info`` says each downloadable data set other than CIFAR-10 would be read from,
+    and whether its files are there."""
+    from kmjax.data import locate_data_dir
+
+    lines = []
+    for name, (folder, files) in _FILES.items():
+        root, source = locate_data_dir(data_dir, folder)
+        missing = [f for f in files if not (root / folder / f).is_file() and not (root / f).is_file()]
+        state = ("found" if not missing else f"missing {', '.join(missing)}" if len(missing) < len(files) else
+                 "not there: a run downloads it into the cache (checksum verified)" if source == "cache" else
+                 "not there: a run stops with an error (put the official files there, see docs/datasets.md)")
+        lines.append(f"  {name}: {root / folder}: {state}")
+    return lines + ["  folder, npz: your own files, named by data.dir in the config (docs/datasets.md)"]
+
+
+def _one_process(cfg: Config) -> None:
+    if processes.count() > 1 and (cfg.data.dataset != "cifar10" or cfg.data.dictionary_split):
+        raise RunError(f"several processes share CIFAR-10 only (each reads every P-th image of its batch files); "
+                       f"run data.dataset = {cfg.data.dataset!r}"
+                       f"{' with data.dictionary_split' if cfg.data.dictionary_split else ''} in one process")
+
+
+def _read(cfg: Config, data_dir, split: str, n: int, too_few: str):
+    """(the first n images of ``split`` of a data set other than CIFAR-10, all of them held; the split's size)."""
+    data = load_dataset(cfg.data.dataset, split, data_dir_of(cfg, data_dir), **data_options(cfg, split))
+    if n > len(data.labels):
+        raise DataError(too_few.format(len(data.labels)))
+    return (data._replace(images=data.images[:n], labels=data.labels[:n]) if n else data), len(data.labels)
+
+
 def load_data(cfg: Config, data_dir):
     """(train, test or None): the images and labels a config uses, their counts checked. On several
     processes each holds only its share of the images (``processes.owned``: every P-th, from its
     index), read a batch at a time, and the labels of all."""
+    return _load(cfg, data_dir)[:2]
+
+
+def _load(cfg: Config, data_dir):
+    """(train, test or None, the size of the whole test split or None)."""
     d = cfg.data
+    _one_process(cfg)
+    test = size = None
+    want_test = cfg.features.enabled and d.n_test != -1
+    if d.dataset != "cifar10":
+        train, _ = _read(cfg, data_dir, "train", d.n_train,
+                         f"data.n_train = {d.n_train} but the training set holds {{}} images; lower n_train")
+        if want_test:
+            test, size = _read(cfg, data_dir, "test", d.n_test, f"data.n_test = {d.n_test} but the test set holds {{}}"
+                               " images")
+            if test.class_names != train.class_names:
+                raise DataError(f"the test set's classes ({', '.join(test.class_names)}) are not the training set's "
+                                f"({', '.join(train.class_names)}): give both splits the same class folders")
+        return train, test, size
+    data_dir = data_dir_of(cfg, data_dir)
     train = _split(data_dir, "train", d.train_batches, d.n_train,
                    f"data.n_train = {d.n_train} but data.train_batches = {d.train_batches} hold {{}} images; "
                    "lower n_train or list more batches")
-    test = None
-    if cfg.features.enabled and d.n_test != -1:
-        test = _split(data_dir, "test", [None], d.n_test, f"data.n_test = {d.n_test} but the test set holds {{}} images")
-    return train, test
+    if want_test:
+        test = _split(data_dir, "test", [None], d.n_test,
+                      f"data.n_test = {d.n_test} but the test set holds {{}} images")
+        size = len(test.labels) if not d.n_test else (len(load_cifar10(data_dir, "test").labels)
+                                                       if processes.is_main() else None)
+    return train, test, size
+
+
+def dictionary_data(cfg: Config, data_dir, train):
+    """The images the dictionary is learned from: ``data.dictionary_split`` of the data set (all of
+    it; the training fold's options but the fold), else the training images."""
+    split = cfg.data.dictionary_split
+    if not split:
+        return train
+    return load_dataset(cfg.data.dataset, split, data_dir_of(cfg, data_dir), **data_options(cfg, split))
+
+
+def prepare_data(cfg: Config, data_dir):
+    """(train, test or None, dictionary images, {"train", "test", "dictionary": data ids}, the test
+    set's size or None): what the runner's load stage reads, refusing early what cannot run on it."""
+    if not processes.is_main():  # after the main process, which may download the data set into a shared cache
+        processes.wait_for_all("data")
+    train, test, size = _load(cfg, data_dir)
+    if processes.is_main():
+        processes.wait_for_all("data")
+    train_id, test_id = data_ids(cfg, data_dir, train, test)
+    dictionary = dictionary_data(cfg, data_dir, train)
+    ids = {"train": train_id, "test": test_id,
+           "dictionary": train_id if dictionary is train else data_id(dictionary.images)}
+    if dictionary.images.shape[1:] != train.images.shape[1:]:
+        raise DataError(f"the dictionary's images (data.dictionary_split = {cfg.data.dictionary_split!r}) are "
+                        f"{dictionary.images.shape[1:]}, the training images {train.images.shape[1:]}: they must "
+                        "have one size (data.image_size for a folder)")
+    try:  # before the dictionary is learned
+        if cfg.features.enabled:
+            check_pooling(feature_spec(cfg), train.images.shape[1:])
+    except ValueError as e:
+        raise RunError(f"the pooling does not fit the {train.images.shape[1]} x {train.images.shape[2]} images of "
+                       f"data.dataset = {cfg.data.dataset!r}: {e}") from None
+    return train, test, dictionary, ids, size
 
 
 def data_ids(cfg: Config, data_dir, train, test) -> tuple[str, str | None]:
@@ -147,7 +274,8 @@ def data_ids(cfg: Config, data_dir, train, test) -> tuple[str, str | None]:
     if processes.is_main():
         d = cfg.data
         ids = [data_id((np.uint8, (len(data.labels),) + data.images.shape[1:],
-                        (part.images[:keep] for part, keep, _ in _batches(data_dir, split, batches, n))), data.labels)
+                        (part.images[:keep] for part, keep, _ in _batches(data_dir_of(cfg, data_dir), split,
+                                                                           batches, n))), data.labels)
                for data, split, batches, n in ((train, "train", d.train_batches, d.n_train), (test, "test", [None], d.n_test))
                if data is not None]
     ids = processes.agree(ids)

@@ -23,12 +23,12 @@ from kmjax import __version__, plots
 from kmjax.augment import mirror
 from kmjax.classify import ClassifierState, LinearModel, Standardizer, fit_classifier, predict_features
 from kmjax.config import Config, parse_config, to_dict
-from kmjax.data import load_cifar10
 from kmjax import templates
 from kmjax.dictionary import Dictionary, learn_dictionary
 from kmjax.experiment import processes
-from kmjax.experiment.plan import (classifier_spec, data_ids, dictionary_options, dictionary_patches, feature_spec,
-                                   load_data, local_mesh, mirror_sums, run_mesh, training_copies, training_images)
+from kmjax.experiment.plan import (classifier_spec, describe_data, dictionary_options, dictionary_patches,
+                                   feature_spec, local_mesh, mirror_sums, prepare_data, run_mesh, training_copies,
+                                   training_images)
 from kmjax.experiment.compile_cache import use_compile_cache
 from kmjax.experiment.provenance import stage_code, start_record, test_set
 from kmjax.experiment.report import AnonMemoryPeak, Timer, log, progress
@@ -106,7 +106,7 @@ def run(cfg: Config, *, data_dir=None, out: str | os.PathLike = "runs", resume: 
 
     Args:
       cfg: the validated config.
-      data_dir: the CIFAR-10 folder (default: KMJAX_DATA_DIR, else the download cache).
+      data_dir: the data dir when the config's ``data.dir`` is empty (default: KMJAX_DATA_DIR, else the cache).
       out: parent of the new run folder ``out/NAME`` (``NAME-2``, ... if taken).
       resume: an existing run folder of the same config: its finished stages are loaded and the
         rest computed; a finished run is returned as it is. A config that differs only in the
@@ -142,12 +142,7 @@ def run(cfg: Config, *, data_dir=None, out: str | os.PathLike = "runs", resume: 
     environment = report_environment() if main else None  # the code as it is when the run starts
     timer = Timer(quiet)
     with timer.stage("load"):
-        if not main:  # after the main process, which may download the data set into a shared cache
-            processes.wait_for_all("data")
-        train, test = load_data(cfg, data_dir)
-        if main:
-            processes.wait_for_all("data")
-        train_id, test_id = data_ids(cfg, data_dir, train, test)
+        train, test, dictionary_images, ids, test_size = prepare_data(cfg, data_dir)
         if mirror_sums(cfg):
             try:
                 check_mirror_symmetric(feature_spec(cfg), train.images.shape[1:])
@@ -155,12 +150,12 @@ def run(cfg: Config, *, data_dir=None, out: str | os.PathLike = "runs", resume: 
                 raise RunError(f"kmeans.flip_closed with features.train_flip needs mirror-symmetric features: {e}") \
                     from None
         if test is not None and main:  # which kind of test set: its accuracy is reported under that name
-            complete = cfg.data.n_test == 0 or cfg.data.n_test == len(load_cifar10(data_dir, "test").labels)
-            tested_on = test_set(test, train, complete)
+            tested_on = test_set(test, train, len(test.labels) == test_size)
         mesh = run_mesh(cfg)
         devices = 1 if mesh is None else mesh.size  # the actual count: float sums depend on it
         code = stage_code()
-        keys = stage_keys({**to_dict(cfg), "devices": devices}, train_id, test_id, __version__, code)
+        keys = stage_keys({**to_dict(cfg), "devices": devices}, ids["train"], ids["test"], __version__, code,
+                          dictionary_id=ids["dictionary"])
         if processes.agree(keys) != keys:  # the same config and data: another kmjax source on this host
             raise RunError(f"process {processes.index()} runs other kmjax code than process 0 (its stage keys differ: "
                            f"{keys}); install the same kmjax on every host")
@@ -168,7 +163,7 @@ def run(cfg: Config, *, data_dir=None, out: str | os.PathLike = "runs", resume: 
     if fresh:
         run_dir = Path(processes.agree(str(new_run_dir(Path(out), cfg.name)) if main else None))
     if not main:  # the other processes share the work and write nothing
-        return _run_stages(cfg, train, test, keys, run_dir, Worker(), timer, quiet, mesh)
+        return _run_stages(cfg, (train, dictionary_images), test, keys, run_dir, Worker(), timer, quiet, mesh)
     try:
         with RunLock(run_dir):
             remove_stale_temporaries(run_dir)
@@ -179,7 +174,9 @@ def run(cfg: Config, *, data_dir=None, out: str | os.PathLike = "runs", resume: 
                     os.symlink(os.path.relpath(Path(link).resolve(), run_dir.resolve()), run_dir / "stages")
             starts = _record_start(run_dir, code, keys, quiet)
             with AnonMemoryPeak() as memory, StageStore(run_dir / "stages") as store:
-                results = _run_stages(cfg, train, test, keys, run_dir, Main(store), timer, quiet, mesh)
+                results = _run_stages(cfg, (train, dictionary_images), test, keys, run_dir, Main(store), timer,
+                                      quiet, mesh)
+            results["data"] = {**describe_data(cfg, data_dir), "n_dictionary_images": len(dictionary_images.images)}
             results["starts"] = starts
             if "test_accuracy" in results:
                 results["test_set"] = tested_on
@@ -204,13 +201,14 @@ def run(cfg: Config, *, data_dir=None, out: str | os.PathLike = "runs", resume: 
     return results
 
 
-def _run_stages(cfg, train, test, keys, run_dir, role, timer, quiet, mesh) -> dict:
+def _run_stages(cfg, data, test, keys, run_dir, role, timer, quiet, mesh) -> dict:
     """The stages, as ``role`` (``kmjax.experiment.role``) plays them: a worker computes its part of
     the dictionary and the features (and of the shared classifier statistics), then returns the
-    main process's results."""
+    main process's results. ``data``: (the training images, the dictionary's)."""
+    train, source = data
     key_dict, key_val = jax.random.split(jax.random.key(cfg.seed))
     if not role.is_main:
-        dictionary = _dictionary_stage(cfg, train, key_dict, role, keys["dictionary"], timer, mesh)
+        dictionary = _dictionary_stage(cfg, source, key_dict, role, keys["dictionary"], timer, mesh)
         if cfg.features.enabled:
             mine = _features_stage(cfg, train, test, dictionary, role, keys["features"], timer, quiet, mesh)
             shared_gram(cfg, None, mine, len(train.class_names), key_val, role, keys["classifier"], quiet)
@@ -223,7 +221,7 @@ def _run_stages(cfg, train, test, keys, run_dir, role, timer, quiet, mesh) -> di
     write_json(run_dir / "config.json", results["config"])
 
     store = role.store
-    dictionary = _dictionary_stage(cfg, train, key_dict, role, keys["dictionary"], timer, mesh)
+    dictionary = _dictionary_stage(cfg, source, key_dict, role, keys["dictionary"], timer, mesh)
     km = dictionary.kmeans
     n_iter = int(km.n_iter)
     results["kmeans"] = {

@@ -111,15 +111,17 @@ def _hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def stage_keys(config: dict, train_id: str, test_id: str | None, version: str, code: dict[str, str]) -> dict[str, str]:
-    """A key per stage of everything that determines its output, and its inputs' keys: the config
-    entries that matter, the data's identity, kmjax's version and ``code``, the id of the source of
-    each stage's code (``kmjax.experiment.provenance.stage_code``)."""
-    c = config
-    feats = {k: v for k, v in c["features"].items() if f"features.{k}" not in SPEED_ONLY}
-    parts = {"dictionary": [version, code["dictionary"], c["seed"], c["data"]["train_batches"], c["data"]["n_train"],
-                            train_id, c["patches"], c["preprocess"], c["kmeans"], c["devices"]]}
-    parts["features"] = [parts["dictionary"], code["features"], feats, c["data"]["n_test"], test_id]
+def stage_keys(config: dict, train_id, test_id, version: str, code: dict, *, dictionary_id=None) -> dict[str, str]:
+    """A key per stage of what determines its output: config entries, the data (set, split, options, image ids;
+    not its folder), kmjax's version, ``code`` (``provenance.stage_code``). See docs/datasets.md for dictionary_id."""
+    c, d = config, config["data"]; feats = {k: v for k, v in c["features"].items() if f"features.{k}" not in SPEED_ONLY}
+    dataset = {k: d.get(k, v) for k, v in (("dataset", "cifar10"), ("labels", ""), ("image_size", []))}
+    training = {**dataset, **{k: d.get(k) for k in ("fold", "train_batches", "n_train")}, "split": "train",
+                "id": train_id}
+    source = {**dataset, "split": d["dictionary_split"], "id": dictionary_id} if d.get("dictionary_split") else training
+    parts = {"dictionary": [version, code["dictionary"], c["seed"], source,
+                            *map(c.get, ("patches", "preprocess", "kmeans", "devices"))]}
+    parts["features"] = [parts["dictionary"], code["features"], feats, training, d["n_test"], test_id]
     parts["classifier"] = [parts["features"], code["classifier"], c["classifier"]]
     return {name: _hash(v) for name, v in parts.items()}
 

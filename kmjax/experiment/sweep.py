@@ -14,16 +14,18 @@ import itertools
 import os
 from pathlib import Path
 
+import numpy as np
+
 from kmjax import plots
 from kmjax._io import atomic_write
 from kmjax.config import ConfigError, load_config, parse_value
-from kmjax.experiment.provenance import TEST_KEYS
+from kmjax.experiment.provenance import TEST_KEYS, test_accuracy_of
 from kmjax.experiment.report import log
 from kmjax.experiment import processes
 from kmjax.experiment.runner import run
 from kmjax.experiment.store import RunError, RunLock, new_run_dir, write_json
 
-__all__ = ["sweep", "parse_grid"]
+__all__ = ["sweep", "parse_grid", "fold_summary"]
 
 # a run's test accuracy is under the key of its kind of test set (``provenance.TEST_KEYS``), named in "test_set"
 _COLUMNS = ["train_accuracy", "test_set", *TEST_KEYS.values(), "seconds", "run_dir"]
@@ -87,7 +89,35 @@ def sweep(config_path, grid: dict[str, list], *, overrides: list[str] = (), data
                 _write_sweep(sweep_dir, keys, rows)
     if main:
         plots.save_sweep(sweep_dir / "sweep.png", keys, rows)
+        if FOLD in keys:
+            write_json(sweep_dir / "folds.json", fold_summary(rows))
     return rows
+
+
+FOLD = "data.fold"
+
+
+def fold_summary(rows: list[dict]) -> list[dict]:
+    """STL-10's protocol (Coates et al.): the test accuracy's mean and standard deviation over the
+    folds of a ``data.fold`` grid, one entry per combination of the other grid keys (in the order
+    of the rows). ``std`` is the sample standard deviation (n - 1; None for one fold); ``test_set``
+    the kinds of test set measured ("full" for the whole test split)."""
+    keys = [k for k in rows[0] if k not in ("train_accuracy", "test_set", *TEST_KEYS.values(), "seconds", "run_dir")]
+    groups: dict = {}
+    for r in rows:
+        tested = test_accuracy_of(r)
+        if tested is not None and FOLD in r:
+            settings = tuple((k, r[k]) for k in keys if k != FOLD)
+            group = groups.setdefault(settings, {"folds": [], "acc": [], "kind": set()})
+            group["folds"].append(r[FOLD])
+            group["acc"].append(tested[1])
+            group["kind"].add(tested[0])
+    out = []
+    for settings, g in groups.items():
+        acc = np.asarray(g["acc"], np.float64)
+        out.append({**dict(settings), "folds": g["folds"], "test_accuracies": g["acc"], "mean": float(acc.mean()),
+                    "std": float(acc.std(ddof=1)) if len(acc) > 1 else None, "test_set": sorted(g["kind"])})
+    return out
 
 
 def _write_sweep(sweep_dir: Path, keys, rows) -> None:
