@@ -76,7 +76,7 @@ HOST_LEVEL = {
 }
 
 # no array inputs: files, names, sizes, callables
-NO_ARRAYS = {"init_lbfgs", "load_cifar10", "download_cifar10", "resolve_data_dir", "save", "load", "save_dictionary",
+NO_ARRAYS = {"init_lbfgs", "load_cifar10", "load_dataset", "download_cifar10", "resolve_data_dir", "save", "load", "save_dictionary",
              "load_dictionary", "feature_dim", "search_C", "feature_mirror_permutation", "mirror_pairs"}
 
 
