@@ -158,3 +158,17 @@ def test_stl10_fold_sweep_learns_one_dictionary(tmp_path, capsys):
                   if p.name.startswith("dictionary")) == ["dictionary"]
     assert all("dictionary" not in r["seconds"] for r in results[1:])  # the later folds reused it
     assert results[0]["data"]["n_dictionary_images"] == 6
+
+
+def test_several_processes_read_cifar10_only(digits, tmp_path, monkeypatch):
+    from kmjax.experiment import processes
+    from kmjax.experiment.plan import load_data
+
+    images, labels = digits
+    path = tmp_path / "d.npz"
+    np.savez(path, x_train=images[:20], y_train=labels[:20], x_test=images[20:30], y_test=labels[20:30])
+    cfg = load_config("quick", DIGITS + ["data.dataset=npz", f"data.dir={path}"])
+    assert len(load_data(cfg, None)[0].labels) == 20
+    monkeypatch.setattr(processes, "count", lambda: 2)
+    with pytest.raises(RunError, match="several processes share CIFAR-10 only"):
+        load_data(cfg, None)
