@@ -45,7 +45,7 @@ ARCHIVE_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 ARCHIVE_MD5 = "c58f30108f718f92721af3b95e74349a"
 BATCHES_FOLDER = "cifar-10-batches-py"
 ENV_VAR = "KMJAX_DATA_DIR"
-_WHERE = "--data-dir DIR on the command line, data_dir= in Python"
+WHERE = "--data-dir DIR on the command line, data_dir= in Python"
 
 _IMAGE_SHAPE_CHW = (3, 32, 32)
 _PIXELS_PER_IMAGE = 3 * 32 * 32  # 3072
@@ -112,7 +112,7 @@ def resolve_data_dir(data_dir=None) -> pathlib.Path:
 # --------------------------------------------------------------------------------------
 
 
-def _unpickle(path: pathlib.Path, fix: str, what: str = "CIFAR-10"):
+def unpickle(path: pathlib.Path, fix: str, what: str = "CIFAR-10"):
     """Read a CIFAR pickle (``what``: the data set, for messages) without running code from it.
 
     The files are pickles, and a plain ``pickle.load`` calls whatever a crafted file names.
@@ -138,7 +138,7 @@ def _unpickle(path: pathlib.Path, fix: str, what: str = "CIFAR-10"):
         ) from e
 
 
-def _get(d: dict, key: str, path: pathlib.Path, fix: str, what: str = "CIFAR-10"):
+def get_key(d: dict, key: str, path: pathlib.Path, fix: str, what: str = "CIFAR-10"):
     """d[key], accepting both b"key" (official files read with encoding="bytes") and "key"."""
     for k in (key.encode(), key):
         if k in d:
@@ -147,7 +147,7 @@ def _get(d: dict, key: str, path: pathlib.Path, fix: str, what: str = "CIFAR-10"
     raise DataError(f"{what} file {path} has no {key!r} entry (keys found: {found}); {fix}")
 
 
-def _as_ints_in_range(value, lo: int, hi: int, dtype) -> np.ndarray | None:
+def ints_in_range(value, lo: int, hi: int, dtype) -> np.ndarray | None:
     """``value`` as an array of ``dtype`` if it holds only whole numbers in lo..hi, else None."""
     try:
         a = np.asarray(value)
@@ -164,24 +164,24 @@ def _as_ints_in_range(value, lo: int, hi: int, dtype) -> np.ndarray | None:
     return a.astype(dtype)
 
 
-def _read_batch(path: pathlib.Path, fix: str, what: str = "CIFAR-10", label_key: str = "labels",
+def read_batch(path: pathlib.Path, fix: str, what: str = "CIFAR-10", label_key: str = "labels",
                 n_classes: int = len(CLASS_NAMES)) -> tuple[np.ndarray, np.ndarray]:
     """Read one batch file of CIFAR-10 (or CIFAR-100: ``label_key`` "fine_labels", 100 classes):
     (data uint8 (n, 3072), labels int32 (n,))."""
-    d = _unpickle(path, fix, what)
+    d = unpickle(path, fix, what)
     if not isinstance(d, dict):
         raise DataError(f"{what} file {path} holds a {type(d).__name__}, not a dict of data and labels; {fix}")
-    raw_data = _get(d, "data", path, fix, what)
-    raw_labels = _get(d, label_key, path, fix, what)
+    raw_data = get_key(d, "data", path, fix, what)
+    raw_labels = get_key(d, label_key, path, fix, what)
 
-    data = _as_ints_in_range(raw_data, 0, 255, np.uint8)
+    data = ints_in_range(raw_data, 0, 255, np.uint8)
     if data is None:
         raise DataError(f"{what} file {path}: 'data' is not whole numbers in 0..255; {fix}")
     if data.ndim != 2 or data.shape[1] != _PIXELS_PER_IMAGE:
         raise DataError(f"{what} file {path}: 'data' has shape {data.shape}, expected (n, {_PIXELS_PER_IMAGE}); {fix}")
     n = data.shape[0]
 
-    labels = _as_ints_in_range(raw_labels, 0, n_classes - 1, np.int32)
+    labels = ints_in_range(raw_labels, 0, n_classes - 1, np.int32)
     if labels is None or labels.ndim != 1:
         raise DataError(f"{what} file {path}: {label_key!r} is not a list of class indices in 0..{n_classes - 1}; "
                         f"{fix}")
@@ -200,12 +200,12 @@ def _read_class_names(batches_dir: pathlib.Path, fix: str) -> tuple[str, ...]:
     path = batches_dir / "batches.meta"
     if not path.exists():
         return CLASS_NAMES
-    meta = _unpickle(path, fix)
+    meta = unpickle(path, fix)
     if not isinstance(meta, dict) or not any(k in meta for k in (b"label_names", "label_names")):
         return CLASS_NAMES
     try:
         names = tuple(
-            n.decode() if isinstance(n, bytes) else str(n) for n in _get(meta, "label_names", path, fix)
+            n.decode() if isinstance(n, bytes) else str(n) for n in get_key(meta, "label_names", path, fix)
         )
     except (TypeError, UnicodeDecodeError) as e:  # not a list, or names that are not UTF-8
         raise DataError(f"CIFAR-10 file {path} has unreadable class names ({e}); {fix}") from None
@@ -267,7 +267,7 @@ def require_folder(data_dir, folder: str, download: bool, fetch, call: str) -> p
             raise DataError(
                 f"cache folder {root} has no {folder}/ and download=False; "
                 f"pass download=True, call {call}{str(root)!r}), "
-                f"or pass the folder that contains {folder}/ ({_WHERE})"
+                f"or pass the folder that contains {folder}/ ({WHERE})"
             )
         else:
             how = "--data-dir / data_dir=" if source == "argument" else ENV_VAR
@@ -289,7 +289,7 @@ def read_cifar10(data_dir, split: str, download: bool, batches=None) -> Dataset:
         f"or re-extract it from cifar-10-python.tar.gz"
     )
     class_names = _read_class_names(batches_dir, fix)
-    parts = [_read_batch(batches_dir / name, fix) for name in names]
+    parts = [read_batch(batches_dir / name, fix) for name in names]
     data = np.concatenate([p[0] for p in parts])
     labels = np.concatenate([p[1] for p in parts])
     return Dataset(images=rows_to_images(data), labels=labels, class_names=class_names)
@@ -343,7 +343,7 @@ def download_cifar10(dest_dir, *, url: str = ARCHIVE_URL, md5: str = ARCHIVE_MD5
 
 
 def _by_hand() -> str:
-    return f"Download it by hand, extract it, and pass its folder ({_WHERE}) or set {ENV_VAR}"
+    return f"Download it by hand, extract it, and pass its folder ({WHERE}) or set {ENV_VAR}"
 
 
 def make_dest(dest_dir, what: str) -> pathlib.Path:

@@ -19,7 +19,7 @@ import numpy as np
 
 from kmjax._checks import choice, integer
 from kmjax.data import (
-    ENV_VAR, Dataset, DataError, InputError, _as_ints_in_range, _get, _read_batch, _unpickle, _WHERE,
+    ENV_VAR, Dataset, DataError, InputError, ints_in_range, get_key, read_batch, unpickle, WHERE,
     download_archive, download_cifar10, fetch_checked, locate_data_dir, make_dest, read_cifar10,
     require_folder, rows_to_images,
 )
@@ -136,10 +136,10 @@ def _read_cifar100(data_dir, split: str, download: bool, labels: str = "fine") -
     fix = f"delete {folder} and download again, or re-extract it from cifar-100-python.tar.gz"
     n_classes = 100 if labels == "fine" else 20
     meta_path = folder / "meta"
-    meta = _unpickle(meta_path, fix, "CIFAR-100")
+    meta = unpickle(meta_path, fix, "CIFAR-100")
     if not isinstance(meta, dict):
         raise DataError(f"CIFAR-100 file {meta_path} holds a {type(meta).__name__}, not a dict; {fix}")
-    raw = _get(meta, f"{labels}_label_names", meta_path, fix, "CIFAR-100")
+    raw = get_key(meta, f"{labels}_label_names", meta_path, fix, "CIFAR-100")
     try:
         names = tuple(n.decode() if isinstance(n, bytes) else str(n) for n in raw)
     except (TypeError, UnicodeDecodeError) as e:
@@ -147,7 +147,7 @@ def _read_cifar100(data_dir, split: str, download: bool, labels: str = "fine") -
     if len(names) != n_classes:
         raise DataError(f"CIFAR-100 file {meta_path} lists {len(names)} {labels} class names, expected {n_classes}; "
                         f"{fix}")
-    data, y = _read_batch(folder / split, fix, "CIFAR-100", f"{labels}_labels", n_classes)
+    data, y = read_batch(folder / split, fix, "CIFAR-100", f"{labels}_labels", n_classes)
     return Dataset(images=rows_to_images(data), labels=y, class_names=names)
 
 
@@ -271,7 +271,7 @@ def _read_svhn(data_dir, split: str, download: bool) -> Dataset:
             path = root / SVHN_FOLDER / name
         elif source == "cache":
             raise DataError(f"cache folder {root} has no {SVHN_FOLDER}/{name} and download=False; pass download=True, "
-                            f"call {call}, or pass the folder that holds it ({_WHERE})")
+                            f"call {call}, or pass the folder that holds it ({WHERE})")
         else:
             raise DataError(f"folder {root} has no {SVHN_FOLDER}/{name} (nor {name}); put the official file there, "
                             f"or set neither --data-dir nor {ENV_VAR} to download into the cache, or call {call}")
@@ -285,7 +285,7 @@ def _read_svhn(data_dir, split: str, download: bool) -> Dataset:
     x, y = mat.pop("X"), mat.pop("y")
     if x.dtype != np.uint8 or x.ndim != 4 or x.shape[2] != 3:
         raise DataError(f"SVHN file {path}: X is {x.dtype} {x.shape}, expected uint8 (32, 32, 3, N); {fix}")
-    labels = _as_ints_in_range(y, 1, 10, np.int32)
+    labels = ints_in_range(y, 1, 10, np.int32)
     if labels is None or labels.size != x.shape[3]:
         raise DataError(f"SVHN file {path}: y must hold one digit label in 1..10 per image ({x.shape[3]} images), "
                         f"got {y.dtype} {y.shape}; {fix}")
@@ -399,7 +399,7 @@ def _read_npz(data_dir, split: str, download: bool) -> Dataset:
         hint = " (channels first? transpose to (N, H, W, 3))" if x.ndim == 4 and x.shape[1] in (1, 3) else ""
         raise DataError(f"npz file {path}: x_{split} has shape {x.shape}, expected (N, H, W, 3) or grayscale "
                         f"(N, H, W){hint}")
-    images = x if x.dtype == np.uint8 else _as_ints_in_range(x, 0, 255, np.uint8)
+    images = x if x.dtype == np.uint8 else ints_in_range(x, 0, 255, np.uint8)
     if images is None:
         raise DataError(f"npz file {path}: x_{split} ({x.dtype}) is not whole numbers in 0..255; store uint8 pixels")
     if names is not None:
@@ -410,7 +410,7 @@ def _read_npz(data_dir, split: str, download: bool) -> Dataset:
     else:
         top = max((int(v.max()) for v in ys if v.size and v.dtype.kind in "iuf" and np.all(np.isfinite(v))), default=0)
         names = tuple(str(c) for c in range(top + 1))
-    labels = _as_ints_in_range(y.reshape(-1) if y.ndim == 2 and y.shape[1:] == (1,) else y, 0, len(names) - 1, np.int32)
+    labels = ints_in_range(y.reshape(-1) if y.ndim == 2 and y.shape[1:] == (1,) else y, 0, len(names) - 1, np.int32)
     if labels is None or labels.ndim != 1:
         raise DataError(f"npz file {path}: y_{split} ({y.dtype} {y.shape}) is not one class index in "
                         f"0..{len(names) - 1} per image; {fix}")

@@ -59,6 +59,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from kmjax._checks import positive_int
+from kmjax._jax import backends_started
 from kmjax.errors import InputError, InputTypeError
 
 __all__ = ["data_mesh", "resolve_mesh", "shard_rows", "unit_weights", "replicate", "split_cpu", "MAX_CPU_DEVICES"]
@@ -70,7 +71,7 @@ def split_cpu(count: int) -> None:
     and ``JAX_PLATFORMS`` does not leave the CPU out; otherwise nothing (a GPU's devices are what
     they are, and a started backend keeps its count)."""
     platforms = [p for p in os.environ.get("JAX_PLATFORMS", "").split(",") if p]
-    if _backends_started() or (platforms and "cpu" not in platforms) or \
+    if backends_started() or (platforms and "cpu" not in platforms) or \
             "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
         return
     if count == 0:
@@ -79,26 +80,6 @@ def split_cpu(count: int) -> None:
     if count > 1:
         flags = os.environ.get("XLA_FLAGS", "")
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
-
-
-def _backends_started() -> bool:
-    """Whether JAX has started its backends (the CPU's device count is then fixed). JAX has no public
-    query: ``jax._src.xla_bridge.backends_are_initialized`` (the sources of jax 0.10.0 to 0.11.1), and
-    where a JAX lacks it, the public option ``jax_num_cpu_devices``, which refuses a new value once
-    a backend has started (set and put back: nothing changes)."""
-    try:
-        from jax._src import xla_bridge
-
-        return bool(xla_bridge.backends_are_initialized())
-    except (ImportError, AttributeError):
-        pass
-    before = jax.config.jax_num_cpu_devices
-    try:
-        jax.config.update("jax_num_cpu_devices", before + 1)
-    except RuntimeError:
-        return True
-    jax.config.update("jax_num_cpu_devices", before)
-    return False
 
 
 # devices = 0 on a CPU: at most 8, since the features' fixed-size batches of 128 images per device

@@ -266,15 +266,16 @@ import jax
 import jax._src as private
 
 real, private.xla_bridge = private.xla_bridge, types.SimpleNamespace()  # as a JAX without it
-from kmjax.parallel import _backends_started, split_cpu
+from kmjax._jax import backends_started
+from kmjax.parallel import split_cpu
 
-assert not _backends_started() and jax.config.jax_num_cpu_devices == -1
+assert not backends_started() and jax.config.jax_num_cpu_devices == -1
 split_cpu(3)
-assert _backends_started() is False
+assert backends_started() is False
 private.xla_bridge = real
 assert len(jax.devices()) == 3, jax.devices()
 private.xla_bridge = types.SimpleNamespace()
-assert _backends_started() and jax.config.jax_num_cpu_devices == -1
+assert backends_started() and jax.config.jax_num_cpu_devices == -1
 print("ok")
 """
 
@@ -284,13 +285,13 @@ def test_backends_started_without_jax_s_private_query(monkeypatch):
 
     import jax._src as private
 
-    from kmjax.parallel import _backends_started
+    from kmjax._jax import backends_started
 
     jax.devices()
-    assert _backends_started()
+    assert backends_started()
     monkeypatch.setattr(private, "xla_bridge", types.SimpleNamespace())
     before = jax.config.jax_num_cpu_devices
-    assert _backends_started() and jax.config.jax_num_cpu_devices == before  # asked, left as it was
+    assert backends_started() and jax.config.jax_num_cpu_devices == before  # asked, left as it was
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="",
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
     env.pop("JAX_NUM_CPU_DEVICES", None)

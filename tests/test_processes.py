@@ -320,10 +320,12 @@ def test_without_jax_s_client_the_barrier_is_a_device_collective(monkeypatch):
     import jax._src.distributed as private
     from jax.experimental import multihost_utils
 
-    assert processes._client() is None  # JAX's client: none before jax.distributed.initialize
+    from kmjax._jax import distributed_client
+
+    assert distributed_client() is None  # JAX's client: none before jax.distributed.initialize
     monkeypatch.delattr(private, "global_state")
     with pytest.raises(LookupError, match="global_state"):
-        processes._client()
+        distributed_client()
     synced = []
     monkeypatch.setattr(multihost_utils, "sync_global_devices", synced.append)
     monkeypatch.setattr(processes, "count", lambda: 2)
@@ -346,7 +348,7 @@ def test_report_lines_are_progress(monkeypatch):
 
 # the only private JAX of the package, each behind one function with a fallback tested above and in
 # tests/test_parallel.py (pyproject.toml bounds jax to the versions checked)
-PRIVATE_JAX = {("kmjax/experiment/processes.py", "_client"), ("kmjax/parallel.py", "_backends_started")}
+PRIVATE_JAX = {("kmjax/_jax.py", "distributed_client"), ("kmjax/_jax.py", "backends_started")}
 
 
 def test_private_jax_only_inside_the_isolating_functions():

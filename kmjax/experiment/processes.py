@@ -41,22 +41,10 @@ from contextlib import contextmanager
 import jax
 import numpy as np
 
+from kmjax._jax import distributed_client
+
 __all__ = ["start", "count", "index", "is_main", "owned", "owner", "agree", "broadcast", "gather_rows", "total", "send",
            "wait_for_all", "done_sharing", "beat", "watching", "abort"]
-
-
-def _client():
-    """JAX's distributed runtime client (its key-value store), None before ``jax.distributed.initialize``.
-    JAX has no public handle on it (``jax.distributed`` has initialize, is_initialized and shutdown):
-    this reads ``jax._src.distributed.global_state.client`` (the sources of jax 0.10.0 to 0.11.1), and
-    raises LookupError where a JAX lacks it; the callers then run without the watch (``start``)
-    and wait at a device collective (``wait_for_all``)."""
-    try:
-        from jax._src.distributed import global_state
-
-        return global_state.client
-    except (ImportError, AttributeError):
-        raise LookupError("this JAX has no jax._src.distributed.global_state.client") from None
 
 
 _watch = None  # the _Watch of this process, once started with several processes
@@ -74,7 +62,7 @@ def start(coordinator: str | None = None, num_processes: int | None = None, proc
     once their share is done (``done_sharing``; ``kmjax run``, not a sweep, which needs them again)."""
     global _watch, _leave_early
     try:
-        _client()
+        distributed_client()
         jax.config.update("jax_enable_recoverability", True)  # one that leaves or dies stops no other
         recoverable = True
     except LookupError:  # no watch: JAX stops every process when one dies; a hung one is not noticed
@@ -83,7 +71,7 @@ def start(coordinator: str | None = None, num_processes: int | None = None, proc
         recoverable = False
     jax.distributed.initialize(coordinator, num_processes, process_id, heartbeat_timeout_seconds=heartbeat_timeout)
     if count() > 1 and recoverable is not None:
-        _watch = _Watch(_client(), heartbeat_timeout, hang_timeout)
+        _watch = _Watch(distributed_client(), heartbeat_timeout, hang_timeout)
         _leave_early = leave_after_share and recoverable  # else JAX would stop the others when it leaves
         atexit.register(_at_exit)  # after JAX's own, so run before it: before JAX disconnects
 
@@ -228,11 +216,11 @@ def wait_for_all(name: str) -> None:
     fit a classifier for an hour), while the watch judges the others: each process writes its
     arrival to the coordination service's key-value store and reads the others', a second at a
     time. Not a device collective (on CPUs Gloo's give up after 30 minutes, measured: "Timed out
-    waiting 1800000ms"), unless JAX's client is missing (``_client``)."""
+    waiting 1800000ms"), unless JAX's client is missing (``kmjax._jax.distributed_client``)."""
     if count() == 1:
         return
     try:
-        client = _client()
+        client = distributed_client()
     except LookupError:
         client = None
     barrier = f"kmjax/barrier/{name}-{next(_BARRIERS)}/"
