@@ -23,3 +23,13 @@ def pytest_configure(config):
     import tempfile
 
     os.environ.setdefault("KMJAX_COMPILE_CACHE", tempfile.mkdtemp(prefix="kmjax-test-jit-"))
+
+
+@pytest.fixture(scope="session")
+def small_cifar(tmp_path_factory):
+    """A synthetic cifar-10-batches-py of 40 images per batch (read only: copy it to change it)."""
+    from synthetic_cifar import make_cifar
+
+    root = tmp_path_factory.mktemp("small-cifar")
+    make_cifar(root, n=40)
+    return root

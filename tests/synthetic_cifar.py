@@ -12,6 +12,11 @@ import numpy as np
 from kmjax.data import CLASS_NAMES
 
 N = 7  # images per synthetic batch
+
+# a run of the shipped "quick" config small enough for the runner's tests, on make_cifar(n=40)
+# (the ``small_cifar`` fixture of conftest.py)
+SMALL = ["data.train_batches=[1,2]", "data.n_train=0", "data.n_test=0", "patches.num=2000", "kmeans.k=8",
+         "kmeans.max_iter=3", "classifier.max_iter=10", "features.grid=2"]
 BATCHES = "cifar-10-batches-py"
 
 

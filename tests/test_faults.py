@@ -25,7 +25,7 @@ import pytest
 
 from kmjax import templates
 from kmjax.checkpoint import load_tree
-from synthetic_cifar import make_cifar
+from synthetic_cifar import SMALL, make_cifar
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGES = 1100  # per synthetic batch: 2,200 training images in batches 1 and 2
@@ -203,19 +203,11 @@ def test_killed_in_a_cg_solve_resumes_from_its_last_iteration(data_dir, env, tmp
     assert_resumed_cleanly(stages)
 
 
-SMALL = ["data.train_batches=[1,2]", "data.n_train=0", "data.n_test=0", "patches.num=2000", "kmeans.k=8",
-         "kmeans.max_iter=3", "features.grid=2", "classifier.loss=ridge", "classifier.solver=cg", "classifier.rank=8",
-         "classifier.max_iter=50", "classifier.C_grid=[1,10]"]
+SMALL_CG = SMALL + ["classifier.loss=ridge", "classifier.solver=cg", "classifier.rank=8", "classifier.max_iter=50",
+                    "classifier.C_grid=[1,10]"]
 
 
-@pytest.fixture(scope="module")
-def small_data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("small-cifar")
-    make_cifar(root, n=40)
-    return root
-
-
-def test_a_full_disk_in_a_checkpoint_write_is_a_message_and_keeps_the_previous_checkpoint(small_data_dir, tmp_path,
+def test_a_full_disk_in_a_checkpoint_write_is_a_message_and_keeps_the_previous_checkpoint(small_cifar, tmp_path,
                                                                                            monkeypatch, capsys):
     """In-process, through the CLI: once the CG solve has checkpointed its first iteration at C = 1,
     the next checkpoint write (its second iteration, over that file) runs out of space in the
@@ -241,8 +233,8 @@ def test_a_full_disk_in_a_checkpoint_write_is_a_message_and_keeps_the_previous_c
         return real_write(fp, array, *args, **kwargs)
 
     monkeypatch.setattr(np.lib.format, "write_array", filling)
-    args = ["run", "quick", "--data-dir", str(small_data_dir), "--out", str(tmp_path / "runs")]
-    args += [a for s in SMALL for a in ("--set", s)]
+    args = ["run", "quick", "--data-dir", str(small_cifar), "--out", str(tmp_path / "runs")]
+    args += [a for s in SMALL_CG for a in ("--set", s)]
     assert main(args + ["-q"]) == 2
     assert len(calls) == 2, "the checkpoint write was not reached"
     err = capsys.readouterr().err
@@ -262,6 +254,6 @@ def test_a_full_disk_in_a_checkpoint_write_is_a_message_and_keeps_the_previous_c
     monkeypatch.undo()  # space freed: the run resumes from those checkpoints, to the model of a whole run
     assert main(args + ["--resume", str(folder)]) == 0
     assert "[classifier] resuming from its saved cg-search-C1" in capsys.readouterr().err
-    assert main(["run", "quick", "--data-dir", str(small_data_dir), "--out", str(tmp_path / "whole"), "-q",
-                 *[a for s in SMALL for a in ("--set", s)]]) == 0
+    assert main(["run", "quick", "--data-dir", str(small_cifar), "--out", str(tmp_path / "whole"), "-q",
+                 *[a for s in SMALL_CG for a in ("--set", s)]]) == 0
     assert (folder / "model.npz").read_bytes() == (tmp_path / "whole" / "quick" / "model.npz").read_bytes()

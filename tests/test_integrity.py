@@ -20,17 +20,11 @@ from kmjax.errors import FileFormatError, RunError
 from kmjax.experiment import provenance, run
 from kmjax.experiment import runner as runner_module
 from kmjax.experiment.store import RunLock, StageStore
-from synthetic_cifar import make_cifar
-
-SMALL = ["data.train_batches=[1,2]", "data.n_train=0", "data.n_test=0", "patches.num=2000", "kmeans.k=8",
-         "kmeans.max_iter=3", "classifier.max_iter=10", "features.grid=2"]
-
+from synthetic_cifar import SMALL
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cifar")
-    make_cifar(root, n=40)
-    return root
+def data_dir(small_cifar):
+    return small_cifar
 
 
 def go(data_dir, out, *extra, **kw):
