@@ -3,12 +3,27 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
 import numpy as np
 
 TMP_SUFFIX = ".tmp"  # atomic_write's temporaries: ".NAME.PID.tmp" beside the file
+
+
+def read_json(path, fix: str, *, keys=()):
+    """The JSON in ``path`` (then its ``keys``, in turn); a file that does not parse, or lacks them,
+    is a ``RunError`` naming it and saying ``fix``."""
+    from kmjax.errors import RunError
+
+    try:
+        value = json.loads(Path(path).read_text())
+        for key in keys:
+            value = value[key]
+        return value
+    except (ValueError, KeyError, TypeError) as e:
+        raise RunError(f"{path} is unreadable ({type(e).__name__}: {e}); {fix}") from None
 
 
 def sync_folder(folder) -> None:

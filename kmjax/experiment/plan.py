@@ -219,14 +219,12 @@ def _load(cfg: Config, data_dir):
                                 f"({', '.join(train.class_names)}): give both splits the same class folders")
         return train, test, size
     data_dir = data_dir_of(cfg, data_dir)
-    train = _split(data_dir, "train", d.train_batches, d.n_train,
+    train, _ = _split(data_dir, "train", d.train_batches, d.n_train,
                    f"data.n_train = {d.n_train} but data.train_batches = {d.train_batches} hold {{}} images; "
                    "lower n_train or list more batches")
     if want_test:
-        test = _split(data_dir, "test", [None], d.n_test,
-                      f"data.n_test = {d.n_test} but the test set holds {{}} images")
-        size = len(test.labels) if not d.n_test else (len(load_cifar10(data_dir, "test").labels)
-                                                       if processes.is_main() else None)
+        test, size = _split(data_dir, "test", [None], d.n_test,
+                            f"data.n_test = {d.n_test} but the test set holds {{}} images")
     return train, test, size
 
 
@@ -295,17 +293,18 @@ def _batches(data_dir, split: str, batches, n: int):
             return
 
 
-def _split(data_dir, split: str, batches, n: int, too_few: str) -> Cifar10:
-    """This process's images of the first ``n`` images of ``batches`` of ``split``, and every label."""
-    images, labels = [], []
+def _split(data_dir, split: str, batches, n: int, too_few: str) -> tuple[Cifar10, int]:
+    """(this process's images of the first ``n`` images of ``batches`` of ``split`` and every label,
+    the number of images the batches read hold)."""
+    images, labels, held = [], [], 0
     for part, keep, first in _batches(data_dir, split, batches, n):
         images.append(part.images[processes.owned(keep, (processes.index() - first) % processes.count())])
         labels.append(part.labels[:keep])
-        names = part.class_names
+        names, held = part.class_names, held + len(part.labels)
     labels = np.concatenate(labels)
     if n > len(labels):
         raise DataError(too_few.format(len(labels)))
-    return Cifar10(np.concatenate(images), labels, names)
+    return Cifar10(np.concatenate(images), labels, names), held
 
 
 def local_mesh(cfg: Config):

@@ -8,7 +8,6 @@ give the same numbers on the same machine.
 
 from __future__ import annotations
 
-import json
 import os
 import resource
 import shutil
@@ -35,7 +34,7 @@ from kmjax.experiment.report import AnonMemoryPeak, Timer, log, progress
 from kmjax.experiment.role import Main, Worker
 from kmjax.experiment.report import environment as report_environment
 from kmjax.experiment.shared import shared_gram, shared_kernel, shared_solver
-from kmjax._io import remove_stale_temporaries
+from kmjax._io import read_json, remove_stale_temporaries
 from kmjax.experiment.store import (RunError, RunLock, StageStore, config_differences, new_run_dir,
                                     stage_keys, write_json)
 from kmjax.features import extract_features, feature_dim
@@ -54,10 +53,7 @@ def _plan_resume(cfg: Config, resume: Path):
     config_file = resume / "config.json"
     if not config_file.is_file():
         raise RunError(f"{resume} is not a run folder (no config.json); pass the folder a run wrote")
-    try:
-        before = json.loads(config_file.read_text())
-    except ValueError as e:
-        raise RunError(f"{config_file} is unreadable ({e}); start a new run instead of resuming") from None
+    before = read_json(config_file, "start a new run instead of resuming")
     try:  # read as a config of today's kmjax (spellings that changed, defaults added since)
         before = to_dict(parse_config(before))
     except ValueError:
@@ -65,11 +61,8 @@ def _plan_resume(cfg: Config, resume: Path):
     diffs = config_differences(before, to_dict(cfg))
     if not diffs:
         results = resume / "results.json"
-        try:
-            return resume, (json.loads(results.read_text()) if results.is_file() else None)
-        except ValueError as e:
-            raise RunError(f"{results} is unreadable ({e}); the run finished but its results are damaged: delete "
-                           "results.json to compute them again from the saved stages") from None
+        return resume, (read_json(results, "the run finished but its results are damaged: delete results.json to "
+                                  "compute them again from the saved stages") if results.is_file() else None)
     listed = "; ".join(f"{k}: {a!r} there, {b!r} here" for k, a, b in ((k, *v) for k, v in diffs.items()))
     if all(k.startswith("classifier.") for k in diffs):
         return None, None  # a new folder beside it, sharing its stages
@@ -83,11 +76,8 @@ def _record_start(run_dir: Path, code: dict, keys: dict, quiet: bool) -> list[di
     code changed since the last start (their keys differ: they are computed again). Returns every
     start recorded."""
     path = run_dir / "provenance.json"
-    try:
-        starts = json.loads(path.read_text())["starts"] if path.is_file() else []
-    except (ValueError, KeyError, TypeError) as e:
-        raise RunError(f"{path} is unreadable ({e}); the run's record of its starts is damaged: start a new run "
-                       "instead of resuming") from None
+    starts = read_json(path, "the run's record of its starts is damaged: start a new run instead of resuming",
+                       keys=["starts"]) if path.is_file() else []
     record = {**start_record(code), "stage_keys": keys}
     if starts:
         changed = [stage for stage, code in record["code"].items() if starts[-1].get("code", {}).get(stage) != code]
@@ -317,9 +307,10 @@ def _features_stage(cfg, train, test, dictionary, role, stage_key, timer, quiet,
         parts["test_mirror"] = test._replace(images=mirror(test.images))
     names = [n for part in parts for n in (part, f"{part}_labels")]
     store = role.store  # None in a worker, which writes nothing
-    if role.decide(lambda: store.load_arrays("features", stage_key, names) is not None):
+    found = role.local(lambda: store.load_arrays("features", stage_key, names))
+    if role.decide(lambda: found is not None):
         log(f"[features] reusing {role.folder}", quiet)
-        return role.local(lambda: store.load_arrays("features", stage_key, names))  # checked once already
+        return found
     spec = feature_spec(cfg)
     dim = feature_dim(spec, dictionary.centroids.shape[0], train.images.shape[1:])
     if role.is_main:

@@ -102,7 +102,7 @@ def fold_summary(rows: list[dict]) -> list[dict]:
     folds of a ``data.fold`` grid, one entry per combination of the other grid keys (in the order
     of the rows). ``std`` is the sample standard deviation (n - 1; None for one fold); ``test_set``
     the kinds of test set measured ("full" for the whole test split)."""
-    keys = [k for k in rows[0] if k not in ("train_accuracy", "test_set", *TEST_KEYS.values(), "seconds", "run_dir")]
+    keys = [k for k in rows[0] if k not in _COLUMNS]
     groups: dict = {}
     for r in rows:
         tested = test_accuracy_of(r)
