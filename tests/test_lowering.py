@@ -1,7 +1,8 @@
 """Every program that runs on an accelerator, lowered for CUDA, ROCm and TPU from this CPU with
 ``jax.export`` (which raises when a program does not lower for a platform): k-means with each
 kernel and centroid update, ``learn_dictionary``, ``batch_features`` (64 images per product, as
-accelerators run it: triangle, soft threshold, 3x3 windows with mirror sums), the ridge classifier's device products, prediction.
+accelerators run it: triangle, soft threshold, 3x3 windows with mirror sums), the ridge classifier's device products and its device path (statistics, kernel, factorization,
+solves, scores, primal weights), prediction.
 Sizes are those an accelerator run uses (k-means chunks of the accelerator default, a batch of
 64 images per product). The fused Pallas kernel is interpreted only where a program is lowered
 for a CPU, so exporting it for a GPU compiles it (with Triton): a lowering failure shows here."""
@@ -16,7 +17,7 @@ from jax import export
 import kmjax
 from kmjax import cluster
 from kmjax.nearest import check_kernel
-from kmjax.classify import tiled
+from kmjax.classify import device, tiled
 from kmjax.classify.linear import _scores_raw
 
 PLATFORMS = ("cuda", "rocm", "tpu")
@@ -54,6 +55,28 @@ PROGRAMS = {
     "predict": (lambda f: _scores_raw(kmjax.Standardizer(jnp.zeros(D), jnp.ones(D)),
                                       kmjax.LinearModel(jnp.zeros((D + 1, 10))), f), (X,)),
 }
+# the classifier's device path (kmjax.classify.device): 4096 rows of 8192 features (several column
+# blocks and row blocks, a tail of each), 10 classes
+S = jax.ShapeDtypeStruct
+FEATURES, LABELS = S((4096, 9000), jnp.float32), S((4096,), jnp.int32)
+FIT, HELD, C = S((3600,), jnp.int32), S((496,), jnp.int32), S((), jnp.float32)
+GRAM_FEATURES = S((4096, 2100), jnp.float32)
+
+
+def _dual(x, labels, C, fit, held):
+    kern = device.kernel_on_device(x)
+    solution = device.fit_dual_on_device(kern, labels, C, fit, num_classes=10)
+    std, model = device.primal_on_device(kern, solution, x)
+    return device.correct_on_device(device.dual_scores_on_device(kern, solution, held), labels[held]), model.weights
+
+
+def _gram(x, labels, C, fit, held):
+    std, model = device.fit_ridge_on_device(device.gram_on_device(x, labels, fit, num_classes=10), C)
+    return device.correct_on_device(device.linear_scores_on_device(std, model, x, held), labels[held]), model.weights
+
+
+PROGRAMS["ridge-device-dual"] = (_dual, (FEATURES, LABELS, C, FIT, HELD))
+PROGRAMS["ridge-device-gram"] = (_gram, (GRAM_FEATURES, LABELS, C, FIT, HELD))
 # Triton kernels are custom calls without a serialization guarantee: allowed here, since only
 # lowering is checked (the exported artifact is not kept)
 TRITON = export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")

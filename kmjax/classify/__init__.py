@@ -7,6 +7,8 @@
 - ``tiled``: the tiled F x F linear algebra under ``ridge`` (whole-matrix OpenBLAS calls crash
   at F = 32,000).
 - ``dual``: the same ridge from the N x N kernel, for features that outnumber the rows.
+- ``device``: the same ridge (Gram or dual) with every pass on the accelerator, for features
+  that fit in its memory: compensated float32 sums, one jit-compiled program per pass.
 - ``cg``: the same ridge objective by conjugate gradients over features read from disk (a
   Nystrom preconditioner), for features too wide for the F x F Gram matrix.
 - ``spec``: ``ClassifierSpec`` (the options of a fit, their defaults defined once) and

@@ -19,6 +19,7 @@ from kmjax.errors import InputError
 from kmjax.classify.linear import (LOSSES, STORAGES, LinearModel, Standardizer, fit_standardizer, predict_features, standardize,
                                    train_linear)
 from kmjax.classify.cg import prepare_cg_ridge, solve_cg_ridge
+from kmjax.classify import device, tiled
 from kmjax.classify.dual import accumulate_kernel, dual_scores, empty_kernel_stats, fit_dual, kernel_memory, primal_model
 from kmjax.classify.ridge import accumulate_gram, fit_ridge, gram_stats
 from kmjax.classify.spec import ClassifierSpec, ClassifierState
@@ -167,7 +168,60 @@ def _fit_lbfgs(run: _Run) -> ClassifierFit:
     return ClassifierFit(std, model, float(C), scores, int(info.n_iter), float(info.loss), float(info.grad_norm))
 
 
+def _on_device(run: _Run, dual: bool) -> bool:
+    """Whether ridge runs on the accelerator (``device.py``): JAX's default device is one (or
+    ``tiled.ON_DEVICE`` forces it) and the features fit in its memory (unless forced)."""
+    n, f = np.shape(run.features)
+    return tiled.on_device() and (tiled.ON_DEVICE is True or device.fits_on_device(n, f, dual))
+
+
+def _fit_ridge_device(run: _Run, dual: bool) -> ClassifierFit:
+    """Ridge with every pass on the device (``device.py``): the features, labels and row indices
+    are put there once; what comes back is one validation accuracy per C, and the model. Each pass
+    is a program of its own and takes seconds, so nothing is checkpointed."""
+    n, f = np.shape(run.features)
+    run.say(f"  ridge on the {jax.default_backend()} device ({'dual' if dual else 'Gram'}: {n:,} rows, {f:,} features), "
+            "features held there")
+    features, labels, num_classes = device.put(run.features, np.float32), device.put(run.labels), run.num_classes
+    scores, C = {}, run.spec.C
+    if run.spec.C_grid:
+        fit, val, scored = run.split
+        fit_rows, scored_labels = device.put(fit), device.put(run.labels[scored])
+        views = [device.put(scored)] + ([] if run.mirror is None else [device.put(scored + run.mirror)])
+        if dual:
+            kern = device.kernel_on_device(features)
+
+            def score(C):
+                solution = device.fit_dual_on_device(kern, labels, device.put(C, np.float32), fit_rows,
+                                                     num_classes=num_classes)
+                s = sum(device.dual_scores_on_device(kern, solution, rows) for rows in views)
+                return int(device.pull(device.correct_on_device(s, scored_labels))) / scored.size
+        else:
+            stats = device.gram_on_device(features, labels, fit_rows, num_classes=num_classes)
+
+            def score(C):
+                std, model = device.fit_ridge_on_device(stats, device.put(C, np.float32))
+                s = sum(device.linear_scores_on_device(std, model, features, rows) for rows in views)
+                return int(device.pull(device.correct_on_device(s, scored_labels))) / scored.size
+
+        C, scores = search_C(run.spec.C_grid, score, run.log)
+        if not dual:
+            stats = device.gram_on_device(features, labels, device.put(val), num_classes=num_classes, stats=stats)
+    every, C_dev = device.put(np.arange(n)), device.put(C, np.float32)
+    if dual:
+        kern = kern if run.spec.C_grid else device.kernel_on_device(features)
+        solution = device.fit_dual_on_device(kern, labels, C_dev, every, num_classes=num_classes)
+        std, model = device.primal_on_device(kern, solution, features)
+    else:
+        if not run.spec.C_grid:
+            stats = device.gram_on_device(features, labels, every, num_classes=num_classes)
+        std, model = device.fit_ridge_on_device(stats, C_dev)
+    return ClassifierFit(std, model, float(C), scores, None, None, None)
+
+
 def _fit_ridge(run: _Run) -> ClassifierFit:
+    if _on_device(run, dual=False):
+        return _fit_ridge_device(run, dual=False)
     C_grid, split = run.spec.C_grid, run.split
     rows = None if not C_grid else split[0]
     features, labels = run.features, run.labels
@@ -234,6 +288,8 @@ def _fit_ridge_dual(run: _Run) -> ClassifierFit:
     """Ridge from the N x N kernel (``dual.py``), grown over column blocks of the features and
     checkpointed as it grows (every ``_SAVE_EVERY`` seconds and when complete); each C of the grid
     is one factorization of the fitted rows' block, scored on the held-out rows' cross-kernel."""
+    if _on_device(run, dual=True):
+        return _fit_ridge_device(run, dual=True)
     features, labels, num_classes = run.features, run.labels, run.num_classes
     n, f = np.shape(features)
     run.say(f"  dual ridge ({f:,} features, {n:,} rows): a {n:,} x {n:,} float32 kernel and its factorization, "

@@ -1,0 +1,314 @@
+"""Ridge on the accelerator: the statistics, the factorization, the solves, the scores and the
+primal weights of ``ridge`` and ``dual`` as jit-compiled programs over features held on the device.
+
+Each pass is one program (a ``lax.fori_loop`` over blocks), so nothing crosses to the host
+between its blocks: the features, labels and row indices are put on the device once, and what
+comes back is the model (and one count of correct validation rows per C). ``fit_classifier`` takes this path
+when JAX's default device is an accelerator and the training features fit in its memory
+(``fits_on_device``); otherwise the host path of ``ridge``/``dual``, which streams the features from
+disk and sums in float64 NumPy.
+
+Precision. Every product is float32 with float32 accumulation (``precision=HIGHEST``: no TF32 or
+bfloat16 passes), and every sum across blocks is **compensated**: a float32 pair (hi, lo) advanced
+by Knuth's TwoSum, so that the Gram matrix, the kernel and the long products below carry about
+twice float32's digits without float64, which TPUs do not have and consumer GPUs run at 1/32-1/64
+of float32's rate. The kernel is collapsed to float32 once complete (one rounding, where the host
+path's running float32 sum rounds once per column block). Long contractions (the refinement's
+residual products over up to 50,000 kernel columns, the primal weights over the rows) are float32
+products of ``_TILE`` terms summed by TwoSum across tiles. The factorization is float32 Cholesky,
+polished by ``refine`` steps of iterative refinement with those residuals and a compensated
+solution. ``tests/test_device.py`` states the tolerances against float64 NumPy and the host path.
+
+Memory at N = 50,000 rows and F = 72,000 features (the K = 8000 flip-closed config): features
+14.4 GB, the kernel as a pair while it grows 20 GB (10 GB once collapsed), the centred block and its
+factor 2 x 10 GB: about 45 GB, within an 80 GB H100.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kmjax.classify.linear import LinearModel, Standardizer, _scores_raw
+
+__all__ = ["Pair", "two_sum", "DeviceGram", "gram_on_device", "fit_ridge_on_device", "DeviceKernel", "kernel_on_device",
+           "fit_dual_on_device", "dual_scores_on_device", "primal_on_device", "linear_scores_on_device", "correct_on_device", "fits_on_device",
+           "pulls"]
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+_ROWS = 4096  # rows per block of the Gram pass
+_COLUMNS = 4096  # feature columns per block of the kernel pass (0.8 GB at 50,000 rows)
+_TILE = 2048  # terms per float32 product in the compensated contractions
+
+
+class Pair(NamedTuple):
+    """hi + lo, a float32 sum carried to about twice float32's precision (|lo| <= ulp(hi) / 2)."""
+
+    hi: jax.Array
+    lo: jax.Array
+
+
+def two_sum(total: Pair, x) -> Pair:
+    """total + x by Knuth's TwoSum: the rounding error of hi + x is exact in float32 and kept in lo
+    (XLA does not reassociate floating-point sums, so the error terms survive compilation)."""
+    s = total.hi + x
+    v = s - total.hi
+    return Pair(s, total.lo + ((total.hi - (s - v)) + (x - v)))
+
+
+def _zeros(shape) -> Pair:
+    return Pair(jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32))
+
+
+def _mm(a, b):
+    return jnp.matmul(a, b, precision=_HIGHEST)
+
+
+def _blocks(size: int, block: int, step):
+    """``step(start, width)`` over [0, size) in blocks: a fori_loop over the full blocks (one
+    compiled body), then the tail with its own static width. step(start, width, carry) -> carry."""
+    full = size // block
+
+    def run(carry):
+        if full:  # (a loop of no blocks would still trace a body of a block wider than the array)
+            carry = jax.lax.fori_loop(0, full, lambda i, c: step(i * block, block, c), carry)
+        return step(full * block, size - full * block, carry) if size % block else carry
+
+    return run
+
+
+def _dot(a, b, tile: int = _TILE) -> Pair:
+    """a @ b over the columns of a (m, n) and rows of b (n, c) as a compensated sum of float32
+    products of ``tile`` terms each; b may be a Pair (both halves multiplied)."""
+    parts = b if isinstance(b, Pair) else (b,)
+    n = a.shape[1]
+
+    def step(start, width, total):
+        block = jax.lax.dynamic_slice_in_dim(a, start, width, axis=1)
+        for part in parts:
+            total = two_sum(total, _mm(block, jax.lax.dynamic_slice_in_dim(part, start, width, axis=0)))
+        return total
+
+    return _blocks(n, tile, step)(_zeros((a.shape[0], parts[0].shape[1])))
+
+
+def _value(p: Pair):
+    return p.hi + p.lo
+
+
+def _solve(a, factor, rhs, refine: int):
+    """The solution of a x = rhs (a symmetric positive definite, float32; ``factor`` its Cholesky
+    factor), refined ``refine`` times with compensated residuals; a compensated Pair."""
+    cho = partial(jax.scipy.linalg.cho_solve, (factor, True))
+    x = Pair(cho(rhs), jnp.zeros_like(rhs))
+    for _ in range(refine):
+        ax = _dot(a, x)
+        residual = (rhs - ax.hi) - ax.lo
+        x = two_sum(x, cho(residual))
+    return x
+
+
+def _targets(labels, num_classes: int):
+    return 2.0 * jax.nn.one_hot(labels, num_classes, dtype=jnp.float32) - 1.0
+
+
+# ----------------------------------------------------------------------------------------------- primal
+
+
+class DeviceGram(NamedTuple):
+    """``ridge.GramStats`` on the device, its sums compensated pairs. count: () float32 (exact to
+    2^24 rows); shift: (F,) the mean of the first block, subtracted from every row."""
+
+    count: jax.Array
+    shift: jax.Array
+    x_sum: Pair
+    gram: Pair
+    cross: Pair
+    y_sum: Pair
+
+
+@partial(jax.jit, static_argnames=("num_classes", "block"), donate_argnames=("stats",))
+def gram_on_device(features, labels, rows, *, num_classes: int, stats: DeviceGram | None = None,
+                   block: int = _ROWS) -> DeviceGram:
+    """The Gram statistics of ``rows`` (int indices) of (N, F) device ``features``, added to
+    ``stats`` (consumed) when given. One program: a loop over row blocks, the last one masked."""
+    f = features.shape[1]
+    if stats is None:
+        first = features[rows[:block]]
+        stats = DeviceGram(jnp.zeros((), jnp.float32), first.mean(axis=0), _zeros(f), _zeros((f, f)),
+                           _zeros((f, num_classes)), _zeros(num_classes))
+    n = rows.shape[0]
+    padded = jnp.pad(rows, (0, -n % block))
+    valid = (jnp.arange(padded.shape[0]) < n).astype(jnp.float32)
+
+    def step(start, width, s: DeviceGram):
+        idx = jax.lax.dynamic_slice_in_dim(padded, start, width)
+        keep = jax.lax.dynamic_slice_in_dim(valid, start, width)[:, None]
+        x = (features[idx] - s.shift) * keep
+        y = _targets(labels[idx], num_classes) * keep
+        return s._replace(x_sum=two_sum(s.x_sum, x.sum(axis=0)), gram=two_sum(s.gram, _mm(x.T, x)),
+                          cross=two_sum(s.cross, _mm(x.T, y)), y_sum=two_sum(s.y_sum, y.sum(axis=0)))
+
+    stats = _blocks(padded.shape[0], block, step)(stats)
+    return stats._replace(count=stats.count + n)
+
+
+@partial(jax.jit, static_argnames=("eps", "refine"))
+def fit_ridge_on_device(stats: DeviceGram, C, eps: float = 0.01, refine: int = 3):
+    """``ridge.fit_ridge`` from ``DeviceGram``: (Standardizer, LinearModel) on the device. ``C``: a
+    device scalar (one program for every C)."""
+    n = stats.count
+    m = _value(stats.x_sum) / n  # mean of x - shift
+    gram = _value(stats.gram)
+    scale = jnp.sqrt(jnp.maximum(jnp.diag(gram) - n * m * m, 0.0) / (n - 1) + eps)
+    lam = n / (2.0 * C)
+    a = (gram - n * jnp.outer(m, m)) / jnp.outer(scale, scale) + lam * jnp.eye(m.shape[0], dtype=jnp.float32)
+    rhs = (_value(stats.cross) - jnp.outer(m, _value(stats.y_sum))) / scale[:, None]
+    w = _value(_solve(a, jnp.linalg.cholesky(a), rhs, refine))
+    weights = jnp.concatenate([w, (_value(stats.y_sum) / n)[None, :]])  # centred z: the bias is the mean target
+    return Standardizer(stats.shift + m, scale), LinearModel(weights)
+
+
+# ------------------------------------------------------------------------------------------------- dual
+
+
+class DeviceKernel(NamedTuple):
+    """``dual.KernelStats`` on the device, complete: mean, scale (F,) of the standardization and
+    the (N, N) float32 kernel of the standardized features (summed as a pair, rounded once)."""
+
+    mean: jax.Array
+    scale: jax.Array
+    kernel: jax.Array
+
+
+@partial(jax.jit, static_argnames=("eps", "block"))
+def kernel_on_device(features, eps: float = 0.01, *, block: int = _COLUMNS) -> DeviceKernel:
+    """``dual.accumulate_kernel`` over every row and column of (N, F) device ``features``: a loop
+    over column blocks, each standardized over the rows (float32, two passes) and its z z^T added
+    to the kernel pair."""
+    n, f = features.shape
+
+    def step(start, width, carry):
+        mean, scale, kernel = carry
+        x = jax.lax.dynamic_slice_in_dim(features, start, width, axis=1)
+        mu = x.mean(axis=0)
+        xc = x - mu
+        sd = jnp.sqrt(jnp.square(xc).sum(axis=0) / (n - 1) + eps)
+        z = xc / sd
+        return (jax.lax.dynamic_update_slice_in_dim(mean, mu, start, 0),
+                jax.lax.dynamic_update_slice_in_dim(scale, sd, start, 0), two_sum(kernel, _mm(z, z.T)))
+
+    mean, scale, kernel = _blocks(f, block, step)((jnp.zeros(f), jnp.ones(f), _zeros((n, n))))
+    return DeviceKernel(mean, scale, _value(kernel))
+
+
+class DeviceDualFit(NamedTuple):
+    """``dual.DualFit`` on the device: rows (fitted), alpha (n, classes) compensated and rounded,
+    y_mean, row_mean (N,) and grand_mean of the centring."""
+
+    rows: jax.Array
+    alpha: jax.Array
+    y_mean: jax.Array
+    row_mean: jax.Array
+    grand_mean: jax.Array
+
+
+@partial(jax.jit, static_argnames=("num_classes", "refine"))
+def fit_dual_on_device(kern: DeviceKernel, labels, C, rows, *, num_classes: int, refine: int = 3) -> DeviceDualFit:
+    """``dual.fit_dual`` on the device: ridge at ``C`` (a device scalar) on kernel rows ``rows``."""
+    kernel = kern.kernel
+    n = rows.shape[0]
+    indicator = jnp.zeros((kernel.shape[0], 1), jnp.float32).at[rows].set(1.0 / n)
+    row_mean = _value(_dot(kernel, indicator))[:, 0]
+    grand = row_mean[rows].mean()
+    y = _targets(labels[rows], num_classes)
+    y_mean = y.mean(axis=0)
+    a = (kernel[rows[:, None], rows[None, :]] - row_mean[rows][:, None] - row_mean[rows][None, :] + grand
+         + (n / (2.0 * C)) * jnp.eye(n, dtype=jnp.float32))
+    alpha = _value(_solve(a, jnp.linalg.cholesky(a), y - y_mean, refine))
+    return DeviceDualFit(rows, alpha, y_mean, row_mean, grand)
+
+
+@jax.jit
+def dual_scores_on_device(kern: DeviceKernel, fit: DeviceDualFit, rows):
+    """(len(rows), classes) scores of kernel rows ``rows`` under ``fit`` (``dual.dual_scores``)."""
+    block = kern.kernel[rows[:, None], fit.rows[None, :]] - fit.row_mean[rows][:, None] - fit.row_mean[fit.rows][None, :] + fit.grand_mean
+    return _value(_dot(block, fit.alpha)) + fit.y_mean
+
+
+@partial(jax.jit, static_argnames=("block",))
+def primal_on_device(kern: DeviceKernel, fit: DeviceDualFit, features, *, block: int = _COLUMNS):
+    """(Standardizer, LinearModel) of a dual fit (``dual.primal_model``): W = Z_c^T alpha by column
+    blocks of the device features, each a compensated sum over the rows."""
+    n_all, f = features.shape
+    n = fit.rows.shape[0]
+    # alpha on every row (zero off the fitted ones) and the fitted rows' indicator / n: Z_c^T alpha =
+    # Z^T alpha_full - m (1^T alpha), m the fitted rows' mean of z
+    weights_in = jnp.zeros((n_all, fit.alpha.shape[1] + 1), jnp.float32)
+    weights_in = weights_in.at[fit.rows, :-1].set(fit.alpha).at[fit.rows, -1].set(1.0 / n)
+    alpha_sum = fit.alpha.sum(axis=0)
+
+    def step(start, width, carry):
+        weights, bias = carry
+        z = ((jax.lax.dynamic_slice_in_dim(features, start, width, axis=1)
+              - jax.lax.dynamic_slice_in_dim(kern.mean, start, width)) / jax.lax.dynamic_slice_in_dim(kern.scale, start, width))
+        prod = _value(_dot(z.T, weights_in))
+        m = prod[:, -1]
+        w = prod[:, :-1] - jnp.outer(m, alpha_sum)
+        return jax.lax.dynamic_update_slice_in_dim(weights, w, start, 0), bias - m @ w
+
+    weights, bias = _blocks(f, block, step)((jnp.zeros((f, fit.alpha.shape[1]), jnp.float32), fit.y_mean))
+    return Standardizer(kern.mean, kern.scale), LinearModel(jnp.concatenate([weights, bias[None, :]]))
+
+
+# --------------------------------------------------------------------------------------- scores, sizes
+
+
+@jax.jit
+def linear_scores_on_device(standardizer: Standardizer, model: LinearModel, features, rows):
+    """(len(rows), classes) scores of rows ``rows`` of the device features under a primal model (in
+    one program: eager indexing would move its index arithmetic's constants to the device)."""
+    return _scores_raw(standardizer, model, features[rows])
+
+
+@jax.jit
+def correct_on_device(scores, labels):
+    """How many rows' best score is their label: a device scalar (the accuracy's numerator, exact)."""
+    return jnp.sum(jnp.argmax(scores, axis=1) == labels)
+
+
+_PULLS = [0]
+
+
+def pulls() -> int:
+    """How many values the classifier's device path has pulled to the host (``pull``), for tests."""
+    return _PULLS[0]
+
+
+def pull(x):
+    """One explicit device-to-host pull (a validation accuracy's count of correct rows), counted."""
+    _PULLS[0] += 1
+    return jax.device_get(x)
+
+
+def fits_on_device(n_rows: int, n_features: int, dual: bool, device=None) -> bool:
+    """Whether a device fit of (n_rows, n_features) features fits in ``device``'s memory (default:
+    JAX's first device), by its ``memory_stats`` limit: the features plus the dual's kernel pair,
+    centred block and factor (4 N^2 float32) or the primal's Gram pair, matrix and factor (4 F^2),
+    with a quarter spare. False where the device does not report its memory (a CPU)."""
+    device = jax.devices()[0] if device is None else device
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if not stats or "bytes_limit" not in stats:
+        return False
+    side = n_rows if dual else n_features
+    need = 4 * (n_rows * n_features + 5 * side * side)
+    return need * 1.25 <= stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+
+
+def put(x, dtype=None):
+    """``x`` on the device by one explicit transfer (a host array, a memmap read once)."""
+    return jax.device_put(np.asarray(x, dtype))
