@@ -15,14 +15,10 @@ from pathlib import Path
 import jax
 
 from kmjax.experiment import processes
+from kmjax.experiment.compile_cache import CompileCounter
 from kmjax.experiment.provenance import source_commit, test_accuracy_of
 
 __all__ = ["log", "Timer", "progress", "environment", "summary", "CompileCounter", "AnonMemoryPeak"]
-
-# The three events of one compilation: tracing, lowering to MLIR, and the backend's compilation
-# (or its fetch from the persistent cache).
-_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
-                   "/jax/core/compile/backend_compile_duration")
 
 
 def log(msg: str, quiet: bool = False) -> None:
@@ -71,58 +67,32 @@ class AnonMemoryPeak:
         self._thread.join()
 
 
-class CompileCounter:
-    """Seconds spent compiling, and executables built, since the process started (all threads).
-
-    One listener per process on ``jax.monitoring``'s compile events; read it before and after a
-    piece of work to get that work's share.
-    """
-
-    _lock = threading.Lock()
-    seconds = 0.0
-    compiled: list = []  # the names of the functions compiled (or fetched from the persistent cache)
-    _installed = False
-
-    @classmethod
-    def _listen(cls, event: str, duration: float, fun_name: str = "?", **_) -> None:
-        if event in _COMPILE_EVENTS:
-            with cls._lock:
-                cls.seconds += duration
-                if event == _COMPILE_EVENTS[2]:
-                    cls.compiled.append(fun_name)
-
-    @classmethod
-    def install(cls) -> None:
-        with cls._lock:
-            if not cls._installed:
-                jax.monitoring.register_event_duration_secs_listener(cls._listen)
-                cls._installed = True
-
-    @classmethod
-    def read(cls) -> tuple[float, int]:
-        """(compile seconds, executables built) so far."""
-        cls.install()
-        with cls._lock:
-            return cls.seconds, len(cls.compiled)
-
-
 class Timer:
-    """Wall seconds and compile seconds per named stage."""
+    """Wall seconds, and what was compiled (``compile_cache.Compiles``), per named stage."""
 
     def __init__(self, quiet: bool):
         self.seconds: dict[str, float] = {}
-        self.compile_seconds: dict[str, float] = {}
+        self.compiles: dict[str, dict] = {}
         self.quiet = quiet
-        CompileCounter.install()
+        self.start = CompileCounter.snapshot()
+
+    @property
+    def compile_seconds(self) -> dict[str, float]:
+        return {name: c["seconds"] for name, c in self.compiles.items()}
+
+    def total_compiles(self) -> dict:
+        """Each stage's compiles and the whole run's, since this timer started (``"total"``)."""
+        return {**self.compiles, "total": (CompileCounter.snapshot() - self.start).record()}
 
     @contextmanager
     def stage(self, name: str):
         log(f"[{name}] ...", self.quiet)
-        t0, (c0, _) = time.perf_counter(), CompileCounter.read()
+        t0, c0 = time.perf_counter(), CompileCounter.snapshot()
         yield
         self.seconds[name] = round(time.perf_counter() - t0, 3)
-        self.compile_seconds[name] = round(CompileCounter.read()[0] - c0, 3)
-        log(f"[{name}] {self.seconds[name]:.1f} s (compiling {self.compile_seconds[name]:.1f} s)", self.quiet)
+        c = self.compiles[name] = (CompileCounter.snapshot() - c0).record()
+        log(f"[{name}] {self.seconds[name]:.1f} s (compiling {c['seconds']:.1f} s: {c['programs']} "
+            f"program{'s' * (c['programs'] != 1)}, {c['from_cache']} from the compile cache)", self.quiet)
 
 
 def progress(label: str, quiet: bool, unit: str = "images", start: int = 0):
@@ -210,7 +180,11 @@ def summary(results: dict) -> str:
         lines.append(f"  test accuracy:  {100 * accuracy:.2f}%{about}")
     s = results["seconds"]
     lines.append("  seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in s.items()))
-    if results.get("compile_seconds"):
+    total = results.get("compiles", {}).get("total")
+    if total:
+        lines.append(f"  of which compiling: {total['seconds']:.1f} ({total['programs']} programs, "
+                     f"{total['from_cache']} from the compile cache)")
+    elif results.get("compile_seconds"):  # a run of older kmjax
         lines.append(f"  of which compiling: {sum(results['compile_seconds'].values()):.1f}")
     anon = results.get("peak_anon_memory_mb")
     lines.append(f"  peak memory: {results['peak_memory_mb']:.0f} MB resident"

@@ -179,6 +179,7 @@ def run(cfg: Config, *, data_dir=None, out: str | os.PathLike = "runs", resume: 
                 results["reused_stages_of"] = str(resume)
             results["seconds"] = {**timer.seconds, "total": round(time.perf_counter() - t_start, 3)}
             results["compile_seconds"] = timer.compile_seconds
+            results["compiles"] = timer.total_compiles()  # programs built, read from the compile cache, seconds
             results["peak_memory_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
             results["peak_anon_memory_mb"] = None if memory.peak_mb is None else round(memory.peak_mb, 1)
             results["environment"] = environment
