@@ -58,14 +58,30 @@ def _check_k(x, k) -> int:
     return k
 
 
+@partial(jax.jit, static_argnums=0)
+def _ones(n: int):
+    return jnp.ones((n,), jnp.float32)  # made on the device: no host array sent
+
+
+def _until(until: int):
+    """The loop's stopping iteration, a traced number (one program for any split of the loop), sent
+    to the device explicitly: the loop's one host-to-device transfer per piece."""
+    return until if is_tracer(until) else jax.device_put(np.int32(until))
+
+
+@jax.jit
+def _valid_weights(w):
+    return jnp.all(jnp.isfinite(w) & (w >= 0)) & (jnp.sum(w) > 0)
+
+
 def point_weights(n: int, weights):
     """(n,) float32 point weights, ones by default; values checked on concrete arrays."""
     if weights is None:
-        return jnp.ones((n,), jnp.float32)
+        return _ones(n)
     w = jnp.asarray(weights, jnp.float32)
     if w.shape != (n,):
         raise InputError(f"weights must have shape ({n},) to match x, got {w.shape}")
-    if not is_tracer(w) and (not bool(jnp.all(jnp.isfinite(w) & (w >= 0))) or not float(w.sum()) > 0):
+    if not is_tracer(w) and not jax.device_get(_valid_weights(w)):  # one pull, of one bool
         raise InputError("weights must be finite, >= 0 and not all zero")
     return w
 
@@ -118,13 +134,15 @@ def check_kmeans(x, k, *, init, max_iter, tol, chunk_size, empty, spherical, wei
         check_matrix(init, "init")
     if tol is not None and not is_tracer(tol):
         number(tol, "tol (or None)", at_least=0)
-    tol = jnp.float32(-jnp.inf if tol is None else tol)
+    # sent to the device explicitly (jax.device_put), not implicitly (jnp.float32): see tests/test_residency.py
+    tol = jnp.asarray(tol, jnp.float32) if is_tracer(tol) else jax.device_put(np.float32(-np.inf if tol is None else tol))
     spec = LloydSpec(max_iter=max_iter, chunk_size=int(min(chunk_size, rows)), empty=empty,
                      spherical=bool(spherical), precision=precision, weighted=weights is not None,
                      m=min(k, n), update=update, kernel=kernel)
     return k, init, tol, spec
 
 
+_start = jax.jit(lloyd.start, static_argnames=("spec",))  # its constants made on the device, not sent from the host
 _iterate = jax.jit(lloyd.iterate, static_argnames=("spec", "axis_name"))
 _finish = jax.jit(lloyd.finish, static_argnames=("spec", "axis_name"))
 
@@ -235,13 +253,14 @@ def kmeans(
         x = jnp.asarray(x)
         w = point_weights(x.shape[0], weights)
         if state is None:
-            c0 = init_centroids(key, x, k, init, weights=w, spherical=spherical) if isinstance(init, str) else init
-            state = lloyd.start(jnp.asarray(c0), spec)
+            # the checked arguments drawn from directly (init_centroids would check the weights again)
+            c0 = lloyd.draw_init(key, x, w, k=k, method=init, spherical=spherical) if isinstance(init, str) else init
+            state = _start(jnp.asarray(c0), spec)
         else:
             state = LoopState(*map(jnp.asarray, _check_state(state, k, np.shape(x)[1], spec)))
 
         def advance(state, until):
-            return _iterate(x, w, state, tol, jnp.int32(until), spec)
+            return _iterate(x, w, state, tol, _until(until), spec)
 
         def final(state):
             return _finish(x, w, state, spec)
@@ -270,10 +289,25 @@ def kmeans(
         def final(state):
             return _finish_sharded(x, w, state, spec=spec, mesh=mesh, axis_name=axis_name)
 
-    state = run_in_pieces(advance, state, spec.max_iter, done=lambda s: int(s.it), stopped=lambda s: bool(s.converged),
-                          value=lambda s: float(np.asarray(s.objective)[int(s.it) - 1]), progress=progress,
-                          checkpoint=checkpoint)
+    pulled = _Pulled()
+    state = run_in_pieces(advance, state, spec.max_iter, done=lambda s: int(pulled(s)[0]),
+                          stopped=lambda s: bool(pulled(s)[1]), value=lambda s: float(pulled(s)[2][pulled(s)[0] - 1]),
+                          progress=progress, checkpoint=checkpoint)
     return final(state)
+
+
+class _Pulled:
+    """What the loop's driver reads of a state between pieces (iteration, converged, objective so far),
+    pulled to the host in one explicit transfer per state: one pull per piece (tests/test_residency.py),
+    none without ``progress`` and ``checkpoint`` (the loop then runs whole)."""
+
+    def __init__(self):
+        self.state, self.values = None, None
+
+    def __call__(self, s: LoopState):
+        if s is not self.state:
+            self.state, self.values = s, jax.device_get((s.it, s.converged, s.objective))
+        return self.values
 
 
 def _check_state(state, k: int, d: int, spec: LloydSpec) -> tuple:

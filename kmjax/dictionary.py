@@ -109,7 +109,7 @@ def learn_dictionary(
     choice(normalize, NORMALIZATIONS, "normalization")
     if flip_closed and (isinstance(k, bool) or not isinstance(k, int) or k < 2 or k % 2):
         raise InputError(f"a flip-closed dictionary holds pairs of atoms: k must be even and >= 2, got {k!r}")
-    key_kmeans = jax.random.split(key)[1]
+    key_kmeans = _split(key)[1]
     if patches is not None:
         if np.ndim(patches) != 2 or np.shape(patches)[1] != patch_size * patch_size * images.shape[-1]:
             raise InputError(f"patches must be (n, {patch_size * patch_size * images.shape[-1]}) for patch_size "
@@ -145,7 +145,14 @@ def learn_dictionary(
 
 def patch_key(key):
     """The key ``learn_dictionary(key, ...)`` draws its patch positions with."""
-    return jax.random.split(key)[0]
+    return _split(key)[0]
+
+
+@jax.jit
+def _split(key):
+    # jax.random.split(key)[i], compiled: an eager index would send i to the device
+    keys = jax.random.split(key)
+    return keys[0], keys[1]
 
 
 # The authors' released settings, as ``learn_dictionary``'s defaults: the one place they are written

@@ -193,7 +193,9 @@ def prepare_features(images, centroids, zca, spec: FeatureSpec, *, precision: st
     host_only("extract_features", "kmjax.batch_features (one batch, no checks)", images, centroids)
     check_images(images)
     check_precision(precision)
-    centroids = jnp.asarray(centroids, jnp.float32)
+    # host centroids sent explicitly (jnp.asarray would be an implicit transfer); device ones stay put
+    centroids = jnp.asarray(centroids if isinstance(centroids, jax.Array) else jax.device_put(
+        np.asarray(centroids, np.float32)), jnp.float32)
     check_matrix(centroids, "centroids")
     _check_spec(spec, images, centroids, zca)
     k = centroids.shape[0]
@@ -260,9 +262,11 @@ def extract_features(
     options = dict(spec=spec, step=step, precision=precision)
     if mesh is None:
         features = xla_fusions(batch_features, _STATIC, jax.default_backend())
+        # the dictionary sent once, explicitly (host arrays would be sent again with every batch)
+        centroids, zca = jax.device_put((centroids, zca))
 
         def compute(batch):
-            return features(jnp.asarray(batch), zca, centroids, **options)
+            return features(jax.device_put(batch), zca, centroids, **options)
     else:
         centroids, zca = replicate((centroids, zca), mesh)
         rows = NamedSharding(mesh, P(axis_name))
@@ -284,7 +288,8 @@ def run_batches(images, batch_size: int, dim: int, compute, progress=None, out=N
     """(N, dim) float32 host array from ``compute`` applied to fixed-size batches of images.
 
     The last batch is padded to ``batch_size`` (one compiled shape for the whole data set), and
-    batch i is fetched to the host while batch i + 1 computes (dispatch is asynchronous).
+    batch i is fetched to the host while batch i + 1 computes (dispatch is asynchronous): per batch,
+    ``compute`` sends the images and this pulls the features, each explicitly (tests/test_residency.py).
     ``out``: an (N, dim) float32 array to fill (default: a new one).
     """
     n = images.shape[0]
@@ -294,7 +299,7 @@ def run_batches(images, batch_size: int, dim: int, compute, progress=None, out=N
         raise InputError(f"out must be a float32 array of shape {(n, dim)}, got {out.dtype} {out.shape}")
 
     def store(start, m, feats):
-        out[start : start + m] = np.asarray(feats)[:m]
+        out[start : start + m] = jax.device_get(feats)[:m]  # the one pull of a batch (explicit)
         if progress is not None:
             progress(start + m, n, None)
 

@@ -319,11 +319,15 @@ def predict_features(standardizer: Standardizer, model: LinearModel, features, b
     if mirrors is not None and np.shape(mirrors) != np.shape(features):
         raise InputError(f"mirrors must have the features' shape {np.shape(features)}, got {np.shape(mirrors)}")
 
+    # sent once, explicitly (host arrays would be sent again with every block); per block one explicit
+    # transfer of its rows and one pull of their scores (tests/test_residency.py)
+    standardizer, model = jax.device_put((standardizer, model))
+
     def scores(x, i):
         rows = np.asarray(x[i : i + size], np.float32)
         if rows.shape[0] < size:
             rows = np.concatenate([rows, np.zeros((size - rows.shape[0], rows.shape[1]), np.float32)])
-        return np.asarray(_scores_raw(standardizer, model, rows))
+        return jax.device_get(_scores_raw(standardizer, model, jax.device_put(rows)))
 
     out = np.empty(n, np.int32)
     for i in range(0, n, size):
