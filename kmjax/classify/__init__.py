@@ -13,6 +13,7 @@
   Nystrom preconditioner), for features too wide for the F x F Gram matrix.
 - ``spec``: ``ClassifierSpec`` (the options of a fit, their defaults defined once) and
   ``ClassifierState`` (where a fit stands: what it checkpoints and resumes from).
+- ``validation``: the held-out split and the search for C (``validation_split``, ``search_C``).
 - ``select``: model selection: ``validation_split``, ``search_C`` and ``fit_classifier``, the one
   entry point that chooses C on held-out rows and fits any of the three classifiers.
 """

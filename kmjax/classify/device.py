@@ -5,7 +5,8 @@ Each pass is one program (a ``lax.fori_loop`` over blocks), so nothing crosses t
 between its blocks: the features, labels and row indices are put on the device once, and what
 comes back is the model (and one count of correct validation rows per C). ``fit_classifier`` takes this path
 when JAX's default device is an accelerator and the training features fit in its memory
-(``fits_on_device``); otherwise the host path of ``ridge``/``dual``, which streams the features from
+(``placement``; when only the solver's arrays fit, the features are streamed to it in blocks);
+otherwise the host path of ``ridge``/``dual``, which streams the features from
 disk and sums in float64 NumPy.
 
 Precision. Every product is float32 with float32 accumulation (``precision=HIGHEST``: no TF32 or
@@ -36,7 +37,7 @@ import numpy as np
 from kmjax.classify.linear import LinearModel, Standardizer, _scores_raw
 
 __all__ = ["Pair", "two_sum", "DeviceGram", "gram_on_device", "fit_ridge_on_device", "DeviceKernel", "kernel_on_device",
-           "fit_dual_on_device", "dual_scores_on_device", "primal_on_device", "linear_scores_on_device", "correct_on_device", "fits_on_device",
+           "fit_dual_on_device", "dual_scores_on_device", "primal_on_device", "linear_scores_on_device", "correct_on_device", "placement",
            "pulls"]
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -131,30 +132,63 @@ class DeviceGram(NamedTuple):
     y_sum: Pair
 
 
+def _gram_rows(s: DeviceGram, x, labels, keep, num_classes: int) -> DeviceGram:
+    """``s`` with a block of rows added: x (b, F) raw, their labels, keep (b,) 1 for a row, 0 for padding."""
+    x = (x - s.shift) * keep[:, None]
+    y = _targets(labels, num_classes) * keep[:, None]
+    return DeviceGram(s.count + keep.sum(), s.shift, two_sum(s.x_sum, x.sum(axis=0)), two_sum(s.gram, _mm(x.T, x)),
+                      two_sum(s.cross, _mm(x.T, y)), two_sum(s.y_sum, y.sum(axis=0)))
+
+
+@partial(jax.jit, static_argnames=("num_classes",))
+def _empty_gram(first, *, num_classes: int) -> DeviceGram:
+    """No rows yet, shifted by the mean of ``first`` (the first block of rows)."""
+    f = first.shape[1]
+    return DeviceGram(jnp.zeros((), jnp.float32), first.mean(axis=0), _zeros(f), _zeros((f, f)),
+                      _zeros((f, num_classes)), _zeros(num_classes))
+
+
 @partial(jax.jit, static_argnames=("num_classes", "block"), donate_argnames=("stats",))
-def gram_on_device(features, labels, rows, *, num_classes: int, stats: DeviceGram | None = None,
-                   block: int = _ROWS) -> DeviceGram:
-    """The Gram statistics of ``rows`` (int indices) of (N, F) device ``features``, added to
-    ``stats`` (consumed) when given. One program: a loop over row blocks, the last one masked."""
-    f = features.shape[1]
+def _gram_resident(features, labels, rows, *, num_classes: int, stats: DeviceGram | None, block: int) -> DeviceGram:
+    """One program: a loop over blocks of ``rows`` of the device features, the last one padded and masked."""
     if stats is None:
-        first = features[rows[:block]]
-        stats = DeviceGram(jnp.zeros((), jnp.float32), first.mean(axis=0), _zeros(f), _zeros((f, f)),
-                           _zeros((f, num_classes)), _zeros(num_classes))
+        stats = _empty_gram(features[rows[:block]], num_classes=num_classes)
     n = rows.shape[0]
     padded = jnp.pad(rows, (0, -n % block))
     valid = (jnp.arange(padded.shape[0]) < n).astype(jnp.float32)
 
     def step(start, width, s: DeviceGram):
         idx = jax.lax.dynamic_slice_in_dim(padded, start, width)
-        keep = jax.lax.dynamic_slice_in_dim(valid, start, width)[:, None]
-        x = (features[idx] - s.shift) * keep
-        y = _targets(labels[idx], num_classes) * keep
-        return s._replace(x_sum=two_sum(s.x_sum, x.sum(axis=0)), gram=two_sum(s.gram, _mm(x.T, x)),
-                          cross=two_sum(s.cross, _mm(x.T, y)), y_sum=two_sum(s.y_sum, y.sum(axis=0)))
+        return _gram_rows(s, features[idx], labels[idx], jax.lax.dynamic_slice_in_dim(valid, start, width), num_classes)
 
-    stats = _blocks(padded.shape[0], block, step)(stats)
-    return stats._replace(count=stats.count + n)
+    return _blocks(padded.shape[0], block, step)(stats)
+
+
+@partial(jax.jit, static_argnames=("num_classes",), donate_argnames=("stats",))
+def _gram_block(stats: DeviceGram, x, labels, keep, *, num_classes: int) -> DeviceGram:
+    return _gram_rows(stats, x, labels, keep, num_classes)
+
+
+def gram_on_device(features, labels, rows, *, num_classes: int, stats: DeviceGram | None = None,
+                   block: int = _ROWS) -> DeviceGram:
+    """The Gram statistics of ``rows`` (int indices) of (N, F) ``features``, added to ``stats``
+    (consumed) when given. Device features (a ``jax.Array``; labels and rows too): one program, a
+    loop over row blocks. Host features (NumPy, a memmap; labels and rows host arrays): streamed,
+    each block read and put on the device while the previous one is summed there (JAX dispatches
+    asynchronously), the last block padded to the same shape (one program for every block)."""
+    if isinstance(features, jax.Array):
+        return _gram_resident(features, labels, rows, num_classes=num_classes, stats=stats, block=block)
+    rows = np.sort(np.asarray(rows))
+    for start in range(0, rows.size, block):
+        idx = rows[start : start + block]
+        pad = block - idx.size
+        x = np.pad(np.asarray(features[idx], np.float32), ((0, pad), (0, 0)))
+        if stats is None:
+            stats = _empty_gram(put(x[: idx.size]), num_classes=num_classes)
+        keep = np.arange(block) < idx.size
+        stats = _gram_block(stats, put(x), put(np.pad(np.asarray(labels)[idx], (0, pad))), put(keep, np.float32),
+                            num_classes=num_classes)
+    return stats
 
 
 @partial(jax.jit, static_argnames=("eps", "refine"))
@@ -185,25 +219,59 @@ class DeviceKernel(NamedTuple):
     kernel: jax.Array
 
 
+def _kernel_columns(kernel: Pair, x, eps: float):
+    """``kernel`` with a block of columns added: x (N, b) standardized over its rows (float32, two
+    passes), z z^T summed into the pair; with the block's mean and scale. A zero column (padding)
+    adds nothing."""
+    mu = x.mean(axis=0)
+    xc = x - mu
+    sd = jnp.sqrt(jnp.square(xc).sum(axis=0) / (x.shape[0] - 1) + eps)
+    z = xc / sd
+    return two_sum(kernel, _mm(z, z.T)), mu, sd
+
+
 @partial(jax.jit, static_argnames=("eps", "block"))
-def kernel_on_device(features, eps: float = 0.01, *, block: int = _COLUMNS) -> DeviceKernel:
-    """``dual.accumulate_kernel`` over every row and column of (N, F) device ``features``: a loop
-    over column blocks, each standardized over the rows (float32, two passes) and its z z^T added
-    to the kernel pair."""
+def _kernel_resident(features, eps: float, block: int) -> DeviceKernel:
     n, f = features.shape
 
     def step(start, width, carry):
         mean, scale, kernel = carry
-        x = jax.lax.dynamic_slice_in_dim(features, start, width, axis=1)
-        mu = x.mean(axis=0)
-        xc = x - mu
-        sd = jnp.sqrt(jnp.square(xc).sum(axis=0) / (n - 1) + eps)
-        z = xc / sd
+        kernel, mu, sd = _kernel_columns(kernel, jax.lax.dynamic_slice_in_dim(features, start, width, axis=1), eps)
         return (jax.lax.dynamic_update_slice_in_dim(mean, mu, start, 0),
-                jax.lax.dynamic_update_slice_in_dim(scale, sd, start, 0), two_sum(kernel, _mm(z, z.T)))
+                jax.lax.dynamic_update_slice_in_dim(scale, sd, start, 0), kernel)
 
     mean, scale, kernel = _blocks(f, block, step)((jnp.zeros(f), jnp.ones(f), _zeros((n, n))))
     return DeviceKernel(mean, scale, _value(kernel))
+
+
+_kernel_block = jax.jit(_kernel_columns, static_argnames=("eps",), donate_argnames=("kernel",))
+_empty_kernel = jax.jit(_zeros, static_argnums=0)
+
+
+@partial(jax.jit, static_argnames=("f",))
+def _finish_kernel(means, scales, kernel: Pair, *, f: int) -> DeviceKernel:
+    return DeviceKernel(jnp.concatenate(means)[:f], jnp.concatenate(scales)[:f], _value(kernel))
+
+
+def _column_blocks(features, block: int):
+    """Column blocks of host ``features`` put on the device, the last padded with zero columns."""
+    for start in range(0, np.shape(features)[1], block):
+        x = np.asarray(features[:, start : start + block], np.float32)
+        yield put(np.pad(x, ((0, 0), (0, block - x.shape[1]))))
+
+
+def kernel_on_device(features, eps: float = 0.01, *, block: int = _COLUMNS) -> DeviceKernel:
+    """``dual.accumulate_kernel`` over every row and column of (N, F) ``features``, by column
+    blocks. Device features: one program. Host features: streamed as ``gram_on_device`` streams."""
+    if isinstance(features, jax.Array):
+        return _kernel_resident(features, eps, block)
+    n, f = np.shape(features)
+    kernel, means, scales = _empty_kernel((n, n)), [], []
+    for x in _column_blocks(features, block):
+        kernel, mu, sd = _kernel_block(kernel, x, eps)
+        means.append(mu)
+        scales.append(sd)
+    return _finish_kernel(means, scales, kernel, f=f)
 
 
 class DeviceDualFit(NamedTuple):
@@ -240,29 +308,65 @@ def dual_scores_on_device(kern: DeviceKernel, fit: DeviceDualFit, rows):
     return _value(_dot(block, fit.alpha)) + fit.y_mean
 
 
+@partial(jax.jit, static_argnames=("n_all",))
+def _fitted_weights(fit: DeviceDualFit, *, n_all: int):
+    """alpha on every row (zero off the fitted ones) beside the fitted rows' indicator / n: then
+    Z_c^T alpha = Z^T alpha_full - m (1^T alpha), m = Z^T indicator / n the fitted rows' mean of z."""
+    out = jnp.zeros((n_all, fit.alpha.shape[1] + 1), jnp.float32)
+    return out.at[fit.rows, :-1].set(fit.alpha).at[fit.rows, -1].set(1.0 / fit.rows.shape[0])
+
+
+def _primal_columns(x, mean, scale, weights_in, alpha_sum):
+    """The primal weights of a block of columns x (N, b), and their share of the bias."""
+    prod = _value(_dot(((x - mean) / scale).T, weights_in))
+    m = prod[:, -1]
+    w = prod[:, :-1] - jnp.outer(m, alpha_sum)
+    return w, m @ w
+
+
 @partial(jax.jit, static_argnames=("block",))
-def primal_on_device(kern: DeviceKernel, fit: DeviceDualFit, features, *, block: int = _COLUMNS):
-    """(Standardizer, LinearModel) of a dual fit (``dual.primal_model``): W = Z_c^T alpha by column
-    blocks of the device features, each a compensated sum over the rows."""
-    n_all, f = features.shape
-    n = fit.rows.shape[0]
-    # alpha on every row (zero off the fitted ones) and the fitted rows' indicator / n: Z_c^T alpha =
-    # Z^T alpha_full - m (1^T alpha), m the fitted rows' mean of z
-    weights_in = jnp.zeros((n_all, fit.alpha.shape[1] + 1), jnp.float32)
-    weights_in = weights_in.at[fit.rows, :-1].set(fit.alpha).at[fit.rows, -1].set(1.0 / n)
-    alpha_sum = fit.alpha.sum(axis=0)
+def _primal_resident(kern: DeviceKernel, fit: DeviceDualFit, features, block: int):
+    f = features.shape[1]
+    weights_in, alpha_sum = _fitted_weights(fit, n_all=features.shape[0]), fit.alpha.sum(axis=0)
 
     def step(start, width, carry):
         weights, bias = carry
-        z = ((jax.lax.dynamic_slice_in_dim(features, start, width, axis=1)
-              - jax.lax.dynamic_slice_in_dim(kern.mean, start, width)) / jax.lax.dynamic_slice_in_dim(kern.scale, start, width))
-        prod = _value(_dot(z.T, weights_in))
-        m = prod[:, -1]
-        w = prod[:, :-1] - jnp.outer(m, alpha_sum)
-        return jax.lax.dynamic_update_slice_in_dim(weights, w, start, 0), bias - m @ w
+        w, share = _primal_columns(*(jax.lax.dynamic_slice_in_dim(a, start, width, axis=a.ndim - 1)
+                                     for a in (features, kern.mean, kern.scale)), weights_in, alpha_sum)
+        return jax.lax.dynamic_update_slice_in_dim(weights, w, start, 0), bias - share
 
     weights, bias = _blocks(f, block, step)((jnp.zeros((f, fit.alpha.shape[1]), jnp.float32), fit.y_mean))
     return Standardizer(kern.mean, kern.scale), LinearModel(jnp.concatenate([weights, bias[None, :]]))
+
+
+_primal_block = jax.jit(_primal_columns)
+
+
+@partial(jax.jit, static_argnames=("f",))
+def _finish_primal(kern: DeviceKernel, fit: DeviceDualFit, parts, shares, *, f: int):
+    weights = jnp.concatenate(parts)[:f]
+    bias = fit.y_mean - jnp.sum(jnp.stack(shares), axis=0)
+    return Standardizer(kern.mean, kern.scale), LinearModel(jnp.concatenate([weights, bias[None, :]]))
+
+
+@partial(jax.jit, static_argnames=("block", "fill"))
+def _split(v, *, block: int, fill: float):
+    """(F,) ``v`` in blocks of ``block``, the last padded with ``fill``: a tuple, made by one program."""
+    return tuple(jnp.pad(v, (0, -v.shape[0] % block), constant_values=fill).reshape(-1, block))
+
+
+def primal_on_device(kern: DeviceKernel, fit: DeviceDualFit, features, *, block: int = _COLUMNS):
+    """(Standardizer, LinearModel) of a dual fit (``dual.primal_model``): W = Z_c^T alpha by column
+    blocks of the features, each a compensated sum over the rows. Device features: one program;
+    host features: streamed as ``gram_on_device`` streams."""
+    if isinstance(features, jax.Array):
+        return _primal_resident(kern, fit, features, block)
+    n_all, f = np.shape(features)
+    weights_in, alpha_sum = _fitted_weights(fit, n_all=n_all), fit.alpha.sum(axis=0)
+    blocks = zip(_column_blocks(features, block), _split(kern.mean, block=block, fill=0.0),
+                 _split(kern.scale, block=block, fill=1.0))
+    parts, shares = zip(*(_primal_block(x, mean, scale, weights_in, alpha_sum) for x, mean, scale in blocks))
+    return _finish_primal(kern, fit, parts, shares, f=f)
 
 
 # --------------------------------------------------------------------------------------- scores, sizes
@@ -295,18 +399,23 @@ def pull(x):
     return jax.device_get(x)
 
 
-def fits_on_device(n_rows: int, n_features: int, dual: bool, device=None) -> bool:
-    """Whether a device fit of (n_rows, n_features) features fits in ``device``'s memory (default:
-    JAX's first device), by its ``memory_stats`` limit: the features plus the dual's kernel pair,
-    centred block and factor (4 N^2 float32) or the primal's Gram pair, matrix and factor (4 F^2),
-    with a quarter spare. False where the device does not report its memory (a CPU)."""
+def placement(n_rows: int, n_features: int, dual: bool, device=None) -> str | None:
+    """Where a device fit of (n_rows, n_features) float32 features goes, by ``device``'s memory
+    (default: JAX's first device; its ``memory_stats`` limit, with a quarter spare): "resident"
+    when the features fit beside the solver's arrays, "streamed" when only the solver's arrays fit
+    (the features then cross in blocks), None when not even they fit, or the device does not
+    report its memory (a CPU). The solver's arrays at their peak: three float32 side x side
+    matrices, side N for the dual (the kernel pair and its rounding; then the kernel, the centred
+    block and its factor), F for the Gram statistics."""
     device = jax.devices()[0] if device is None else device
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
     if not stats or "bytes_limit" not in stats:
-        return False
-    side = n_rows if dual else n_features
-    need = 4 * (n_rows * n_features + 5 * side * side)
-    return need * 1.25 <= stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+        return None
+    free = (stats["bytes_limit"] - stats.get("bytes_in_use", 0)) / 1.25
+    solver = 4 * 3 * (n_rows if dual else n_features) ** 2
+    if solver + 4 * n_rows * n_features <= free:
+        return "resident"
+    return "streamed" if solver + 4 * 2 * n_rows * _COLUMNS <= free else None
 
 
 def put(x, dtype=None):

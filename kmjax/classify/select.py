@@ -9,7 +9,7 @@ of them.
 from __future__ import annotations
 
 import time
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -23,6 +23,7 @@ from kmjax.classify import device, tiled
 from kmjax.classify.dual import accumulate_kernel, dual_scores, empty_kernel_stats, fit_dual, kernel_memory, primal_model
 from kmjax.classify.ridge import accumulate_gram, fit_ridge, gram_stats
 from kmjax.classify.spec import ClassifierSpec, ClassifierState
+from kmjax.classify.validation import _check_grid, search_C, validation_split
 
 __all__ = ["CLASSIFIERS", "SOLVERS", "ClassifierSpec", "ClassifierState", "ClassifierFit", "validation_split", "search_C",
            "fit_classifier"]
@@ -50,50 +51,6 @@ class ClassifierFit(NamedTuple):
     n_iter: int | None
     objective: float | None
     grad_norm: float | None
-
-
-def validation_split(n_rows: int, key, *, val_fraction: float = 0.1, copies: int = 1):
-    """(fit rows, held-out rows, held-out rows to score): sorted int indices into ``n_rows`` rows.
-
-    With ``copies`` = 2, rows i and i + n (n = n_rows // 2) hold one image and its mirror: the
-    split is by image, so that no image's mirror is fitted while the image itself is validated,
-    and only the originals are scored. ``round(val_fraction * n)`` images (at least one) are held
-    out, the first of ``jax.random.permutation(key, n)``.
-    """
-    host_only("validation_split", "jax.random.permutation", key)
-    n_rows, copies = positive_int(n_rows, "n_rows"), positive_int(copies, "copies")
-    if n_rows % copies:
-        raise InputError(f"{n_rows} rows are not {copies} copies of the same images: copies must divide the rows")
-    n = n_rows // copies
-    number(val_fraction, "val_fraction", above=0, below=1)
-    n_val = max(1, int(round(val_fraction * n)))
-    if n_val >= n:
-        raise InputError(f"holding out {n_val} of {n} images leaves none to fit; use more rows or a smaller "
-                         "val_fraction")
-    perm = np.asarray(jax.random.permutation(key, n))
-    val, fit = (np.sort(np.concatenate([idx + j * n for j in range(copies)])) for idx in (perm[:n_val], perm[n_val:]))
-    return fit, val, np.sort(perm[:n_val])
-
-
-def _check_grid(grid) -> list[float]:
-    grid = list(() if grid is None else grid)
-    for C in grid:
-        number(C, f"every C of C_grid {grid!r}", above=0)
-    return grid
-
-
-def search_C(grid, score: Callable[[float], float], log: Callable[[str], None] | None = None):
-    """(best C, {C: score(C)}) over ``grid``, each C as a float; ties go to the stronger
-    regularization (the smaller C). ``log``: optional callable given one line per C."""
-    grid = _check_grid(grid)
-    if not grid:
-        raise InputError("search_C needs at least one C in the grid")
-    scores = {}
-    for C in grid:
-        scores[float(C)] = score(float(C))
-        if log is not None:
-            log(f"  C = {C:g}: validation accuracy {scores[float(C)]:.4f}")
-    return max(scores, key=lambda C: (scores[C], -C)), scores
 
 
 def _scorer(features, labels, scored, mirror_offset):
@@ -168,60 +125,66 @@ def _fit_lbfgs(run: _Run) -> ClassifierFit:
     return ClassifierFit(std, model, float(C), scores, int(info.n_iter), float(info.loss), float(info.grad_norm))
 
 
-def _on_device(run: _Run, dual: bool) -> bool:
-    """Whether ridge runs on the accelerator (``device.py``): JAX's default device is one (or
-    ``tiled.ON_DEVICE`` forces it) and the features fit in its memory (unless forced)."""
-    n, f = np.shape(run.features)
-    return tiled.on_device() and (tiled.ON_DEVICE is True or device.fits_on_device(n, f, dual))
+def _placement(run: _Run, dual: bool) -> str | None:
+    """Whether ridge runs on the accelerator (``device.py``) and how: JAX's default device is one
+    (or ``tiled.ON_DEVICE`` forces it, with the features resident) and its memory takes the fit."""
+    if not tiled.on_device():
+        return None
+    return "resident" if tiled.ON_DEVICE is True else device.placement(*np.shape(run.features), dual)
 
 
-def _fit_ridge_device(run: _Run, dual: bool) -> ClassifierFit:
-    """Ridge with every pass on the device (``device.py``): the features, labels and row indices
-    are put there once; what comes back is one validation accuracy per C, and the model. Each pass
-    is a program of its own and takes seconds, so nothing is checkpointed."""
+def _fit_ridge_device(run: _Run, dual: bool, placement: str) -> ClassifierFit:
+    """Ridge with every pass on the device (``device.py``): the labels and row indices are put
+    there once, the features too when resident (else each pass streams them in blocks); what comes
+    back is one count of correct validation rows per C, and the model. Each pass is a program of
+    its own and takes seconds on an accelerator, so nothing is checkpointed."""
     n, f = np.shape(run.features)
     run.say(f"  ridge on the {jax.default_backend()} device ({'dual' if dual else 'Gram'}: {n:,} rows, {f:,} features), "
-            "features held there")
-    features, labels, num_classes = device.put(run.features, np.float32), device.put(run.labels), run.num_classes
+            f"features {placement}")
+    resident = placement == "resident"
+    rows = device.put if resident else np.asarray  # what indexes the features: on their side
+    features = device.put(run.features, np.float32) if resident else run.features
+    labels, device_labels, num_classes = rows(run.labels), device.put(run.labels), run.num_classes
+    kern = device.kernel_on_device(features) if dual else None
     scores, C = {}, run.spec.C
     if run.spec.C_grid:
         fit, val, scored = run.split
-        fit_rows, scored_labels = device.put(fit), device.put(run.labels[scored])
-        views = [device.put(scored)] + ([] if run.mirror is None else [device.put(scored + run.mirror)])
+        views = [scored] + ([] if run.mirror is None else [scored + run.mirror])
         if dual:
-            kern = device.kernel_on_device(features)
+            fit_rows, views = device.put(fit), [device.put(v) for v in views]
 
-            def score(C):
-                solution = device.fit_dual_on_device(kern, labels, device.put(C, np.float32), fit_rows,
-                                                     num_classes=num_classes)
-                s = sum(device.dual_scores_on_device(kern, solution, rows) for rows in views)
-                return int(device.pull(device.correct_on_device(s, scored_labels))) / scored.size
+            def scores_of(C):
+                solution = device.fit_dual_on_device(kern, device_labels, C, fit_rows, num_classes=num_classes)
+                return [device.dual_scores_on_device(kern, solution, v) for v in views]
         else:
-            stats = device.gram_on_device(features, labels, fit_rows, num_classes=num_classes)
+            stats = device.gram_on_device(features, labels, rows(fit), num_classes=num_classes)
+            held = device.put(run.features[np.concatenate(views)], np.float32)  # the held-out rows, each view
+            views = [device.put(np.arange(i * scored.size, (i + 1) * scored.size)) for i in range(len(views))]
 
-            def score(C):
-                std, model = device.fit_ridge_on_device(stats, device.put(C, np.float32))
-                s = sum(device.linear_scores_on_device(std, model, features, rows) for rows in views)
-                return int(device.pull(device.correct_on_device(s, scored_labels))) / scored.size
+            def scores_of(C):
+                std, model = device.fit_ridge_on_device(stats, C)
+                return [device.linear_scores_on_device(std, model, held, v) for v in views]
 
-        C, scores = search_C(run.spec.C_grid, score, run.log)
+        scored_labels = device.put(run.labels[scored])
+        C, scores = search_C(run.spec.C_grid, lambda C: int(device.pull(device.correct_on_device(
+            sum(scores_of(device.put(C, np.float32))), scored_labels))) / scored.size, run.log)
         if not dual:
-            stats = device.gram_on_device(features, labels, device.put(val), num_classes=num_classes, stats=stats)
-    every, C_dev = device.put(np.arange(n)), device.put(C, np.float32)
+            stats = device.gram_on_device(features, labels, rows(val), num_classes=num_classes, stats=stats)
+    C_dev = device.put(C, np.float32)
     if dual:
-        kern = kern if run.spec.C_grid else device.kernel_on_device(features)
-        solution = device.fit_dual_on_device(kern, labels, C_dev, every, num_classes=num_classes)
+        solution = device.fit_dual_on_device(kern, device_labels, C_dev, device.put(np.arange(n)), num_classes=num_classes)
         std, model = device.primal_on_device(kern, solution, features)
     else:
         if not run.spec.C_grid:
-            stats = device.gram_on_device(features, labels, every, num_classes=num_classes)
+            stats = device.gram_on_device(features, labels, rows(np.arange(n)), num_classes=num_classes)
         std, model = device.fit_ridge_on_device(stats, C_dev)
     return ClassifierFit(std, model, float(C), scores, None, None, None)
 
 
 def _fit_ridge(run: _Run) -> ClassifierFit:
-    if _on_device(run, dual=False):
-        return _fit_ridge_device(run, dual=False)
+    placement = _placement(run, dual=False)
+    if placement:
+        return _fit_ridge_device(run, False, placement)
     C_grid, split = run.spec.C_grid, run.split
     rows = None if not C_grid else split[0]
     features, labels = run.features, run.labels
@@ -288,8 +251,9 @@ def _fit_ridge_dual(run: _Run) -> ClassifierFit:
     """Ridge from the N x N kernel (``dual.py``), grown over column blocks of the features and
     checkpointed as it grows (every ``_SAVE_EVERY`` seconds and when complete); each C of the grid
     is one factorization of the fitted rows' block, scored on the held-out rows' cross-kernel."""
-    if _on_device(run, dual=True):
-        return _fit_ridge_device(run, dual=True)
+    placement = _placement(run, dual=True)
+    if placement:
+        return _fit_ridge_device(run, True, placement)
     features, labels, num_classes = run.features, run.labels, run.num_classes
     n, f = np.shape(features)
     run.say(f"  dual ridge ({f:,} features, {n:,} rows): a {n:,} x {n:,} float32 kernel and its factorization, "
