@@ -19,18 +19,32 @@ def is_tracer(x) -> bool:
 
 
 def check_images(images) -> None:
-    """Images are (N, H, W, C) with at least one image, and finite when they are floats."""
+    """Images are (N, H, W, C) with at least one image, and finite when they are floats.
+
+    Device images are checked where they are: one fused pass, and only its flag pulled
+    (explicitly); the per-image counts of the error message only when something is not finite."""
     shape = np.shape(images)
     if len(shape) != 4:
         hint = " (add a channel axis: images[..., None])" if len(shape) == 3 else ""
         raise InputError(f"images must have shape (N, H, W, C), got shape {shape}{hint}")
     if shape[0] == 0:
         raise InputError("images is empty: got 0 images")
-    if is_tracer(images) or np.asarray(images[:0]).dtype.kind != "f":
+    if is_tracer(images):
         return
-    bad = ~np.isfinite(np.asarray(images))
-    if bad.any():
-        which = np.flatnonzero(bad.reshape(shape[0], -1).any(axis=1))
+    if isinstance(images, jax.Array):
+        if images.dtype.kind != "f" or bool(jax.device_get(_all_finite(images))):
+            return
+        bad = jax.device_get(_bad_per_image(images))
+    else:
+        images = np.asarray(images)
+        if images.dtype.kind != "f":
+            return
+        bad = ~np.isfinite(images)
+        if not bad.any():
+            return
+        bad = bad.reshape(shape[0], -1).sum(axis=1)
+    which = np.flatnonzero(bad)
+    if which.size:
         raise InputError(f"images hold {int(bad.sum())} NaN or Inf values, in {which.size} of {shape[0]} images "
                          f"(the first: index {int(which[0])}); fix or drop those images")
 
@@ -41,8 +55,20 @@ def _all_finite(x):
     return jnp.all(jnp.isfinite(x))
 
 
+@jax.jit
+def _bad_per_image(images):
+    # (N,) the non-finite values of each image, counted on the device (the error message's)
+    return jnp.sum(~jnp.isfinite(images.reshape(images.shape[0], -1)), axis=1, dtype=jnp.int32)
+
+
+@jax.jit
+def _n_bad(x):
+    return jnp.sum(~jnp.isfinite(x), dtype=jnp.int32)
+
+
 def check_matrix(x, name: str = "x") -> None:
-    """A (N, D) array of N >= 1 finite values (finiteness checked only on concrete arrays)."""
+    """A (N, D) array of N >= 1 finite values (finiteness checked only on concrete arrays; on a
+    device array, in one fused pass whose flag alone is pulled, explicitly)."""
     shape = np.shape(x)
     if len(shape) != 2:
         raise InputError(f"{name} must be a 2-D array (N, D), got shape {shape}")
@@ -50,9 +76,12 @@ def check_matrix(x, name: str = "x") -> None:
         raise InputError(f"{name} is empty: shape {shape}")
     if is_tracer(x):
         return
-    if isinstance(x, jax.Array) and bool(_all_finite(x)):
-        return
-    bad = int((~np.isfinite(np.asarray(x))).sum())
+    if isinstance(x, jax.Array):
+        if bool(jax.device_get(_all_finite(x))):
+            return
+        bad = int(jax.device_get(_n_bad(x)))  # the error message's count, counted on the device
+    else:
+        bad = int((~np.isfinite(np.asarray(x))).sum())
     if bad:
         raise InputError(f"{name} contains {bad} NaN or Inf values; clean or drop those rows first")
 

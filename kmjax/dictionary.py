@@ -8,6 +8,7 @@ are the authors' released settings (docs/design.md, "Reference settings").
 from __future__ import annotations
 
 import inspect
+from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -114,21 +115,23 @@ def learn_dictionary(
         if np.ndim(patches) != 2 or np.shape(patches)[1] != patch_size * patch_size * images.shape[-1]:
             raise InputError(f"patches must be (n, {patch_size * patch_size * images.shape[-1]}) for patch_size "
                              f"{patch_size} and {images.shape[-1]} channels, got shape {np.shape(patches)}")
+        if not isinstance(patches, jax.Array):  # sent explicitly, not by the jitted steps below
+            patches = jax.device_put(np.asarray(patches))
     elif sampling == "random":
         patches = sample_patches(patch_key(key), images, n_patches, patch_size)
     else:
         patches = extract_patches(images, patch_size, stride)
         patches = patches.reshape(-1, patches.shape[-1])
     if normalize == "patch":
-        x = normalize_patches(patches, eps_norm)
+        # eps sent explicitly, as the weak-typed scalar a Python float would be: the same program for any eps
+        x = normalize_patches(patches, jax.device_put(eps_norm))
     elif normalize == "dimension":
         x = standardize_dimensions(patches)
     else:
         x = jnp.asarray(patches, jnp.float32)
     zca = None
     if whiten and flip_closed:
-        zca = symmetrize_zca(fit_zca(jnp.concatenate([x, x[:, patch_mirror_index(patch_size, images.shape[-1])]]),
-                                     eps_zca), patch_size)
+        zca = _symmetrize_zca(fit_zca(_with_mirrors(x, patch_size, images.shape[-1]), eps_zca), patch_size)
     elif whiten:
         zca = fit_zca(x, eps_zca)
     if zca is not None:
@@ -138,9 +141,9 @@ def learn_dictionary(
     result = kmeans(key_kmeans, x, k // 2 if flip_closed else k, progress=progress, mesh=mesh, state=state,
                     checkpoint=checkpoint, **options)
     if flip_closed:
-        result = result._replace(centroids=close_dictionary(result.centroids, patch_size),
+        result = result._replace(centroids=_close_dictionary(result.centroids, patch_size),
                                  counts=jnp.concatenate([result.counts, result.counts]))
-    return Dictionary(zca, result, jnp.int32(x.shape[0]))
+    return Dictionary(zca, result, jax.device_put(np.int32(x.shape[0])))
 
 
 def patch_key(key):
@@ -153,6 +156,17 @@ def _split(key):
     # jax.random.split(key)[i], compiled: an eager index would send i to the device
     keys = jax.random.split(key)
     return keys[0], keys[1]
+
+
+# The flip-closed steps, compiled: eagerly their NumPy mirror indices would be sent implicitly (and
+# each operation be a program of its own)
+@partial(jax.jit, static_argnums=(1, 2))
+def _with_mirrors(x, patch_size: int, channels: int):
+    return jnp.concatenate([x, x[:, patch_mirror_index(patch_size, channels)]])
+
+
+_symmetrize_zca = jax.jit(symmetrize_zca, static_argnums=1)
+_close_dictionary = jax.jit(close_dictionary, static_argnums=1)
 
 
 # The authors' released settings, as ``learn_dictionary``'s defaults: the one place they are written

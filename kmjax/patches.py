@@ -64,7 +64,8 @@ def extract_patches(images, size: int, stride: int = 1):
       (row, column, channel) order.
     """
     size, stride = _check_window(images, size, stride)
-    return patch_grid(jnp.asarray(images), size, stride)
+    # host images sent explicitly (jnp.asarray would be an implicit transfer); device ones stay put
+    return patch_grid(images if isinstance(images, jax.Array) else jax.device_put(np.asarray(images)), size, stride)
 
 
 def sample_positions(key, num: int, n_images: int, height: int, width: int, size: int):
@@ -113,4 +114,4 @@ def sample_patches(key, images, num: int, size: int):
     """
     size, _ = _check_window(images, size, 1)
     num = positive_int(num, "num")
-    return _sample(key, jnp.asarray(images), num, size)
+    return _sample(key, images if isinstance(images, jax.Array) else jax.device_put(np.asarray(images)), num, size)

@@ -11,6 +11,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from kmjax._checks import check_matrix, number
 from kmjax.errors import InputError
@@ -95,11 +96,14 @@ def fit_zca(patches, eps: float = 0.1) -> ZCA:
       i.e. the identity shrunk along directions whose variance is comparable to eps.
     """
     check_matrix(patches, "patches")
-    patches = jnp.asarray(patches)
-    if patches.shape[0] < 2:
-        raise InputError(f"fit_zca needs at least 2 patches to estimate a covariance, got {patches.shape[0]}")
+    if np.shape(patches)[0] < 2:
+        raise InputError(f"fit_zca needs at least 2 patches to estimate a covariance, got {np.shape(patches)[0]}")
     number(eps, "eps", at_least=0)
-    return _fit_zca(patches, jnp.float32(eps))
+    # host values sent explicitly (jnp.asarray, jnp.float32 would be implicit transfers): one program
+    # for every eps, as before (a float32 scalar operand)
+    if not isinstance(patches, jax.Array):
+        patches = jax.device_put(np.asarray(patches))
+    return _fit_zca(patches, jax.device_put(np.float32(eps)))
 
 
 @jax.jit

@@ -1,12 +1,13 @@
-"""Residency of the hot passes, checked on this CPU: the Lloyd loop (``kmeans``, and as
-``learn_dictionary`` runs it), a features segment (``batch_features``, and ``extract_features``
-over host images), prediction (``_scores_raw``, ``predict_features``). (The classifier's device
-path has its own such tests, in test_device.py.)
+"""Residency of the hot passes, checked on this CPU: the Lloyd loop (``kmeans``), ``learn_dictionary``
+whole (patches, normalization, whitening, its Lloyd loop), the argument checks, a features segment
+(``batch_features``, and ``extract_features`` over host images), prediction (``_scores_raw``,
+``predict_features``). (The classifier's device path has its own such tests, in test_device.py.)
 
 Each pass gets its inputs put on the device first (``jax.device_put``) and runs under
-``jax.transfer_guard_host_to_device("disallow")``; the passes that should make no implicit pull
-run under ``jax.transfer_guard_device_to_host("disallow")`` too. Its pulls (device-to-host reads)
-are counted and asserted, each with what it is.
+``jax.transfer_guard_host_to_device("disallow")`` and ``jax.transfer_guard_device_to_host("disallow")``:
+every transfer is explicit (``jax.device_put``, ``jax.device_get``). Its pulls (device-to-host reads)
+are counted and asserted, each with what it is; an argument check pulls one flag (one fused pass
+over the array on its device), never the data.
 
 What the guard does on JAX's CPU backend (``test_what_the_guard_catches_on_this_cpu``):
 - host-to-device, "disallow" raises on every implicit transfer, as on a GPU: a NumPy array or a
@@ -101,9 +102,9 @@ def _numpy_reads_through_value():
 
 
 @contextlib.contextmanager
-def _count(monkeypatch, *, pulls_allowed: bool = False):
-    """Run the block with implicit host-to-device transfers disallowed (and device-to-host too unless
-    ``pulls_allowed``), recording the transfers into the ``Transfers`` it yields."""
+def _count(monkeypatch):
+    """Run the block with implicit transfers disallowed both ways, recording the transfers into the
+    ``Transfers`` it yields."""
     record = Transfers()
     value = jax_array.ArrayImpl._value
     device_get, device_put = jax.device_get, jax.device_put
@@ -126,10 +127,9 @@ def _count(monkeypatch, *, pulls_allowed: bool = False):
     monkeypatch.setattr(jax_array.ArrayImpl, "_value", property(read))
     monkeypatch.setattr(jax, "device_get", get)
     monkeypatch.setattr(jax, "device_put", put)
-    d2h = "allow" if pulls_allowed else "disallow"
     try:
         with _numpy_reads_through_value(), jax.transfer_guard_host_to_device("disallow"), \
-                jax.transfer_guard_device_to_host(d2h):
+                jax.transfer_guard_device_to_host("disallow"):
             yield record
     finally:
         monkeypatch.undo()
@@ -166,7 +166,7 @@ def _same(a, b):
 SETTINGS = {"default": {}, "accelerator": dict(update="matmul", chunk_size=N),
             "accelerator-pallas": dict(update="matmul", chunk_size=N, kernel="pallas"),
             "spherical": dict(spherical=True, init="random", empty="reseed")}
-CHECK = "_checks.py:check_matrix"  # check_matrix: bool(_all_finite(x)), the finiteness check of the points
+CHECK = "_checks.py:check_matrix"  # check_matrix: jax.device_get(_all_finite(x)), the points' finiteness flag
 
 
 @pytest.mark.parametrize("setting", sorted(SETTINGS))
@@ -174,12 +174,12 @@ def test_the_lloyd_loop_is_resident(monkeypatch, setting):
     options = dict(max_iter=6, **SETTINGS[setting])
     host = kmjax.kmeans(KEY, _points(), K, **options)
     x = jax.device_put(_points())
-    with _count(monkeypatch, pulls_allowed=True) as record:
+    with _count(monkeypatch) as record:  # no implicit transfer either way
         result = jax.block_until_ready(kmjax.kmeans(KEY, x, K, **options))
     _same(result, host)
-    # one pull: the argument check's finiteness flag (implicit; kmjax/_checks.py). The loop runs whole,
+    # one pull: the argument check's finiteness flag (explicit; kmjax/_checks.py). The loop runs whole,
     # as one program: no pull in it, none at its end (the result stays on the device)
-    assert record.implicit == [CHECK] and record.gets == []
+    assert record.implicit == [] and record.gets == [CHECK]
     # sent explicitly: tol, and the loop's stopping iteration (traced: one program for any split)
     assert record.puts == ["cluster.py:check_kmeans", "cluster.py:_until"]
 
@@ -189,15 +189,15 @@ def test_the_lloyd_loop_with_progress_pulls_once_per_iteration(monkeypatch, tol)
     calls = []
     x = jax.device_put(_points())
     options = dict(max_iter=8, tol=tol, init="random")
-    with _count(monkeypatch, pulls_allowed=True) as record:
+    with _count(monkeypatch) as record:
         result = jax.block_until_ready(kmjax.kmeans(KEY, x, K, **options, progress=lambda *a: calls.append(a),
                                                     checkpoint=lambda s: None))
     _same(result, kmjax.kmeans(KEY, _points(), K, **options))
     n_iter = int(result.n_iter)
     assert tol is None or n_iter < 8  # the second one stops early
     # on purpose, for the progress report and the checkpoint: one explicit pull (iteration, converged,
-    # objective so far) of the starting state and one after each iteration; plus the check's
-    assert record.gets == ["cluster.py:__call__"] * (1 + n_iter) and record.implicit == [CHECK]
+    # objective so far) of the starting state and one after each iteration; after the check's
+    assert record.gets == [CHECK] + ["cluster.py:__call__"] * (1 + n_iter) and record.implicit == []
     assert record.puts == ["cluster.py:check_kmeans"] + ["cluster.py:_until"] * n_iter  # tol; each piece's stopping iteration
     assert [c[0] for c in calls] == list(range(1, n_iter + 1))
 
@@ -205,10 +205,10 @@ def test_the_lloyd_loop_with_progress_pulls_once_per_iteration(monkeypatch, tol)
 def test_the_lloyd_loop_with_weights(monkeypatch):
     w = np.random.default_rng(1).uniform(0.5, 2.0, N).astype(np.float32)
     x, wd = jax.device_put((_points(), w))
-    with _count(monkeypatch, pulls_allowed=True) as record:
+    with _count(monkeypatch) as record:
         result = jax.block_until_ready(kmjax.kmeans(KEY, x, K, max_iter=4, weights=wd))
     _same(result, kmjax.kmeans(KEY, _points(), K, max_iter=4, weights=w))
-    assert record.implicit == [CHECK] and record.gets == ["cluster.py:point_weights"]  # + the weights' validity flag
+    assert record.implicit == [] and record.gets == [CHECK, "cluster.py:point_weights"]  # + the weights' validity flag
 
 
 def test_learn_dictionarys_lloyd_loop_is_resident(monkeypatch):
@@ -220,7 +220,7 @@ def test_learn_dictionarys_lloyd_loop_is_resident(monkeypatch):
 
     def guarded(*args, **kwargs):
         assert isinstance(args[1], jax.Array)
-        with _count(monkeypatch, pulls_allowed=True) as record:
+        with _count(monkeypatch) as record:
             records.append(record)
             return jax.block_until_ready(kmjax.kmeans(*args, **kwargs))
 
@@ -228,16 +228,75 @@ def test_learn_dictionarys_lloyd_loop_is_resident(monkeypatch):
         m.setattr(kdict, "kmeans", guarded)
         result = kmjax.learn_dictionary(KEY, images, **options)
     _same(result, expected)
-    assert records[0].implicit == [CHECK] and records[0].gets == []
+    assert records[0].implicit == [] and records[0].gets == [CHECK]
 
 
-@pytest.mark.xfail(strict=True, raises=Exception, reason="learn_dictionary's setup still sends host values "
-                   "implicitly: the images (kmjax/patches.py: jnp.asarray), eps_norm (a Python float given to "
-                   "the jitted normalize_patches) and eps_zca (kmjax/preprocess.py: jnp.float32(eps))")
-def test_learn_dictionary_whole_is_resident(monkeypatch):
+LEARN = {"default": {}, "flip-closed": dict(flip_closed=True), "grid": dict(sampling="grid", stride=3),
+         "dimension": dict(normalize="dimension"), "raw": dict(normalize="none", whiten=False)}
+
+
+@pytest.mark.parametrize("on_device", [True, False], ids=["images-on-device", "images-on-host"])
+@pytest.mark.parametrize("setting", sorted(LEARN))
+def test_learn_dictionary_whole_is_resident(monkeypatch, setting, on_device):
+    """The setup too: patches, normalization, whitening (flip-closed: the mirror steps), k-means."""
     images = np.random.default_rng(2).uniform(0, 255, (6, 12, 12, 3)).astype(np.float32)
-    with _count(monkeypatch, pulls_allowed=True):
-        kmjax.learn_dictionary(KEY, images, k=8, n_patches=300, max_iter=2)
+    options = dict(k=8, n_patches=300, max_iter=2, **LEARN[setting])
+    expected = kmjax.learn_dictionary(KEY, images, **options)
+    images_ = jax.device_put(images) if on_device else images
+    with _count(monkeypatch) as record:  # no implicit transfer either way
+        result = jax.block_until_ready(kmjax.learn_dictionary(KEY, images_, **options))
+    _same(result, expected)
+    whiten = LEARN[setting].get("whiten", True)
+    # pulled, explicitly: device images' finiteness flag (host images are checked on the host), then
+    # the finiteness flags of the normalized patches (fit_zca's check) and of the whitened ones (kmeans's)
+    assert record.implicit == []
+    assert record.gets == ["_checks.py:check_images"] * on_device + [CHECK] * (1 + whiten)
+    # sent explicitly: host images (one program cuts their patches), eps_norm (weak-typed, as a Python
+    # float: one program for any eps), eps_zca, kmeans's tol and stopping iteration, the patch count
+    sent = ["patches.py:" + ("extract_patches" if setting == "grid" else "sample_patches")] * (not on_device)
+    sent += ["dictionary.py:learn_dictionary"] * (LEARN[setting].get("normalize", "patch") == "patch")
+    sent += ["preprocess.py:fit_zca"] * whiten
+    assert record.puts == sent + ["cluster.py:check_kmeans", "cluster.py:_until", "dictionary.py:learn_dictionary"]
+
+
+def test_learn_dictionary_sends_given_patches_once(monkeypatch):
+    """A sample assembled on the host (the runner's several-process path), given as ``patches``."""
+    images = np.random.default_rng(2).uniform(0, 255, (6, 12, 12, 3)).astype(np.float32)
+    patches = np.asarray(kmjax.sample_patches(kdict.patch_key(KEY), images, 300, 6))
+    expected = kmjax.learn_dictionary(KEY, images, k=8, n_patches=300, max_iter=2)
+    with _count(monkeypatch) as record:
+        result = jax.block_until_ready(kmjax.learn_dictionary(KEY, images, k=8, max_iter=2, patches=patches))
+    _same(result, expected)
+    assert record.implicit == [] and record.gets == [CHECK] * 2
+    assert record.puts[0] == "dictionary.py:learn_dictionary"  # the patches, then eps_norm, ... as above
+    assert record.puts[1:] == ["dictionary.py:learn_dictionary", "preprocess.py:fit_zca", "cluster.py:check_kmeans",
+                               "cluster.py:_until", "dictionary.py:learn_dictionary"]
+
+
+@pytest.mark.parametrize("on_device", [True, False], ids=["on-device", "on-host"])
+def test_the_checks_pull_a_flag_not_the_data(monkeypatch, on_device):
+    """check_images and check_matrix on device arrays: one fused reduction each, its flag pulled
+    explicitly; the error message's counts (one more reduction, pulled) only when a value is bad."""
+    from kmjax._checks import check_images, check_matrix
+
+    images = _images()
+    bad = images.copy()
+    bad[1, 2, 3, 0] = np.nan
+    bad[4, 0, 0, 2] = np.inf
+    x, xbad = _points(), _points()
+    xbad[3, 1] = np.nan
+    put = jax.device_put if on_device else (lambda a: a)
+    args = put((images, bad, x, xbad))
+    with _count(monkeypatch) as record:
+        check_images(args[0])
+        check_matrix(args[2])
+        with pytest.raises(ValueError, match=r"images hold 2 NaN or Inf values, in 2 of 6 images \(the first: index 1\)"):
+            check_images(args[1])
+        with pytest.raises(ValueError, match="x contains 1 NaN or Inf values"):
+            check_matrix(args[3])
+    assert record.implicit == [] and record.puts == []
+    flags = ["_checks.py:check_images", CHECK, "_checks.py:check_images", "_checks.py:check_images", CHECK, CHECK]
+    assert record.gets == (flags if on_device else [])
 
 
 def _dictionary(k=8, d=108, seed=3, flip_closed=False):
@@ -277,11 +336,11 @@ def test_extract_features_sends_each_batch_and_pulls_its_features_once(monkeypat
     c, zca = _dictionary()
     expected = kmjax.extract_features(_images(7), c, zca, spec, batch_size=4, step=min(step, 4))
     dictionary = jax.device_put((c, zca)) if on_device else (c, zca)
-    with _count(monkeypatch, pulls_allowed=True) as record:
+    with _count(monkeypatch) as record:  # no implicit pull either
         feats = kmjax.extract_features(_images(7), *dictionary, spec, batch_size=4, step=min(step, 4))
     np.testing.assert_array_equal(feats, expected)
-    # one pull per batch, explicit: its features, into the host array; plus the check of the centroids
-    assert record.gets == ["features.py:store"] * 2 and record.implicit == [CHECK]
+    # one pull per batch, explicit: its features, into the host array; after the centroids' finiteness flag
+    assert record.gets == [CHECK] + ["features.py:store"] * 2 and record.implicit == []
     # sent explicitly: a host dictionary once (centroids, then centroids and whitening), then each batch
     sent = [] if on_device else ["features.py:prepare_features", "features.py:extract_features"]
     assert record.puts == sent + ["features.py:compute"] * 2
