@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import kmjax
-from kmjax.classify import (accumulate_kernel, dual_scores, empty_kernel_stats, fit_dual, fit_ridge, gram_stats,
+from kmjax.classify import (accumulate_kernel, dual_scores, empty_kernel_stats, factor_dual, fit_dual, fit_ridge, gram_stats,
                             predict_features, primal_model)
 from kmjax.classify.linear import _scores_raw
 
@@ -139,3 +139,28 @@ def test_kernel_files_are_mapped_not_read(tmp_path):
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(FileFormatError):
         load_tree(path, fit_state("kernel"), mmap=True)
+
+
+def test_one_factorization_serves_the_grid_and_the_final_fit():
+    """A factor at one C, its rows ordered [fitted, held out]: the solves at the grid's other Cs
+    (on the fitted rows, its leading block) and the final fit (all rows) are those each C's own
+    factorization gives, to 1e-6 of the largest coefficient; each takes a few conjugate-gradient
+    steps where the condition number allows (at most the ratio of the shifts)."""
+    x, labels, classes = _problem(n=240, seed=4)
+    stats = _kernel(x)
+    rows = np.arange(240)
+    fit_rows, held = rows[rows % 6 != 0], rows[rows % 6 == 0]
+    factor = factor_dual(stats, fit_rows.size / (2 * 10.0), np.concatenate([fit_rows, held]))
+    for C, subset in ((1.0, fit_rows), (10.0, fit_rows), (100.0, fit_rows), (30.0, None)):
+        shared = fit_dual(stats, labels, C, num_classes=classes, rows=subset, factor=factor)
+        own = fit_dual(stats, labels, C, num_classes=classes, rows=subset)
+        assert own.iterations <= 2  # its own factor: the direct solve, refined once at most
+        assert shared.iterations <= 40
+        order = np.argsort(shared.rows)
+        np.testing.assert_array_equal(shared.rows[order], own.rows[np.argsort(own.rows)])
+        a_own = own.alpha[np.argsort(own.rows)]
+        np.testing.assert_allclose(shared.alpha[order], a_own, rtol=0, atol=1e-6 * np.abs(a_own).max())
+        np.testing.assert_allclose(shared.bias, own.bias, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(shared.alpha.sum(axis=0), 0, atol=1e-9 * np.abs(a_own).max())
+    with pytest.raises(ValueError, match="leading rows must be the rows fitted"):
+        fit_dual(stats, labels, 1.0, num_classes=classes, rows=held, factor=factor)

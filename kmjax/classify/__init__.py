@@ -22,7 +22,8 @@ from kmjax.classify.linear import (
     LOSSES, STORAGES, LBFGSState, LinearModel, Standardizer, TrainInfo, accuracy, fit_standardizer, init_lbfgs, predict,
     predict_features, softmax_loss, standardize, svm_loss, train_linear,
 )
-from kmjax.classify.dual import KernelStats, accumulate_kernel, dual_scores, empty_kernel_stats, fit_dual, primal_model
+from kmjax.classify.dual import (DualFactor, DualFit, KernelStats, accumulate_kernel, dual_scores, empty_kernel_stats, factor_dual,
+                                fit_dual, primal_model)
 from kmjax.classify.cg import CGRidge, CGState, cg_iterate, init_cg, prepare_cg_ridge, solve_cg_ridge
 from kmjax.classify.ridge import GramStats, accumulate_gram, empty_gram_stats, fit_ridge, gram_stats
 from kmjax.classify.select import CLASSIFIERS, SOLVERS, ClassifierFit, fit_classifier, search_C, validation_split
@@ -35,7 +36,7 @@ __all__ = [
     "predict_features",
     "GramStats", "empty_gram_stats", "accumulate_gram", "gram_stats", "fit_ridge",
     "CGRidge", "prepare_cg_ridge", "CGState", "init_cg", "cg_iterate", "solve_cg_ridge",
-    "KernelStats", "empty_kernel_stats", "accumulate_kernel", "fit_dual", "dual_scores", "primal_model",
+    "KernelStats", "empty_kernel_stats", "accumulate_kernel", "DualFactor", "factor_dual", "DualFit", "fit_dual", "dual_scores", "primal_model",
     "CLASSIFIERS", "SOLVERS", "ClassifierSpec", "ClassifierState", "ClassifierFit", "validation_split", "search_C",
     "fit_classifier",
 ]

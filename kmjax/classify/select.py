@@ -20,7 +20,8 @@ from kmjax.classify.linear import (LOSSES, STORAGES, LinearModel, Standardizer, 
                                    train_linear)
 from kmjax.classify.cg import prepare_cg_ridge, solve_cg_ridge
 from kmjax.classify import device, tiled
-from kmjax.classify.dual import accumulate_kernel, dual_scores, empty_kernel_stats, fit_dual, kernel_memory, primal_model
+from kmjax.classify.dual import (accumulate_kernel, dual_scores, empty_kernel_stats, factor_dual, fit_dual, kernel_memory,
+                                 primal_model)
 from kmjax.classify.ridge import accumulate_gram, fit_ridge, gram_stats
 from kmjax.classify.spec import ClassifierSpec, ClassifierState
 from kmjax.classify.validation import _check_grid, search_C, validation_split
@@ -249,8 +250,9 @@ def _fit_ridge_cg(run: _Run) -> ClassifierFit:
 
 def _fit_ridge_dual(run: _Run) -> ClassifierFit:
     """Ridge from the N x N kernel (``dual.py``), grown over column blocks of the features and
-    checkpointed as it grows (every ``_SAVE_EVERY`` seconds and when complete); each C of the grid
-    is one factorization of the fitted rows' block, scored on the held-out rows' cross-kernel."""
+    checkpointed as it grows (every ``_SAVE_EVERY`` seconds and when complete); the grid and the
+    final fit share one factorization (``factor_dual``), each C solved by preconditioned conjugate
+    gradients and scored on the held-out rows' cross-kernel."""
     placement = _placement(run, dual=True)
     if placement:
         return _fit_ridge_device(run, True, placement)
@@ -273,19 +275,25 @@ def _fit_ridge_dual(run: _Run) -> ClassifierFit:
                 # its file, so that the solves hold one factorization, not the kernel too)
                 stats = run.put("kernel", stats)
                 saved = time.monotonic()
-    scores, C = {}, run.spec.C
+    scores, C, factor = {}, run.spec.C, None
     if run.spec.C_grid:
-        fit, _, scored = run.split
+        fit, val, scored = run.split
+        # one factorization for the grid and the final fit: rows ordered [fitted, held out], shifted for the
+        # grid's geometric middle, so that no C is more than sqrt(max / min) of the grid away from it
+        middle = float(np.sqrt(min(run.spec.C_grid) * max(run.spec.C_grid)))
+        run.say(f"  one factorization of the {n:,} x {n:,} kernel (at C = {middle:.3g}) for every C")
+        factor = factor_dual(stats, fit.size / (2.0 * middle), np.concatenate([fit, val]))
 
         def score(C):
-            solution = fit_dual(stats, labels, C, num_classes=num_classes, rows=fit)
+            solution = fit_dual(stats, labels, C, num_classes=num_classes, rows=fit, factor=factor)
             s = dual_scores(stats, solution, scored)
             if run.mirror is not None:
                 s += dual_scores(stats, solution, scored + run.mirror)
+            run.say(f"  C = {C:g}: {solution.iterations} conjugate-gradient steps")
             return float(np.mean(np.argmax(s, axis=1) == labels[scored]))
 
         C, scores = search_C(run.spec.C_grid, score, run.log)
-    std, model = primal_model(stats, fit_dual(stats, labels, C, num_classes=num_classes), features)
+    std, model = primal_model(stats, fit_dual(stats, labels, C, num_classes=num_classes, factor=factor), features)
     return ClassifierFit(std, model, float(C), scores, None, None, None)
 
 

@@ -122,20 +122,38 @@ def cholesky(a, block: int | None = None):
     return a
 
 
-def cholesky_solve(l, r, tile: int | None = None):
-    """Solve L L^T x = r with the tiled factor of ``cholesky`` (forward, then back substitution)."""
-    tile = _TILE if tile is None else tile
+def block_inverses(l, tile: int = 512) -> list:
+    """The inverses of the ``tile`` x ``tile`` diagonal blocks of a lower factor (float32, each
+    inverted in float64): made once, they turn ``cholesky_solve``'s diagonal solves into small
+    products, for a factor that solves many right-hand sides one after another."""
+    return [np.linalg.inv(np.tril(l[i : i + tile, i : i + tile]).astype(np.float64)).astype(np.float32)
+            for i in range(0, l.shape[0], tile)]
+
+
+def cholesky_solve(l, r, tile: int = 512, inverses: list | None = None):
+    """Solve L L^T x = r with the tiled factor of ``cholesky`` (forward, then back substitution), by
+    blocks of ``tile`` rows: products with the panels beside each diagonal block (BLAS, never a
+    whole F x F call), and each diagonal block's small triangular system solved by LAPACK
+    (``np.linalg.solve`` on its lower triangle; XLA's triangular solve costs far more a block on a
+    CPU), or multiplied by its inverse from ``block_inverses(l, tile)`` when given."""
     f = l.shape[0]
     x = np.array(r, np.float32)
     starts = range(0, f, tile)
-    for i in starts:
+
+    def diagonal(k, i, j, b, transpose):
+        if inverses is not None:
+            return (inverses[k].T if transpose else inverses[k]) @ b
+        block = np.tril(l[i:j, i:j])
+        return np.linalg.solve(block.T if transpose else block, b)
+
+    for k, i in enumerate(starts):
         j = min(i + tile, f)
         if i:
             x[i:j] -= l[i:j, :i] @ x[:i]
-        x[i:j] = triangular(l[i:j, i:j], x[i:j])
-    for i in reversed(starts):
+        x[i:j] = diagonal(k, i, j, x[i:j], False)
+    for k, i in reversed(list(enumerate(starts))):
         j = min(i + tile, f)
         if j < f:
             x[i:j] -= l[j:, i:j].T @ x[j:]
-        x[i:j] = triangular(l[i:j, i:j], x[i:j], trans=True)
+        x[i:j] = diagonal(k, i, j, x[i:j], True)
     return x
