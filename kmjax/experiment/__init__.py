@@ -9,7 +9,7 @@ Where each concern lives:
 - ``store.py``   run folders (names, the lock, resume checks) and the finished stages saved in them
 - ``sweep.py``   ``sweep``: a grid of runs sharing one stage cache; its table and plot
 - ``report.py``  progress lines, stage timers, provenance, the closing summary
-- ``compile_cache.py``  JAX's persistent compilation cache for runs
+- ``compile_cache.py``  JAX's persistent compilation cache for runs, and the compile counter (results.json's ``compiles``)
 """
 
 from kmjax.experiment.report import summary
