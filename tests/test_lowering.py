@@ -75,6 +75,18 @@ def _gram(x, labels, C, fit, held):
     return device.correct_on_device(device.linear_scores_on_device(std, model, x, held), labels[held]), model.weights
 
 
+def _streamed(x_rows, labels, keep, x_cols):
+    """The block programs of the streamed passes (host features, a block put on the device at a time)."""
+    stats = device._gram_block(device._empty_gram(x_rows, num_classes=10), x_rows, labels, keep, num_classes=10)
+    kernel, mu, sd = device._kernel_block(device._empty_kernel((4096, 4096)), x_cols, 0.01)
+    kern = device._finish_kernel([mu], [sd], kernel, f=4000)
+    fit = device.DeviceDualFit(jnp.arange(4096), jnp.zeros((4096, 10)), jnp.zeros(10), jnp.zeros(4096), jnp.zeros(()))
+    w, share = device._primal_block(x_cols, mu, sd, device._fitted_weights(fit, n_all=4096), jnp.zeros(10))
+    return stats, device._finish_primal(kern, fit, [w], [share], f=4000), device._split(kern.mean, block=4096, fill=0.0)
+
+
+PROGRAMS["ridge-device-streamed-blocks"] = (_streamed, (S((4096, 2100), jnp.float32), LABELS, S((4096,), jnp.float32),
+                                                       S((4096, 4096), jnp.float32)))
 PROGRAMS["ridge-device-dual"] = (_dual, (FEATURES, LABELS, C, FIT, HELD))
 PROGRAMS["ridge-device-gram"] = (_gram, (GRAM_FEATURES, LABELS, C, FIT, HELD))
 # Triton kernels are custom calls without a serialization guarantee: allowed here, since only
