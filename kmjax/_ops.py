@@ -1,5 +1,5 @@
-"""Building blocks of the hot loops: matrix products at a chosen precision, a fast row argmax, and
-the CPU compiler options of the element-wise-heavy loops."""
+"""Building blocks of the hot loops: matrix products at a chosen precision, a fast row argmax, the
+CPU compiler options of the element-wise-heavy loops, and the row buckets that sizes are padded to."""
 
 from __future__ import annotations
 
@@ -84,3 +84,18 @@ def xla_fusions(fn, static_argnames: tuple, platform: str):
     if platform != "cpu" or not _xla_fusions_known():
         return fn
     return _recompiled(fn, tuple(static_argnames))
+
+
+def bucket(n: int, steps: int = 8) -> int:
+    """The number of rows ``n`` rows are padded to, so that nearby sizes share one compiled program:
+    the smallest number >= n of the form 2**e * (steps + j) / steps, j = 0 .. steps - 1 (``steps`` a
+    power of two); every n <= 2 * steps is its own bucket.
+
+    Eighths of an octave: at most 12.5% padding (6% on average), against eight programs per doubling
+    of n. Quarters (at most 25%) would halve the programs but the padded rows are paid on every pass
+    of the loops that read them (each L-BFGS evaluation, each Lloyd iteration), while a program is
+    compiled once; the buckets are also multiples of a power of two, which keeps chunked passes
+    aligned. E.g. 50,000 -> 53,248; 70 -> 72; 76 -> 80."""
+    n = int(n)
+    unit = 1 << max(0, (n - 1).bit_length() - steps.bit_length())
+    return -(-n // unit) * unit

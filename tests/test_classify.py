@@ -136,10 +136,11 @@ def test_train_linear_separable_blobs(loss):
 
 
 @pytest.mark.parametrize("C", [1.0, 100.0])
-def test_train_linear_reaches_scipy_optimum(C):
+@pytest.mark.parametrize("n", [40, 37])  # 37 rows: 3 padding rows masked out (kmjax._ops.bucket(37) = 40)
+def test_train_linear_reaches_scipy_optimum(C, n):
     optimize = pytest.importorskip("scipy.optimize")
     rng = np.random.default_rng(3)
-    n, f, k = 40, 5, 3
+    f, k = 5, 3
     x = rng.normal(size=(n, f))
     x = np.concatenate([x, np.ones((n, 1))], axis=1)
     labels = (x[:, :3] + 0.8 * rng.normal(size=(n, 3))).argmax(1)  # noisy: many active margins
@@ -162,6 +163,39 @@ def test_train_linear_reaches_scipy_optimum(C):
     # strongly convex (modulus 1 from ½‖W‖²), so ‖W − W*‖² <= 2 (f − f*): objective agreement
     # forces weight agreement; observed ~1e-6, 1e-3 absolute leaves room for float32 L-BFGS
     np.testing.assert_allclose(w, w_ref, atol=1e-3)
+
+
+@pytest.mark.parametrize("loss", ["svm", "logistic"])
+def test_padded_rows_are_masked_out_of_the_loss(loss):
+    """train_linear pads its rows to a bucket (kmjax._ops.bucket): with ``count`` the rows after the
+    first ``count`` count for nothing, whatever they hold, and the mean divides by ``count``: the
+    unpadded objective and gradient to float32 rounding (the summation order changes: 1e-6)."""
+    rng = np.random.default_rng(11)
+    n, f, k = 70, 9, 4
+    x = rng.standard_normal((n, f)).astype(np.float32)
+    labels = rng.integers(0, k, n)
+    w = jnp.asarray(0.3 * rng.standard_normal((f, k)), jnp.float32)
+    junk = np.concatenate([x, 100 * rng.standard_normal((2, f)).astype(np.float32)])
+    fun = {"svm": svm_loss, "logistic": softmax_loss}[loss]
+    ref, g_ref = jax.value_and_grad(fun)(w, x, labels, 10.0)
+    got, g = jax.value_and_grad(fun)(w, junk, np.concatenate([labels, [1, 3]]), 10.0, count=jnp.int32(n))
+    np.testing.assert_allclose(float(got), float(ref), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), atol=1e-6 * np.abs(g_ref).max())
+
+
+def test_train_linear_row_counts_in_one_bucket_share_the_lbfgs_programs():
+    """70 and 71 rows are both padded to 72: the second fit builds only its padding program, and
+    its reported objective is that of its own rows, unpadded (to float32 rounding)."""
+    from kmjax.experiment.compile_cache import CompileCounter
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((71, 6)).astype(np.float32)
+    labels = (x[:, :3] + 0.5 * rng.standard_normal((71, 3))).argmax(1)
+    args = dict(C=10.0, num_classes=3, max_iter=30, tol=0.0)
+    train_linear(x[:70], labels[:70], **args)
+    before = len(CompileCounter.compiled)
+    model, info = train_linear(x, labels, **args)
+    assert CompileCounter.compiled[before:] == ["jit(_padded)"]
+    np.testing.assert_allclose(float(info.loss), float(svm_loss(model.weights, x, labels, 10.0)), rtol=1e-6)
 
 
 def test_train_linear_num_classes_larger_than_labels():

@@ -5,6 +5,11 @@ Both losses are minimized full-batch with optax's L-BFGS inside one jit-compiled
 ``lax.while_loop`` (stop at ``max_iter`` or when the gradient norm falls below ``tol``). A
 constant-1 column is appended to the standardized features, so the bias is one more weight (and
 is regularized with the rest, as in the authors' code).
+
+The training rows are padded to a bucket (``kmjax._ops.bucket``: at most 12.5% more rows) and the
+padded rows masked out of the loss, whose mean divides by the real number of rows (a traced
+value): training sets of nearby sizes run the same compiled L-BFGS programs. Only a small program
+that pads the rows (and makes the transposed copy) is built per size.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import optax
 
 from kmjax._checks import choice, host_only, is_tracer, number
 from kmjax._loop import run_in_pieces
+from kmjax._ops import bucket
 from kmjax.errors import InputError
 
 __all__ = [
@@ -122,20 +128,30 @@ def _product(weights, x, xt):
     return _scores(weights, x, x.T if xt is None else xt)
 
 
-def svm_loss(weights, x, labels, C, xt=None):
+def _row_mean(v, count):
+    """Mean of ``v`` over its rows (axis 0); with ``count`` (traced), over its first ``count`` rows
+    only: the rows after them are padding, masked out (their values, whatever they are, count 0)."""
+    if count is None:
+        return jnp.mean(v, axis=0)
+    real = (jnp.arange(v.shape[0]) < count).reshape((-1,) + (1,) * (v.ndim - 1))
+    return jnp.sum(jnp.where(real, v, 0.0), axis=0) / jnp.asarray(count, jnp.float32)
+
+
+def svm_loss(weights, x, labels, C, xt=None, count=None):
     """One-vs-all L2-SVM, summed over classes: 1/2 ||W||^2 + C * mean_i sum_k margin_ik^2,
     margin = max(0, 1 - y_ik x_i.w_k), y = +1 for the true class, -1 otherwise.
-    ``xt``: optionally x.T stored contiguously, for a faster gradient (same values)."""
+    ``xt``: optionally x.T stored contiguously, for a faster gradient (same values).
+    ``count``: optionally the number of real rows (the rest padding): the mean is over them."""
     y = 2.0 * jax.nn.one_hot(labels, weights.shape[1], dtype=jnp.float32) - 1.0
     margin = jnp.maximum(0.0, 1.0 - y * _product(weights, x, xt))
-    return 0.5 * jnp.sum(weights * weights) + C * jnp.sum(jnp.mean(margin * margin, axis=0))
+    return 0.5 * jnp.sum(weights * weights) + C * jnp.sum(_row_mean(margin * margin, count))
 
 
-def softmax_loss(weights, x, labels, C, xt=None):
+def softmax_loss(weights, x, labels, C, xt=None, count=None):
     """Multinomial logistic regression with the same scaling: 1/2 ||W||^2 + C * mean cross-entropy."""
     logits = _product(weights, x, xt)
-    return 0.5 * jnp.sum(weights * weights) + C * jnp.mean(
-        optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    return 0.5 * jnp.sum(weights * weights) + C * _row_mean(
+        optax.softmax_cross_entropy_with_integer_labels(logits, labels), count
     )
 
 
@@ -157,8 +173,8 @@ class _Fit(NamedTuple):
     memory: int
 
 
-def _objective(x, xt, labels, C, fit: _Fit):
-    return partial(LOSSES[fit.loss], x=x, labels=labels, C=C, xt=xt)
+def _objective(x, xt, labels, C, count, fit: _Fit):
+    return partial(LOSSES[fit.loss], x=x, labels=labels, C=C, xt=xt, count=count)
 
 
 class LBFGSState(NamedTuple):
@@ -184,10 +200,11 @@ def init_lbfgs(num_weights: int, num_classes: int, memory: int = 20) -> LBFGSSta
 
 
 @partial(jax.jit, static_argnames=("fit",))
-def _lbfgs_iterate(x, xt, labels, C, tol, state: LBFGSState, until, fit: _Fit) -> LBFGSState:
+def _lbfgs_iterate(x, xt, labels, C, tol, count, state: LBFGSState, until, fit: _Fit) -> LBFGSState:
     """L-BFGS iterations from ``state`` until iteration ``until`` (traced: one compiled program
-    however the loop is split), ``fit.max_iter``, or a gradient norm below ``tol``."""
-    fun = _objective(x, xt, labels, C, fit)
+    however the loop is split), ``fit.max_iter``, or a gradient norm below ``tol``. ``count``: the
+    real rows of the padded ``x`` (traced: one program per bucket of row counts)."""
+    fun = _objective(x, xt, labels, C, count, fit)
     opt = optax.lbfgs(memory_size=fit.memory)
     value_and_grad = optax.value_and_grad_from_state(fun)
 
@@ -203,13 +220,19 @@ def _lbfgs_iterate(x, xt, labels, C, tol, state: LBFGSState, until, fit: _Fit) -
 
 
 @partial(jax.jit, static_argnames=("fit",))
-def _lbfgs_finish(x, xt, labels, C, state: LBFGSState, fit: _Fit):
-    value, grad = jax.value_and_grad(_objective(x, xt, labels, C, fit))(state.weights)
+def _lbfgs_finish(x, xt, labels, C, count, state: LBFGSState, fit: _Fit):
+    value, grad = jax.value_and_grad(_objective(x, xt, labels, C, count, fit))(state.weights)
     return LinearModel(state.weights), TrainInfo(value, optax.tree.norm(grad), state.iterations)
 
 
-# The transposed copy of the features that the gradient reads (see _scores), made once per fit.
-_transpose = jax.jit(lambda x: x.T.copy())
+@partial(jax.jit, static_argnames=("rows",))
+def _padded(x, labels, rows: int):
+    """The fit's arrays: x and labels padded with zero rows to ``rows``, the transposed copy of the
+    padded x that the gradient reads (see _scores), and the labels' range (for the checks): the one
+    program a fit builds per number of rows (the L-BFGS programs are built per bucket)."""
+    pad = rows - x.shape[0]
+    xp = jnp.pad(x, ((0, pad), (0, 0)))
+    return xp, xp.T.copy(), jnp.pad(labels, (0, pad)), jnp.min(labels), jnp.max(labels)
 
 
 def train_linear(x, labels, *, loss: str = "svm", C: float = 100.0, num_classes: int | None = None,
@@ -247,30 +270,36 @@ def train_linear(x, labels, *, loss: str = "svm", C: float = 100.0, num_classes:
     choice(loss, LOSSES, "loss")
     choice(storage, STORAGES, "storage")
     x = jnp.asarray(x, jnp.dtype(storage))
-    labels = jnp.asarray(labels, jnp.int32)
+    # host labels converted on the host: a conversion on the device would be a program per row count
+    labels = jnp.asarray(labels if isinstance(labels, jax.Array) else np.asarray(labels, np.int32), jnp.int32)
     if x.ndim != 2 or labels.shape != (x.shape[0],):
         raise InputError(f"x must be (N, F) and labels (N,), got {x.shape} and {labels.shape}")
     if not is_tracer(C):
         number(C, "C", above=0)
-    if num_classes is None:
-        if is_tracer(labels):
-            raise InputError("inside jax.jit, pass num_classes: it cannot be read from traced labels")
-        num_classes = int(labels.max()) + 1
-    if not is_tracer(labels) and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
-        raise InputError(f"labels must lie in [0, {num_classes}), got {int(labels.min())}..{int(labels.max())}")
+    if num_classes is None and is_tracer(labels):
+        raise InputError("inside jax.jit, pass num_classes: it cannot be read from traced labels")
+    n = x.shape[0]
+    x, xt, labels, lo, hi = _padded(x, labels, bucket(n))
+    if not is_tracer(labels):
+        lo, hi = (int(v) for v in jax.device_get((lo, hi)))  # one explicit pull, of two numbers
+        num_classes = hi + 1 if num_classes is None else num_classes
+        if lo < 0 or hi >= num_classes:
+            raise InputError(f"labels must lie in [0, {num_classes}), got {lo}..{hi}")
     fit = _Fit(loss, int(num_classes), int(max_iter), int(memory))
     start = init_lbfgs(x.shape[1], fit.num_classes, fit.memory)
     if state is not None:
         state = _check_state(state, start)
-    C, tol, xt = jnp.float32(C), jnp.float32(tol), _transpose(x)
+    C, tol = jnp.float32(C), jnp.float32(tol)
+    # the real row count, traced (sent explicitly): one L-BFGS program per bucket of row counts
+    count = jnp.int32(n) if is_tracer(x) else jax.device_put(np.int32(n))
     reports = progress is not None or checkpoint is not None
-    state = run_in_pieces(lambda s, until: _lbfgs_iterate(x, xt, labels, C, tol, s, jnp.int32(until), fit),
+    state = run_in_pieces(lambda s, until: _lbfgs_iterate(x, xt, labels, C, tol, count, s, jnp.int32(until), fit),
                           start if state is None else state, fit.max_iter, done=lambda s: int(s.iterations),
                           stopped=lambda s: not float(s.grad_norm) > float(tol), progress=progress,
                           checkpoint=checkpoint, every=_REPORT_EVERY if reports else None,
                           # the objective at the current weights, as the line search left it in the optimizer state
                           value=lambda s: float(np.asarray(optax.tree_utils.tree_get(s.optimizer, "value"))))
-    return _lbfgs_finish(x, xt, labels, C, state, fit)
+    return _lbfgs_finish(x, xt, labels, C, count, state, fit)
 
 
 def _check_state(state, start: LBFGSState) -> LBFGSState:
