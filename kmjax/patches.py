@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kmjax._checks import check_images, positive_int
+from kmjax._ops import bucket
 from kmjax.errors import InputError
 
 __all__ = ["extract_patches", "sample_patches", "sample_positions", "windows", "grid_size"]
@@ -100,6 +101,14 @@ def _sample(key, images, num, size):
     return windows(images, *sample_positions(key, num, n, h, w, size), size)
 
 
+@partial(jax.jit, static_argnames=("num", "size"))
+def _sample_padded(key, images, n_images, num, size):
+    """``_sample`` of the first ``n_images`` (traced) of ``images``, the rest padding: the same
+    positions and patches (patch i from image i mod n_images), one program per bucket of image counts."""
+    _, h, w, _ = images.shape
+    return windows(images, *sample_positions(key, num, n_images, h, w, size), size)
+
+
 def sample_patches(key, images, num: int, size: int):
     """``num`` random windows at uniform positions, cycling through the images.
 
@@ -111,7 +120,20 @@ def sample_patches(key, images, num: int, size: int):
 
     Returns:
       (num, size*size*C) patches in (row, column, channel) order, the dtype of ``images``.
+
+    Host images are padded with blank images to a bucket of image counts (``kmjax._ops.bucket``) and
+    sent with their real count, which the sampler takes as a traced value: training sets of nearby
+    sizes share its program, and the patches are those of the unpadded images, bit for bit. (Device
+    images are sampled as they are: padding them would itself be a program per image count.)
     """
     size, _ = _check_window(images, size, 1)
     num = positive_int(num, "num")
-    return _sample(key, images if isinstance(images, jax.Array) else jax.device_put(np.asarray(images)), num, size)
+    if isinstance(images, jax.Array):
+        return _sample(key, images, num, size)
+    images = np.asarray(images)
+    n = images.shape[0]
+    if bucket(n) > n:
+        images = np.concatenate([images, np.zeros((bucket(n) - n, *images.shape[1:]), images.dtype)])
+    # sent explicitly, the images and their count in one transfer
+    images, n_images = jax.device_put((images, np.int32(n)))
+    return _sample_padded(key, images, n_images, num, size)

@@ -84,9 +84,11 @@ def test_a_warm_start_reads_every_program_from_the_persistent_cache(cold_and_war
 
 def test_sizes_the_stages_pad_away_compile_nothing_new(small_cifar, tmp_path):
     """The features are computed, and the evaluation scored, in blocks padded to a fixed number of
-    rows: other numbers of images reuse their programs. (The dictionary's patch sampling takes all the
-    training images at once, and the classifier's L-BFGS all the training rows: those programs
-    are built again for another number of training images, so only these two stages are asserted.)"""
+    rows: other numbers of images reuse their programs. The dictionary's patch sampling and the
+    classifier's L-BFGS pad the training images and rows to a bucket (``kmjax._ops.bucket``: 76 and
+    80 -> 80, 70 -> 72): within a bucket the dictionary builds nothing new, and the classifier only
+    its two programs over the unpadded rows (the selection's ``standardize`` and train_linear's
+    padding); in another bucket (70) the dictionary and classifier stages build theirs again."""
     def go(*extra):
         return run(load_config("quick", SMALL + list(extra)), data_dir=small_cifar, out=tmp_path, quiet=True)
 
@@ -94,6 +96,10 @@ def test_sizes_the_stages_pad_away_compile_nothing_new(small_cifar, tmp_path):
     fewer_tests = go("data.n_test=30")
     assert (first["n_test"], fewer_tests["n_test"]) == (40, 30)
     assert fewer_tests["compiles"]["total"]["programs"] == 0, fewer_tests["compiles"]
+    same_bucket = go("data.n_train=76")
+    assert same_bucket["n_train"] == 76
+    assert {s: c["programs"] for s, c in same_bucket["compiles"].items()} == \
+        {"load": 0, "dictionary": 0, "features": 0, "classifier": 2, "evaluate": 0, "total": 2}, same_bucket["compiles"]
     fewer_train = go("data.n_train=70")
     assert (first["n_train"], fewer_train["n_train"]) == (80, 70)
     assert fewer_train["compiles"]["features"]["programs"] == 0, fewer_train["compiles"]

@@ -165,3 +165,21 @@ def test_error_empty_images():
 def test_error_num_not_positive(num):
     with pytest.raises(ValueError, match=r"num must be a positive integer"):
         sample_patches(jax.random.key(0), np.zeros((1, 8, 8, 3)), num, 3)
+
+
+def test_host_images_are_padded_to_a_bucket_with_the_same_patches():
+    """sample_patches pads host images to a bucket of image counts (kmjax._ops.bucket: 70, 76 and 77
+    images all go to 80) and passes the real count traced: the patches of the unpadded images, bit
+    for bit (device images are sampled unpadded), and one program for the whole bucket."""
+    from kmjax.experiment.compile_cache import CompileCounter
+    from kmjax.patches import _sample
+
+    images = np.random.default_rng(8).integers(0, 256, (80, 16, 16, 3), dtype=np.uint8)
+    key = jax.random.key(5)
+    for n in (80, 76, 70, 17):
+        got = np.asarray(sample_patches(key, images[:n], 500, 6))
+        np.testing.assert_array_equal(got, np.asarray(_sample(key, jax.device_put(images[:n]), 500, 6)))
+        assert np.all(got.max(axis=1) > 0)  # none cut from a blank padding image
+    before = len(CompileCounter.compiled)
+    sample_patches(key, images[:77], 500, 6)
+    assert CompileCounter.compiled[before:] == []
