@@ -137,7 +137,8 @@ def test_train_linear_separable_blobs(loss):
 
 @pytest.mark.parametrize("C", [1.0, 100.0])
 @pytest.mark.parametrize("n", [40, 37])  # 37 rows: 3 padding rows masked out (kmjax._ops.bucket(37) = 40)
-def test_train_linear_reaches_scipy_optimum(C, n):
+def test_train_linear_reaches_scipy_optimum(C, n, monkeypatch):
+    monkeypatch.setenv("KMJAX_BUCKET_ROWS", "1")  # padded as on an accelerator
     optimize = pytest.importorskip("scipy.optimize")
     rng = np.random.default_rng(3)
     f, k = 5, 3
@@ -183,9 +184,11 @@ def test_padded_rows_are_masked_out_of_the_loss(loss):
     np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), atol=1e-6 * np.abs(g_ref).max())
 
 
-def test_train_linear_row_counts_in_one_bucket_share_the_lbfgs_programs():
-    """70 and 71 rows are both padded to 72: the second fit builds only its padding program, and
-    its reported objective is that of its own rows, unpadded (to float32 rounding)."""
+def test_train_linear_row_counts_in_one_bucket_share_the_lbfgs_programs(monkeypatch):
+    """70 and 71 rows are both padded to 72 (as on an accelerator; a CPU does not pad, see
+    kmjax._ops.bucket): the second fit builds only its padding program, and its reported objective
+    is that of its own rows, unpadded (to float32 rounding)."""
+    monkeypatch.setenv("KMJAX_BUCKET_ROWS", "1")
     from kmjax.experiment.compile_cache import CompileCounter
     rng = np.random.default_rng(12)
     x = rng.standard_normal((71, 6)).astype(np.float32)
@@ -679,3 +682,17 @@ def test_a_field_added_to_a_state_is_in_its_derived_template():
     assert like.best.shape == ("classes",) and not like.best.finite and like.best.kind == "f"
     with pytest.raises(ValueError, match="distinct"):
         derived(init, F=3, classes=3)
+
+
+def test_rows_are_padded_only_where_compiling_costs_more(monkeypatch):
+    """kmjax._ops.bucket: on a CPU (this backend) n itself, by default; forced either way."""
+    from kmjax._ops import bucket
+    monkeypatch.delenv("KMJAX_BUCKET_ROWS", raising=False)
+    assert bucket(50_000) == 50_000
+    monkeypatch.setenv("KMJAX_BUCKET_ROWS", "1")
+    assert [bucket(n) for n in (50_000, 76, 70, 16)] == [53_248, 80, 72, 16]
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.delenv("KMJAX_BUCKET_ROWS")
+    assert bucket(50_000) == 53_248
+    monkeypatch.setenv("KMJAX_BUCKET_ROWS", "0")
+    assert bucket(50_000) == 50_000

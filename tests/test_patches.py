@@ -167,13 +167,14 @@ def test_error_num_not_positive(num):
         sample_patches(jax.random.key(0), np.zeros((1, 8, 8, 3)), num, 3)
 
 
-def test_host_images_are_padded_to_a_bucket_with_the_same_patches():
-    """sample_patches pads host images to a bucket of image counts (kmjax._ops.bucket: 70, 76 and 77
+def test_host_images_are_padded_to_a_bucket_with_the_same_patches(monkeypatch):
+    """(As on an accelerator: a CPU does not pad by default, see ``kmjax._ops.bucket``.) sample_patches pads host images to a bucket of image counts (kmjax._ops.bucket: 70, 76 and 77
     images all go to 80) and passes the real count traced: the patches of the unpadded images, bit
     for bit (device images are sampled unpadded), and one program for the whole bucket."""
     from kmjax.experiment.compile_cache import CompileCounter
     from kmjax.patches import _sample
 
+    monkeypatch.setenv("KMJAX_BUCKET_ROWS", "1")
     images = np.random.default_rng(8).integers(0, 256, (80, 16, 16, 3), dtype=np.uint8)
     key = jax.random.key(5)
     for n in (80, 76, 70, 17):
