@@ -132,5 +132,5 @@ step bench_kmeans_k 120 python3 -m kmjax.cli bench kmeans --libs kmjax,torch --p
 # GPU correctness: the unit tests (the scikit-learn estimator checks among them), and the lowering
 # for every platform by the device's own JAX
 step tests 150 env -u KMJAX_DATA_DIR python3 -m pytest -q -x -n 4 -p no:cacheprovider --durations=5 -m "not data" \
-    tests/test_lowering.py tests/test_cluster.py tests/test_features.py tests/test_classify.py tests/test_encoders.py \
+    tests/test_lowering.py tests/test_device.py tests/test_cluster.py tests/test_features.py tests/test_classify.py tests/test_encoders.py \
     tests/test_preprocess.py tests/test_sklearn.py tests/test_select.py tests/test_jit.py tests/test_model.py

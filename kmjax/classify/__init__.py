@@ -9,6 +9,7 @@
 - ``dual``: the same ridge from the N x N kernel, for features that outnumber the rows.
 - ``device``: the same ridge (Gram or dual) with every pass on the accelerator, for features
   that fit in its memory: compensated float32 sums, one jit-compiled program per pass.
+- ``compensated``: the device path's compensated float32 sums (TwoSum pairs) and refined solve.
 - ``cg``: the same ridge objective by conjugate gradients over features read from disk (a
   Nystrom preconditioner), for features too wide for the F x F Gram matrix.
 - ``spec``: ``ClassifierSpec`` (the options of a fit, their defaults defined once) and

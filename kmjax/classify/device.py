@@ -34,83 +34,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kmjax.classify.compensated import Pair, _blocks, _dot, _mm, _solve, _value, _zeros, two_sum
 from kmjax.classify.linear import LinearModel, Standardizer, _scores_raw
 
 __all__ = ["Pair", "two_sum", "DeviceGram", "gram_on_device", "fit_ridge_on_device", "DeviceKernel", "kernel_on_device",
-           "fit_dual_on_device", "dual_scores_on_device", "primal_on_device", "linear_scores_on_device", "correct_on_device", "placement",
+           "fit_dual_on_device", "dual_scores_on_device", "primal_on_device", "linear_scores_on_device", "correct_on_device", "all_finite", "placement",
            "pulls"]
 
-_HIGHEST = jax.lax.Precision.HIGHEST
 _ROWS = 4096  # rows per block of the Gram pass
 _COLUMNS = 4096  # feature columns per block of the kernel pass (0.8 GB at 50,000 rows)
-_TILE = 2048  # terms per float32 product in the compensated contractions
-
-
-class Pair(NamedTuple):
-    """hi + lo, a float32 sum carried to about twice float32's precision (|lo| <= ulp(hi) / 2)."""
-
-    hi: jax.Array
-    lo: jax.Array
-
-
-def two_sum(total: Pair, x) -> Pair:
-    """total + x by Knuth's TwoSum: the rounding error of hi + x is exact in float32 and kept in lo
-    (XLA does not reassociate floating-point sums, so the error terms survive compilation)."""
-    s = total.hi + x
-    v = s - total.hi
-    return Pair(s, total.lo + ((total.hi - (s - v)) + (x - v)))
-
-
-def _zeros(shape) -> Pair:
-    return Pair(jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32))
-
-
-def _mm(a, b):
-    return jnp.matmul(a, b, precision=_HIGHEST)
-
-
-def _blocks(size: int, block: int, step):
-    """``step(start, width)`` over [0, size) in blocks: a fori_loop over the full blocks (one
-    compiled body), then the tail with its own static width. step(start, width, carry) -> carry."""
-    full = size // block
-
-    def run(carry):
-        if full:  # (a loop of no blocks would still trace a body of a block wider than the array)
-            carry = jax.lax.fori_loop(0, full, lambda i, c: step(i * block, block, c), carry)
-        return step(full * block, size - full * block, carry) if size % block else carry
-
-    return run
-
-
-def _dot(a, b, tile: int = _TILE) -> Pair:
-    """a @ b over the columns of a (m, n) and rows of b (n, c) as a compensated sum of float32
-    products of ``tile`` terms each; b may be a Pair (both halves multiplied)."""
-    parts = b if isinstance(b, Pair) else (b,)
-    n = a.shape[1]
-
-    def step(start, width, total):
-        block = jax.lax.dynamic_slice_in_dim(a, start, width, axis=1)
-        for part in parts:
-            total = two_sum(total, _mm(block, jax.lax.dynamic_slice_in_dim(part, start, width, axis=0)))
-        return total
-
-    return _blocks(n, tile, step)(_zeros((a.shape[0], parts[0].shape[1])))
-
-
-def _value(p: Pair):
-    return p.hi + p.lo
-
-
-def _solve(a, factor, rhs, refine: int):
-    """The solution of a x = rhs (a symmetric positive definite, float32; ``factor`` its Cholesky
-    factor), refined ``refine`` times with compensated residuals; a compensated Pair."""
-    cho = partial(jax.scipy.linalg.cho_solve, (factor, True))
-    x = Pair(cho(rhs), jnp.zeros_like(rhs))
-    for _ in range(refine):
-        ax = _dot(a, x)
-        residual = (rhs - ax.hi) - ax.lo
-        x = two_sum(x, cho(residual))
-    return x
 
 
 def _targets(labels, num_classes: int):
@@ -285,6 +217,20 @@ class DeviceDualFit(NamedTuple):
     grand_mean: jax.Array
 
 
+def _block_of(kernel, rows, block: int = 512):
+    """kernel[rows][:, rows] by blocks of ``block`` rows (a gather of all n x n entries at once
+    would build an (n, n, 2) index array: 20 GB at n = 50,000)."""
+    n = rows.shape[0]
+    if n == kernel.shape[0]:  # every row, in order (the final fit): the kernel itself
+        return kernel
+
+    def step(start, width, out):
+        part = jnp.take(jnp.take(kernel, jax.lax.dynamic_slice_in_dim(rows, start, width), axis=0), rows, axis=1)
+        return jax.lax.dynamic_update_slice_in_dim(out, part, start, 0)
+
+    return _blocks(n, block, step)(jnp.zeros((n, n), kernel.dtype))
+
+
 @partial(jax.jit, static_argnames=("num_classes", "refine"))
 def fit_dual_on_device(kern: DeviceKernel, labels, C, rows, *, num_classes: int, refine: int = 3) -> DeviceDualFit:
     """``dual.fit_dual`` on the device: ridge at ``C`` (a device scalar) on kernel rows ``rows``."""
@@ -295,7 +241,7 @@ def fit_dual_on_device(kern: DeviceKernel, labels, C, rows, *, num_classes: int,
     grand = row_mean[rows].mean()
     y = _targets(labels[rows], num_classes)
     y_mean = y.mean(axis=0)
-    a = (kernel[rows[:, None], rows[None, :]] - row_mean[rows][:, None] - row_mean[rows][None, :] + grand
+    a = (_block_of(kernel, rows) - row_mean[rows][:, None] - row_mean[rows][None, :] + grand
          + (n / (2.0 * C)) * jnp.eye(n, dtype=jnp.float32))
     alpha = _value(_solve(a, jnp.linalg.cholesky(a), y - y_mean, refine))
     return DeviceDualFit(rows, alpha, y_mean, row_mean, grand)
@@ -381,8 +327,15 @@ def linear_scores_on_device(standardizer: Standardizer, model: LinearModel, feat
 
 @jax.jit
 def correct_on_device(scores, labels):
-    """How many rows' best score is their label: a device scalar (the accuracy's numerator, exact)."""
-    return jnp.sum(jnp.argmax(scores, axis=1) == labels)
+    """How many rows' best score is their label: a device scalar (the accuracy's numerator, exact);
+    -1 if any score is not finite (a solve that failed), so that one pull tells both."""
+    return jnp.where(jnp.all(jnp.isfinite(scores)), jnp.sum(jnp.argmax(scores, axis=1) == labels), -1)
+
+
+@jax.jit
+def all_finite(tree):
+    """Whether every array of ``tree`` is finite: one device scalar (one pull checks a model)."""
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in jax.tree.leaves(tree)]))
 
 
 _PULLS = [0]
@@ -404,15 +357,16 @@ def placement(n_rows: int, n_features: int, dual: bool, device=None) -> str | No
     (default: JAX's first device; its ``memory_stats`` limit, with a quarter spare): "resident"
     when the features fit beside the solver's arrays, "streamed" when only the solver's arrays fit
     (the features then cross in blocks), None when not even they fit, or the device does not
-    report its memory (a CPU). The solver's arrays at their peak: three float32 side x side
-    matrices, side N for the dual (the kernel pair and its rounding; then the kernel, the centred
-    block and its factor), F for the Gram statistics."""
+    report its memory (a CPU). The solver's arrays at their peak, float32 side x side matrices: four
+    for the dual, side N (the kernel pair and its rounding; then the kernel, the shifted block, its
+    factor and the factorization's symmetrized copy of it), six for the Gram statistics, side F (the
+    pair, kept for every C, its value, the shifted matrix, its factor and that copy)."""
     device = jax.devices()[0] if device is None else device
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
     if not stats or "bytes_limit" not in stats:
         return None
     free = (stats["bytes_limit"] - stats.get("bytes_in_use", 0)) / 1.25
-    solver = 4 * 3 * (n_rows if dual else n_features) ** 2
+    solver = 4 * (4 if dual else 6) * (n_rows if dual else n_features) ** 2
     if solver + 4 * n_rows * n_features <= free:
         return "resident"
     return "streamed" if solver + 4 * 2 * n_rows * _COLUMNS <= free else None

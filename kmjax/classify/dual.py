@@ -172,7 +172,10 @@ def factor_dual(stats: KernelStats, lam: float, rows=None) -> DualFactor:
 
 def _pcg(matvec, precondition, b, tol: float, max_iter: int):
     """Conjugate gradients on A x = b for each column of b (n, r), preconditioned: (x, iterations,
-    the largest relative residual)."""
+    the largest relative residual). The preconditioner is a float32 solve, linear only to its
+    rounding, so the direction update is the flexible (Polak-Ribiere) one, r.(z - z_old) / rz_old,
+    which keeps converging where the classic r.z / rz_old can stall; a column already solved
+    exactly takes no further step."""
     x = precondition(b)
     r = b - matvec(x)
     z = precondition(r)
@@ -183,12 +186,13 @@ def _pcg(matvec, precondition, b, tol: float, max_iter: int):
         if worst <= tol or it == max_iter:
             return x, it, worst
         q = matvec(p)
-        step = rz / np.sum(p * q, axis=0)
+        pq = np.sum(p * q, axis=0)
+        step = np.divide(rz, pq, out=np.zeros_like(rz), where=pq > 0)
         x += step * p
         r -= step * q
-        z = precondition(r)
+        z, z_old = precondition(r), z
         rz, rz_old = np.sum(r * z, axis=0), rz
-        p = z + (rz / rz_old) * p
+        p = z + np.divide(np.sum(r * (z - z_old), axis=0), rz_old, out=np.zeros_like(rz), where=rz_old > 0) * p
 
 
 def fit_dual(stats: KernelStats, labels, C: float, *, num_classes: int, rows=None, factor: DualFactor | None = None,
@@ -239,6 +243,9 @@ def fit_dual(stats: KernelStats, labels, C: float, *, num_classes: int, rows=Non
     y = 2.0 * np.eye(num_classes)[labels[order]] - 1.0
     solved, iterations, residual = _pcg(matvec, lambda r: cholesky_solve(lower, r, inverses=inverses).astype(np.float64),
                                         np.hstack([y, np.ones((n, 1))]), tol, max_iter)
+    if (not np.all(np.isfinite(solved)) or residual > tol) and factor.lam != lam:
+        # a factor at another C that preconditions this one too poorly: this C's own factorization instead
+        return fit_dual(stats, labels, C, num_classes=num_classes, rows=rows, tol=tol, max_iter=max_iter)
     if not np.all(np.isfinite(solved)) or residual > tol:
         raise InputError(f"the dual ridge system at C = {C:g} did not converge ({iterations} steps, relative "
                          f"residual {residual:.1e}): use a smaller C (stronger regularization), or a factor "

@@ -8,6 +8,8 @@ of them.
 
 from __future__ import annotations
 
+import functools
+import operator
 import time
 from typing import NamedTuple
 
@@ -167,8 +169,16 @@ def _fit_ridge_device(run: _Run, dual: bool, placement: str) -> ClassifierFit:
                 return [device.linear_scores_on_device(std, model, held, v) for v in views]
 
         scored_labels = device.put(run.labels[scored])
-        C, scores = search_C(run.spec.C_grid, lambda C: int(device.pull(device.correct_on_device(
-            sum(scores_of(device.put(C, np.float32))), scored_labels))) / scored.size, run.log)
+
+        def score(C):  # (the views' scores added on the device: sum() would start from a host 0)
+            correct = int(device.pull(device.correct_on_device(functools.reduce(
+                operator.add, scores_of(device.put(C, np.float32))), scored_labels)))
+            if correct < 0:
+                raise InputError(f"the ridge system at C = {C:g} is too ill-conditioned for a float32 factorization; "
+                                 "use a smaller C (stronger regularization)")
+            return correct / scored.size
+
+        C, scores = search_C(run.spec.C_grid, score, run.log)
         if not dual:
             stats = device.gram_on_device(features, labels, rows(val), num_classes=num_classes, stats=stats)
     C_dev = device.put(C, np.float32)
@@ -179,6 +189,9 @@ def _fit_ridge_device(run: _Run, dual: bool, placement: str) -> ClassifierFit:
         if not run.spec.C_grid:
             stats = device.gram_on_device(features, labels, rows(np.arange(n)), num_classes=num_classes)
         std, model = device.fit_ridge_on_device(stats, C_dev)
+    if not device.pull(device.all_finite((std, model))):
+        raise InputError(f"the ridge system at C = {C:g} is too ill-conditioned for a float32 factorization; "
+                         "use a smaller C (stronger regularization)")
     return ClassifierFit(std, model, float(C), scores, None, None, None)
 
 
