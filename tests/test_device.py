@@ -17,7 +17,7 @@ import pytest
 
 from kmjax.classify import accumulate_kernel, empty_kernel_stats, fit_classifier, fit_ridge, gram_stats
 from kmjax.classify import device, tiled
-from kmjax.classify.linear import _scores_raw
+from kmjax.classify.linear import raw_scores
 
 EPS = 0.01
 
@@ -113,7 +113,7 @@ def test_dual_path_matches_float64_on_a_subset_and_on_all_rows(C):
             scores = device.dual_scores_on_device(kern, solution, jnp.asarray(held))
             expected = np.hstack([(x[held] - mean) / scale, np.ones((held.size, 1))]) @ reference
             np.testing.assert_allclose(scores, expected, rtol=0, atol=1e-4 * np.abs(expected).max())
-            np.testing.assert_allclose(_scores_raw(std, model, xd[jnp.asarray(held)]), expected, rtol=0,
+            np.testing.assert_allclose(raw_scores(std, model, xd[jnp.asarray(held)]), expected, rtol=0,
                                        atol=1e-4 * np.abs(expected).max())
 
 

@@ -9,7 +9,7 @@ import pytest
 import kmjax
 from kmjax.classify import (accumulate_kernel, dual_scores, empty_kernel_stats, factor_dual, fit_dual, fit_ridge, gram_stats,
                             predict_features, primal_model)
-from kmjax.classify.linear import _scores_raw
+from kmjax.classify.linear import raw_scores
 
 
 def _problem(n=150, f=400, classes=4, seed=0):
@@ -38,7 +38,7 @@ def test_final_fit_matches_the_primal_solver():
     w_p = np.asarray(model_p.weights)
     np.testing.assert_allclose(model_d.weights, w_p, rtol=0, atol=2e-4 * np.abs(w_p).max())
     x_test = _problem(seed=1)[0][:50]
-    s_p, s_d = (np.asarray(_scores_raw(s, m, x_test)) for s, m in ((std_p, model_p), (std_d, model_d)))
+    s_p, s_d = (np.asarray(raw_scores(s, m, x_test)) for s, m in ((std_p, model_p), (std_d, model_d)))
     np.testing.assert_allclose(s_d, s_p, rtol=0, atol=2e-4 * np.abs(s_p).max())
 
 
@@ -64,7 +64,7 @@ def test_subset_fit_and_scores_against_numpy():
     np.testing.assert_allclose(scores, ref, rtol=0, atol=1e-4 * np.abs(ref).max())
     # and the primal weights of that fit score the held-out rows the same way
     std, model = primal_model(stats, solution, x)
-    np.testing.assert_allclose(np.asarray(_scores_raw(std, model, x[held])), ref, rtol=0, atol=1e-4 * np.abs(ref).max())
+    np.testing.assert_allclose(np.asarray(raw_scores(std, model, x[held])), ref, rtol=0, atol=1e-4 * np.abs(ref).max())
 
 
 def test_kernel_grows_in_pieces_bitwise():

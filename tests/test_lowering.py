@@ -18,7 +18,7 @@ import kmjax
 from kmjax import cluster
 from kmjax.nearest import check_kernel
 from kmjax.classify import device, tiled
-from kmjax.classify.linear import _scores_raw
+from kmjax.classify.linear import raw_scores
 
 PLATFORMS = ("cuda", "rocm", "tpu")
 KEY = jax.random.key(0)
@@ -52,7 +52,7 @@ PROGRAMS = {
     "ridge-gram-tile": (tiled._tn, (ROWS, ROWS)),
     "ridge-factor-update": (tiled._nt, (ROWS, ROWS)),
     "ridge-cg-pass": (tiled._normal, (ROWS, jax.ShapeDtypeStruct((2048, 10), jnp.float32))),
-    "predict": (lambda f: _scores_raw(kmjax.Standardizer(jnp.zeros(D), jnp.ones(D)),
+    "predict": (lambda f: raw_scores(kmjax.Standardizer(jnp.zeros(D), jnp.ones(D)),
                                       kmjax.LinearModel(jnp.zeros((D + 1, 10))), f), (X,)),
 }
 # the classifier's device path (kmjax.classify.device): 4096 rows of 8192 features (several column

@@ -1,6 +1,6 @@
 """Residency of the hot passes, checked on this CPU: the Lloyd loop (``kmeans``), ``learn_dictionary``
 whole (patches, normalization, whitening, its Lloyd loop), the argument checks, a features segment
-(``batch_features``, and ``extract_features`` over host images), prediction (``_scores_raw``,
+(``batch_features``, and ``extract_features`` over host images), prediction (``raw_scores``,
 ``predict_features``). (The classifier's device path has its own such tests, in test_device.py.)
 
 Each pass gets its inputs put on the device first (``jax.device_put``) and runs under
@@ -42,7 +42,7 @@ from jax._src import config as jax_config
 
 import kmjax
 from kmjax import dictionary as kdict
-from kmjax.classify.linear import LinearModel, Standardizer, _scores_raw, predict, predict_features, standardize
+from kmjax.classify.linear import LinearModel, Standardizer, raw_scores, predict, predict_features, standardize
 from kmjax.symmetry import close_dictionary
 
 KEY = jax.random.key(0)
@@ -377,5 +377,5 @@ def test_scoring_is_resident(monkeypatch):
                            LinearModel(rng.normal(size=(7, 3)).astype(np.float32)),
                            rng.normal(size=(16, 6)).astype(np.float32)))
     with _count(monkeypatch) as record:
-        jax.block_until_ready(_scores_raw(*args))
+        jax.block_until_ready(raw_scores(*args))
     assert record.pulls == 0 and record.puts == []

@@ -371,7 +371,7 @@ def test_a_run_compiles_each_function_once_and_a_rerun_nothing(data_dir, tmp_pat
     first = go(data_dir, tmp_path, *extra)
     compiled = Counter(CompileCounter.compiled[start:])
     # train and test features, train and test evaluation: one compiled shape each, whatever the sizes
-    for name in ("iterate", "finish", "batch_features", "_scores_raw"):
+    for name in ("iterate", "finish", "batch_features", "raw_scores"):
         assert compiled[f"jit({name})"] == 1, compiled
     # the L-BFGS loop: one shape for the C search (the fitted part), one for the final fit
     assert compiled["jit(_lbfgs_iterate)"] == 2, compiled

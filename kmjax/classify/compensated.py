@@ -12,6 +12,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+__all__ = ["Pair", "two_sum", "zeros", "value", "matmul", "over_blocks", "dot", "refined_solve"]
+
 _HIGHEST = jax.lax.Precision.HIGHEST
 _TILE = 2048  # terms per float32 product in the compensated contractions
 
@@ -33,15 +35,15 @@ def two_sum(total: Pair, x) -> Pair:
     return Pair(s, total.lo + ((total.hi - (s - v)) + (x - v)))
 
 
-def _zeros(shape) -> Pair:
+def zeros(shape) -> Pair:
     return Pair(jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32))
 
 
-def _mm(a, b):
+def matmul(a, b):
     return jnp.matmul(a, b, precision=_HIGHEST)
 
 
-def _blocks(size: int, block: int, step):
+def over_blocks(size: int, block: int, step):
     """``step(start, width)`` over [0, size) in blocks: a fori_loop over the full blocks (one
     compiled body), then the tail with its own static width. step(start, width, carry) -> carry."""
     full = size // block
@@ -54,7 +56,7 @@ def _blocks(size: int, block: int, step):
     return run
 
 
-def _dot(a, b, tile: int = _TILE) -> Pair:
+def dot(a, b, tile: int = _TILE) -> Pair:
     """a @ b over the columns of a (m, n) and rows of b (n, c) as a compensated sum of float32
     products of ``tile`` terms each; b may be a Pair (both halves multiplied)."""
     parts = b if isinstance(b, Pair) else (b,)
@@ -63,23 +65,23 @@ def _dot(a, b, tile: int = _TILE) -> Pair:
     def step(start, width, total):
         block = jax.lax.dynamic_slice_in_dim(a, start, width, axis=1)
         for part in parts:
-            total = two_sum(total, _mm(block, jax.lax.dynamic_slice_in_dim(part, start, width, axis=0)))
+            total = two_sum(total, matmul(block, jax.lax.dynamic_slice_in_dim(part, start, width, axis=0)))
         return total
 
-    return _blocks(n, tile, step)(_zeros((a.shape[0], parts[0].shape[1])))
+    return over_blocks(n, tile, step)(zeros((a.shape[0], parts[0].shape[1])))
 
 
-def _value(p: Pair):
+def value(p: Pair):
     return p.hi + p.lo
 
 
-def _solve(a, factor, rhs, refine: int):
+def refined_solve(a, factor, rhs, refine: int):
     """The solution of a x = rhs (a symmetric positive definite, float32; ``factor`` its Cholesky
     factor), refined ``refine`` times with compensated residuals; a compensated Pair."""
     cho = partial(jax.scipy.linalg.cho_solve, (factor, True))
     x = Pair(cho(rhs), jnp.zeros_like(rhs))
     for _ in range(refine):
-        ax = _dot(a, x)
+        ax = dot(a, x)
         residual = (rhs - ax.hi) - ax.lo
         x = two_sum(x, cho(residual))
     return x

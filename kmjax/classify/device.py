@@ -34,8 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kmjax.classify.compensated import Pair, _blocks, _dot, _mm, _solve, _value, _zeros, two_sum
-from kmjax.classify.linear import LinearModel, Standardizer, _scores_raw
+from kmjax.classify.compensated import Pair, over_blocks, dot, matmul, refined_solve, value, zeros, two_sum
+from kmjax.classify.linear import LinearModel, Standardizer, raw_scores
 
 __all__ = ["Pair", "two_sum", "DeviceGram", "gram_on_device", "fit_ridge_on_device", "DeviceKernel", "kernel_on_device",
            "fit_dual_on_device", "dual_scores_on_device", "primal_on_device", "linear_scores_on_device", "correct_on_device", "all_finite", "placement",
@@ -68,16 +68,16 @@ def _gram_rows(s: DeviceGram, x, labels, keep, num_classes: int) -> DeviceGram:
     """``s`` with a block of rows added: x (b, F) raw, their labels, keep (b,) 1 for a row, 0 for padding."""
     x = (x - s.shift) * keep[:, None]
     y = _targets(labels, num_classes) * keep[:, None]
-    return DeviceGram(s.count + keep.sum(), s.shift, two_sum(s.x_sum, x.sum(axis=0)), two_sum(s.gram, _mm(x.T, x)),
-                      two_sum(s.cross, _mm(x.T, y)), two_sum(s.y_sum, y.sum(axis=0)))
+    return DeviceGram(s.count + keep.sum(), s.shift, two_sum(s.x_sum, x.sum(axis=0)), two_sum(s.gram, matmul(x.T, x)),
+                      two_sum(s.cross, matmul(x.T, y)), two_sum(s.y_sum, y.sum(axis=0)))
 
 
 @partial(jax.jit, static_argnames=("num_classes",))
 def _empty_gram(first, *, num_classes: int) -> DeviceGram:
     """No rows yet, shifted by the mean of ``first`` (the first block of rows)."""
     f = first.shape[1]
-    return DeviceGram(jnp.zeros((), jnp.float32), first.mean(axis=0), _zeros(f), _zeros((f, f)),
-                      _zeros((f, num_classes)), _zeros(num_classes))
+    return DeviceGram(jnp.zeros((), jnp.float32), first.mean(axis=0), zeros(f), zeros((f, f)),
+                      zeros((f, num_classes)), zeros(num_classes))
 
 
 @partial(jax.jit, static_argnames=("num_classes", "block"), donate_argnames=("stats",))
@@ -93,7 +93,7 @@ def _gram_resident(features, labels, rows, *, num_classes: int, stats: DeviceGra
         idx = jax.lax.dynamic_slice_in_dim(padded, start, width)
         return _gram_rows(s, features[idx], labels[idx], jax.lax.dynamic_slice_in_dim(valid, start, width), num_classes)
 
-    return _blocks(padded.shape[0], block, step)(stats)
+    return over_blocks(padded.shape[0], block, step)(stats)
 
 
 @partial(jax.jit, static_argnames=("num_classes",), donate_argnames=("stats",))
@@ -128,14 +128,14 @@ def fit_ridge_on_device(stats: DeviceGram, C, eps: float = 0.01, refine: int = 3
     """``ridge.fit_ridge`` from ``DeviceGram``: (Standardizer, LinearModel) on the device. ``C``: a
     device scalar (one program for every C)."""
     n = stats.count
-    m = _value(stats.x_sum) / n  # mean of x - shift
-    gram = _value(stats.gram)
+    m = value(stats.x_sum) / n  # mean of x - shift
+    gram = value(stats.gram)
     scale = jnp.sqrt(jnp.maximum(jnp.diag(gram) - n * m * m, 0.0) / (n - 1) + eps)
     lam = n / (2.0 * C)
     a = (gram - n * jnp.outer(m, m)) / jnp.outer(scale, scale) + lam * jnp.eye(m.shape[0], dtype=jnp.float32)
-    rhs = (_value(stats.cross) - jnp.outer(m, _value(stats.y_sum))) / scale[:, None]
-    w = _value(_solve(a, jnp.linalg.cholesky(a), rhs, refine))
-    weights = jnp.concatenate([w, (_value(stats.y_sum) / n)[None, :]])  # centred z: the bias is the mean target
+    rhs = (value(stats.cross) - jnp.outer(m, value(stats.y_sum))) / scale[:, None]
+    w = value(refined_solve(a, jnp.linalg.cholesky(a), rhs, refine))
+    weights = jnp.concatenate([w, (value(stats.y_sum) / n)[None, :]])  # centred z: the bias is the mean target
     return Standardizer(stats.shift + m, scale), LinearModel(weights)
 
 
@@ -159,7 +159,7 @@ def _kernel_columns(kernel: Pair, x, eps: float):
     xc = x - mu
     sd = jnp.sqrt(jnp.square(xc).sum(axis=0) / (x.shape[0] - 1) + eps)
     z = xc / sd
-    return two_sum(kernel, _mm(z, z.T)), mu, sd
+    return two_sum(kernel, matmul(z, z.T)), mu, sd
 
 
 @partial(jax.jit, static_argnames=("eps", "block"))
@@ -172,17 +172,17 @@ def _kernel_resident(features, eps: float, block: int) -> DeviceKernel:
         return (jax.lax.dynamic_update_slice_in_dim(mean, mu, start, 0),
                 jax.lax.dynamic_update_slice_in_dim(scale, sd, start, 0), kernel)
 
-    mean, scale, kernel = _blocks(f, block, step)((jnp.zeros(f), jnp.ones(f), _zeros((n, n))))
-    return DeviceKernel(mean, scale, _value(kernel))
+    mean, scale, kernel = over_blocks(f, block, step)((jnp.zeros(f), jnp.ones(f), zeros((n, n))))
+    return DeviceKernel(mean, scale, value(kernel))
 
 
 _kernel_block = jax.jit(_kernel_columns, static_argnames=("eps",), donate_argnames=("kernel",))
-_empty_kernel = jax.jit(_zeros, static_argnums=0)
+_empty_kernel = jax.jit(zeros, static_argnums=0)
 
 
 @partial(jax.jit, static_argnames=("f",))
 def _finish_kernel(means, scales, kernel: Pair, *, f: int) -> DeviceKernel:
-    return DeviceKernel(jnp.concatenate(means)[:f], jnp.concatenate(scales)[:f], _value(kernel))
+    return DeviceKernel(jnp.concatenate(means)[:f], jnp.concatenate(scales)[:f], value(kernel))
 
 
 def _column_blocks(features, block: int):
@@ -228,7 +228,7 @@ def _block_of(kernel, rows, block: int = 512):
         part = jnp.take(jnp.take(kernel, jax.lax.dynamic_slice_in_dim(rows, start, width), axis=0), rows, axis=1)
         return jax.lax.dynamic_update_slice_in_dim(out, part, start, 0)
 
-    return _blocks(n, block, step)(jnp.zeros((n, n), kernel.dtype))
+    return over_blocks(n, block, step)(jnp.zeros((n, n), kernel.dtype))
 
 
 @partial(jax.jit, static_argnames=("num_classes", "refine"))
@@ -237,13 +237,13 @@ def fit_dual_on_device(kern: DeviceKernel, labels, C, rows, *, num_classes: int,
     kernel = kern.kernel
     n = rows.shape[0]
     indicator = jnp.zeros((kernel.shape[0], 1), jnp.float32).at[rows].set(1.0 / n)
-    row_mean = _value(_dot(kernel, indicator))[:, 0]
+    row_mean = value(dot(kernel, indicator))[:, 0]
     grand = row_mean[rows].mean()
     y = _targets(labels[rows], num_classes)
     y_mean = y.mean(axis=0)
     a = (_block_of(kernel, rows) - row_mean[rows][:, None] - row_mean[rows][None, :] + grand
          + (n / (2.0 * C)) * jnp.eye(n, dtype=jnp.float32))
-    alpha = _value(_solve(a, jnp.linalg.cholesky(a), y - y_mean, refine))
+    alpha = value(refined_solve(a, jnp.linalg.cholesky(a), y - y_mean, refine))
     return DeviceDualFit(rows, alpha, y_mean, row_mean, grand)
 
 
@@ -251,7 +251,7 @@ def fit_dual_on_device(kern: DeviceKernel, labels, C, rows, *, num_classes: int,
 def dual_scores_on_device(kern: DeviceKernel, fit: DeviceDualFit, rows):
     """(len(rows), classes) scores of kernel rows ``rows`` under ``fit`` (``dual.dual_scores``)."""
     block = kern.kernel[rows[:, None], fit.rows[None, :]] - fit.row_mean[rows][:, None] - fit.row_mean[fit.rows][None, :] + fit.grand_mean
-    return _value(_dot(block, fit.alpha)) + fit.y_mean
+    return value(dot(block, fit.alpha)) + fit.y_mean
 
 
 @partial(jax.jit, static_argnames=("n_all",))
@@ -264,7 +264,7 @@ def _fitted_weights(fit: DeviceDualFit, *, n_all: int):
 
 def _primal_columns(x, mean, scale, weights_in, alpha_sum):
     """The primal weights of a block of columns x (N, b), and their share of the bias."""
-    prod = _value(_dot(((x - mean) / scale).T, weights_in))
+    prod = value(dot(((x - mean) / scale).T, weights_in))
     m = prod[:, -1]
     w = prod[:, :-1] - jnp.outer(m, alpha_sum)
     return w, m @ w
@@ -281,7 +281,7 @@ def _primal_resident(kern: DeviceKernel, fit: DeviceDualFit, features, block: in
                                      for a in (features, kern.mean, kern.scale)), weights_in, alpha_sum)
         return jax.lax.dynamic_update_slice_in_dim(weights, w, start, 0), bias - share
 
-    weights, bias = _blocks(f, block, step)((jnp.zeros((f, fit.alpha.shape[1]), jnp.float32), fit.y_mean))
+    weights, bias = over_blocks(f, block, step)((jnp.zeros((f, fit.alpha.shape[1]), jnp.float32), fit.y_mean))
     return Standardizer(kern.mean, kern.scale), LinearModel(jnp.concatenate([weights, bias[None, :]]))
 
 
@@ -322,7 +322,7 @@ def primal_on_device(kern: DeviceKernel, fit: DeviceDualFit, features, *, block:
 def linear_scores_on_device(standardizer: Standardizer, model: LinearModel, features, rows):
     """(len(rows), classes) scores of rows ``rows`` of the device features under a primal model (in
     one program: eager indexing would move its index arithmetic's constants to the device)."""
-    return _scores_raw(standardizer, model, features[rows])
+    return raw_scores(standardizer, model, features[rows])
 
 
 @jax.jit

@@ -328,7 +328,7 @@ def accuracy(model: LinearModel, x, labels) -> float:
 
 
 @jax.jit
-def _scores_raw(standardizer: Standardizer, model: LinearModel, features):
+def raw_scores(standardizer: Standardizer, model: LinearModel, features):
     return jnp.matmul(standardize(standardizer, features), model.weights, precision=_HIGHEST)
 
 
@@ -356,7 +356,7 @@ def predict_features(standardizer: Standardizer, model: LinearModel, features, b
         rows = np.asarray(x[i : i + size], np.float32)
         if rows.shape[0] < size:
             rows = np.concatenate([rows, np.zeros((size - rows.shape[0], rows.shape[1]), np.float32)])
-        return jax.device_get(_scores_raw(standardizer, model, jax.device_put(rows)))
+        return jax.device_get(raw_scores(standardizer, model, jax.device_put(rows)))
 
     out = np.empty(n, np.int32)
     for i in range(0, n, size):

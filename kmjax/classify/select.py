@@ -26,7 +26,7 @@ from kmjax.classify.dual import (accumulate_kernel, dual_scores, empty_kernel_st
                                  primal_model)
 from kmjax.classify.ridge import accumulate_gram, fit_ridge, gram_stats
 from kmjax.classify.spec import ClassifierSpec, ClassifierState
-from kmjax.classify.validation import _check_grid, search_C, validation_split
+from kmjax.classify.validation import check_grid, search_C, validation_split
 
 __all__ = ["CLASSIFIERS", "SOLVERS", "ClassifierSpec", "ClassifierState", "ClassifierFit", "validation_split", "search_C",
            "fit_classifier"]
@@ -369,7 +369,7 @@ def fit_classifier(features, labels, *, num_classes: int, loss: str = _D["loss"]
     choice(loss, CLASSIFIERS, "loss")
     num_classes = integer(num_classes, "num_classes", minimum=2)
     number(C, "C", above=0)
-    C_grid = _check_grid(C_grid)
+    C_grid = check_grid(C_grid)
     copies = positive_int(copies, "copies")
     max_iter = positive_int(max_iter, "max_iter")
     shape = np.shape(features)

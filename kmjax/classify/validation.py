@@ -11,7 +11,7 @@ import numpy as np
 from kmjax._checks import host_only, number, positive_int
 from kmjax.errors import InputError
 
-__all__ = ["validation_split", "search_C"]
+__all__ = ["validation_split", "check_grid", "search_C"]
 
 
 def validation_split(n_rows: int, key, *, val_fraction: float = 0.1, copies: int = 1):
@@ -37,7 +37,7 @@ def validation_split(n_rows: int, key, *, val_fraction: float = 0.1, copies: int
     return fit, val, np.sort(perm[:n_val])
 
 
-def _check_grid(grid) -> list[float]:
+def check_grid(grid) -> list[float]:
     grid = list(() if grid is None else grid)
     for C in grid:
         number(C, f"every C of C_grid {grid!r}", above=0)
@@ -47,7 +47,7 @@ def _check_grid(grid) -> list[float]:
 def search_C(grid, score: Callable[[float], float], log: Callable[[str], None] | None = None):
     """(best C, {C: score(C)}) over ``grid``, each C as a float; ties go to the stronger
     regularization (the smaller C). ``log``: optional callable given one line per C."""
-    grid = _check_grid(grid)
+    grid = check_grid(grid)
     if not grid:
         raise InputError("search_C needs at least one C in the grid")
     scores = {}
